@@ -1,0 +1,15 @@
+"""magi: inference library for MAGI-1, Sand AI's autoregressive video diffusion model."""
+
+from magi.config import MagiConfig, load_config
+
+__all__ = ["MagiConfig", "MagiPipeline", "load_config"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in the models; import it only when asked for.
+    if name == "MagiPipeline":
+        from magi.pipeline import MagiPipeline
+
+        return MagiPipeline
+    raise AttributeError(f"module 'magi' has no attribute {name!r}")
