@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# MAGI-1 24B example, as the official example/24B/run.sh: torchrun with one process per visible GPU
+# (the shipped 24B configs use cp_size 8, i.e. 8 GPUs), i2v of example/assets/image.jpeg, "Good Boy".
+#
+#   python -m magi.download 24B_distill_quant --dir downloads/   # once
+#   CONFIG=example/24B/24B_distill_quant_config.json IMAGE_PATH=my.jpg bash example/24B/run.sh
+#
+# Override with environment variables: CONFIG, MODE, PROMPT, IMAGE_PATH (i2v, default
+# example/assets/image.jpeg: put an image there or point IMAGE_PATH at one), PREFIX_VIDEO_PATH
+# (v2v), OUTPUT_PATH, GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT. On 8 x RTX 4090
+# the official README recommends pp_size 2, cp_size 4. Extra arguments go to `python -m magi.infer`.
+set -euo pipefail
+
+MAGI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# Config paths (./downloads/...) are relative to the working directory, as officially.
+cd "$MAGI_ROOT"
+
+count_gpus() {
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+        awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES"
+    elif command -v nvidia-smi > /dev/null; then
+        nvidia-smi -L | wc -l
+    else
+        echo 1
+    fi
+}
+
+export MASTER_ADDR="${MASTER_ADDR:-localhost}"
+export MASTER_PORT="${MASTER_PORT:-6009}"
+export GPUS_PER_NODE="${GPUS_PER_NODE:-$(count_gpus)}"
+export NNODES="${NNODES:-1}"
+export NODE_RANK="${NODE_RANK:-0}"
+export PAD_HQ="${PAD_HQ:-1}"
+export PAD_DURATION="${PAD_DURATION:-1}"
+export OFFLOAD_T5_CACHE="${OFFLOAD_T5_CACHE:-true}"
+export OFFLOAD_VAE_CACHE="${OFFLOAD_VAE_CACHE:-true}"
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+export NCCL_ALGO="${NCCL_ALGO:-^NVLS}"
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.9;9.0}"
+
+CONFIG="${CONFIG:-example/24B/24B_base_config.json}"
+MODE="${MODE:-i2v}"
+PROMPT="${PROMPT:-Good Boy}"
+OUTPUT_PATH="${OUTPUT_PATH:-example/assets/output_24B_${MODE}.mp4}"
+
+ARGS=(--config_file "$CONFIG" --mode "$MODE" --prompt "$PROMPT" --output_path "$OUTPUT_PATH")
+if [[ "$MODE" == "i2v" ]]; then ARGS+=(--image_path "${IMAGE_PATH:-example/assets/image.jpeg}"); fi
+if [[ "$MODE" == "v2v" ]]; then ARGS+=(--prefix_video_path "${PREFIX_VIDEO_PATH:-example/assets/prefix_video.mp4}"); fi
+
+if (( GPUS_PER_NODE > 1 || NNODES > 1 )); then
+    exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        -m magi.infer "${ARGS[@]}" "$@"
+fi
+export WORLD_SIZE=1 RANK=0 LOCAL_RANK=0
+exec python -m magi.infer "${ARGS[@]}" "$@"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# MAGI-1 4.5B example, as the official example/4.5B/run.sh: one GPU, plain python, t2v "Good Boy".
+#
+#   python -m magi.download 4.5B_base --dir downloads/   # once; or point the config at your weights
+#   bash example/4.5B/run.sh                             # from any directory
+#
+# Override with environment variables: CONFIG (e.g. example/4.5B/4.5B_distill_config.json), MODE,
+# PROMPT, IMAGE_PATH (i2v), PREFIX_VIDEO_PATH (v2v), OUTPUT_PATH, GPUS_PER_NODE (> 1 or NNODES > 1
+# launches torchrun; the config's pp_size * cp_size must equal the process count). Extra
+# arguments are passed to `python -m magi.infer` (e.g. --seed 7 --num_frames 48).
+set -euo pipefail
+
+MAGI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# Config paths (./downloads/...) are relative to the working directory, as officially.
+cd "$MAGI_ROOT"
+
+export MASTER_ADDR="${MASTER_ADDR:-localhost}"
+export MASTER_PORT="${MASTER_PORT:-6009}"
+export GPUS_PER_NODE="${GPUS_PER_NODE:-1}"
+export NNODES="${NNODES:-1}"
+export NODE_RANK="${NODE_RANK:-0}"
+export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
+export PAD_HQ="${PAD_HQ:-1}"
+export PAD_DURATION="${PAD_DURATION:-1}"
+export OFFLOAD_T5_CACHE="${OFFLOAD_T5_CACHE:-true}"
+export OFFLOAD_VAE_CACHE="${OFFLOAD_VAE_CACHE:-true}"
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.9;9.0}"
+
+CONFIG="${CONFIG:-example/4.5B/4.5B_base_config.json}"
+MODE="${MODE:-t2v}"
+PROMPT="${PROMPT:-Good Boy}"
+OUTPUT_PATH="${OUTPUT_PATH:-example/assets/output_4.5B_${MODE}.mp4}"
+
+ARGS=(--config_file "$CONFIG" --mode "$MODE" --prompt "$PROMPT" --output_path "$OUTPUT_PATH")
+if [[ "$MODE" == "i2v" ]]; then ARGS+=(--image_path "${IMAGE_PATH:-example/assets/image.jpeg}"); fi
+if [[ "$MODE" == "v2v" ]]; then ARGS+=(--prefix_video_path "${PREFIX_VIDEO_PATH:-example/assets/prefix_video.mp4}"); fi
+
+if (( GPUS_PER_NODE > 1 || NNODES > 1 )); then
+    exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
+        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+        -m magi.infer "${ARGS[@]}" "$@"
+fi
+export WORLD_SIZE=1 RANK=0 LOCAL_RANK=0
+exec python -m magi.infer "${ARGS[@]}" "$@"
