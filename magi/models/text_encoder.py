@@ -1,0 +1,335 @@
+"""T5-v1.1-XXL text encoder: the official caption cleaning, tokenizer settings and encoder call.
+
+A thin wrapper over transformers' ``T5EncoderModel`` and ``T5Tokenizer`` (built from
+``spiece.model``). Behaviour follows shared/spec/text.md §1-2: every prompt is cleaned twice by
+:func:`clean_caption`, tokenised to exactly 800 tokens (EOS appended, padding id 0, truncation on)
+and encoded in float32 with the attention mask passed to the encoder.
+
+Weights are read by this module, never by pickle: ``.safetensors`` when present, otherwise the
+official ``.bin`` shards through ``torch.load(weights_only=True)``.
+
+Shapes: n prompts, Lcap caption slots (800), Ccap caption width (4096 for T5-XXL).
+"""
+
+from __future__ import annotations
+
+import gc
+import html
+import json
+import re
+import urllib.parse
+from pathlib import Path
+from types import TracebackType
+from typing import Sequence
+
+import torch
+
+T5_SUBFOLDER = "t5-v1_1-xxl"  # fixed sub-folder name under runtime_config.t5_pretrained
+CAPTION_MAX_LENGTH = 800  # official caption_max_length; the special-token padding hard-codes it too
+
+# ----------------------------------------------------------------------------------------------
+# Caption cleaning (the DeepFloyd-IF / PixArt procedure the official wrapper uses, text.md §2).
+# Each entry is (step number in text.md, pattern, replacement); applied with re.sub in order.
+# ----------------------------------------------------------------------------------------------
+
+_TLD = r"(?:com|co|ru|net|org|edu|gov|it)"
+# Step 3: a scheme prefix (only the prefix goes) or a domain-like token not followed by "@".
+_URL_HTTP = re.compile(
+    r"\b(?:https?:(?:/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+\." + _TLD + r"[\w/-]*\b/?(?!@))"
+)
+# Step 3 (b): same with the literal "www:" scheme, as in the original.
+_URL_WWW = re.compile(
+    r"\b(?:www:(?:/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+\." + _TLD + r"[\w/-]*\b/?(?!@))"
+)
+_CJK = (
+    "\u31c0-\u31ef\u31f0-\u31ff\u3200-\u32ff\u3300-\u33ff\u3400-\u4dbf\u4dc0-\u4dff\u4e00-\u9fff"
+)
+_DASHES = (
+    "\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40"
+    "\u301c\u3030\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d"
+)
+_BAD_PUNCT = r"[#®•©™&@·º½¾¿¡§~()\[\]{}|\\/*]+"
+_FILE_EXT = r"(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)"
+
+# Steps 5-17: between the HTML strip and the hyphen rule.
+_EARLY_STEPS: tuple[tuple[int, re.Pattern[str], str], ...] = tuple(
+    (step, re.compile(pattern), repl)
+    for step, pattern, repl in (
+        (5, r"@[\w\d]+\b", ""),
+        (6, "[" + _CJK + "]+", ""),
+        (7, "[" + _DASHES + "]+", "-"),
+        (8, "[`´«»“”¨]", '"'),
+        (8, "[‘’]", "'"),
+        (9, r"&quot;?", ""),
+        (9, r"&amp", ""),
+        (10, r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),
+        (11, r"\d:\d\d\s+$", ""),
+        (12, r"\\n", " "),
+        (13, r"#\d{1,3}\b", ""),
+        (13, r"#\d{5,}\b", ""),
+        (13, r"\b\d{6,}\b", ""),
+        (14, r"\S+\." + _FILE_EXT, ""),
+        (15, r"[\"']{2,}", '"'),
+        (15, r"\.{2,}", " "),
+        (16, _BAD_PUNCT, " "),
+        (17, r"\s+\.\s+", " "),
+    )
+)
+_HYPHENS = re.compile(r"[-_]")  # step 18
+# Steps 20-30: after the basic clean.
+_LATE_STEPS: tuple[tuple[int, re.Pattern[str], str], ...] = tuple(
+    (step, re.compile(pattern), repl)
+    for step, pattern, repl in (
+        (20, r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""),
+        (20, r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),
+        (20, r"\b\d+[a-zA-Z]+\d+\b", ""),
+        (21, r"(?:worldwide\s+)?(?:free\s+)?shipping", ""),
+        (21, r"(?:free\s)?download(?:\sfree)?", ""),
+        (21, r"\bclick\b\s(?:for|on)\s\w+", ""),
+        (21, r"\b" + _FILE_EXT + r"(?:\simages?)?", ""),
+        (21, r"\bpage\s+\d+\b", ""),
+        (22, r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "),
+        (23, r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", ""),
+        (24, r"\b\s+:\s+", ": "),
+        (25, r"(\D[,./])\b", r"\1 "),
+        (26, r"\s+", " "),
+        (27, r"^[\"']([\w\W]+)[\"']$", r"\1"),
+        (28, r"^['_,\-:;]", ""),
+        (29, r"['_,\-:+]$", ""),
+        (30, r"^\.\S+$", ""),
+    )
+)
+
+
+def _basic_clean(text: str) -> str:
+    """Step 19: ftfy's fix_text, HTML-unescape twice, strip."""
+    import ftfy
+
+    text = ftfy.fix_text(text)
+    return html.unescape(html.unescape(text)).strip()
+
+
+def _strip_html(text: str) -> str:
+    """Step 4: keep only the text of an HTML parse (BeautifulSoup, "html.parser")."""
+    from bs4 import BeautifulSoup
+
+    return BeautifulSoup(text, features="html.parser").text
+
+
+def clean_caption(text: str) -> str:
+    """One pass of the official caption cleaning (text.md §2, steps 1-31).
+
+    The official wrapper applies it twice; :func:`preprocess_prompt` does that.
+
+    Args:
+        text: raw prompt.
+
+    Returns:
+        The cleaned prompt.
+    """
+    text = urllib.parse.unquote_plus(str(text)).strip().lower()  # step 1
+    text = text.replace("<person>", "person")  # step 2
+    text = _URL_WWW.sub("", _URL_HTTP.sub("", text))  # step 3 (a) then (b)
+    text = _strip_html(text)  # step 4
+    for _, pattern, repl in _EARLY_STEPS:  # steps 5-17
+        text = pattern.sub(repl, text)
+    if len(_HYPHENS.findall(text)) > 3:  # step 18: this-is-a-slug / snake_case
+        text = _HYPHENS.sub(" ", text)
+    text = _basic_clean(text)  # step 19
+    for _, pattern, repl in _LATE_STEPS:  # steps 20-30
+        text = pattern.sub(repl, text)
+    return text.strip()  # step 31
+
+
+def preprocess_prompt(text: str) -> str:
+    """The official text preprocessing: :func:`clean_caption` applied twice."""
+    return clean_caption(clean_caption(text))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """Weight files of a HF checkpoint folder; safetensors preferred over .bin."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"T5 weight shards missing in {folder}: {missing}")
+            return [folder / s for s in shards]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(
+        f"no T5 weights in {folder} (expected model.safetensors[.index.json] or "
+        "pytorch_model.bin[.index.json]); download the T5 checkpoint with `python -m magi.download`"
+    )
+
+
+def _read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one shard on CPU, without executing pickled code."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        # mmap needs the zip serialisation; legacy files are read whole (still weights-only).
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_encoder_weights(model: torch.nn.Module, files: Sequence[Path], device: torch.device,
+                          dtype: torch.dtype) -> None:
+    """Stream encoder tensors into a meta-built model; fail listing missing/mis-shaped keys."""
+    wanted = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        for key, tensor in _read_shard(path).items():
+            if key in wanted:  # decoder / lm_head keys of a full T5 checkpoint are skipped
+                state[key] = tensor.to(device=device, dtype=dtype)
+    # The input embedding is shared; either copy of it in the file is enough.
+    for a, b in (("encoder.embed_tokens.weight", "shared.weight"),
+                 ("shared.weight", "encoder.embed_tokens.weight")):
+        if a not in state and b in state:
+            state[a] = state[b]
+    missing = sorted(set(wanted) - set(state))
+    bad_shape = sorted(k for k in state if state[k].shape != wanted[k].shape)
+    if missing or bad_shape:
+        raise ValueError(f"T5 checkpoint does not fit config.json: missing {missing}, "
+                         f"wrong shape {bad_shape}")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.encoder.embed_tokens.weight = model.shared.weight  # keep the tie (one copy in memory)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder wrapper
+# ----------------------------------------------------------------------------------------------
+
+
+class T5Encoder:
+    """T5 encoder + tokenizer with the official prompt handling.
+
+    Use :meth:`from_pretrained`; release the weights with :meth:`free` or a ``with`` block::
+
+        with T5Encoder.from_pretrained(root) as t5:
+            emb, mask = t5.encode(["a cat"])
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, device: torch.device,
+                 max_length: int = CAPTION_MAX_LENGTH) -> None:
+        self.model: torch.nn.Module | None = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        t5_pretrained_root: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_length: int = CAPTION_MAX_LENGTH,
+    ) -> "T5Encoder":
+        """Load ``<t5_pretrained_root>/t5-v1_1-xxl/`` (official layout, Hugging Face files).
+
+        Args:
+            t5_pretrained_root: runtime_config.t5_pretrained, the folder holding ``t5-v1_1-xxl/``
+                (a path to the ``t5-v1_1-xxl`` folder itself is accepted too).
+            device: where the encoder runs ("cpu" as the 4.5B configs, "cuda" as the 24B ones).
+            dtype: parameter dtype; float32 is the official numerics. Outputs are float32 always.
+            max_length: caption slots (official caption_max_length, 800).
+        """
+        folder = _resolve_folder(Path(t5_pretrained_root))
+        from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+        tokenizer = T5Tokenizer.from_pretrained(str(folder))
+        config = T5Config.from_pretrained(str(folder))
+        config._attn_implementation = "eager"  # the official transformers 4.42 T5 path
+        with torch.device("meta"):
+            model = T5EncoderModel(config)
+        device = torch.device(device)
+        _load_encoder_weights(model, _weight_files(folder), device, dtype)
+        return cls(model.eval(), tokenizer, device, max_length)
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean (twice) and tokenise prompts -> (input_ids [n, Lcap] int64, mask [n, Lcap] int64)."""
+        texts = [preprocess_prompt(p) for p in _check_prompts(prompts)]
+        out = self.tokenizer(
+            texts,
+            max_length=self.max_length,
+            padding="max_length",
+            truncation=True,
+            add_special_tokens=True,  # appends </s>
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        return out["input_ids"], out["attention_mask"]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts as the official wrapper does (one prompt per encoder call).
+
+        Args:
+            prompts: raw prompts (cleaned here).
+
+        Returns:
+            emb [n, Lcap, Ccap] float32 on CPU (padding rows included, as T5 outputs them) and
+            mask [n, Lcap] int64 on CPU (1 for real tokens incl. EOS).
+        """
+        if self.model is None:
+            raise RuntimeError("T5Encoder was freed; load it again with T5Encoder.from_pretrained")
+        ids, mask = self.tokenize(prompts)  # [n, Lcap] each
+        rows = []
+        for i in range(ids.shape[0]):
+            out = self.model(input_ids=ids[i : i + 1].to(self.device),
+                             attention_mask=mask[i : i + 1].to(self.device))
+            rows.append(out.last_hidden_state.float().cpu())  # [1, Lcap, Ccap]
+        return torch.cat(rows), mask
+
+    def free(self) -> None:
+        """Drop the encoder weights now (they are ~19 GB for T5-XXL in float32)."""
+        on_cuda = self.device.type == "cuda"
+        self.model = None
+        gc.collect()
+        if on_cuda and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "T5Encoder":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.free()
+
+
+def _resolve_folder(root: Path) -> Path:
+    """The ``t5-v1_1-xxl`` folder under root (or root itself if it is that folder)."""
+    folder = root if root.name == T5_SUBFOLDER else root / T5_SUBFOLDER
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"T5 folder not found: {folder} (t5_pretrained must contain '{T5_SUBFOLDER}/'; "
+            "download it with `python -m magi.download`)"
+        )
+    for name in ("config.json", "spiece.model"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{name} missing in {folder}; the T5 folder needs the Hugging Face files "
+                "(config.json, spiece.model, weights); re-download with `python -m magi.download`"
+            )
+    return folder
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise ValueError("encode() takes a list of prompts, got a single str; wrap it: [prompt]")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("encode() needs at least one prompt")
+    return prompts
