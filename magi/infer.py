@@ -1,0 +1,278 @@
+"""Command line: ``python -m magi.infer --config CONFIG --mode t2v|i2v|v2v --prompt ... --output_path out.mp4``.
+
+The official entry point's flags are kept (``--config_file``, ``--mode``, ``--prompt``,
+``--image_path``, ``--prefix_video_path``, ``--output_path``). Every argument, file and config
+problem is reported as one ``error: ...`` line with exit status 2 before any model is loaded; only
+then is the pipeline built. Launch with torchrun for multi-GPU configs (pp_size * cp_size > 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from magi.config import ConfigError, MagiConfig, check_paths, check_world_size, load_config
+
+MODES = ("t2v", "i2v", "v2v")
+# Env flags that make the conditioning read special_tokens.npz (shared/spec/text.md §3).
+_TOKEN_FLAGS = (
+    "PAD_HQ", "PAD_DURATION", "PAD_STATIC", "PAD_DYNAMIC", "PAD_BORDERNESS",
+    "PAD_THREE_D_MODEL", "PAD_TWO_D_ANIME", "NEG_PROMPT",
+)
+_TRUE = {"1", "true", "yes", "y", "on", "enabled"}
+OFFICIAL_SPECIAL_TOKENS = Path("example/assets/special_tokens.npz")
+
+
+class UsageError(Exception):
+    """A problem with the command line, its files or the config; printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage block; one line is easier to read in logs.
+        raise UsageError(f"{message} (see --help)")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One validated generation request, in the keywords MagiPipeline.generate takes."""
+
+    mode: str
+    prompt: str | list[str]
+    output_path: str
+    image_path: str | None = None
+    prefix_video_path: str | None = None
+    save_tensors: str | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m magi.infer",
+        description=(
+            "Generate a video with MAGI-1. t2v: text to video; i2v: continue an image "
+            "(--image_path); v2v: continue a video (--prefix_video_path). Multi-GPU configs "
+            "(pp_size * cp_size > 1) run under torchrun with that many processes."
+        ),
+        epilog=(
+            "example: python -m magi.infer --config example/4.5B/4.5B_distill_config.json "
+            "--mode t2v --prompt 'A cat walks on a fence' --output_path cat.mp4"
+        ),
+    )
+    parser.add_argument("--config_file", "--config", dest="config_file", required=True, metavar="JSON",
+                        help="config in the official JSON format (e.g. example/4.5B/4.5B_base_config.json)")
+    parser.add_argument("--mode", required=True, choices=MODES, help="t2v, i2v or v2v")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="text prompt; repeat it to give chunk 0, chunk 1, ... their own prompt "
+                             "(the last one holds for the remaining chunks)")
+    parser.add_argument("--prompt_file", metavar="JSON",
+                        help='per-chunk prompts: a JSON list of strings, or a timeline '
+                             '[{"chunk": 0, "prompt": "..."}, {"chunk": 3, "prompt": "..."}]')
+    parser.add_argument("--image_path", metavar="IMAGE", help="i2v: the image the video starts from")
+    parser.add_argument("--prefix_video_path", metavar="VIDEO", help="v2v: the video to continue")
+    parser.add_argument("--output_path", required=True, metavar="MP4", help="where to write the .mp4")
+    overrides = parser.add_argument_group("overrides of runtime_config")
+    overrides.add_argument("--seed", type=int, help="random seed")
+    overrides.add_argument("--num_frames", type=int, help="frames to generate (rounded up to whole chunks)")
+    overrides.add_argument("--video_size_h", type=int, help="height in pixels (multiple of 16)")
+    overrides.add_argument("--video_size_w", type=int, help="width in pixels (multiple of 16)")
+    overrides.add_argument("--num_steps", type=int, help="denoising steps per chunk (multiple of window_size)")
+    parser.add_argument("--compat", choices=("magi", "official"), default="magi",
+                        help="'official' restores every official behaviour magi changes on purpose "
+                             "(v2v prefix selection, i2v resize, output frame rounding); default magi")
+    parser.add_argument("--save_tensors", metavar="PATH.safetensors",
+                        help="also save the final latent and frames to this safetensors file")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    return parser
+
+
+def _timeline_prompts(entries: list, where: str) -> list[str]:
+    """Expand [{"chunk": k, "prompt": p}, ...] to one prompt per chunk up to the last entry."""
+    starts: list[tuple[int, str]] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"chunk", "prompt"}:
+            raise UsageError(f'{where}: entry {i} must be {{"chunk": <int>, "prompt": "<text>"}}, got {json.dumps(entry)}')
+        chunk, text = entry["chunk"], entry["prompt"]
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0 or not isinstance(text, str):
+            raise UsageError(f"{where}: entry {i} needs a chunk index >= 0 and a prompt string, got {json.dumps(entry)}")
+        if starts and chunk <= starts[-1][0]:
+            raise UsageError(f"{where}: chunk indices must increase, but entry {i} has chunk {chunk} after {starts[-1][0]}")
+        starts.append((chunk, text))
+    if starts[0][0] != 0:
+        raise UsageError(f"{where}: the first entry must be chunk 0 (got chunk {starts[0][0]}); every chunk needs a prompt")
+    prompts: list[str] = []
+    for (chunk, text), nxt in zip(starts, starts[1:] + [(starts[-1][0] + 1, "")]):
+        prompts += [text] * (nxt[0] - chunk)
+    return prompts
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """Per-chunk prompts from a JSON list of strings or a {"chunk", "prompt"} timeline."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise UsageError(f"--prompt_file {path}: cannot read it ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--prompt_file {path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"--prompt_file {path}: expected a non-empty JSON list of prompts or timeline entries")
+    if all(isinstance(p, str) for p in data):
+        return data
+    return _timeline_prompts(data, f"--prompt_file {path}")
+
+
+def _prompt(args: argparse.Namespace) -> str | list[str]:
+    if args.prompt and args.prompt_file:
+        raise UsageError("give either --prompt or --prompt_file, not both")
+    if args.prompt_file:
+        return read_prompt_file(args.prompt_file)
+    if not args.prompt:
+        raise UsageError("--prompt is required (or --prompt_file for per-chunk prompts)")
+    return args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
+
+
+def _existing_file(flag: str, path: str | None, mode: str) -> str:
+    if path is None:
+        raise UsageError(f"--mode {mode} needs {flag}")
+    if not Path(path).is_file():
+        raise UsageError(f"{flag} {path} does not exist (relative paths start at {Path.cwd()})")
+    return path
+
+
+def _request(args: argparse.Namespace) -> Request:
+    mode = args.mode
+    image = _existing_file("--image_path", args.image_path, mode) if mode == "i2v" else None
+    prefix = _existing_file("--prefix_video_path", args.prefix_video_path, mode) if mode == "v2v" else None
+    if mode != "i2v" and args.image_path:
+        raise UsageError(f"--image_path is only used with --mode i2v (got --mode {mode})")
+    if mode != "v2v" and args.prefix_video_path:
+        raise UsageError(f"--prefix_video_path is only used with --mode v2v (got --mode {mode})")
+    if Path(args.output_path).suffix.lower() != ".mp4":
+        raise UsageError(f"--output_path {args.output_path} must end in .mp4")
+    if Path(args.output_path).is_dir():
+        raise UsageError(f"--output_path {args.output_path} is a directory; give a file name ending in .mp4")
+    if args.save_tensors and Path(args.save_tensors).suffix != ".safetensors":
+        raise UsageError(f"--save_tensors {args.save_tensors} must end in .safetensors")
+    return Request(mode, _prompt(args), args.output_path, image, prefix, args.save_tensors)
+
+
+def _config(args: argparse.Namespace) -> MagiConfig:
+    cfg = load_config(args.config_file)
+    names = ("seed", "num_frames", "video_size_h", "video_size_w", "num_steps")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if overrides:
+        try:
+            cfg = cfg.replace(runtime=dataclasses.replace(cfg.runtime, **overrides))
+        except ConfigError as err:
+            shown = " ".join(f"--{k} {v}" for k, v in overrides.items())
+            raise UsageError(f"with {shown}: {err}") from None
+    check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    check_paths(cfg)
+    return cfg
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name} is not a device; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return name
+
+
+def _special_tokens(cfg: MagiConfig) -> None:
+    """Find special_tokens.npz before any model loads (it is read only when a PAD_*/NEG_PROMPT flag is on)."""
+    env = os.environ.get("SPECIAL_TOKEN_PATH")
+    if env:
+        if not Path(env).is_file():
+            raise UsageError(f"SPECIAL_TOKEN_PATH={env} does not exist; fix it or unset it")
+        return
+    if OFFICIAL_SPECIAL_TOKENS.is_file():
+        return
+    beside_config = Path(cfg.source or ".").parent / "special_tokens.npz"
+    if beside_config.is_file():
+        # magi.download puts the file next to the config it writes.
+        os.environ["SPECIAL_TOKEN_PATH"] = str(beside_config.resolve())
+        return
+    flags = [f for f in _TOKEN_FLAGS if os.environ.get(f, "").strip().lower() in _TRUE]
+    if flags:
+        raise UsageError(
+            f"{', '.join(flags)} need special_tokens.npz: set SPECIAL_TOKEN_PATH, put it at "
+            f"{OFFICIAL_SPECIAL_TOKENS}, or get it with `python -m magi.download <model>`"
+        )
+
+
+def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, argparse.Namespace]:
+    """Parse and check everything the run needs; loads no model.
+
+    Raises:
+        UsageError: one line describing the problem.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        request = _request(args)
+        cfg = _config(args)
+    except ConfigError as err:  # includes CheckpointNotFoundError
+        raise UsageError(str(err)) from None
+    args.device = _device(args.device)
+    _special_tokens(cfg)
+    return cfg, request, args
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> int:
+    try:
+        from magi.pipeline import MagiPipeline
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("magi"):
+            raise
+        print(
+            f"error: generation is not available yet in this build of magi (module {err.name} is "
+            "missing); the arguments and the config were checked and are valid",
+            file=sys.stderr,
+        )
+        return 1
+    Path(request.output_path).parent.mkdir(parents=True, exist_ok=True)
+    pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat)
+    pipe.generate(**dataclasses.asdict(request), progress=True)
+    if _is_main_rank():
+        print(f"wrote {request.output_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m magi.infer``; returns the exit status.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+    """
+    try:
+        cfg, request, args = prepare(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _generate(cfg, request, args)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("MAGI_DEBUG"):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {first} (set MAGI_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
