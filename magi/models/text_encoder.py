@@ -259,7 +259,7 @@ class T5Encoder:
         return cls(model.eval(), tokenizer, device, max_length)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clean (twice) and tokenise prompts -> (input_ids [n, Lcap] int64, mask [n, Lcap] int64)."""
+        """Clean (twice) and tokenise -> (input_ids [n, Lcap] int64, mask [n, Lcap] int64)."""
         texts = [preprocess_prompt(p) for p in _check_prompts(prompts)]
         out = self.tokenizer(
             texts,
