@@ -25,7 +25,7 @@ from torch import Tensor
 SPECIAL_TOKEN_ENV = "SPECIAL_TOKEN_PATH"
 DEFAULT_SPECIAL_TOKEN_PATH = Path("example/assets/special_tokens.npz")  # relative to the cwd
 SPECIAL_TOKEN_URL = (
-    "https://github.com/SandAI-org/MAGI-1/raw/main/example/assets/special_tokens.npz"
+    "https://raw.githubusercontent.com/SandAI-org/MAGI-1/main/example/assets/special_tokens.npz"
 )
 NULL_CAPTION_TOKENS = 50  # the unconditional caption reads the first 50 null-table rows
 MAX_DURATION_TOKEN = 8  # DURATION_TOKEN_1..8 = chunks remaining, capped
@@ -143,9 +143,9 @@ def special_token_path(path: str | os.PathLike[str] | None = None) -> Path:
         found, source = Path.cwd() / DEFAULT_SPECIAL_TOKEN_PATH, "default, relative to the cwd"
     if not found.is_file():
         raise FileNotFoundError(
-            f"special_tokens.npz not found at {found} ({source}); fetch it with "
-            f"`python -m magi.download` (official file: {SPECIAL_TOKEN_URL}) and pass its path "
-            f"or set {SPECIAL_TOKEN_ENV}"
+            f"special_tokens.npz not found at {found} ({source}); `python -m magi.download "
+            f"<model>` fetches it into downloads/ (official file: {SPECIAL_TOKEN_URL}); pass "
+            f"its path or set {SPECIAL_TOKEN_ENV}"
         )
     return found
 

@@ -168,7 +168,7 @@ def _weight_files(folder: Path) -> list[Path]:
             return [folder / single]
     raise FileNotFoundError(
         f"no T5 weights in {folder} (expected model.safetensors[.index.json] or "
-        "pytorch_model.bin[.index.json]); download the T5 checkpoint with `python -m magi.download`"
+        "pytorch_model.bin[.index.json]); download them with `python -m magi.download <model>`"
     )
 
 
@@ -315,13 +315,13 @@ def _resolve_folder(root: Path) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"T5 folder not found: {folder} (t5_pretrained must contain '{T5_SUBFOLDER}/'; "
-            "download it with `python -m magi.download`)"
+            "download it with `python -m magi.download <model>`)"
         )
     for name in ("config.json", "spiece.model"):
         if not (folder / name).is_file():
             raise FileNotFoundError(
                 f"{name} missing in {folder}; the T5 folder needs the Hugging Face files "
-                "(config.json, spiece.model, weights); re-download with `python -m magi.download`"
+                "(config.json, spiece.model, weights): `python -m magi.download <model>`"
             )
     return folder
 
