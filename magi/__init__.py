@@ -1,8 +1,8 @@
 """magi: inference library for MAGI-1, Sand AI's autoregressive video diffusion model."""
 
-from magi.config import MagiConfig, load_config
+from magi.config import ConfigError, MagiConfig, check_paths, load_config
 
-__all__ = ["MagiConfig", "MagiPipeline", "load_config"]
+__all__ = ["ConfigError", "MagiConfig", "MagiPipeline", "check_paths", "load_config"]
 __version__ = "0.1.0"
 
 
