@@ -1,0 +1,410 @@
+"""Media in and out of MAGI-1: image / video reading with resizing, the VAE prefix and decode
+helpers the pipeline uses, and a streaming mp4 writer.
+
+Everything goes through the ffmpeg binary shipped with imageio-ffmpeg, as the official code
+does (shared/spec/sampling.md §8-§9, vae.md §5-§6). Frame layouts: THWC uint8 for what is read
+(frames as ffmpeg gives them), [F, 3, H, W] uint8 for decoded frames and what the writer takes.
+
+``compat="official"`` restores official behaviour where magi deliberately differs:
+* resize: official stretches to (w, h); magi keeps the aspect ratio (scale to cover, centre crop);
+* v2v prefix: official uses the first 32 frames; magi continues from the end of the prefix;
+* decoded frames: official converts to uint8 in bf16 and truncates; magi rounds in float32;
+* VAE temporal tile: official fps // 2 frames; magi rounds it down to a multiple of 4.
+Both use ffmpeg's default (bicubic) scaler.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from einops import rearrange
+
+from magi.models.vae import ViTVAE, tile_spec_for_fps, tiled_decode, tiled_encode
+
+SCALE_FACTOR = 0.18215  # runtime_config.scale_factor of every released config
+OFFICIAL_PREFIX_FRAMES = 32  # the official v2v reads exactly this many frames from the start
+TEMPORAL_FACTOR = 4  # VAE temporal compression
+MIN_SOURCE_SIDE = 8  # smaller sources are rejected: less than one VAE patch of real content
+COMPAT_MODES = ("magi", "official")
+# pixel formats whose alpha channel must be composited (ffmpeg's rgb24 would just drop it)
+_ALPHA_PREFIXES = ("rgba", "bgra", "argb", "abgr", "yuva", "gbrap", "ya", "pal8")
+
+Size = tuple[int, int]  # (width, height), the order of runtime_config video_size_w / _h
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What ffmpeg reports about a file's first video stream."""
+
+    width: int
+    height: int
+    fps: float
+    duration: float
+    pix_fmt: str
+    codec: str
+
+
+# ----------------------------------------------------------------------------------- reading
+def _check_compat(compat: str) -> None:
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+
+
+def _check_input_file(path: str | Path, kind: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{kind} not found: {p}")
+    if not p.is_file():
+        raise ValueError(f"{kind} path is not a file: {p}")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{kind} is not readable (permissions): {p}")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{kind} is empty (0 bytes): {p}")
+    return p
+
+
+def _quiet_ffmpeg_logger() -> logging.Logger:
+    # imageio-ffmpeg warns whenever the output size differs from the source: intended here
+    logger = logging.getLogger("imageio_ffmpeg")
+    logger.setLevel(logging.ERROR)
+    return logger
+
+
+def probe(path: str | Path, kind: str = "media file") -> MediaInfo:
+    """Size, frame rate, duration and pixel format of a file's first video stream.
+
+    Args:
+        path: image or video file.
+        kind: word used in error messages ("image", "video", ...).
+    """
+    p = _check_input_file(path, kind)
+    _quiet_ffmpeg_logger()
+    gen = imageio_ffmpeg.read_frames(str(p))
+    try:
+        meta = next(gen)
+    except (OSError, RuntimeError, IndexError, StopIteration, AttributeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot decode {kind} {p}: not a readable image/video, or no "
+                         f"decodable frames (ffmpeg: {reason[:200]})") from None
+    finally:
+        gen.close()
+    width, height = meta["source_size"]
+    pix_fmt = meta.get("pix_fmt", "").split("(")[0].strip()
+    return MediaInfo(width, height, float(meta.get("fps") or 0.0),
+                     float(meta.get("duration") or 0.0), pix_fmt, meta.get("codec", ""))
+
+
+def _check_size(size: Size | None) -> None:
+    if size is None:
+        return
+    if len(size) != 2 or any(int(s) != s or s <= 0 or s % 8 for s in size):
+        raise ValueError(f"size must be (width, height), positive multiples of 8 (the VAE "
+                         f"patch), got {size}")
+
+
+def resize_filter(size: Size | None, compat: str = "magi") -> list[str]:
+    """ffmpeg filters resizing to (w, h): official stretches, magi covers and centre-crops."""
+    _check_compat(compat)
+    if size is None:
+        return []
+    w, h = size
+    if compat == "official":
+        return [f"scale={w}:{h}"]
+    return [f"scale={w}:{h}:force_original_aspect_ratio=increase", f"crop={w}:{h}"]
+
+
+def _iter_frames(path: Path, info: MediaInfo, filters: list[str], kind: str) -> Iterator[np.ndarray]:
+    """Yield RGB uint8 frames [H, W, 3]; alpha sources are composited on white."""
+    alpha = info.pix_fmt.startswith(_ALPHA_PREFIXES)
+    params = ["-vf", ",".join(filters)] if filters else []
+    gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgba" if alpha else "rgb24",
+                                     bits_per_pixel=32 if alpha else 24, output_params=params)
+    try:
+        w, h = next(gen)["size"]
+        for buf in gen:
+            frame = np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 4 if alpha else 3)
+            yield _over_white(frame) if alpha else frame
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"cannot decode {kind} {path}: ffmpeg stopped with "
+                         f"'{str(err).strip().splitlines()[-1][:200]}'") from None
+    finally:
+        gen.close()
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    """Composite an RGBA frame over a white background (rounded integer arithmetic)."""
+    rgb, a = rgba[..., :3].astype(np.uint32), rgba[..., 3:].astype(np.uint32)
+    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _checked_info(path: str | Path, kind: str) -> tuple[Path, MediaInfo]:
+    info = probe(path, kind)
+    if min(info.width, info.height) < MIN_SOURCE_SIDE:
+        raise ValueError(f"{kind} {path} is {info.width}x{info.height} px; at least "
+                         f"{MIN_SOURCE_SIDE}x{MIN_SOURCE_SIDE} is needed")
+    return Path(path), info
+
+
+def load_image(path: str | Path, size: Size | None = None, *, compat: str = "magi") -> torch.Tensor:
+    """Read an image as RGB uint8 [H, W, 3], optionally resized to ``size``.
+
+    Grayscale, palette and 16-bit images are converted to 8-bit RGB; transparent images are
+    composited over white.
+
+    Args:
+        path: any still-image format ffmpeg reads (jpeg, png, webp, bmp, ...).
+        size: (width, height) to resize to, or None to keep the native size.
+        compat: "magi" keeps the aspect ratio (cover + centre crop); "official" stretches.
+    """
+    _check_size(size)
+    p, info = _checked_info(path, "image")
+    frame = next(_iter_frames(p, info, resize_filter(size, compat), "image"), None)
+    if frame is None:
+        raise ValueError(f"image {p} decoded to zero frames")
+    return torch.from_numpy(frame.copy())
+
+
+def load_video(path: str | Path, fps: float, size: Size | None = None, *, compat: str = "magi",
+               max_frames: int | None = None, keep: str = "first") -> torch.Tensor:
+    """Read a video as RGB uint8 [F, H, W, 3], resampled to ``fps`` (ffmpeg's fps filter).
+
+    Args:
+        path: any video ffmpeg reads.
+        fps: target frame rate (the runtime fps); frames are dropped / repeated as ffmpeg does.
+        size: (width, height) to resize to, or None to keep the native size.
+        compat: "magi" keeps the aspect ratio (cover + centre crop); "official" stretches.
+        max_frames: keep at most this many frames (None: all).
+        keep: with max_frames, keep the "first" or the "last" frames (memory stays bounded).
+    """
+    _check_size(size)
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if keep not in ("first", "last"):
+        raise ValueError(f"keep must be 'first' or 'last', got {keep!r}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    p, info = _checked_info(path, "video")
+    frames: collections.deque[np.ndarray] = collections.deque(
+        maxlen=max_frames if keep == "last" else None)
+    for frame in _iter_frames(p, info, [f"fps={fps}", *resize_filter(size, compat)], "video"):
+        frames.append(frame)
+        if keep == "first" and max_frames is not None and len(frames) == max_frames:
+            break
+    if not frames:
+        raise ValueError(f"video {p} contains no decodable frames")
+    return torch.from_numpy(np.stack(frames))
+
+
+# ------------------------------------------------------------------------------ v2v prefix
+def visible_prefix_frames(noise2clean_kvrange: Sequence[int], chunk_width: int,
+                          temporal_factor: int = TEMPORAL_FACTOR) -> int:
+    """Pixel frames of history a new chunk can still attend to: (max(kv range) - 1) chunks."""
+    return (max(noise2clean_kvrange) - 1) * chunk_width * temporal_factor
+
+
+def select_prefix_frames(frames: torch.Tensor, visible_frames: int, *, compat: str = "magi",
+                         temporal_factor: int = TEMPORAL_FACTOR) -> torch.Tensor:
+    """Pick the v2v prefix from frames [F, H, W, 3].
+
+    magi: the LAST frames, at most ``visible_frames`` (older ones cannot be seen by the model),
+    a multiple of the VAE temporal factor. official: the FIRST 32 frames (its bug).
+
+    Args:
+        frames: the whole prefix video at the runtime fps.
+        visible_frames: see ``visible_prefix_frames``.
+        compat: "magi" or "official".
+    """
+    _check_compat(compat)
+    if compat == "official":
+        return frames[:OFFICIAL_PREFIX_FRAMES]
+    count = min(len(frames), visible_frames) // temporal_factor * temporal_factor
+    if count == 0:
+        raise ValueError(f"v2v prefix has {len(frames)} frame(s) at the runtime fps; at least "
+                         f"{temporal_factor} are needed")
+    return frames[len(frames) - count:]
+
+
+def load_prefix_video(path: str | Path, fps: float, size: Size, visible_frames: int, *,
+                      compat: str = "magi") -> torch.Tensor:
+    """Read the v2v prefix [F, H, W, 3] uint8: official first 32 frames, or magi's tail."""
+    _check_compat(compat)
+    if compat == "official":
+        frames = load_video(path, fps, size, compat=compat, max_frames=OFFICIAL_PREFIX_FRAMES)
+    else:
+        frames = load_video(path, fps, size, compat=compat, max_frames=visible_frames, keep="last")
+    return select_prefix_frames(frames, visible_frames, compat=compat)
+
+
+# -------------------------------------------------------------------------------- VAE helpers
+def encode_prefix(vae: ViTVAE, frames: torch.Tensor, *, fps: int = 24,
+                  scale_factor: float = SCALE_FACTOR, compat: str = "magi") -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] (or one image [H, W, 3]) -> prefix latent [1, z, T', H/8, W/8].
+
+    Posterior mean x scale_factor, tiled as the official ``encode_prefix_video`` (256 px tiles,
+    fps // 2-frame temporal tiles); a single image is encoded as one repeated frame (T' = 1).
+    The result is in the VAE's dtype (bf16 in the pipeline) on its device.
+
+    Args:
+        vae: loaded VAE.
+        frames: RGB uint8, H and W multiples of 8; T = 1 or T >= 4.
+        fps: runtime fps (sets the temporal tile length).
+        scale_factor: runtime_config.scale_factor.
+        compat: "magi" or "official" (temporal tile length at fps where fps // 2 % 4 != 0).
+    """
+    if frames.dtype != torch.uint8 or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
+        raise ValueError(f"encode_prefix expects uint8 frames [T, H, W, 3] or [H, W, 3], got "
+                         f"{frames.dtype} {tuple(frames.shape)}")
+    if frames.ndim == 3:
+        frames = frames[None]
+    x = rearrange(frames.to(vae.device), "t h w c -> 1 c t h w")
+    x = (x.float() / 127.5 - 1).to(vae.dtype)
+    return tiled_encode(vae, x, tile_spec_for_fps(fps, compat)) * scale_factor
+
+
+def decode_to_uint8(vae: ViTVAE, latent: torch.Tensor, *, fps: int = 24,
+                    scale_factor: float = SCALE_FACTOR, compat: str = "magi") -> torch.Tensor:
+    """Scaled latent [1, z, T', H', W'] -> uint8 frames [F, 3, 8H', 8W'] on the CPU.
+
+    Divides by scale_factor, tiled decode under the (emulated) bf16 autocast. A trailing lone
+    latent frame of a temporal tile gives one frame (official: 3q+1 latents -> 12q+1 frames).
+
+    Args:
+        vae: loaded VAE.
+        latent: the DiT-space latent (float32 or bf16).
+        fps: runtime fps (sets the temporal tile length).
+        scale_factor: runtime_config.scale_factor.
+        compat: "official" converts in bf16 (v * 127.5 + 127.5, clamp, truncate) as the
+            official code; "magi" rounds to the nearest level in float32.
+    """
+    _check_compat(compat)
+    if latent.ndim != 5 or latent.shape[0] != 1:
+        raise ValueError(f"decode_to_uint8 expects a latent [1, C, T, H, W], got "
+                         f"{tuple(latent.shape)}")
+    z = latent.to(vae.device).float() / scale_factor
+    video = tiled_decode(vae, z, tile_spec_for_fps(fps, compat), autocast=True)
+    if compat == "official":
+        frames = (video * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)
+    else:
+        frames = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return rearrange(frames, "b c t h w -> (b t) c h w").cpu()
+
+
+# ------------------------------------------------------------------------------------ writer
+class Mp4Writer:
+    """Streaming mp4 writer (libx264, yuv420p, ffmpeg's default quality), as the official output.
+
+    Frames go to a hidden temporary file in the output folder, renamed onto the output path by
+    ``close()``; ``abort()`` removes it, so the output path never holds a half-written video.
+    ``close()`` after an interruption finalises a playable mp4 of what was appended.
+    As a context manager: success closes; an exception aborts, or closes when ``keep_partial``
+    and frames were appended.
+
+    Args:
+        path: output file, must end in .mp4, its folder must exist. Overwritten on success.
+        fps: frame rate of the output (the runtime fps).
+        keep_partial: on an exception inside ``with``, keep what was appended.
+    """
+
+    def __init__(self, path: str | Path, fps: float, *, keep_partial: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.suffix.lower() != ".mp4":
+            raise ValueError(f"output path must end in .mp4, got {self.path}")
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(f"output folder does not exist: {self.path.parent} "
+                                    "(create it first)")
+        if self.path.is_dir():
+            raise ValueError(f"output path is a folder: {self.path}")
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.fps = fps
+        self.keep_partial = keep_partial
+        self.frames_written = 0
+        self.size: Size | None = None
+        self.tmp_path = self.path.parent / f".{self.path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4"
+        self._gen = None
+        self._done = False
+
+    def _start(self, width: int, height: int) -> None:
+        if width % 2 or height % 2:
+            raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
+        self.size = (width, height)
+        self._gen = imageio_ffmpeg.write_frames(
+            str(self.tmp_path), (width, height), fps=self.fps, codec="libx264", quality=None,
+            macro_block_size=1, pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+            ffmpeg_log_level="error", output_params=["-f", "mp4"])
+        self._gen.send(None)
+
+    def append(self, frames: torch.Tensor | np.ndarray) -> None:
+        """Append uint8 frames [F, 3, H, W] (all appends must share H and W)."""
+        if self._done:
+            raise ValueError(f"Mp4Writer for {self.path} is already closed")
+        frames = torch.as_tensor(frames)
+        if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
+            raise ValueError(f"Mp4Writer.append expects uint8 frames [F, 3, H, W], got "
+                             f"{frames.dtype} {tuple(frames.shape)}")
+        h, w = frames.shape[2:]
+        if self._gen is None:
+            self._start(w, h)
+        elif (w, h) != self.size:
+            raise ValueError(f"frame size {w}x{h} differs from the first frames' "
+                             f"{self.size[0]}x{self.size[1]}")
+        data = rearrange(frames.cpu(), "f c h w -> f h w c").contiguous().numpy()
+        try:
+            for frame in data:
+                self._gen.send(frame.tobytes())
+                self.frames_written += 1
+        except (OSError, RuntimeError) as err:
+            self.abort()
+            raise RuntimeError(f"ffmpeg failed while writing {self.path}: {err}") from None
+
+    def close(self) -> Path:
+        """Finish the mp4 and move it onto the output path; returns that path."""
+        if self._done:
+            return self.path
+        if self.frames_written == 0:
+            self.abort()
+            raise ValueError(f"no frames were appended; nothing written to {self.path}")
+        try:
+            self._gen.close()  # closes ffmpeg's stdin: it writes the index and exits
+        except (OSError, RuntimeError) as err:
+            self.abort()
+            raise RuntimeError(f"ffmpeg failed finishing {self.path}: {err}") from None
+        os.replace(self.tmp_path, self.path)
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        """Stop writing and delete the temporary file; the output path is left untouched."""
+        if self._gen is not None:
+            try:
+                self._gen.close()
+            except (OSError, RuntimeError):
+                pass  # the process is gone either way; only the temp file matters
+            self._gen = None
+        self.tmp_path.unlink(missing_ok=True)
+        self._done = True
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None or (self.keep_partial and self.frames_written):
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        # a writer dropped without close/abort must not leave its temp file behind
+        if not getattr(self, "_done", True):
+            self.abort()
