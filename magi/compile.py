@@ -1,0 +1,56 @@
+"""Optional regional ``torch.compile`` of the DiT: each transformer layer's forward, off by default.
+
+Regional compilation (one compiled region per repeated layer) gets most of the benefit of
+compiling the whole model (fused norms, gating, RoPE and residual elementwise work around the big
+GEMMs) at a fraction of the compile time, and the layers' code is shared so the compiled graph is
+reused across layers. Only ``forward`` is replaced, so module hooks (``magi.offload`` block
+streaming) keep running eagerly around it and parameter names / state-dict keys are unchanged.
+
+The attention entry point reads its ranges on the host (``.tolist()``) and the KV cache is a
+Python dict, so the layer graph breaks around self-attention: the pieces before and after it are
+compiled, the attention kernel runs as it is (FlexAttention compiles its own kernel on CUDA).
+
+CUDA graphs (``mode="reduce-overhead"``) are not recommended: every sampler step changes the
+token count (window growing / shrinking, the extra clean chunk, the nearly-clean copy), block
+streaming changes weight addresses every pass, and at 720p each layer's kernels run for
+milliseconds, so launch overhead is not what limits a step. See docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+    """Replace every ``model.videodit_blocks.layers[i].forward`` by a compiled version, in place.
+
+    Args:
+        model: a built DiT.
+        **compile_kwargs: passed to ``torch.compile`` (e.g. ``backend="eager"`` to check the
+            tracing alone, ``mode="max-autotune-no-cudagraphs"``, ``dynamic=True``).
+
+    Returns:
+        the same model.
+    """
+    for layer in model.videodit_blocks.layers:
+        if is_compiled(layer):
+            continue
+        # An instance attribute shadows the class's forward; nn.Module.__call__ looks it up.
+        layer.forward = torch.compile(layer.forward, **compile_kwargs)
+    return model
+
+
+def uncompile_blocks(model: nn.Module) -> nn.Module:
+    """Undo ``compile_blocks`` (back to the eager forward of every layer)."""
+    for layer in model.videodit_blocks.layers:
+        if is_compiled(layer):
+            del layer.forward
+    return model
+
+
+def is_compiled(layer: nn.Module) -> bool:
+    """Whether ``compile_blocks`` replaced this layer's forward."""
+    return "forward" in vars(layer)
