@@ -1,0 +1,239 @@
+"""Load the official DiT checkpoint: meta-device build, streamed shards, strict key check.
+
+Layout (shared/spec/config_and_cli.md §3): ``<runtime.load>/inference_weight[.fp8][.distill]/``
+holds ``model.safetensors.index.json`` (``weight_map``: key -> shard file) and its shards, or a
+single ``model.safetensors``. A ``<shard>.zst`` next to a shard's path takes precedence and is
+decompressed with the ``zstd`` command-line tool. Keys are the DiT's parameter names; nothing is
+renamed except the layer index of a pipeline stage (global -> local).
+
+The model is built on the meta device (no memory, no init), the fp8 swap is applied when
+``engine.fp8_quant``, each needed tensor is read from its memory-mapped shard straight to its final
+device and dtype (the official construction dtypes with the promoted modules in float32), and the
+state dict is assigned. Unlike the official loader this one is strict: missing, unexpected or
+mis-shaped keys raise one error listing them with the likely cause. Files are never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from magi.config import MagiConfig
+from magi.fp8 import swap_fp8_linears
+from magi.models.dit import DiT
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_LAYER_KEY = re.compile(r"^videodit_blocks\.layers\.(\d+)\.(.+)$")
+_FP8_SUFFIXES = (".weight_scale", ".input_scale", ".smooth_scale")
+_MAX_LISTED = 8
+
+
+def weight_folder(cfg: MagiConfig) -> Path:
+    """``<load>/inference_weight`` + ``.fp8`` if fp8_quant + ``.distill`` if distill."""
+    if not cfg.runtime.load:
+        raise ValueError("runtime_config.load is not set: point it at the DiT checkpoint root")
+    name = "inference_weight" + (".fp8" if cfg.engine.fp8_quant else "") + (".distill" if cfg.engine.distill else "")
+    return Path(cfg.runtime.load) / name
+
+
+def load_dit(cfg: MagiConfig, device: torch.device | str, *, layers: Sequence[int] | None = None) -> DiT:
+    """Build the DiT of ``cfg`` and load its official checkpoint.
+
+    Args:
+        cfg: full config (model architecture, ``runtime.load``, ``engine.fp8_quant`` / ``distill``).
+        device: where the parameters are materialised.
+        layers: global indices of the layers to build and load (one pipeline stage), renumbered
+            0.. locally; None loads all ``num_layers``.
+
+    Returns:
+        The model in eval mode, parameters on ``device``, promoted modules in float32.
+    """
+    layer_numbers = _check_layers(layers, cfg.model.num_layers)
+    with torch.device("meta"):
+        model = DiT(cfg.model, layer_numbers=layer_numbers)
+        if cfg.engine.fp8_quant:
+            swap_fp8_linears(model, cfg.model.num_layers)
+        model.promote_precision()
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    with _Shards(weight_folder(cfg)) as shards:
+        key_to_shard = shards.layout()
+        wanted = _match_keys(cfg, shards.folder, key_to_shard, expected, layer_numbers)
+        state = _read_tensors(cfg, shards, key_to_shard, wanted, expected, torch.device(device))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
+def _check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    numbers = list(range(num_layers)) if layers is None else [int(i) for i in layers]
+    bad = [i for i in numbers if not 0 <= i < num_layers]
+    if bad or len(set(numbers)) != len(numbers):
+        raise ValueError(f"layers must be distinct indices in [0, {num_layers}), got {list(layers or [])}")
+    return numbers
+
+
+class _Shards:
+    """The checkpoint folder's files; zstd-compressed shards are decompressed once, to a
+    temporary folder removed when the load ends."""
+
+    def __init__(self, folder: Path) -> None:
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"DiT checkpoint folder {folder} does not exist (check runtime_config.load and the fp8/distill flags)"
+            )
+        if not any(folder.iterdir()):
+            raise FileNotFoundError(f"DiT checkpoint folder {folder} is empty (download the weights first)")
+        self.folder = folder
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._unpacked: dict[str, Path] = {}
+
+    def __enter__(self) -> "_Shards":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def layout(self) -> dict[str, str]:
+        """key -> shard file name, from the index json or the single-file checkpoint."""
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            return _parse_index(index)
+        if not (self.folder / SINGLE_FILE).is_file() and not (self.folder / f"{SINGLE_FILE}.zst").is_file():
+            raise FileNotFoundError(f"{self.folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+        with self.open(SINGLE_FILE) as f:
+            return {k: SINGLE_FILE for k in f.keys()}
+
+    def open(self, shard: str):  # -> safetensors safe_open handle (memory-mapped)
+        return safe_open(str(self.path(shard)), framework="pt")
+
+    def path(self, shard: str) -> Path:
+        """Readable path of a shard; a ``<shard>.zst`` next to it wins and is decompressed."""
+        path, packed = self.folder / shard, self.folder / f"{shard}.zst"
+        if not packed.is_file():
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {path} listed in the checkpoint index does not exist")
+            return path
+        if shard not in self._unpacked:
+            self._unpacked[shard] = self._decompress(packed, shard)
+        return self._unpacked[shard]
+
+    def _decompress(self, packed: Path, shard: str) -> Path:
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise FileNotFoundError(f"{packed} is zstd-compressed but the `zstd` tool is not installed (apt install zstd)")
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="magi-shards-")
+        out = Path(self._tmp.name) / Path(shard).name
+        result = subprocess.run([zstd, "-d", "-q", "-f", str(packed), "-o", str(out)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ValueError(f"could not decompress {packed}: {result.stderr.strip() or 'zstd failed'}")
+        return out
+
+
+def _parse_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err}); re-download it") from None
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def _match_keys(
+    cfg: MagiConfig,
+    folder: Path,
+    key_to_shard: dict[str, str],
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    layer_numbers: list[int],
+) -> dict[str, str]:
+    """model key -> checkpoint key for every model parameter; raises on missing / unexpected."""
+    local_of = {g: i for i, g in enumerate(layer_numbers)}
+    wanted: dict[str, str] = {}
+    unexpected: list[str] = []
+    for ckpt_key in key_to_shard:
+        key = ckpt_key
+        if m := _LAYER_KEY.match(ckpt_key):
+            number = int(m.group(1))
+            if number < cfg.model.num_layers and number not in local_of:
+                continue  # a layer of another pipeline stage
+            if number in local_of:
+                key = f"videodit_blocks.layers.{local_of[number]}.{m.group(2)}"
+        if key in expected:
+            wanted[key] = ckpt_key
+        else:
+            unexpected.append(ckpt_key)
+    missing = [k for k in expected if k not in wanted]
+    if missing or unexpected:
+        raise ValueError(_mismatch_message(cfg, folder, key_to_shard, missing, unexpected, []))
+    return wanted
+
+
+def _mismatch_message(
+    cfg: MagiConfig, folder: Path, key_to_shard: dict[str, str], missing: list[str], unexpected: list[str], mis_shaped: list[str]
+) -> str:
+    parts = [f"checkpoint {folder} does not match the model config"]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
+        if items:
+            shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+            parts.append(f"{len(items)} {label} key(s): {shown}")
+    parts.append(f"likely cause: {_likely_cause(cfg, key_to_shard, mis_shaped)}")
+    return "; ".join(parts)
+
+
+def _likely_cause(cfg: MagiConfig, key_to_shard: dict[str, str], mis_shaped: list[str]) -> str:
+    ckpt_layers = {int(m.group(1)) for k in key_to_shard if (m := _LAYER_KEY.match(k))}
+    n = max(ckpt_layers) + 1 if ckpt_layers else 0
+    sizes = {34: "4.5B", 48: "24B"}
+    if ckpt_layers and n != cfg.model.num_layers:
+        known = n in sizes and cfg.model.num_layers in sizes
+        guess = f": {sizes[n]} weights with a {sizes[cfg.model.num_layers]} config?" if known else ""
+        return f"checkpoint has {n} layers but the config says num_layers={cfg.model.num_layers}{guess}"
+    has_fp8 = any(k.endswith(_FP8_SUFFIXES) for k in key_to_shard)
+    if has_fp8 and not cfg.engine.fp8_quant:
+        return "the checkpoint has fp8 keys (weight_scale / input_scale) but engine_config.fp8_quant is false"
+    if cfg.engine.fp8_quant and not has_fp8:
+        return "engine_config.fp8_quant is true but the checkpoint has no fp8 keys (a bf16 checkpoint?)"
+    if mis_shaped:
+        return "tensor shapes differ: the checkpoint was made for another model_config (hidden_size, heads, ffn, channels)"
+    return "the checkpoint is incomplete or from a different model; compare its keys with the model's state_dict"
+
+
+def _read_tensors(
+    cfg: MagiConfig,
+    shards: _Shards,
+    key_to_shard: dict[str, str],
+    wanted: dict[str, str],
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Read only the wanted keys, shard by shard, straight to their final device and dtype.
+
+    Shapes are checked from the headers before a shard's tensors are read; every mismatch of
+    the checkpoint is reported together.
+    """
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for key, ckpt_key in wanted.items():
+        by_shard[key_to_shard[ckpt_key]].append(key)
+    state: dict[str, torch.Tensor] = {}
+    mis_shaped: list[str] = []
+    for shard, keys in sorted(by_shard.items()):
+        with shards.open(shard) as f:
+            shapes = {key: tuple(f.get_slice(wanted[key]).get_shape()) for key in keys}
+            bad = [f"{wanted[k]} {list(s)} (model {list(expected[k][0])})" for k, s in shapes.items() if s != expected[k][0]]
+            mis_shaped += bad
+            for key in keys if not (bad or mis_shaped) else []:
+                state[key] = f.get_tensor(wanted[key]).to(device=device, dtype=expected[key][1])
+    if mis_shaped:
+        raise ValueError(_mismatch_message(cfg, shards.folder, key_to_shard, [], [], mis_shaped))
+    return state

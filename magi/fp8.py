@@ -1,0 +1,130 @@
+"""fp8 ("distill_quant") linears: a module swap applied to the DiT before loading.
+
+The released fp8 checkpoints replace seven Linears in every layer except the first and the last
+(shared/spec/dit.md §1.3). Two module types hold the stored tensors under the official names:
+
+* ``PerTensorFp8Linear`` (q, qx, k, v, fc1): weight [1, out, in] e4m3, weight_scale [1],
+  input_scale [in]. The input is divided by the whole input_scale vector but the GEMM rescales
+  by input_scale[0] only (the official bmm_fp8 takes a scalar activation scale).
+* ``PerChannelFp8Linear`` (linear_proj, fc2): weight [1, out, in] e4m3, weight_scale [1],
+  input_scale [1], smooth_scale [1, in]; the input is divided by smooth_scale.
+
+Inputs are quantised as the official code does: float32 divide, clamp to +-448, round to bf16
+and then to e4m3 (double rounding). The GEMM runs on ``torch._scaled_mm`` where the GPU has fp8
+tensor cores (sm89+), otherwise as exact float32 arithmetic on the dequantised operands; both
+accumulate in float32 and return ``out_dtype`` (params_dtype).
+
+Legend: M rows (tokens), K in features, O out features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+PER_TENSOR_NAMES = ("self_attention.linear_qkv.q", "self_attention.linear_qkv.qx",
+                    "self_attention.linear_qkv.k", "self_attention.linear_qkv.v", "mlp.linear_fc1")  # fmt: skip
+PER_CHANNEL_NAMES = ("self_attention.linear_proj", "mlp.linear_fc2")
+
+
+def quantize_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale (broadcast on the last dim), clamped, rounded to bf16 then to e4m3."""
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.bfloat16).to(FP8)
+
+
+def fp8_matmul(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(a @ w^T) * scale with fp8 operands. a [M, K] e4m3, w [O, K] e4m3, scale scalar float32."""
+    if _scaled_mm_ok(a, w):
+        one = torch.ones((), device=a.device, dtype=torch.float32)
+        return torch._scaled_mm(a, w.t(), scale_a=scale.reshape(()).float(), scale_b=one, out_dtype=out_dtype)
+    return ((a.float() @ w.float().t()) * scale.float()).to(out_dtype)
+
+
+def _scaled_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < (8, 9):
+        return False
+    return a.shape[1] % 16 == 0 and w.shape[0] % 16 == 0
+
+
+class _Fp8Linear(nn.Module):
+    """Shared storage: weight [1, O, K] e4m3 and weight_scale [1] (official names and shapes)."""
+
+    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.out_dtype = in_features, out_features, out_dtype
+        self.weight = nn.Parameter(torch.zeros(1, out_features, in_features, dtype=FP8, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(1, device=device), requires_grad=False)
+
+    def _gemm(self, a: torch.Tensor, scale: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        out = fp8_matmul(a.reshape(-1, self.in_features), self.weight[0], scale * self.weight_scale, self.out_dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def set_from_weight(self, weight: torch.Tensor) -> None:
+        """Quantise a float weight [O, K] with one per-tensor scale (for random test models)."""
+        scale = weight.float().abs().amax().clamp_min(1e-12) / FP8_MAX
+        self.weight.data = (weight.float() / scale).to(FP8)[None]
+        self.weight_scale.data = scale.reshape(1).to(self.weight_scale.device)
+
+
+class PerTensorFp8Linear(_Fp8Linear):
+    """fp8 Linear with a per-input-channel quantisation vector and a scalar rescale (official quirk)."""
+
+    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__(in_features, out_features, out_dtype, device)
+        self.input_scale = nn.Parameter(torch.ones(in_features, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., O] in out_dtype."""
+        a = quantize_input(x, self.input_scale)
+        return self._gemm(a, self.input_scale[0], x.shape[:-1])
+
+
+class PerChannelFp8Linear(_Fp8Linear):
+    """fp8 Linear with a SmoothQuant-style per-input-channel divisor and scalar input scale."""
+
+    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__(in_features, out_features, out_dtype, device)
+        self.input_scale = nn.Parameter(torch.ones(1, device=device), requires_grad=False)
+        self.smooth_scale = nn.Parameter(torch.ones(1, in_features, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., O] in out_dtype."""
+        a = quantize_input(x, self.smooth_scale)
+        return self._gemm(a, self.input_scale, x.shape[:-1])
+
+
+def is_fp8_layer(layer_number: int, num_layers: int) -> bool:
+    """Official rule: every layer but the first and the last (global numbering) is quantised."""
+    return 0 < layer_number < num_layers - 1
+
+
+def swap_fp8_linears(model: nn.Module, num_layers: int, *, quantize_weights: bool = False) -> nn.Module:
+    """Replace the seven Linears of each quantised DiT layer by fp8 modules, in place.
+
+    Args:
+        model: a DiT (any device, meta included); layers carry their global ``layer_number``.
+        num_layers: the config's total layer count (decides which layers are quantised).
+        quantize_weights: fill the fp8 weights from the replaced Linears (random test models);
+            False leaves placeholders to be overwritten by a checkpoint load.
+    """
+    for layer in model.videodit_blocks.layers:
+        if not is_fp8_layer(layer.layer_number, num_layers):
+            continue
+        for name in PER_TENSOR_NAMES:
+            _swap(layer, name, PerTensorFp8Linear, quantize_weights)
+        for name in PER_CHANNEL_NAMES:
+            _swap(layer, name, PerChannelFp8Linear, quantize_weights)
+    return model
+
+
+def _swap(layer: nn.Module, dotted: str, cls: type[_Fp8Linear], quantize_weights: bool) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = layer.get_submodule(parent_name)
+    old: nn.Linear = getattr(parent, attr)
+    new = cls(old.in_features, old.out_features, old.weight.dtype, device=old.weight.device)
+    if quantize_weights:
+        new.set_from_weight(old.weight.detach())
+    setattr(parent, attr, new)
