@@ -123,7 +123,8 @@ def resize_filter(size: Size | None, compat: str = "magi") -> list[str]:
     return [f"scale={w}:{h}:force_original_aspect_ratio=increase", f"crop={w}:{h}"]
 
 
-def _iter_frames(path: Path, info: MediaInfo, filters: list[str], kind: str) -> Iterator[np.ndarray]:
+def _iter_frames(path: Path, info: MediaInfo, filters: list[str],
+                 kind: str) -> Iterator[np.ndarray]:
     """Yield RGB uint8 frames [H, W, 3]; alpha sources are composited on white."""
     alpha = info.pix_fmt.startswith(_ALPHA_PREFIXES)
     params = ["-vf", ",".join(filters)] if filters else []

@@ -11,7 +11,14 @@ import torch
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-from magi.models.vae import TileSpec, ViTVAE, load_vae, tile_spec_for_fps, tiled_decode, tiled_encode
+from magi.models.vae import (
+    TileSpec,
+    ViTVAE,
+    load_vae,
+    tile_spec_for_fps,
+    tiled_decode,
+    tiled_encode,
+)
 from tests.conftest import load_fixture, rel_l2
 
 SCALE = 0.18215
@@ -188,5 +195,6 @@ def test_load_vae_errors(reference_dir: Path, tmp_path: Path) -> None:
 def test_load_vae_dtype_and_keys(reference_dir: Path, vae16: ViTVAE) -> None:
     assert vae16.dtype == torch.bfloat16 and vae16.bf16_qkv
     assert not load_vae(reference_dir / "checkpoints" / "vae").bf16_qkv
-    keys = set(load_file(str(reference_dir / "checkpoints/vae/diffusion_pytorch_model.safetensors")))
+    weights = reference_dir / "checkpoints/vae/diffusion_pytorch_model.safetensors"
+    keys = set(load_file(str(weights)))
     assert set(vae16.state_dict()) == keys

@@ -144,7 +144,8 @@ def test_image_modes_are_converted(tmp_path: Path) -> None:
     pal = vio.load_image(make_png(tmp_path / "pal.png", "pal8")).int()
     assert pal.shape == (24, 40, 3) and (pal - rgb).abs().float().mean() < 8
     # half-transparent red over white -> pink
-    rgba = vio.load_image(make_png(tmp_path / "rgba.png", "rgba", "color=red@0.5:s=16x16,format=rgba"))
+    half_red = "color=red@0.5:s=16x16,format=rgba"
+    rgba = vio.load_image(make_png(tmp_path / "rgba.png", "rgba", half_red))
     assert (rgba.int() - torch.tensor([255, 127, 127])).abs().max() <= 2
     ya = vio.load_image(make_png(tmp_path / "ya.png", "ya8", "color=black@0.0:s=16x16,format=rgba"))
     assert (ya.int() - 255).abs().max() <= 1  # fully transparent -> white
@@ -255,3 +256,14 @@ def test_writer_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no frames"):
         vio.Mp4Writer(tmp_path / "z.mp4", fps=24).close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vae_helper_argument_errors(vae16: ViTVAE) -> None:
+    with pytest.raises(ValueError, match="uint8 frames"):
+        vio.encode_prefix(vae16, torch.zeros(4, 64, 64, 3))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vio.encode_prefix(vae16, torch.zeros(4, 60, 64, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"latent \[1, C, T, H, W\]"):
+        vio.decode_to_uint8(vae16, torch.zeros(16, 1, 8, 8))
+    with pytest.raises(ValueError, match="compat"):
+        vio.decode_to_uint8(vae16, torch.zeros(1, 16, 1, 8, 8), compat="exact")

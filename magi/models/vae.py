@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,7 +109,8 @@ def _head_norm(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / (std + NORM_EPS)
 
 
-def _attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    scale: float) -> torch.Tensor:
     """Full attention on bf16 q/k/v [B, N, L, D] with flash-attention's rounding.
 
     On CUDA the fused kernel is the official arithmetic. On CPU it is emulated: fp32 scores, row
@@ -192,17 +192,19 @@ class Block(nn.Module):
 
 def _resized_pos_embed(pos_embed: torch.Tensor, ref_grid: tuple[int, int, int],
                        grid: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    """[1, 1 + T0 H0 W0, E] table -> [1, 1 + T'H'W', E] (trilinear in fp32, CLS row kept).
+    """[1, 1 + T0 H0 W0, E] table -> [1, 1 + T'H'W', E] (trilinear, CLS row kept as is).
 
-    Returns fp32 when a resize happens (as bf16 autocast and the CPU bf16 kernel compute it) and
-    the stored table unchanged when the grid is the reference grid.
+    The resize runs in ``dtype``: fp32 under autocast (its cast policy for upsampling), else the
+    model dtype with the device's own bf16 kernel, as the official eager encode. The stored table
+    is returned unchanged when the grid is the reference grid.
     """
     if tuple(grid) == tuple(ref_grid):
         return pos_embed
     t0, h0, w0 = ref_grid
     vol = rearrange(pos_embed[:, 1:].to(dtype), "b (t h w) e -> b e t h w", t=t0, h=h0, w=w0)
     vol = F.interpolate(vol, size=tuple(grid), mode="trilinear", align_corners=False)
-    return torch.cat([pos_embed[:, :1].to(dtype), rearrange(vol, "b e t h w -> b (t h w) e")], dim=1)
+    vol = rearrange(vol, "b e t h w -> b (t h w) e")
+    return torch.cat([pos_embed[:, :1].to(dtype), vol], dim=1)
 
 
 class _Transformer(nn.Module):
@@ -250,9 +252,10 @@ class Encoder(_Transformer):
         self.patch_embed = PatchEmbed(cfg)
         self.last_layer = nn.Linear(cfg.embed_dim, 2 * cfg.z_chans)
 
-    def forward(self, x: torch.Tensor, bf16_qkv: bool = True, autocast: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bf16_qkv: bool = True,
+                autocast: bool = False) -> torch.Tensor:
         x = self.patch_embed(x)
-        b, _, t, h, w = x.shape
+        _, _, t, h, w = x.shape
         x = self._run(rearrange(x, "b e t h w -> b (t h w) e"), (t, h, w), bf16_qkv, autocast)
         x = _linear(self.last_layer, x)  # [B, T'H'W', 2z]
         return rearrange(x, "b (t h w) c -> b c t h w", t=t, h=h, w=w)
@@ -266,7 +269,8 @@ class Decoder(_Transformer):
         self.proj_in = nn.Linear(cfg.z_chans, cfg.embed_dim)
         self.last_layer = nn.Conv3d(cfg.unpatch_chans, cfg.in_chans, kernel_size=3, padding=1)
 
-    def forward(self, z: torch.Tensor, bf16_qkv: bool = True, autocast: bool = False) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, bf16_qkv: bool = True,
+                autocast: bool = False) -> torch.Tensor:
         _, _, t, h, w = z.shape
         # No .contiguous(): CPU bf16 GEMMs round differently for strided inputs, and the official
         # reshape (a view where possible, a copy otherwise) is what the fixtures recorded.
@@ -299,19 +303,23 @@ class ViTVAE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Random init (truncated normal 0.02, zero biases, unit norms) for tiny test models."""
+        """Random init (truncated normal std 0.02, zero biases, unit norms) for tiny test models.
+
+        Args:
+            seed: seed of a private generator (None: the global RNG).
+        """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
-            if p.is_meta:
+            if p.is_meta:  # built on the meta device by load_vae: weights come from the file
                 continue
             with torch.no_grad():
                 if name.endswith("bias"):
                     p.zero_()
-                elif ".norm" in name or name.endswith("norm.weight"):
+                elif ".norm" in name:
                     p.fill_(1.0)
                 else:
                     t = torch.empty(p.shape, dtype=torch.float32)
-                    t.normal_(0.0, 0.02, generator=gen).clamp_(-0.04, 0.04)
+                    nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04, generator=gen)
                     p.copy_(t)
 
     @property
@@ -505,7 +513,8 @@ def tiled_encode(vae: ViTVAE, x: torch.Tensor, spec: TileSpec = TileSpec()) -> t
         for h0 in _starts(x.shape[3], stride):
             row: list[torch.Tensor] = []
             for w0 in _starts(x.shape[4], stride):
-                tile = vae.encode(x[:, :, t0:t0 + spec.frames, h0:h0 + spec.size, w0:w0 + spec.size])
+                window = x[:, :, t0:t0 + spec.frames, h0:h0 + spec.size, w0:w0 + spec.size]
+                tile = vae.encode(window)  # [B, z, <=3, <=32, <=32]
                 if above:
                     tile = _blend(above[len(row)], tile, extent, dim=3)
                 if row:
