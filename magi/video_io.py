@@ -408,4 +408,7 @@ class Mp4Writer:
     def __del__(self) -> None:
         # a writer dropped without close/abort must not leave its temp file behind
         if not getattr(self, "_done", True):
-            self.abort()
+            try:
+                self.abort()
+            except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+                pass

@@ -135,6 +135,11 @@ def test_tile_spec_for_fps() -> None:
     assert tile_spec_for_fps(30).frames == 12
     with pytest.raises(ValueError, match="compat"):
         tile_spec_for_fps(24, "other")
+    with pytest.raises(ValueError, match="at least 4 frames"):
+        tile_spec_for_fps(6, "official")
+    assert tile_spec_for_fps(6).frames == 4
+    with pytest.raises(ValueError, match="multiple of 8"):
+        TileSpec(size=60)
 
 
 def test_random_init_tiny_model() -> None:

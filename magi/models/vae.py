@@ -448,6 +448,17 @@ class TileSpec:
     frames: int = 12
     overlap: float = 0.25
 
+    def __post_init__(self) -> None:
+        # multiples of the patch sizes of the released VAE (8 px, 4 frames): a tile must hold
+        # at least one latent in every direction, else the tiling loops cannot advance
+        if self.size < 8 or self.size % 8:
+            raise ValueError(f"tile size must be a positive multiple of 8 px, got {self.size}")
+        if self.frames < 4:
+            raise ValueError(f"temporal tile must hold at least 4 frames, got {self.frames} "
+                             "(official: fps // 2, so fps >= 8)")
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"tile overlap must be in [0, 1), got {self.overlap}")
+
 
 def tile_spec_for_fps(fps: int, compat: str = "magi") -> TileSpec:
     """The official temporal tile is fps // 2 frames, which drops frames when that is not a
@@ -457,8 +468,6 @@ def tile_spec_for_fps(fps: int, compat: str = "magi") -> TileSpec:
         frames = max(4, frames // 4 * 4)
     elif compat != "official":
         raise ValueError(f"compat must be 'magi' or 'official', got {compat!r}")
-    if frames < 1:
-        raise ValueError(f"fps {fps} gives an empty VAE temporal tile; use fps >= 2")
     return TileSpec(frames=frames)
 
 
