@@ -11,9 +11,10 @@ import multiprocessing
 import os
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -87,6 +88,17 @@ def assert_all_ok(results: list[RankResult]) -> None:
     bad = [(r, res) for r, res in enumerate(results) if res.exitcode != 0]
     detail = "\n".join(f"--- rank {r} exit {res.exitcode}\n{res.log[-3000:]}" for r, res in bad)
     assert not bad, f"ranks failed:\n{detail}"
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Compute a reference with one intra-op thread, like the ranks (same reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def engine(**fields: Any) -> EngineConfig:
