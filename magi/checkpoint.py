@@ -42,8 +42,8 @@ def weight_folder(cfg: MagiConfig) -> Path:
     """``<load>/inference_weight`` + ``.fp8`` if fp8_quant + ``.distill`` if distill."""
     if not cfg.runtime.load:
         raise ValueError("runtime_config.load is not set: point it at the DiT checkpoint root")
-    name = "inference_weight" + (".fp8" if cfg.engine.fp8_quant else "") + (".distill" if cfg.engine.distill else "")
-    return Path(cfg.runtime.load) / name
+    suffix = (".fp8" if cfg.engine.fp8_quant else "") + (".distill" if cfg.engine.distill else "")
+    return Path(cfg.runtime.load) / f"inference_weight{suffix}"
 
 
 def load_dit(cfg: MagiConfig, device: torch.device | str, *, layers: Sequence[int] | None = None) -> DiT:
@@ -88,7 +88,8 @@ class _Shards:
     def __init__(self, folder: Path) -> None:
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"DiT checkpoint folder {folder} does not exist (check runtime_config.load and the fp8/distill flags)"
+                f"DiT checkpoint folder {folder} does not exist "
+                "(check runtime_config.load and the fp8/distill flags)"
             )
         if not any(folder.iterdir()):
             raise FileNotFoundError(f"DiT checkpoint folder {folder} is empty (download the weights first)")
@@ -130,11 +131,14 @@ class _Shards:
     def _decompress(self, packed: Path, shard: str) -> Path:
         zstd = shutil.which("zstd")
         if zstd is None:
-            raise FileNotFoundError(f"{packed} is zstd-compressed but the `zstd` tool is not installed (apt install zstd)")
+            raise FileNotFoundError(
+                f"{packed} is zstd-compressed but the `zstd` tool is not installed (apt install zstd)"
+            )
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="magi-shards-")
         out = Path(self._tmp.name) / Path(shard).name
-        result = subprocess.run([zstd, "-d", "-q", "-f", str(packed), "-o", str(out)], capture_output=True, text=True)
+        cmd = [zstd, "-d", "-q", "-f", str(packed), "-o", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise ValueError(f"could not decompress {packed}: {result.stderr.strip() or 'zstd failed'}")
         return out
@@ -146,7 +150,8 @@ def _parse_index(index: Path) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err}); re-download it") from None
+        reason = f"{type(err).__name__}: {err}"
+        raise ValueError(f"{index} is not a valid safetensors index ({reason}); re-download it") from None
     return {str(k): str(v) for k, v in weight_map.items()}
 
 
@@ -180,12 +185,18 @@ def _match_keys(
 
 
 def _mismatch_message(
-    cfg: MagiConfig, folder: Path, key_to_shard: dict[str, str], missing: list[str], unexpected: list[str], mis_shaped: list[str]
+    cfg: MagiConfig,
+    folder: Path,
+    key_to_shard: dict[str, str],
+    missing: list[str],
+    unexpected: list[str],
+    mis_shaped: list[str],
 ) -> str:
     parts = [f"checkpoint {folder} does not match the model config"]
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)):
         if items:
-            shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+            more = len(items) - _MAX_LISTED
+            shown = ", ".join(items[:_MAX_LISTED]) + (f", ... ({more} more)" if more > 0 else "")
             parts.append(f"{len(items)} {label} key(s): {shown}")
     parts.append(f"likely cause: {_likely_cause(cfg, key_to_shard, mis_shaped)}")
     return "; ".join(parts)
@@ -205,8 +216,11 @@ def _likely_cause(cfg: MagiConfig, key_to_shard: dict[str, str], mis_shaped: lis
     if cfg.engine.fp8_quant and not has_fp8:
         return "engine_config.fp8_quant is true but the checkpoint has no fp8 keys (a bf16 checkpoint?)"
     if mis_shaped:
-        return "tensor shapes differ: the checkpoint was made for another model_config (hidden_size, heads, ffn, channels)"
-    return "the checkpoint is incomplete or from a different model; compare its keys with the model's state_dict"
+        return (
+            "tensor shapes differ: the checkpoint was made for another model_config "
+            "(hidden_size, heads, ffn, channels)"
+        )
+    return "the checkpoint is incomplete or from a different model; compare its keys with the model's"
 
 
 def _read_tensors(
@@ -230,7 +244,11 @@ def _read_tensors(
     for shard, keys in sorted(by_shard.items()):
         with shards.open(shard) as f:
             shapes = {key: tuple(f.get_slice(wanted[key]).get_shape()) for key in keys}
-            bad = [f"{wanted[k]} {list(s)} (model {list(expected[k][0])})" for k, s in shapes.items() if s != expected[k][0]]
+            bad = [
+                f"{wanted[k]} {list(s)} (model {list(expected[k][0])})"
+                for k, s in shapes.items()
+                if s != expected[k][0]
+            ]
             mis_shaped += bad
             for key in keys if not (bad or mis_shaped) else []:
                 state[key] = f.get_tensor(wanted[key]).to(device=device, dtype=expected[key][1])

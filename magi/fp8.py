@@ -25,8 +25,13 @@ from torch import nn
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
-PER_TENSOR_NAMES = ("self_attention.linear_qkv.q", "self_attention.linear_qkv.qx",
-                    "self_attention.linear_qkv.k", "self_attention.linear_qkv.v", "mlp.linear_fc1")  # fmt: skip
+PER_TENSOR_NAMES = (
+    "self_attention.linear_qkv.q",
+    "self_attention.linear_qkv.qx",
+    "self_attention.linear_qkv.k",
+    "self_attention.linear_qkv.v",
+    "mlp.linear_fc1",
+)
 PER_CHANNEL_NAMES = ("self_attention.linear_proj", "mlp.linear_fc2")
 
 
@@ -52,14 +57,18 @@ def _scaled_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
 class _Fp8Linear(nn.Module):
     """Shared storage: weight [1, O, K] e4m3 and weight_scale [1] (official names and shapes)."""
 
-    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, out_dtype: torch.dtype, device: torch.device | None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.out_dtype = in_features, out_features, out_dtype
-        self.weight = nn.Parameter(torch.zeros(1, out_features, in_features, dtype=FP8, device=device), requires_grad=False)
+        weight = torch.zeros(1, out_features, in_features, dtype=FP8, device=device)
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = nn.Parameter(torch.ones(1, device=device), requires_grad=False)
 
     def _gemm(self, a: torch.Tensor, scale: torch.Tensor, lead: torch.Size) -> torch.Tensor:
-        out = fp8_matmul(a.reshape(-1, self.in_features), self.weight[0], scale * self.weight_scale, self.out_dtype)
+        a = a.reshape(-1, self.in_features)
+        out = fp8_matmul(a, self.weight[0], scale * self.weight_scale, self.out_dtype)
         return out.reshape(*lead, self.out_features)
 
     def set_from_weight(self, weight: torch.Tensor) -> None:
@@ -72,7 +81,9 @@ class _Fp8Linear(nn.Module):
 class PerTensorFp8Linear(_Fp8Linear):
     """fp8 Linear with a per-input-channel quantisation vector and a scalar rescale (official quirk)."""
 
-    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype, device: torch.device | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, out_dtype: torch.dtype, device: torch.device | None = None
+    ) -> None:
         super().__init__(in_features, out_features, out_dtype, device)
         self.input_scale = nn.Parameter(torch.ones(in_features, device=device), requires_grad=False)
 
@@ -85,7 +96,9 @@ class PerTensorFp8Linear(_Fp8Linear):
 class PerChannelFp8Linear(_Fp8Linear):
     """fp8 Linear with a SmoothQuant-style per-input-channel divisor and scalar input scale."""
 
-    def __init__(self, in_features: int, out_features: int, out_dtype: torch.dtype, device: torch.device | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, out_dtype: torch.dtype, device: torch.device | None = None
+    ) -> None:
         super().__init__(in_features, out_features, out_dtype, device)
         self.input_scale = nn.Parameter(torch.ones(1, device=device), requires_grad=False)
         self.smooth_scale = nn.Parameter(torch.ones(1, in_features, device=device), requires_grad=False)

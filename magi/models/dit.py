@@ -78,7 +78,9 @@ class LayerNorm1p(nn.Module):
     norms, params_dtype for the cross-attention q/k norms (their +1 is rounded in that dtype).
     """
 
-    def __init__(self, dim: int, eps: float, one_p: bool, dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, dim: int, eps: float, one_p: bool, dtype: torch.dtype, compute_dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim, dtype=dtype) if one_p else torch.ones(dim, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype))
@@ -96,7 +98,9 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cond_dim: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(FREQ_EMBED_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(FREQ_EMBED_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
         self.round_dtype = cfg.dtype
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -116,7 +120,8 @@ class CaptionEmbedder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cond_dim: int, xattn_dim: int) -> None:
         super().__init__()
-        self.null_caption_embedding = nn.Parameter(torch.randn(cfg.caption_max_length, cfg.caption_channels) * 0.02)
+        table = torch.randn(cfg.caption_max_length, cfg.caption_channels) * 0.02
+        self.null_caption_embedding = nn.Parameter(table)
         self.y_proj_xattn = nn.Sequential(nn.Linear(cfg.caption_channels, xattn_dim), nn.SiLU())
         self.y_proj_adaln = nn.Sequential(nn.Linear(cfg.caption_channels, cond_dim))
 
@@ -127,7 +132,8 @@ class CaptionEmbedder(nn.Module):
 
     def adaln(self, text_dropped: torch.Tensor) -> torch.Tensor:
         """[B] bool -> [B, Dc] float32 from null-table row -1 (dropped) or -2 (conditional)."""
-        rows = torch.where(text_dropped[:, None], self.null_caption_embedding[-1], self.null_caption_embedding[-2])
+        table = self.null_caption_embedding
+        rows = torch.where(text_dropped[:, None], table[-1], table[-2])
         return self.y_proj_adaln(rows).float()
 
 
@@ -140,17 +146,16 @@ class LearnedRope3D(nn.Module):
         self.bands = nn.Parameter(1.0 / 10000.0 ** (torch.arange(nb, dtype=torch.float32) / nb))
 
     def forward(self, frames: int, hp: int, wp: int, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [frames*hp*wp, 3*nb] float32 for the last ``frames`` of a video of
-        frame_offset + frames frames (temporal positions are absolute frame indices)."""
+        """cos, sin [frames*hp*wp, 3*nb] float32 for frames [frame_offset, frame_offset + frames)
+        of a video of frame_offset + frames frames (temporal positions are absolute indices)."""
         total = frames + frame_offset
         scale = math.sqrt(hp * wp / ROPE_REF_TOKENS**2)
         dev = self.bands.device
-        pos_t = _rope_axis(torch.arange(total, device=dev).float(), total, total)
+        pos_t = _rope_axis(torch.arange(frame_offset, total, device=dev).float(), total, total)
         pos_h = _rope_axis(torch.arange(hp, device=dev).float() - (hp - 1) / 2, hp, hp / scale)
         pos_w = _rope_axis(torch.arange(wp, device=dev).float() - (wp - 1) / 2, wp, wp / scale)
         grid = torch.stack(torch.meshgrid(pos_t, pos_h, pos_w, indexing="ij"), dim=-1)  # [T, H, W, 3]
         angles = rearrange(grid[..., None] * self.bands.float(), "t h w a k -> (t h w) (a k)")
-        angles = angles[frame_offset * hp * wp :]
         return angles.cos(), angles.sin()
 
 
@@ -186,7 +191,8 @@ class SelfAttentionCore(nn.Module):
             if first < ctx.slice_point:
                 if ctx.kv_cache is None:
                     raise ValueError(
-                        f"kv_range reaches chunk {first} before slice_point {ctx.slice_point} but no kv_cache was given"
+                        f"kv_range reaches chunk {first} before slice_point {ctx.slice_point} "
+                        "but no kv_cache was given"
                     )
                 cached = ctx.kv_cache.read(self.layer_index, first, ctx.slice_point, kv.device).to(kv.dtype)
                 kv = torch.cat([cached, kv], dim=0)
@@ -223,7 +229,8 @@ class ParallelAttention(nn.Module):
         q_dim, kv_dim = cfg.num_attention_heads * hd, cfg.num_query_groups * hd
         self.head_dim = hd
         self.linear_qkv = QKVProjection(cfg)
-        self.linear_kv_xattn = nn.Linear(int(cfg.hidden_size * cfg.xattn_cond_hidden_ratio), 2 * kv_dim, bias=False, dtype=dt)
+        xattn_dim = int(cfg.hidden_size * cfg.xattn_cond_hidden_ratio)
+        self.linear_kv_xattn = nn.Linear(xattn_dim, 2 * kv_dim, bias=False, dtype=dt)
         self.linear_proj = nn.Linear(2 * q_dim, cfg.hidden_size, bias=False, dtype=dt)
         self.q_layernorm = LayerNorm1p(hd, eps, one_p, dt, torch.float32)
         self.q_layernorm_xattn = LayerNorm1p(hd, eps, one_p, dt, dt)
@@ -301,7 +308,11 @@ class AdaModulateLayer(nn.Module):
 
 
 def gated_residual(
-    x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor, condition_map: torch.Tensor, post_norm: nn.Module
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    condition_map: torch.Tensor,
+    post_norm: nn.Module,
 ) -> torch.Tensor:
     """residual + postLN(gate[row of token] * x), in float32, returned in residual's dtype."""
     y = x.float() * gate.float()[condition_map]  # [S, B, D] * gathered [S, B, D]
@@ -324,8 +335,9 @@ class TransformerLayer(nn.Module):
     def forward(self, h: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
         """h [S, B, D] params_dtype -> [S, B, D]."""
         gate_msa, gate_mlp = self.ada_modulate_layer(ctx.condition)
-        h = gated_residual(self.self_attention(h, ctx), h, gate_msa, ctx.condition_map, self.self_attn_post_norm)
-        return gated_residual(self.mlp(h), h, gate_mlp, ctx.condition_map, self.mlp_post_norm)
+        cmap = ctx.condition_map
+        h = gated_residual(self.self_attention(h, ctx), h, gate_msa, cmap, self.self_attn_post_norm)
+        return gated_residual(self.mlp(h), h, gate_mlp, cmap, self.mlp_post_norm)
 
 
 class TransformerBlock(nn.Module):
@@ -372,8 +384,8 @@ class DiT(nn.Module):
 
     def promoted_modules(self) -> list[nn.Module]:
         """Modules the official code runs in float32 whatever params_dtype is (dit.md §10)."""
-        mods: list[nn.Module] = [self.x_embedder, self.t_embedder, self.y_embedder, self.rope, self.final_linear]
-        mods.append(self.videodit_blocks.final_layernorm)
+        mods: list[nn.Module] = [self.x_embedder, self.t_embedder, self.y_embedder, self.rope]
+        mods += [self.videodit_blocks.final_layernorm, self.final_linear]
         for layer in self.videodit_blocks.layers:
             attn = layer.self_attention
             mods += [attn.q_layernorm, attn.k_layernorm, layer.self_attn_post_norm, layer.mlp_post_norm]
@@ -416,7 +428,9 @@ class DiT(nn.Module):
         Returns:
             velocity [B, C, T, H, W] float32.
         """
-        h, ctx = self.embed(x, t, y, y_mask, text_dropped, kv_range, slice_point, kv_cache, cache_write_chunks, distill_step)
+        h, ctx = self.embed(
+            x, t, y, y_mask, text_dropped, kv_range, slice_point, kv_cache, cache_write_chunks, distill_step
+        )
         for layer in self.videodit_blocks.layers:
             h = layer(h, ctx)
         return self.head(h, ctx, x.shape)
@@ -471,7 +485,9 @@ class DiT(nn.Module):
         w = self.x_embedder.weight
         return F.conv3d(x.float(), w.float(), stride=self.x_embedder.stride)
 
-    def condition(self, t: torch.Tensor, text_dropped: torch.Tensor, distill_step: float | None) -> torch.Tensor:
+    def condition(
+        self, t: torch.Tensor, text_dropped: torch.Tensor, distill_step: float | None
+    ) -> torch.Tensor:
         """Per-chunk adaLN condition [B*R, Dc] in params_dtype: TE(t) (+ TE(d)) + adaLN(null row)."""
         t_emb = self.t_embedder(t.float())  # [B, R, Dc]
         if distill_step is not None:
