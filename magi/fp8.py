@@ -20,6 +20,7 @@ Legend: M rows (tokens), K in features, O out features.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
@@ -43,12 +44,16 @@ def quantize_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def fp8_matmul(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """(a @ w^T) * scale with fp8 operands. a [M, K] e4m3, w [O, K] e4m3, scale scalar float32."""
     if _scaled_mm_ok(a, w):
+        rows = a.shape[0]
+        a = F.pad(a.view(torch.uint8), (0, 0, 0, -rows % 16)).view(FP8)  # cuBLASLt wants M % 16 == 0
         one = torch.ones((), device=a.device, dtype=torch.float32)
-        return torch._scaled_mm(a, w.t(), scale_a=scale.reshape(()).float(), scale_b=one, out_dtype=out_dtype)
+        scale_a = scale.reshape(()).float()
+        return torch._scaled_mm(a, w.t(), scale_a=scale_a, scale_b=one, out_dtype=out_dtype)[:rows]
     return ((a.float() @ w.float().t()) * scale.float()).to(out_dtype)
 
 
 def _scaled_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    """fp8 tensor cores exist (sm89+) and the GEMM's K and O are multiples of 16."""
     if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < (8, 9):
         return False
     return a.shape[1] % 16 == 0 and w.shape[0] % 16 == 0

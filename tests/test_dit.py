@@ -229,5 +229,7 @@ def test_bad_inputs_fail_with_one_line() -> None:
         model(x, t, y, mask, drop, torch.tensor([[0, 8]]))
     with pytest.raises(ValueError, match="DiT expects x"):
         model(x[:, :8], t, y, mask, drop, torch.tensor([[0, 8], [0, 16]]))
+    with pytest.raises(ValueError, match="text_dropped must have 1 or B=1 flags"):
+        model(x, t, y, mask, torch.tensor([True, False]), torch.tensor([[0, 8], [0, 16]]))
     with pytest.raises(ValueError, match="no kv_cache was given"):
         model(x, t, y, mask, drop, torch.tensor([[0, 16], [0, 24]]), slice_point=1)

@@ -103,11 +103,13 @@ def test_random_fp8_model_runs() -> None:
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
     reason="fp8 tensor cores (sm89+) not available: the scaled_mm path is GPU-only",
 )
-def test_scaled_mm_matches_emulation_on_gpu() -> None:
+@pytest.mark.parametrize("rows", [64, 50])  # 50: padded to a multiple of 16 for cuBLASLt
+def test_scaled_mm_matches_emulation_on_gpu(rows: int) -> None:
     gen = torch.Generator().manual_seed(0)
-    a = (torch.randn(64, 128, generator=gen) * 4).to(FP8).cuda()
+    a = (torch.randn(rows, 128, generator=gen) * 4).to(FP8).cuda()
     w = (torch.randn(96, 128, generator=gen) * 4).to(FP8).cuda()
     scale = torch.tensor(0.01, device="cuda")
     fast = fp8_matmul(a, w, scale, torch.bfloat16)
     exact = ((a.float() @ w.float().t()) * scale).bfloat16()
+    assert fast.shape == (rows, 96) and fast.dtype == torch.bfloat16
     assert rel_l2(fast.float(), exact.float()) < 1e-2

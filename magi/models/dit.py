@@ -456,7 +456,7 @@ class DiT(nn.Module):
         cfg = self.config
         y, y_mask = _squeeze_caption(y, 3), _squeeze_caption(y_mask, 2)
         b, r = t.shape
-        _check_call(cfg, x, t, y, y_mask, kv_range, kv_cache, cache_write_chunks)
+        _check_call(cfg, x, t, y, y_mask, text_dropped, kv_range, kv_cache, cache_write_chunks)
         h = self.patch_embed(x)  # [B, D, T', Hp, Wp] float32
         frames, hp, wp = h.shape[2:]
         chunk_tokens = frames // r * hp * wp
@@ -522,6 +522,7 @@ def _check_call(
     t: torch.Tensor,
     y: torch.Tensor,
     y_mask: torch.Tensor,
+    text_dropped: torch.Tensor,
     kv_range: torch.Tensor,
     kv_cache: KVCache | None,
     cache_write_chunks: int,
@@ -541,6 +542,8 @@ def _check_call(
             f"y must be [B*R={segments}, Lcap, {cfg.caption_channels}] with y_mask [B*R, Lcap], "
             f"got {tuple(y.shape)} and {tuple(y_mask.shape)}"
         )
+    if text_dropped.numel() not in (1, b):
+        raise ValueError(f"text_dropped must have 1 or B={b} flags, got shape {tuple(text_dropped.shape)}")
     if tuple(kv_range.shape) != (segments, 2):
         raise ValueError(f"kv_range must be [B*R={segments}, 2], got {tuple(kv_range.shape)}")
     if cache_write_chunks and (kv_cache is None or b != 1):
