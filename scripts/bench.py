@@ -19,8 +19,10 @@ Usage:
     python scripts/bench.py                                 # CUDA: 4.5B distill 720x720; CPU: tiny
     python scripts/bench.py --model 24B --variant base --height 720 --width 1280 --layers 12
     python scripts/bench.py --fp8-compare                   # fp8 (_scaled_mm) vs bf16 layers, CUDA
+    python scripts/bench.py --offload --kv-offload          # layers + KV cache streamed from host
     python scripts/bench.py --e2e --config example/4.5B/4.5B_distill_config.json
     python scripts/bench.py --floor                         # analytic whole-video FLOPs only
+    python scripts/bench.py --memory --model 24B            # analytic memory of every component
 """
 
 from __future__ import annotations
@@ -339,7 +341,12 @@ def bench_window(args: argparse.Namespace, device: torch.device) -> dict:
     layers = args.layers or mc.num_layers
     bench_mc = replace(mc, num_layers=layers)  # FLOPs of the layers actually built
     t0 = time.perf_counter()
-    model = build_random_dit(mc, device, layers=layers, fp8=args.fp8)
+    # with --offload the layers are built in host memory and streamed to the device per pass
+    model = build_random_dit(mc, torch.device("cpu") if args.offload else device, layers=layers, fp8=args.fp8)
+    if args.offload:
+        from magi.offload import offload_blocks
+
+        offload_blocks(model, device)
     if args.compile:
         from magi.compile import compile_blocks
 
@@ -348,7 +355,7 @@ def bench_window(args: argparse.Namespace, device: torch.device) -> dict:
     steps = window_steps(runtime, distill, args.caption_tokens)
     n = runtime["num_steps"]
     intervals = step_intervals(n, runtime["shortcut_mode"])
-    cache = KVCache(max_chunks=runtime["window_size"])
+    cache = KVCache(max_chunks=runtime["window_size"], offload=args.kv_offload)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     results = {}
@@ -436,6 +443,8 @@ def _header(args: argparse.Namespace, device: torch.device, mc: ModelConfig, lay
         "params_dtype": mc.params_dtype,
         "fp8": args.fp8,
         "compile": args.compile,
+        "offload_blocks": args.offload,
+        "kv_offload": args.kv_offload,
         "attention_backend": backend,
     }
 
@@ -471,6 +480,77 @@ def bench_floor(args: argparse.Namespace) -> dict:
         "seconds_at_peak": floor["total"] / peak / 1e12,
         "seconds_per_chunk_at_peak": floor["total"] / peak / 1e12 / chunk_num,
     }  # fmt: skip
+
+
+def _tensor_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def _meta_params(build: Callable[[], torch.nn.Module]) -> tuple[int, int]:
+    """(parameter count, bytes as built) of a module constructed on the meta device."""
+    with torch.device("meta"):
+        module = build()
+    return sum(p.numel() for p in module.parameters()), _tensor_bytes(module)
+
+
+def bench_memory(args: argparse.Namespace) -> dict:
+    """Analytic memory of each component from parameter counts (meta-device builds, no weights)."""
+    from magi.models.dit import DiT
+
+    mc, runtime, _ = model_setup(args)
+    with torch.device("meta"):
+        dit = DiT(mc)
+        if args.fp8:
+            from magi.fp8 import swap_fp8_linears
+
+            swap_fp8_linears(dit, mc.num_layers)
+    dit.promote_precision()  # run-time dtypes: promoted modules in float32
+    layers = dit.videodit_blocks.layers
+    layer_bytes = [_tensor_bytes(layer) for layer in layers]
+    rest = _tensor_bytes(dit) - sum(layer_bytes)
+    c = runtime["chunk_width"] * (args.height // 8 // mc.patch_size) * (args.width // 8 // mc.patch_size)
+    kv_elem = torch.empty((), dtype=mc.dtype).element_size()
+    kv_chunk = mc.num_layers * c * mc.num_query_groups * 2 * mc.kv_channels * kv_elem
+    plan = ChunkPlan(chunk_num=16, num_steps=runtime["num_steps"], window_size=runtime["window_size"],
+                     chunk_width=runtime["chunk_width"], noise2clean_kvrange=tuple(runtime["noise2clean_kvrange"]),
+                     clean_chunk_kvrange=runtime["clean_chunk_kvrange"])  # fmt: skip
+    cached = plan.max_cached_chunks()
+    t5_params, _ = _meta_params(_t5_xxl_encoder)
+    vae_params, vae_fp32 = _meta_params(_released_vae)
+    biggest_call = (runtime["window_size"] + 2) * c  # extra clean chunk + window + nearly-clean copy
+    fc1 = mc.ffn_hidden_size * (2 if mc.gated_linear_unit else 1)
+    gib = lambda n: n / GIB  # noqa: E731
+    return {
+        "mode": "memory", "model": args.model, "variant": args.variant, "fp8": args.fp8,
+        "resolution": [args.height, args.width], "tokens_per_chunk": c, "source": "computed from parameter counts",
+        "dit_params": sum(p.numel() for p in dit.parameters()),
+        "dit_weights_gib": gib(_tensor_bytes(dit)),
+        "dit_layer_gib_max": gib(max(layer_bytes)),
+        "dit_non_layer_gib": gib(rest),
+        "dit_streamed_resident_gib": gib(rest + 2 * max(layer_bytes)),
+        "kv_cache_per_chunk_gib": gib(kv_chunk),
+        "kv_cache_chunks_kept": cached,
+        "kv_cache_gib": gib(kv_chunk * cached),
+        "t5_params": t5_params, "t5_fp32_gib": gib(4 * t5_params), "t5_bf16_gib": gib(2 * t5_params),
+        "vae_params": vae_params, "vae_bf16_gib": gib(vae_fp32 / 2),
+        "largest_call_tokens": biggest_call,
+        "fc1_activation_gib": gib(biggest_call * fc1 * kv_elem),
+    }  # fmt: skip
+
+
+def _t5_xxl_encoder() -> torch.nn.Module:
+    """T5-v1.1-XXL encoder architecture (the text encoder MAGI-1 uses)."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                   feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # fmt: skip
+    return T5EncoderModel(cfg)
+
+
+def _released_vae() -> torch.nn.Module:
+    from magi.models.vae import VAEConfig, ViTVAE
+
+    return ViTVAE(VAEConfig())
 
 
 def bench_e2e(args: argparse.Namespace, device: torch.device) -> dict:
@@ -516,6 +596,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "flex", "flash"))
     p.add_argument("--fp8", action="store_true", help="fp8 layers (magi.fp8) instead of bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile each layer (magi.compile)")
+    p.add_argument("--offload", action="store_true", help="stream DiT layers from host memory (magi.offload)")
+    p.add_argument("--kv-offload", action="store_true", help="keep the KV cache in host memory")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak", type=float, help="peak TFLOP/s for MFU (default: table by GPU name)")
@@ -523,6 +605,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the JSON report here")
     p.add_argument("--fp8-compare", action="store_true", help="bf16 vs fp8 window step (CUDA)")
     p.add_argument("--floor", action="store_true", help="analytic whole-video FLOPs only")
+    p.add_argument("--memory", action="store_true", help="analytic memory of every component")
     p.add_argument("--e2e", action="store_true", help="end-to-end t2v via MagiPipeline")
     p.add_argument("--config", help="official config JSON for --e2e")
     p.add_argument("--prompt", default="A dog running on the beach at sunset.")
@@ -567,6 +650,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if args.floor:
         report = bench_floor(args)
+    elif args.memory:
+        report = bench_memory(args)
     elif args.e2e:
         report = bench_e2e(args, device)
     elif args.fp8_compare:

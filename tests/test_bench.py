@@ -139,3 +139,12 @@ def test_count_passes_on_the_fixtures(reference_dir: Path, count_passes) -> None
     assert rows["v2v_4p5b_base"]["official"]["passes"] == 3 * 17  # prefix call + 16 steps
     distill = rows["i2v_4p5b_distill"]
     assert distill["magi"] == distill["official"]
+
+
+def test_memory_mode_counts_the_released_parameters(bench) -> None:
+    """4.5B: 4,459,898,128 parameters (official manifest); KV rows 34 layers x c x 8 x 256 bf16."""
+    report = bench.bench_memory(bench.parse_args(["--device", "cpu", "--memory", "--model", "4.5B"]))
+    assert report["dit_params"] == 4_459_898_128
+    assert report["kv_cache_per_chunk_gib"] * bench.GIB == 34 * 12150 * 8 * 256 * 2
+    assert report["kv_cache_chunks_kept"] == 1  # shipped ranges: only the refreshed chunk is read
+    assert report["dit_streamed_resident_gib"] < report["dit_weights_gib"] / 10
