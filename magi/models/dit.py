@@ -183,27 +183,29 @@ class SelfAttentionCore(nn.Module):
         self.layer_index = layer_index
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
-        c, first = ctx.chunk_tokens, ctx.slice_point
-        kv = torch.cat([k, v], dim=-1)  # [B*S, G, 2D] the official cache row layout
-        k_ranges = ctx.self_k_ranges
-        if ctx.slice_point > 0:
-            first = int(k_ranges[:, 0].min()) // c
-            if first < ctx.slice_point:
-                if ctx.kv_cache is None:
-                    raise ValueError(
-                        f"kv_range reaches chunk {first} before slice_point {ctx.slice_point} "
-                        "but no kv_cache was given"
-                    )
-                cached = ctx.kv_cache.read(self.layer_index, first, ctx.slice_point, kv.device).to(kv.dtype)
-                kv = torch.cat([cached, kv], dim=0)
-            else:
-                first = ctx.slice_point
-            k_ranges = k_ranges - first * c  # absolute -> rows of `kv`
+        kv = torch.cat([k, v], dim=-1)  # [B*S, G, 2D]: the official cache row layout [K | V]
+        history, k_ranges = self._history(kv, ctx)  # read before writing: a write may evict
         if ctx.cache_write_chunks > 0:
-            new_rows = kv[kv.shape[0] - q.shape[0] :][: ctx.cache_write_chunks * c]
-            ctx.kv_cache.write(self.layer_index, ctx.slice_point, new_rows, c)
+            rows = kv[: ctx.cache_write_chunks * ctx.chunk_tokens]
+            ctx.kv_cache.write(self.layer_index, ctx.slice_point, rows, ctx.chunk_tokens)
+        if history is not None:
+            kv = torch.cat([history, kv], dim=0)
         k, v = kv.chunk(2, dim=-1)
         return attention(q, k.contiguous(), v.contiguous(), ctx.self_q_ranges, k_ranges)
+
+    def _history(self, kv: torch.Tensor, ctx: DiTContext) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Cached rows of the chunks the kv ranges reach before slice_point (None if none), and
+        the kv ranges translated from absolute coordinates to rows of [history ; this call]."""
+        c, sp = ctx.chunk_tokens, ctx.slice_point
+        if sp == 0:
+            return None, ctx.self_k_ranges
+        first = min(int(ctx.self_k_ranges[:, 0].min()) // c, sp)
+        k_ranges = ctx.self_k_ranges - first * c
+        if first == sp:
+            return None, k_ranges
+        if ctx.kv_cache is None:
+            raise ValueError(f"kv_range reaches chunk {first} before slice_point {sp} but no kv_cache was given")
+        return ctx.kv_cache.read(self.layer_index, first, sp, kv.device).to(kv.dtype), k_ranges
 
 
 class QKVProjection(nn.Module):
