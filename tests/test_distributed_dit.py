@@ -19,7 +19,7 @@ from magi.config import MagiConfig, ModelConfig
 from magi.models.dit import DiT
 from magi.models.kv_cache import KVCache
 from tests.conftest import rel_l2
-from tests.test_distributed import assert_all_ok, engine, run_ranks
+from tests.test_distributed import assert_all_ok, engine, run_ranks, single_thread
 
 TOL = 1e-5
 
@@ -92,36 +92,94 @@ def dit_calls(model: torch.nn.Module, cfg: MagiConfig) -> list[torch.Tensor]:
     return outs
 
 
-def _parallel_dit_rank(rank: int, world: int, cfg: MagiConfig, out: str) -> None:
+def denoise_runs(model: torch.nn.Module, cfg: MagiConfig) -> dict[str, list[torch.Tensor]]:
+    """The whole sampler loop, base model (3-pass CFG): t2v, and v2v with a partial prefix chunk."""
+    from magi.sampling.denoise import CaptionTable, SamplerSettings, denoise
+
+    # 3 frames x 9 tokens = 27 tokens per chunk: CP splits are uneven and cut through chunks.
+    settings = SamplerSettings(num_steps=4, window_size=2, chunk_width=3)
+    gen = torch.Generator().manual_seed(2)
+    chunks, lcap, ccap = 3, cfg.model.caption_max_length, cfg.model.caption_channels
+    y = torch.randn(2, chunks, lcap, ccap, generator=gen)
+    mask = torch.zeros(2, chunks, lcap)
+    mask[0, :, :6], mask[1, :, :3] = 1, 1
+    noise = torch.randn(1, 16, chunks * 3, 6, 6, generator=gen)
+    prefix = torch.randn(1, 16, 4, 6, 6, generator=gen)  # chunk 0 + 1 frame of chunk 1
+    captions = CaptionTable(y, mask)
+    runs = {}
+    for name, pre in (("t2v", None), ("v2v", prefix)):
+        plan = settings.plan(chunks, 0 if pre is None else pre.shape[2])
+        runs[name] = [v for _, v in denoise(model, plan, settings, captions, noise, prefix=pre)]
+    return runs
+
+
+def _layout_rank(rank: int, world: int, cfgs: list[MagiConfig], out: str) -> None:
     from magi.distributed import fail_fast, init_from_env, shutdown
     from magi.distributed.parallelize import build_parallel_dit
 
-    mesh = init_from_env(cfg.engine)
+    mesh = init_from_env(cfgs[0].engine)
     with fail_fast():
-        model = build_parallel_dit(cfg, mesh)
-        torch.save(dit_calls(model, cfg), f"{out}.rank{rank}.pt")
+        results = {}
+        for i, cfg in enumerate(cfgs):
+            model = build_parallel_dit(cfg, mesh)
+            results[f"passes{i}"] = dit_calls(model, cfg)
+            if i == 0:
+                results.update(denoise_runs(model, cfg))
+        torch.save(results, f"{out}.rank{rank}.pt")
     shutdown()
 
 
-def _reference(cfg: MagiConfig) -> list[torch.Tensor]:
+def _reference(cfgs: list[MagiConfig]) -> dict[str, list[torch.Tensor]]:
     from magi.checkpoint import load_dit
 
-    return dit_calls(load_dit(cfg, "cpu"), cfg)
+    results = {}
+    with single_thread():
+        for i, cfg in enumerate(cfgs):
+            model = load_dit(cfg, "cpu")
+            results[f"passes{i}"] = dit_calls(model, cfg)
+            if i == 0:
+                results.update(denoise_runs(model, cfg))
+    return results
 
 
-@pytest.mark.parametrize(
-    "cp,pp,groups",
-    [(2, 1, 2), (2, 1, 1), (1, 2, 2), (2, 2, 2)],
-    ids=["cp2", "cp2-kv-repeat", "pp2", "cp2xpp2"],
-)
-def test_parallel_dit_passes_equal_single_process(tmp_path: Path, cp: int, pp: int, groups: int) -> None:
-    cfg = tiny_config(tmp_path / "ckpt", groups=groups, cp=cp, pp=pp)
-    write_checkpoint(cfg)
-    expected = _reference(cfg)
-    out = str(tmp_path / "out")
-    assert_all_ok(run_ranks(_parallel_dit_rank, cp * pp, tmp_path, cfg, out))
-    for rank in range(cp * pp):
-        got = torch.load(f"{out}.rank{rank}.pt")
-        for i, (a, b) in enumerate(zip(got, expected)):
-            err = rel_l2(a, b)
-            assert err <= TOL, f"rank {rank} call {i}: rel L2 {err:.2e}"
+# layout -> (cp, pp, K/V groups of each model run in that launch). cp 2 also runs a G = 1 model
+# (K/V heads repeated across the CP ranks).
+LAYOUTS = {"cp2": (2, 1, (2, 1)), "pp2": (1, 2, (2,)), "cp2xpp2": (2, 2, (2,))}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def layout_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One launch per layout; returns (layout name, expected, per-rank results)."""
+    cp, pp, groups = LAYOUTS[request.param]
+    tmp = tmp_path_factory.mktemp(request.param)
+    cfgs = [tiny_config(tmp / f"ckpt{g}", groups=g, cp=cp, pp=pp) for g in groups]
+    for seed, cfg in enumerate(cfgs):
+        write_checkpoint(cfg, seed)
+    expected = _reference(cfgs)
+    out = str(tmp / "out")
+    assert_all_ok(run_ranks(_layout_rank, cp * pp, tmp, cfgs, out))
+    return request.param, expected, [torch.load(f"{out}.rank{r}.pt") for r in range(cp * pp)]
+
+
+def _assert_close(layout_run, key_prefix: str) -> None:
+    name, expected, ranks = layout_run
+    keys = [k for k in expected if k.startswith(key_prefix)]
+    assert keys
+    for rank, got in enumerate(ranks):
+        for key in keys:
+            assert len(got[key]) == len(expected[key])
+            for i, (a, b) in enumerate(zip(got[key], expected[key])):
+                err = rel_l2(a, b)
+                assert err <= TOL, f"{name} rank {rank} {key}[{i}]: rel L2 {err:.2e} > {TOL}"
+
+
+def test_dit_passes_with_kv_cache_equal_single_process(layout_run) -> None:
+    _assert_close(layout_run, "passes")
+
+
+def test_t2v_denoise_loop_equals_single_process(layout_run) -> None:
+    _assert_close(layout_run, "t2v")
+
+
+def test_v2v_denoise_loop_equals_single_process(layout_run) -> None:
+    _assert_close(layout_run, "v2v")
