@@ -98,8 +98,8 @@ def _timeline_prompts(entries: list, where: str) -> list[str]:
         if not isinstance(entry, dict) or set(entry) != {"chunk", "prompt"}:
             raise UsageError(f'{where}: entry {i} must be {{"chunk": <int>, "prompt": "<text>"}}, got {json.dumps(entry)}')
         chunk, text = entry["chunk"], entry["prompt"]
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0 or not isinstance(text, str):
-            raise UsageError(f"{where}: entry {i} needs a chunk index >= 0 and a prompt string, got {json.dumps(entry)}")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0 or not isinstance(text, str) or not text.strip():
+            raise UsageError(f"{where}: entry {i} needs a chunk index >= 0 and a non-empty prompt, got {json.dumps(entry)}")
         if starts and chunk <= starts[-1][0]:
             raise UsageError(f"{where}: chunk indices must increase, but entry {i} has chunk {chunk} after {starts[-1][0]}")
         starts.append((chunk, text))
@@ -122,6 +122,8 @@ def read_prompt_file(path: str) -> list[str]:
     if not isinstance(data, list) or not data:
         raise UsageError(f"--prompt_file {path}: expected a non-empty JSON list of prompts or timeline entries")
     if all(isinstance(p, str) for p in data):
+        if not all(p.strip() for p in data):
+            raise UsageError(f"--prompt_file {path}: prompts must not be empty")
         return data
     return _timeline_prompts(data, f"--prompt_file {path}")
 
@@ -133,6 +135,8 @@ def _prompt(args: argparse.Namespace) -> str | list[str]:
         return read_prompt_file(args.prompt_file)
     if not args.prompt:
         raise UsageError("--prompt is required (or --prompt_file for per-chunk prompts)")
+    if not all(p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
     return args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
 
 
@@ -229,10 +233,6 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     return cfg, request, args
 
 
-def _is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> int:
     try:
         from magi.pipeline import MagiPipeline
@@ -247,10 +247,9 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
         return 1
     Path(request.output_path).parent.mkdir(parents=True, exist_ok=True)
     pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat)
-    pipe.generate(**dataclasses.asdict(request), progress=True)
-    if _is_main_rank():
-        print(f"wrote {request.output_path}")
-    return 0
+    # progress=True prints a per-chunk bar and a summary line naming the output (rank 0 only).
+    result = pipe.generate(**dataclasses.asdict(request), progress=True)
+    return 130 if getattr(result, "interrupted", False) else 0  # 130: stopped by Ctrl-C
 
 
 def main(argv: Sequence[str] | None = None) -> int:

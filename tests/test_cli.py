@@ -29,6 +29,7 @@ class _Recorder:
 
     def generate(self, **kwargs):
         self.calls.append(("generate", kwargs))
+        return types.SimpleNamespace(interrupted=False)
 
 
 @pytest.fixture
@@ -70,6 +71,7 @@ ERRORS = [
     (["--mode", "t2v", "--prompt", "p", "--image_path", "img.jpg"], "error: --image_path is only used with --mode i2v"),
     (["--mode", "x2v", "--prompt", "p"], "error: argument --mode: invalid choice: 'x2v'"),
     (["--mode", "t2v"], "error: --prompt is required (or --prompt_file"),
+    (["--mode", "t2v", "--prompt", " "], "error: --prompt must not be empty"),
     (["--mode", "t2v", "--prompt", "p", "--output_path", "out.gif"], "error: --output_path out.gif must end in .mp4"),
     (["--mode", "t2v", "--prompt", "p", "--save_tensors", "t.pt"], "error: --save_tensors t.pt must end in .safetensors"),
     (["--mode", "t2v", "--prompt", "p", "--num_steps", "30"], "error: with --num_steps 30: cfg.json: 'runtime_config.num_steps' (30) must be divisible by window_size (4)"),
@@ -127,7 +129,7 @@ def test_special_tokens_needed_by_pad_flags(workdir, fake_pipeline, capsys, monk
     assert fake_pipeline[0][0] == "from_config"
 
 
-def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline, capsys):
+def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline):
     argv = BASE + ["--mode", "i2v", "--image_path", "img.jpg", "--prompt", "a", "--prompt", "b",
                    "--seed", "7", "--num_steps", "16", "--compat", "official", "--save_tensors", "t.safetensors"]
     assert infer.main(argv) == 0
@@ -140,7 +142,6 @@ def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline, caps
         "mode": "i2v", "prompt": ["a", "b"], "output_path": "out.mp4", "image_path": "img.jpg",
         "prefix_video_path": None, "save_tensors": "t.safetensors", "progress": True,
     }
-    assert capsys.readouterr().out.strip() == "wrote out.mp4"
 
 
 def test_single_prompt_is_a_string(workdir, fake_pipeline):
@@ -165,6 +166,8 @@ def test_prompt_file_timeline(workdir, fake_pipeline):
         ([{"chunk": 0, "prompt": "a"}, {"chunk": 0, "prompt": "b"}], "chunk indices must increase, but entry 1 has chunk 0 after 0"),
         ([{"chunk": 0, "text": "a"}], 'entry 0 must be {"chunk": <int>, "prompt": "<text>"}'),
         ([{"chunk": -1, "prompt": "a"}], "entry 0 needs a chunk index >= 0"),
+        ([{"chunk": 0, "prompt": ""}], "entry 0 needs a chunk index >= 0 and a non-empty prompt"),
+        (["a", ""], "prompts must not be empty"),
         ([], "expected a non-empty JSON list"),
     ],
 )
