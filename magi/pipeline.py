@@ -1,0 +1,669 @@
+"""MagiPipeline: prompt (+ image / video) -> prefix latents -> chunked denoising -> streamed mp4.
+
+Models are loaded once by ``MagiPipeline.from_config`` and reused across requests: the DiT and the
+VAE stay resident; T5 is loaded on ``runtime_config.t5_device`` only to encode new prompts and
+freed right after (encoded prompts are remembered, a few at a time). Each chunk is decoded and
+written as soon as the sampler finishes it, so memory does not grow with the video length.
+
+t2v / i2v / v2v differ only in the prefix latents and the frame budget:
+
+* t2v: no prefix. i2v: the image is latent frame 0 (P = 1). v2v: the encoded prefix clip
+  (P latent frames); its chunks are not part of the output.
+* ``compat="magi"`` (default) honours ``num_frames`` exactly: it generates the fewest chunks that
+  cover it and trims the last chunk's frames; i2v counts the image position as the first frames;
+  the image keeps its aspect ratio (cover + centre crop); v2v continues from the *end* of the
+  prefix video (the frames the model can still see); decoded frames are rounded to uint8.
+* ``compat="official"`` restores the official behaviour: chunk_num = ceil((num_frames // 4 + P) /
+  chunk_width), every frame of every generated chunk is written (t2v 100 -> 120 frames, i2v 96 ->
+  120, v2v default -> 109), the image is stretched, v2v uses the first 32 prefix frames, uint8
+  conversion in bf16 with truncation.
+
+Legend: C latent channels, T latent frames, H W latent size, F video frames.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from magi import video_io
+from magi.conditioning import (
+    MAX_DURATION_TOKEN,
+    SpecialTokenOptions,
+    SpecialTokens,
+    build_caption_table,
+    load_special_tokens,
+)
+from magi.config import MagiConfig, load_config
+from magi.models.kv_cache import KVCache
+from magi.models.vae import ViTVAE, tile_spec_for_fps
+from magi.sampling.chunks import ChunkPlan, Step
+from magi.sampling.denoise import NULL, PROMPT, SamplerSettings, denoise
+
+MODES = ("t2v", "i2v", "v2v")
+COMPAT_MODES = ("magi", "official")
+PROMPT_CACHE_SIZE = 8  # encoded prompts remembered across requests
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the per-step callback receives after every sampler step."""
+
+    step: int  # 0-based global step
+    total_steps: int
+    chunks: tuple[int, ...]  # chunks denoised in this step (absolute indices)
+    finished: int | None  # chunk that became clean in this step
+
+
+@dataclass(frozen=True)
+class VideoChunk:
+    """One generated chunk, as ``MagiPipeline.stream`` yields it.
+
+    Attributes:
+        index: absolute chunk index (v2v: the prefix chunks come first and are never yielded).
+        frames: uint8 [F, 3, H, W] video frames of this chunk (after trimming to num_frames).
+        latent: float32 [1, C, chunk_width, H/8, W/8] clean latent of the whole chunk.
+    """
+
+    index: int
+    frames: torch.Tensor
+    latent: torch.Tensor
+
+
+@dataclass
+class GenerationResult:
+    """Summary of one ``generate`` call."""
+
+    output_path: Path | None
+    frames_written: int = 0
+    chunks_done: int = 0
+    chunks_total: int = 0
+    interrupted: bool = False
+    time_to_first_chunk: float = float("nan")
+    seconds_per_chunk: float = float("nan")
+    peak_memory_bytes: int = 0
+    fps: int = 24
+    size: tuple[int, int] = (0, 0)
+
+    def summary(self) -> str:
+        """One-paragraph report printed at the end of a CLI run."""
+        where = f" to {self.output_path}" if self.output_path else ""
+        head = "interrupted: wrote the chunks done so far" if self.interrupted else "done"
+        return (
+            f"{head}: {self.frames_written} frames ({self.chunks_done}/{self.chunks_total} "
+            f"chunks, {self.size[0]}x{self.size[1]} @ {self.fps} fps){where}; time to first "
+            f"chunk {self.time_to_first_chunk:.1f} s, {self.seconds_per_chunk:.2f} s per chunk, "
+            f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB"
+        )
+
+
+class _StopRequested(Exception):
+    """Raised from the step callback after the first Ctrl-C: stop after the current step."""
+
+
+# ------------------------------------------------------------------------------ frame budget
+def decoded_frames(latent_frames: int, tile_latents: int) -> int:
+    """Video frames the tiled VAE decode gives for n latent frames (a lone tile frame -> 1)."""
+    full, rest = divmod(latent_frames, tile_latents)
+    tail = 0 if rest == 0 else (1 if rest == 1 else 4 * rest)
+    return full * 4 * tile_latents + tail
+
+
+def chunk_count(
+    mode: str,
+    num_frames: int,
+    prefix_frames: int,
+    chunk_width: int,
+    *,
+    compat: str = "magi",
+    temporal_factor: int = 4,
+    tile_latents: int = 3,
+) -> int:
+    """How many latent chunks (prefix chunks included) a request needs.
+
+    Args:
+        mode: "t2v", "i2v" or "v2v".
+        num_frames: requested video frames.
+        prefix_frames: P, prefix latent frames (0, 1, or the encoded v2v length).
+        chunk_width: latent frames per chunk.
+        compat: "official" uses ceil((num_frames // 4 + P) / chunk_width); "magi" the fewest
+            chunks whose output covers num_frames exactly.
+        temporal_factor: VAE temporal compression (4).
+        tile_latents: latent frames per temporal VAE decode tile (fps // 2 // 4).
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if compat == "official":
+        return math.ceil((num_frames // temporal_factor + prefix_frames) / chunk_width)
+    if mode != "v2v":  # whole chunks from chunk 0 (i2v: the image is the first latent frame)
+        latents = max(math.ceil(num_frames / temporal_factor), prefix_frames)
+        return math.ceil(latents / chunk_width)
+    # v2v: the first generated chunk may be partly prefilled; its remainder decodes on its own.
+    offset = prefix_frames // chunk_width
+    first = (offset + 1) * chunk_width - prefix_frames
+    have = decoded_frames(first, tile_latents)
+    per_chunk = decoded_frames(chunk_width, tile_latents)
+    return offset + 1 + max(0, math.ceil((num_frames - have) / per_chunk))
+
+
+# ---------------------------------------------------------------------------------- captions
+class ChunkCaptions:
+    """Per-chunk caption rows built on demand (same values as ``build_caption_table``).
+
+    A chunk's prompt caption depends only on its prompt and its duration token (chunks remaining,
+    capped at 8), so rows are built once per (prompt, duration) and memory does not grow with
+    the number of chunks (the full table is 2 x chunk_num x 800 x 4096 floats).
+
+    Args:
+        emb, mask: T5 features [Pn, Lcap, Ccap] and masks [Pn, Lcap] of the distinct prompts.
+        null: the DiT's null caption table [Lcap, Ccap].
+        tokens, options: special tokens and switches (as for ``build_caption_table``).
+        chunk_prompts: prompt index of every generated chunk.
+        offset: whole prefix chunks (generated chunk i is absolute chunk offset + i).
+    """
+
+    def __init__(
+        self,
+        emb: torch.Tensor,
+        mask: torch.Tensor,
+        null: torch.Tensor,
+        tokens: SpecialTokens,
+        options: SpecialTokenOptions,
+        chunk_prompts: Sequence[int],
+        offset: int = 0,
+    ) -> None:
+        self.emb, self.mask, self.null = emb, mask, null.float()
+        self.tokens, self.options = tokens, options
+        self.chunk_prompts, self.offset = list(chunk_prompts), offset
+        self._rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        y, m = self._table(0, 1)
+        self._null_row = (y[NULL, 0], m[NULL, 0])
+
+    def _table(self, prompt: int, duration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # A video of `duration` chunks: its chunk 0 carries DURATION_TOKEN_<duration>.
+        return build_caption_table(
+            self.emb[prompt : prompt + 1], self.mask[prompt : prompt + 1], self.null, self.tokens,
+            chunk_num=duration, options=self.options,
+        )  # fmt: skip
+
+    def row(self, kind: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y [Lcap, Ccap], mask [Lcap]) of absolute chunk ``chunk``, row kind PROMPT or NULL."""
+        i = chunk - self.offset
+        if kind == NULL:
+            return self._null_row
+        if i < 0:  # clean prefix chunks: nothing to read (the model never asks for these)
+            return self.null, torch.zeros_like(self._null_row[1])
+        remaining = len(self.chunk_prompts) - i
+        duration = min(remaining, MAX_DURATION_TOKEN) if self.options.duration else 1
+        key = (self.chunk_prompts[i], duration)
+        if key not in self._rows:
+            y, m = self._table(*key)
+            self._rows[key] = (y[PROMPT, 0], m[PROMPT, 0])
+        return self._rows[key]
+
+    def rows(self, kinds: Sequence[int], chunks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked captions of chunks[j] from row kinds[j]: ([R, Lcap, Ccap], [R, Lcap])."""
+        pairs = [self.row(k, c) for k, c in zip(kinds, chunks)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def _prompt_list(prompt: str | Sequence[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
+    return prompts
+
+
+def _zero_tokens(width: int) -> SpecialTokens:
+    # No special token is switched on: the file is not needed, only its width.
+    zeros = torch.zeros(1, width)
+    return SpecialTokens(zeros, zeros, torch.zeros(17, width))
+
+
+# ---------------------------------------------------------------------------------- Ctrl-C
+@contextmanager
+def _graceful_sigint(stop: threading.Event) -> Iterator[None]:
+    """First Ctrl-C sets ``stop`` (finish the current step, keep the chunks done); second aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nCtrl-C: stopping after the current step and keeping the chunks done so far "
+              "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------- pipeline
+class MagiPipeline:
+    """MAGI-1 text/image/video-to-video generation, streamed chunk by chunk.
+
+    Build with :meth:`from_config`; call :meth:`generate` (writes an mp4) or :meth:`stream`
+    (yields each chunk's frames as soon as it is clean).
+
+    Args:
+        config: the run's config.
+        dit: the loaded DiT (or a parallelized one; same forward on every rank).
+        vae: the loaded VAE (bf16, as officially).
+        device: where the DiT runs; latents and noise live here.
+        compat: "magi" (default) or "official" (see the module docstring).
+        mesh: the process mesh for multi-GPU runs (None: single process).
+    """
+
+    def __init__(
+        self,
+        config: MagiConfig,
+        dit: nn.Module,
+        vae: ViTVAE,
+        *,
+        device: torch.device | str = "cpu",
+        compat: str = "magi",
+        mesh: object | None = None,
+    ) -> None:
+        if compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+        self.config, self.dit, self.vae = config, dit, vae
+        self.device, self.compat, self.mesh = torch.device(device), compat, mesh
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._special_tokens: SpecialTokens | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | Path | MagiConfig,
+        device: torch.device | str | None = None,
+        compat: str = "magi",
+    ) -> "MagiPipeline":
+        """Load the DiT and the VAE named by a config (T5 is loaded per new prompt, then freed).
+
+        Args:
+            config: an official-format JSON file or a loaded ``MagiConfig``. Relative checkpoint
+                paths are resolved against the working directory, as officially.
+            device: "cuda", "cuda:N" or "cpu" (default: CUDA when available). Under torchrun with
+                pp_size * cp_size > 1 each rank uses its own GPU.
+            compat: "magi" (default) or "official".
+        """
+        from magi.checkpoint import load_dit
+        from magi.models.vae import load_vae
+
+        cfg = config if isinstance(config, MagiConfig) else load_config(config)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        mesh = None
+        if cfg.engine.pp_size * cfg.engine.cp_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from magi.distributed import init_from_env
+            from magi.distributed.parallelize import build_parallel_dit
+
+            mesh = init_from_env(cfg.engine, device if device.type == "cuda" else None)
+            device = mesh.device
+            dit = build_parallel_dit(cfg, mesh)
+        else:
+            dit = load_dit(cfg, device)
+        if not cfg.runtime.vae_pretrained:
+            raise ValueError("runtime_config.vae_pretrained is not set: point it at the VAE folder")
+        vae = load_vae(cfg.runtime.vae_pretrained, device, dtype=torch.bfloat16)
+        return cls(cfg, dit, vae, device=device, compat=compat, mesh=mesh)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def stream(
+        self,
+        mode: str,
+        prompt: str | Sequence[str],
+        image_path: str | Path | None = None,
+        prefix_video_path: str | Path | None = None,
+        *,
+        seed: int | None = None,
+        num_frames: int | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> Iterator[VideoChunk]:
+        """Generate a video and yield each chunk's frames as soon as the chunk is clean.
+
+        Args:
+            mode: "t2v", "i2v" (needs image_path) or "v2v" (needs prefix_video_path).
+            prompt: one prompt for the whole video (official), or a list: prompt i for generated
+                chunk i, the last one repeating for further chunks.
+            image_path: i2v start image.
+            prefix_video_path: v2v video to continue.
+            seed: seed of the initial noise (default runtime_config.seed).
+            num_frames: frames to generate (default runtime_config.num_frames).
+            callback: called with a ``StepInfo`` after every sampler step.
+            noise: the initial noise [1, C, T, H, W] instead of drawing it from ``seed``.
+
+        Yields:
+            ``VideoChunk`` for every generated chunk, in order.
+        """
+        run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise)
+        yield from self._run(run, callback)
+
+    def generate(
+        self,
+        mode: str,
+        prompt: str | Sequence[str],
+        image_path: str | Path | None = None,
+        prefix_video_path: str | Path | None = None,
+        output_path: str | Path | None = None,
+        seed: int | None = None,
+        num_frames: int | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+        save_tensors: str | Path | None = None,
+        noise: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> GenerationResult:
+        """Generate a video; write it to ``output_path`` chunk by chunk (mp4, runtime fps).
+
+        The mp4 is written to a temporary file next to ``output_path`` and renamed on success; a
+        failed run leaves nothing at ``output_path``. Ctrl-C stops after the current step and
+        leaves a playable mp4 of the chunks done so far (a second Ctrl-C aborts at once).
+
+        Args:
+            mode, prompt, image_path, prefix_video_path, seed, num_frames, callback, noise: as
+                for :meth:`stream`.
+            output_path: the .mp4 to write (None: generate without writing a video).
+            save_tensors: also save ``final_latent`` (float32 [1, C, T, H/8, W/8], the clean
+                latents of the generated chunks) and ``video_tchw_uint8`` (the written frames)
+                to this .safetensors file (keeps them in memory until the end).
+            progress: show a per-chunk progress bar and print a summary (rank 0 only).
+
+        Returns:
+            A ``GenerationResult`` (frames written, timings, peak memory, interrupted flag).
+        """
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        rt = self.config.runtime
+        writer_rank = self._is_writer()
+        # Built first so a bad output path fails before any model work; nothing is written yet.
+        writer = video_io.Mp4Writer(output_path, rt.fps) if output_path and writer_rank else None
+        result = GenerationResult(Path(output_path) if output_path else None, fps=rt.fps,
+                                  size=(rt.video_size_w, rt.video_size_h))  # fmt: skip
+        saved: tuple[list[torch.Tensor], list[torch.Tensor]] | None = ([], []) if save_tensors else None
+        stop = threading.Event()
+        chunk_times: list[float] = []
+        bar = _NoBar()
+        try:
+            run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise)
+            result.chunks_total = len(run.plan.generated_chunks)
+            bar = _progress_bar(result.chunks_total, progress and writer_rank)
+            with _graceful_sigint(stop):
+                for chunk in self._run(run, _stop_aware(callback, stop)):
+                    chunk_times.append(time.perf_counter())
+                    if writer is not None and len(chunk.frames):
+                        writer.append(chunk.frames)
+                    result.frames_written += len(chunk.frames)
+                    result.chunks_done += 1
+                    if saved is not None:
+                        saved[0].append(chunk.latent)
+                        saved[1].append(chunk.frames)
+                    bar.update(1)
+                    if stop.is_set():
+                        raise _StopRequested
+        except (_StopRequested, KeyboardInterrupt):
+            result.interrupted = True
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            bar.close()
+        self._finish(result, writer, saved, save_tensors, started, chunk_times)
+        if progress and writer_rank:
+            print(result.summary(), file=sys.stderr if result.interrupted else sys.stdout, flush=True)
+        return result
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _is_writer(self) -> bool:
+        if self.mesh is None:
+            return True
+        from magi.distributed import is_writer_rank
+
+        return is_writer_rank()
+
+    def _finish(
+        self,
+        result: GenerationResult,
+        writer: video_io.Mp4Writer | None,
+        saved: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+        save_tensors: str | Path | None,
+        started: float,
+        chunk_times: list[float],
+    ) -> None:
+        """Close the mp4 (or drop it when no frame exists), save tensors, fill the timings."""
+        if writer is not None:
+            if writer.frames_written:
+                writer.close()
+            else:
+                writer.abort()
+                result.output_path = None
+        if saved is not None and saved[0] and self._is_writer():
+            from safetensors.torch import save_file
+
+            save_file({"final_latent": torch.cat(saved[0], dim=2).float().cpu().contiguous(),
+                       "video_tchw_uint8": torch.cat(saved[1]).contiguous()}, str(save_tensors))  # fmt: skip
+        if chunk_times:
+            result.time_to_first_chunk = chunk_times[0] - started
+            steady = (chunk_times[-1] - chunk_times[0]) / (len(chunk_times) - 1) if len(chunk_times) > 1 else None
+            result.seconds_per_chunk = result.time_to_first_chunk if steady is None else steady
+        result.peak_memory_bytes = _peak_memory(self.device)
+
+    def _prepare(
+        self,
+        mode: str,
+        prompt: str | Sequence[str],
+        image_path: str | Path | None,
+        prefix_video_path: str | Path | None,
+        seed: int | None,
+        num_frames: int | None,
+        noise: torch.Tensor | None,
+    ) -> "_Run":
+        """Check the request, encode the prefix and the prompts, plan the chunks, draw the noise."""
+        rt = self.config.runtime
+        _check_mode(mode, image_path, prefix_video_path)
+        prompts = _prompt_list(prompt)
+        prefix = self._prefix_latent(mode, image_path, prefix_video_path)
+        p = 0 if prefix is None else prefix.shape[2]
+        frames = rt.num_frames if num_frames is None else num_frames
+        tile = tile_spec_for_fps(rt.fps, self.compat).frames // rt.temporal_downsample_factor
+        chunks = chunk_count(mode, frames, p, rt.chunk_width, compat=self.compat,
+                             temporal_factor=rt.temporal_downsample_factor, tile_latents=tile)  # fmt: skip
+        settings = SamplerSettings.from_config(self.config)
+        plan = settings.plan(chunks, p)
+        captions = self._captions(prompts, plan)
+        shape = (1, self._latent_channels(), chunks * rt.chunk_width, rt.video_size_h // 8, rt.video_size_w // 8)
+        noise = self._initial_noise(shape, rt.seed if seed is None else seed, noise)
+        limit = None if self.compat == "official" else frames
+        return _Run(mode, plan, settings, captions, noise, prefix, limit)
+
+    def _run(self, run: "_Run", callback: Callable[[StepInfo], None] | None) -> Iterator[VideoChunk]:
+        """Denoise, decode each clean chunk, trim to the frame budget."""
+        plan, rt = run.plan, self.config.runtime
+        cache = KVCache(plan.max_cached_chunks(), offload=self.config.engine.kv_offload)
+        chunk_noise = _split_noise(run.noise, plan)
+        run.noise = None  # the per-chunk pieces are dropped as chunks enter the window
+        emitted = 0
+        hook = None if callback is None else _step_hook(callback, plan)
+        for index, latent in denoise(self.dit, plan, run.settings, run.captions, chunk_noise.pop,
+                                     cache, prefix=run.prefix, callback=hook):  # fmt: skip
+            lo, hi = plan.emit_range(index, skip_prefix=run.mode == "v2v")
+            frames = self._decode(latent[:, :, lo:hi])
+            if run.limit is not None:
+                frames = frames[: max(0, run.limit - emitted)]
+            emitted += len(frames)
+            yield VideoChunk(index, frames, latent)
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        rt = self.config.runtime
+        kwargs = dict(fps=rt.fps, scale_factor=rt.scale_factor, compat=self.compat)
+        if self.mesh is not None:
+            from magi.distributed.vae_parallel import decode_to_uint8
+
+            return decode_to_uint8(self.vae, latent, **kwargs)
+        return video_io.decode_to_uint8(self.vae, latent, **kwargs)
+
+    def _latent_channels(self) -> int:
+        cfg = self.config.model
+        return cfg.in_channels // 2 if cfg.half_channel_vae else cfg.in_channels
+
+    def _initial_noise(self, shape: tuple[int, ...], seed: int, noise: torch.Tensor | None) -> torch.Tensor:
+        """The only random draw: randn(shape) from a generator seeded with ``seed`` on the device."""
+        if noise is not None:
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must have shape {shape} for this request, got {tuple(noise.shape)}")
+            return noise.to(self.device, torch.float32)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        return torch.randn(shape, generator=generator, device=self.device)
+
+    def _prefix_latent(self, mode: str, image_path: str | Path | None,
+                       prefix_video_path: str | Path | None) -> torch.Tensor | None:
+        """i2v: the encoded image (P = 1); v2v: the encoded prefix clip; t2v: None."""
+        rt = self.config.runtime
+        size = (rt.video_size_w, rt.video_size_h)
+        if mode == "i2v":
+            frames = video_io.load_image(image_path, size, compat=self.compat)
+        elif mode == "v2v":
+            visible = video_io.visible_prefix_frames(rt.noise2clean_kvrange or (8,), rt.chunk_width,
+                                                     rt.temporal_downsample_factor)  # fmt: skip
+            frames = video_io.load_prefix_video(prefix_video_path, rt.fps, size, visible, compat=self.compat)
+        else:
+            return None
+        return video_io.encode_prefix(self.vae, frames, fps=rt.fps, scale_factor=rt.scale_factor,
+                                      compat=self.compat).to(self.device)  # fmt: skip
+
+    def _captions(self, prompts: list[str], plan: ChunkPlan) -> ChunkCaptions:
+        distinct = list(dict.fromkeys(prompts))
+        emb, mask = self._encode(distinct)
+        n_gen = len(plan.generated_chunks)
+        chunk_prompts = [distinct.index(prompts[min(i, len(prompts) - 1)]) for i in range(n_gen)]
+        null = self.dit.y_embedder.null_caption_embedding.detach()
+        options = SpecialTokenOptions.from_env()
+        return ChunkCaptions(emb.to(self.device), mask.to(self.device), null.to(self.device),
+                             self._tokens(options, emb.shape[-1]).to(self.device), options,
+                             chunk_prompts, plan.offset)  # fmt: skip
+
+    def _tokens(self, options: SpecialTokenOptions, width: int) -> SpecialTokens:
+        if not options.prompt_tokens() and not options.negative_prompt:
+            return _zero_tokens(width)
+        if self._special_tokens is None:
+            self._special_tokens = load_special_tokens()
+        return self._special_tokens
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 features of prompts ([n, Lcap, Ccap], [n, Lcap]); T5 is loaded only for new ones."""
+        missing = [p for p in prompts if p not in self._prompt_cache]
+        if missing:
+            from magi.models.text_encoder import T5Encoder
+
+            rt = self.config.runtime
+            if not rt.t5_pretrained:
+                raise ValueError("runtime_config.t5_pretrained is not set: point it at the T5 folder")
+            t5_device = rt.t5_device if rt.t5_device == "cpu" or torch.cuda.is_available() else "cpu"
+            with T5Encoder.from_pretrained(rt.t5_pretrained, device=t5_device) as t5:
+                emb, mask = t5.encode(missing)
+            for p, e, m in zip(missing, emb, mask):
+                self.remember_prompt(p, e, m)
+        pairs = [self._prompt_cache[p] for p in prompts]
+        return torch.stack([e for e, _ in pairs]), torch.stack([m for _, m in pairs])
+
+    def remember_prompt(self, prompt: str, emb: torch.Tensor, mask: torch.Tensor) -> None:
+        """Use these T5 features for ``prompt`` from now on (skips T5 for it).
+
+        Args:
+            prompt: the raw prompt text.
+            emb: [Lcap, Ccap] float32 T5 output (as ``T5Encoder.encode`` gives per prompt).
+            mask: [Lcap] 1 for real tokens.
+        """
+        self._prompt_cache[prompt] = (emb.reshape(emb.shape[-2:]).float().cpu(), mask.reshape(-1).float().cpu())
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.pop(next(iter(self._prompt_cache)))
+
+
+@dataclass
+class _Run:
+    """One prepared request."""
+
+    mode: str
+    plan: ChunkPlan
+    settings: SamplerSettings
+    captions: ChunkCaptions
+    noise: torch.Tensor | None
+    prefix: torch.Tensor | None
+    limit: int | None  # frames to keep (magi), None = every frame (official)
+
+
+def _check_mode(mode: str, image_path: str | Path | None, prefix_video_path: str | Path | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "i2v" and image_path is None:
+        raise ValueError("mode i2v needs image_path (the image the video starts from)")
+    if mode == "v2v" and prefix_video_path is None:
+        raise ValueError("mode v2v needs prefix_video_path (the video to continue)")
+    if mode != "i2v" and image_path is not None:
+        raise ValueError(f"image_path is only used with mode i2v (got mode {mode})")
+    if mode != "v2v" and prefix_video_path is not None:
+        raise ValueError(f"prefix_video_path is only used with mode v2v (got mode {mode})")
+
+
+def _split_noise(noise: torch.Tensor, plan: ChunkPlan) -> dict[int, torch.Tensor]:
+    """Per-chunk copies of the generated chunks' noise, so each can be freed when it enters."""
+    cw = plan.chunk_width
+    return {c: noise[:, :, c * cw : (c + 1) * cw].clone() for c in plan.generated_chunks}
+
+
+def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callable[[Step], None]:
+    total = plan.total_steps
+
+    def hook(step: Step) -> None:
+        callback(StepInfo(step.index, total, step.chunks, step.finished))
+
+    return hook
+
+
+def _stop_aware(callback: Callable[[StepInfo], None] | None, stop: threading.Event) -> Callable[[StepInfo], None]:
+    def hook(info: StepInfo) -> None:
+        if callback is not None:
+            callback(info)
+        if stop.is_set():
+            raise _StopRequested
+
+    return hook
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool) -> object:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="chunk", desc="magi", dynamic_ncols=True)
