@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,26 @@ def test_memory_mode_counts_the_released_parameters(bench) -> None:
     assert report["kv_cache_per_chunk_gib"] * bench.GIB == 34 * 12150 * 8 * 256 * 2
     assert report["kv_cache_chunks_kept"] == 1  # shipped ranges: only the refreshed chunk is read
     assert report["dit_streamed_resident_gib"] < report["dit_weights_gib"] / 10
+
+
+TINY_CONFIG = REPO_ROOT / "example" / "tiny" / "config.json"
+TINY_CHECKPOINTS = REPO_ROOT / "example" / "tiny" / "checkpoints"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("magi.pipeline") is None or not (TINY_CHECKPOINTS / "special_tokens.npz").is_file(),
+    reason="needs magi.pipeline and the tiny checkpoint (python scripts/make_tiny_checkpoint.py "
+    "--config example/tiny/config.json --out example/tiny/checkpoints)",
+)
+def test_e2e_mode_on_the_tiny_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(TINY_CHECKPOINTS / "special_tokens.npz"),
+           "PAD_HQ": "1", "PAD_DURATION": "1"}  # fmt: skip
+    cmd = [sys.executable, str(BENCH), "--e2e", "--device", "cpu", "--config", str(TINY_CONFIG),
+           "--num-frames", "48", "--offload", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "e2e" and report["chunks"] == 2 and report["frames_written"] == 48
+    assert 0 < report["time_to_first_chunk_s"] <= report["total_seconds"]
+    assert report["seconds_per_chunk"] > 0 and report["offload_blocks"] is True
