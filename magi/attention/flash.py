@@ -4,8 +4,8 @@ flash-attn's varlen kernel takes packed sequences: query segment i is rows
 [cu_q[i], cu_q[i+1]) of q and its keys are rows [cu_k[i], cu_k[i+1]) of k, so key segments must
 be laid out back to back. Block-causal self-attention ranges overlap (chunk j and chunk j+1 both
 see chunk j), so in general the keys of every segment are gathered into a packed copy first
-(memory: the sum of the key-range lengths, e.g. 14 chunks' worth of K/V for a 5-chunk window at
-the shipped [5, 4, 3, 2] history instead of 9). Calls whose key ranges already follow each other
+(memory: the sum of the key-range lengths, e.g. 15 chunks' worth of K/V for a refresh call over
+5 chunks seeing 1, 2, 3, 4, 5 chunks, instead of the 5 chunks of the call). Calls whose key ranges already follow each other
 (cross-attention, passes without history) run on k/v as they are.
 
 The package is optional: importing it happens on first use and fails with one line naming it.

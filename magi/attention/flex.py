@@ -8,7 +8,7 @@ The mask is handed to ``torch.nn.attention.flex_attention`` twice over:
 * as block tables built directly from the ranges (``BlockMask.from_kv_blocks``), so the kernel
   skips empty tiles and runs full tiles without evaluating the mask. Building the tables from the
   ranges costs O(tiles); ``create_block_mask`` would evaluate the mask on every (q, k) pair, which
-  at 720p (about 60k x 110k pairs per call) is far too slow without compilation.
+  at 720p (5e9 to 2e10 pairs per call) is far too slow without compilation.
 
 The block mask of a call is cached by its ranges, so the layers of one DiT forward share it.
 On CUDA the kernel is ``torch.compile``d (eager FlexAttention materialises the full score matrix);
