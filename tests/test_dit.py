@@ -35,10 +35,11 @@ OFFICIAL_24B = ModelConfig(
 )  # fmt: skip
 
 FP32_TOL = 1e-5  # float32 fixtures: exact math up to accumulation order
-# The fp8 run emulates bf16 + fp8 GPU arithmetic; a one-ulp bf16 difference in 5 % of a hidden
-# state moves the output by ~1.6 % through the fp8 re-quantisation, so only bf16-level agreement
-# is meaningful there (reached: 1.9 %; layer 0, which is not quantised, matches exactly).
-FP8_TOL = 3e-2
+# The fp8 run emulates bf16 + fp8 GPU arithmetic. It agrees bit for bit (rel L2 0.0: every pass
+# output and every layer's cache rows) once bf16 attention rounds like the flash kernels. Any
+# one-ulp bf16 difference would show as ~1e-2 here, because the next layer's e4m3 re-quantisation
+# amplifies it, so the bound only needs to separate "exact" from "one ulp off somewhere".
+FP8_TOL = 1e-3
 
 
 # ---------------------------------------------------------------- state-dict layout (meta device)
@@ -175,8 +176,7 @@ def test_forward_parity_fp8(reference_dir: Path, tag: str) -> None:
     if tag == "cached_extra":
         cached = [cache.read(i, sp, sp + 1, torch.device("cpu")) for i in range(3)]
         refs = [tensors[f"call.{tag}.kv_cache_after_clean_chunk.layer{i}"] for i in range(3)]
-        assert rel_l2(cached[0], refs[0]) <= 1e-6  # layer 0 is bf16: bit-level agreement
-        assert all(rel_l2(c, r) <= FP8_TOL for c, r in zip(cached[1:], refs[1:]))
+        assert all(rel_l2(c, r) <= FP8_TOL for c, r in zip(cached, refs))
 
 
 # ---------------------------------------------------------------- random init and input checks
