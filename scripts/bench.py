@@ -312,17 +312,22 @@ def memory_stats(device: torch.device) -> dict[str, float | None]:
 
 # ---- modes ---------------------------------------------------------------------------------------
 def model_setup(args: argparse.Namespace) -> tuple[ModelConfig, dict, bool]:
-    """(architecture, runtime values, distill) for --model / --variant."""
-    if args.model == "tiny":
-        mc, runtime = TINY_MODEL, {"num_steps": 8, "shortcut_mode": "8,16,16"}
-    else:
-        cfg = preset(f"{args.model}_{args.variant}")
-        mc = cfg.model
-        runtime = {"num_steps": cfg.runtime.num_steps, "shortcut_mode": cfg.engine.shortcut_mode}
+    """(architecture, sampler values, distill) for --model / --variant (the shipped config's)."""
+    cfg = preset(f"{'4.5B' if args.model == 'tiny' else args.model}_{args.variant}")
+    rt, en = cfg.runtime, cfg.engine
+    runtime = {
+        "num_steps": 8 if args.model == "tiny" else rt.num_steps,
+        "shortcut_mode": en.shortcut_mode,
+        "window_size": rt.window_size,
+        "chunk_width": rt.chunk_width,
+        "noise2clean_kvrange": list(rt.noise2clean_kvrange),
+        "clean_chunk_kvrange": rt.clean_chunk_kvrange,
+        "clean_t": rt.clean_t,
+        "threshold": en.distill_nearly_clean_chunk_threshold,
+    }
     if args.num_steps is not None:
         runtime["num_steps"] = args.num_steps
-    runtime.update(window_size=4, chunk_width=6, noise2clean_kvrange=[5, 4, 3, 2], clean_chunk_kvrange=1,
-                   clean_t=0.9999, threshold=0.3)  # fmt: skip
+    mc = TINY_MODEL if args.model == "tiny" else cfg.model
     if args.dtype is not None:
         mc = replace(mc, params_dtype=f"torch.{args.dtype}")
     return mc, runtime, args.variant != "base"
