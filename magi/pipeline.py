@@ -505,9 +505,13 @@ class MagiPipeline:
         cache = KVCache(plan.max_cached_chunks(), offload=self.config.engine.kv_offload)
         chunk_noise = _split_noise(run.noise, plan)
         run.noise = None  # the per-chunk pieces are dropped as chunks enter the window
+
+        def take_noise(chunk: int) -> torch.Tensor:
+            return chunk_noise.pop(chunk).to(self.device)
+
         emitted = 0
         hook = None if callback is None else _step_hook(callback, plan)
-        for index, latent in denoise(self.dit, plan, run.settings, run.captions, chunk_noise.pop,
+        for index, latent in denoise(self.dit, plan, run.settings, run.captions, take_noise,
                                      cache, prefix=run.prefix, callback=hook):  # fmt: skip
             lo, hi = plan.emit_range(index, skip_prefix=run.mode == "v2v")
             frames = self._decode(latent[:, :, lo:hi])
@@ -629,9 +633,13 @@ def _check_mode(mode: str, image_path: str | Path | None, prefix_video_path: str
 
 
 def _split_noise(noise: torch.Tensor, plan: ChunkPlan) -> dict[int, torch.Tensor]:
-    """Per-chunk copies of the generated chunks' noise, so each can be freed when it enters."""
+    """Per-chunk host copies of the generated chunks' noise, each freed when its chunk enters.
+
+    The noise is one draw for the whole video (reproducibility), but only the window's chunks
+    need to be on the device, so a long video does not hold all of it in GPU memory.
+    """
     cw = plan.chunk_width
-    return {c: noise[:, :, c * cw : (c + 1) * cw].clone() for c in plan.generated_chunks}
+    return {c: noise[:, :, c * cw : (c + 1) * cw].to("cpu", copy=True) for c in plan.generated_chunks}
 
 
 def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callable[[Step], None]:
