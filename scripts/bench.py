@@ -158,25 +158,26 @@ def step_passes(
     return [text, prev, uncond]
 
 
-def window_steps(mc_runtime: dict, distill: bool, caption_tokens: int) -> dict[str, list[PassSpec]]:
+def window_steps(runtime: dict, distill: bool, caption_tokens: int) -> dict[str, list[PassSpec]]:
     """Passes of the two steady-state steps of a full window: "refresh" (d = 0) and "plain" (d = 1)."""
-    ws, n = mc_runtime["window_size"], mc_runtime["num_steps"]
-    plan = ChunkPlan(chunk_num=ws + 1, num_steps=n, window_size=ws, chunk_width=mc_runtime["chunk_width"],
-                     noise2clean_kvrange=tuple(mc_runtime["noise2clean_kvrange"]),
-                     clean_chunk_kvrange=mc_runtime["clean_chunk_kvrange"])  # fmt: skip
-    ts = time_schedule(n, mc_runtime["shortcut_mode"])
+    ws, n = runtime["window_size"], runtime["num_steps"]
+    plan = ChunkPlan(chunk_num=ws + 1, num_steps=n, window_size=ws, chunk_width=runtime["chunk_width"],
+                     noise2clean_kvrange=tuple(runtime["noise2clean_kvrange"]),
+                     clean_chunk_kvrange=runtime["clean_chunk_kvrange"])  # fmt: skip
+    ts = time_schedule(n, runtime["shortcut_mode"])
     found: dict[str, list[PassSpec]] = {}
     for step in plan.steps():
         if step.iteration == ws and step.inner <= 1:  # window a..a+ws-1 with a = 1: full
             kind = "refresh" if step.inner == 0 else "plain"
-            found[kind] = step_passes(plan, step, ts, distill=distill, clean_t=mc_runtime["clean_t"],
-                                      threshold=mc_runtime["threshold"], caption_tokens=caption_tokens)  # fmt: skip
+            found[kind] = step_passes(plan, step, ts, distill=distill, clean_t=runtime["clean_t"],
+                                      threshold=runtime["threshold"], caption_tokens=caption_tokens)  # fmt: skip
     if "plain" not in found:
         raise ValueError(f"num_steps {n} / window_size {ws} leaves no step with d > 0 to time")
     return found
 
 
 def spec_flops(mc: ModelConfig, spec: PassSpec, chunk_tokens: int) -> dict[str, int]:
+    """pass_flops of one PassSpec (chunk-unit key ranges turned into key counts)."""
     key_lens = [(hi - lo) * chunk_tokens for lo, hi in spec.kv_chunks]
     return pass_flops(mc, chunk_tokens, key_lens, list(spec.captions))
 
@@ -184,7 +185,8 @@ def spec_flops(mc: ModelConfig, spec: PassSpec, chunk_tokens: int) -> dict[str, 
 def video_floor(
     mc: ModelConfig, runtime: dict, distill: bool, chunk_tokens: int, chunk_num: int, caption_tokens: int
 ) -> dict[str, float]:
-    """FLOPs of every DiT pass of a whole t2v video (the compute the sampler cannot avoid)."""
+    """FLOPs of every DiT pass of a whole t2v video in the official pass layout (magi's sampler
+    skips zero-weight CFG passes of base models, scripts/count_passes.py; distill is the same)."""
     plan = ChunkPlan(chunk_num=chunk_num, num_steps=runtime["num_steps"], window_size=runtime["window_size"],
                      chunk_width=runtime["chunk_width"], noise2clean_kvrange=tuple(runtime["noise2clean_kvrange"]),
                      clean_chunk_kvrange=runtime["clean_chunk_kvrange"])  # fmt: skip
