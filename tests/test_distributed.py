@@ -173,6 +173,8 @@ def _layout_and_collectives(rank: int, world: int) -> None:
         dist.all_gather(got, torch.tensor([float(rank)]), group=group)
         assert [int(g) for g in got] == list(expected), (got, expected)
     mesh_mod.check_same_config(MagiConfig(engine=engine(pp_size=2, cp_size=2)), mesh)
+    shared = mesh_mod.share_from_rank0(lambda: (torch.arange(3) + rank, {"from": rank}), mesh)
+    assert torch.equal(shared[0], torch.arange(3)) and shared[1] == {"from": 0}
     for group, size, index in ((mesh.cp_group, 2, mesh.cp_rank), (dist.group.WORLD, world, rank)):
         _check_all_to_all(group, size, index)
     mesh_mod.shutdown()
@@ -213,25 +215,27 @@ def test_mismatched_configs_are_detected_at_start(tmp_path: Path) -> None:
         assert "runtime_config.num_steps=12" in res.log, res.log
 
 
-def _one_rank_fails(rank: int, world: int) -> None:
+def _one_rank_fails(rank: int, world: int, failing: int) -> None:
     import torch.distributed as dist
 
     mesh = mesh_mod.init_from_env(engine(cp_size=world, cp_strategy="cp_ulysses"))
+    sleeper = (failing + 1) % world
     with mesh_mod.fail_fast():
-        if rank == 1:
+        if rank == failing:
             time.sleep(1.0)
             raise RuntimeError("boom from the test")
-        if rank == 0:
+        if rank == sleeper:
             time.sleep(600)  # long local work: no collective would ever notice the failure
-        # Rank 2 waits for a message from rank 0 that never comes (not from the failed rank).
-        dist.recv(torch.zeros(1), src=0)
+        # The third rank waits for a message from the sleeper (not from the failed rank).
+        dist.recv(torch.zeros(1), src=sleeper)
 
 
-def test_one_failing_rank_stops_every_rank_quickly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("failing", [1, 0], ids=["worker-fails", "store-host-fails"])
+def test_one_failing_rank_stops_every_rank_quickly(tmp_path: Path, failing: int) -> None:
     start = time.monotonic()
-    results = run_ranks(_one_rank_fails, 3, tmp_path, timeout=60)
+    results = run_ranks(_one_rank_fails, 3, tmp_path, failing, timeout=60)
     elapsed = time.monotonic() - start
     for rank, res in enumerate(results):
         assert res.exitcode not in (0, None), f"rank {rank} exit {res.exitcode}:\n{res.log}"
-        assert "rank 1 failed: RuntimeError: boom from the test" in res.log, res.log
+        assert f"rank {failing} failed: RuntimeError: boom from the test" in res.log, res.log
     assert elapsed < 60

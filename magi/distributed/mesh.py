@@ -23,7 +23,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -152,6 +152,8 @@ def init_from_env(engine: EngineConfig, device: torch.device | str | None = None
     check_engine_config(engine, world_size)
     local_rank = _env_int("LOCAL_RANK", rank)
     device = torch.device(device) if device is not None else _device_for(local_rank)
+    if device.type == "cuda" and device.index is None:
+        device = _device_for(local_rank)  # plain "cuda": one GPU per local rank, not all on GPU 0
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -160,7 +162,7 @@ def init_from_env(engine: EngineConfig, device: torch.device | str | None = None
         )
     _current_mesh = _build_mesh(rank, world_size, engine, device, timeout)
     if world_size > 1:
-        _start_watchdog(rank)
+        _start_watchdog(rank, world_size)
     return _current_mesh
 
 
@@ -192,6 +194,29 @@ def _build_mesh(
         pp_group=pp_group,
         timeout=timeout,
     )
+
+
+def share_from_rank0(compute: Callable[[], Any], mesh: Mesh) -> Any:
+    """Run ``compute()`` on global rank 0 only and give its result to every rank.
+
+    For work every rank needs but one rank should do (the T5 prompt encoding: the other ranks
+    never load T5). Tensors in the result (nested in tuples / lists / dicts) arrive on the CPU.
+    """
+    if not mesh.is_distributed:
+        return compute()
+    box = [_to_cpu(compute()) if mesh.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
 
 
 def current_mesh() -> Mesh | None:
@@ -265,11 +290,14 @@ def _describe_mismatch(flats: list[dict[str, Any]]) -> str:
 class _Watchdog:
     """Daemon thread polling the rendezvous store for another rank's failure report."""
 
-    def __init__(self, store: Any, rank: int) -> None:
+    def __init__(self, store: Any, rank: int, world_size: int) -> None:
         self.store = store
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="magi-watchdog", daemon=True)
+        self._ack_lock = threading.Lock()
+        self._acked = False
+        self.seen: str | None = None  # another rank's failure report, once read
 
     def start(self) -> None:
         self.thread.start()
@@ -283,14 +311,37 @@ class _Watchdog:
                 if not self.store.check([_ABORT_KEY]):
                     continue
                 message = self.store.get(_ABORT_KEY).decode(errors="replace")
-                self.store.add(_ACK_KEY, 1)
+                if message.startswith(f"rank {self.rank} "):
+                    return  # our own report: the main thread is handling it
+                self.seen = message
+                self.acknowledge_and_wait()
             except Exception as error:  # the store's host died: nothing can complete any more
                 if self.stopped.is_set():
                     return
-                message = f"lost contact with the rendezvous store ({type(error).__name__}: {error})"
-            if self.stopped.is_set() or message.startswith(f"rank {self.rank} "):
+                lost = f"lost contact with the rendezvous store ({type(error).__name__}: {error})"
+                message = self.seen or lost
+            if self.stopped.is_set():
                 return
             _die(f"[magi rank {self.rank}] stopping because {message}")
+
+    def publish(self, message: str) -> str:
+        """Record ``message`` unless another rank failed first; returns the failure that counts."""
+        first = self.store.compare_set(_ABORT_KEY, "", message)
+        return first.decode(errors="replace") if isinstance(first, bytes) else str(first)
+
+    def acknowledge_and_wait(self) -> None:
+        """Count this rank as informed (once), then give the others a moment to read the report.
+
+        Nobody leaves before every rank has read it: the store may live in a peer's process, and
+        an early exit would also break the collectives of ranks that have not read it yet.
+        """
+        with self._ack_lock:
+            if not self._acked:
+                self.store.add(_ACK_KEY, 1)
+                self._acked = True
+        deadline = time.monotonic() + _ACK_WAIT_SECONDS
+        while time.monotonic() < deadline and self.store.add(_ACK_KEY, 0) < self.world_size:
+            time.sleep(0.05)
 
 
 def _die(message: str) -> None:
@@ -315,7 +366,7 @@ def _open_store() -> Any | None:
     return dist.PrefixStore(f"magi_failfast/{attempt}/", store)
 
 
-def _start_watchdog(rank: int) -> None:
+def _start_watchdog(rank: int, world_size: int) -> None:
     global _watchdog
     if _watchdog is not None:
         return
@@ -327,24 +378,28 @@ def _start_watchdog(rank: int) -> None:
             file=sys.stderr,
         )
         return
-    _watchdog = _Watchdog(store, rank)
+    _watchdog = _Watchdog(store, rank, world_size)
     _watchdog.start()
 
 
-def report_failure(message: str) -> None:
-    """Tell every other rank to stop with ``message``; waits briefly until they have read it."""
+def report_failure(message: str) -> str:
+    """Tell every other rank to stop with ``message`` and wait briefly until they have read it.
+
+    Returns:
+        The failure every rank reports: ``message``, or an earlier one from another rank (then
+        this rank's error is most likely a consequence, e.g. a broken connection).
+    """
     watchdog = _watchdog
     if watchdog is None:
-        return
+        return message
+    if watchdog.seen is not None:  # another rank failed first; this error is its consequence
+        return watchdog.seen
     try:
-        watchdog.store.set(_ABORT_KEY, message)
-        deadline = time.monotonic() + _ACK_WAIT_SECONDS
-        world = _current_mesh.world_size if _current_mesh is not None else 1
-        # The store may live in this process (rank 0): stay up until the peers have the message.
-        while time.monotonic() < deadline and watchdog.store.add(_ACK_KEY, 0) < world - 1:
-            time.sleep(0.05)
+        first = watchdog.publish(message)
+        watchdog.acknowledge_and_wait()
+        return first
     except Exception:
-        pass  # the peers then fail on the broken collectives / store instead
+        return message  # the peers then fail on the broken collectives / store instead
 
 
 @contextmanager
@@ -365,7 +420,9 @@ def fail_fast(exit_on_error: bool = False) -> Iterator[None]:
         print(f"[magi rank {rank}] {message}", file=sys.stderr, flush=True)
         traceback.print_exc()
         if _current_mesh is not None and _current_mesh.is_distributed:
-            report_failure(message)
+            first = report_failure(message)
+            if first != message:
+                print(f"[magi rank {rank}] stopping because {first}", file=sys.stderr, flush=True)
         if exit_on_error:
             sys.stderr.flush()
             os._exit(1)
