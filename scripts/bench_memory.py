@@ -1,0 +1,146 @@
+"""Peak memory of a generation does not grow with the video length (tiny model, CPU).
+
+    python scripts/bench_memory.py                      # 4 and 40 chunks, tiny example config
+    python scripts/bench_memory.py --chunks 4 40 80 --device cpu
+
+Each length runs in a fresh process (peak RSS is per process): load the pipeline, generate one
+warm-up chunk (T5 encode, allocator, ffmpeg start-up), then generate N chunks to an mp4 while the
+resident set size is sampled after every sampler step. Printed per N: RSS before the run, peak RSS
+during it, and the growth. The check: the peak for the longest video is at most 1.1x the peak for
+the shortest (exit status 1 otherwise).
+
+The tiny checkpoint comes from the config's paths when they exist, otherwise it is written to a
+temporary folder with scripts/make_tiny_checkpoint.py (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_CONFIG = REPO / "example" / "tiny" / "config.json"
+MAX_RATIO = 1.1
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc; elsewhere the peak so far)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _ready_config(config: Path, workdir: Path) -> Path:
+    """A config whose checkpoints exist: the given one, or a copy pointing at fresh tiny weights."""
+    from magi.config import ConfigError, check_paths, load_config, save_config
+
+    cfg = load_config(config)
+    try:
+        check_paths(cfg)
+        return config.resolve()
+    except ConfigError:
+        pass
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_tiny_checkpoint import make_tiny_checkpoint
+
+    out = workdir / "checkpoints"
+    print(f"writing a tiny checkpoint to {out}", flush=True)
+    make_tiny_checkpoint(out, config, seed=0)
+    runtime = dataclasses.replace(cfg.runtime, load=str(out / "magi" / "tiny"),
+                                  t5_pretrained=str(out / "t5"), vae_pretrained=str(out / "vae"))  # fmt: skip
+    path = workdir / "config.json"
+    save_config(cfg.replace(runtime=runtime), path)
+    return path
+
+
+def _special_tokens(config: Path) -> str | None:
+    from magi.config import load_config
+
+    load = load_config(config).runtime.load or ""
+    candidate = Path(load).resolve().parents[1] / "special_tokens.npz"  # <out>/magi/tiny -> <out>
+    return str(candidate) if candidate.is_file() else os.environ.get("SPECIAL_TOKEN_PATH")
+
+
+def child(config: Path, chunks: int, device: str) -> dict[str, float]:
+    """Generate ``chunks`` chunks in this process; return RSS numbers in MiB."""
+    import torch
+
+    from magi.pipeline import MagiPipeline
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    pipe = MagiPipeline.from_config(config, device=device)
+    fps = pipe.config.runtime.fps
+    frames_per_chunk = pipe.config.runtime.chunk_width * pipe.config.runtime.temporal_downsample_factor
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.generate("t2v", "a quiet street", output_path=Path(tmp) / "warm.mp4", num_frames=frames_per_chunk)
+        baseline = peak = current_rss()
+
+        def sample(_info: object) -> None:
+            nonlocal peak
+            peak = max(peak, current_rss())
+
+        start = time.perf_counter()
+        result = pipe.generate("t2v", "a quiet street", output_path=Path(tmp) / "run.mp4",
+                               num_frames=frames_per_chunk * chunks, callback=sample)  # fmt: skip
+        elapsed = time.perf_counter() - start
+    peak = max(peak, current_rss())
+    mib = 2.0**20
+    return {
+        "chunks": chunks, "frames": result.frames_written, "fps": fps, "seconds": round(elapsed, 2),
+        "rss_before_mib": round(baseline / mib, 1), "peak_rss_mib": round(peak / mib, 1),
+        "growth_mib": round((peak - baseline) / mib, 1),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="tiny config (official JSON)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[4, 40], help="video lengths in chunks")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(args.config, args.child, args.device)), flush=True)
+        return 0
+    if min(args.chunks) < 1:
+        parser.error("--chunks must be >= 1")
+    with tempfile.TemporaryDirectory() as workdir:
+        config = _ready_config(args.config, Path(workdir))
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        tokens = _special_tokens(config)
+        if tokens:
+            env["SPECIAL_TOKEN_PATH"] = tokens
+        rows = []
+        for n in sorted(args.chunks):
+            cmd = [sys.executable, __file__, "--config", str(config), "--device", args.device, "--child", str(n)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return out.returncode
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{r['chunks']:4d} chunks ({r['frames']} frames, {r['seconds']:.1f} s): RSS before "
+                  f"{r['rss_before_mib']:.1f} MiB, peak {r['peak_rss_mib']:.1f} MiB, growth "
+                  f"{r['growth_mib']:+.1f} MiB", flush=True)  # fmt: skip
+    ratio = rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
+    ok = ratio <= MAX_RATIO
+    print(f"peak({rows[-1]['chunks']} chunks) / peak({rows[0]['chunks']} chunks) = {ratio:.3f} "
+          f"({'ok' if ok else 'FAIL'}: must be <= {MAX_RATIO})")  # fmt: skip
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
