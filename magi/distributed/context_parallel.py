@@ -178,6 +178,8 @@ class UlyssesAttention(nn.Module):
         self.core = core
         self.group, self.cp_size, self.cp_rank = group, cp_size, cp_rank
 
+    # Eager even inside a compiled layer (magi.compile): collectives and the host-side ranges.
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ShardedContext) -> torch.Tensor:
         w, batch = self.cp_size, ctx.batch
         if k.shape[1] < w:
