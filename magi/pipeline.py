@@ -393,46 +393,36 @@ class MagiPipeline:
         Returns:
             A ``GenerationResult`` (frames written, timings, peak memory, interrupted flag).
         """
-        started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         rt = self.config.runtime
         writer_rank = self._is_writer()
         # Built first so a bad output path fails before any model work; nothing is written yet.
         writer = video_io.Mp4Writer(output_path, rt.fps) if output_path and writer_rank else None
-        result = GenerationResult(Path(output_path) if output_path else None, fps=rt.fps,
-                                  size=(rt.video_size_w, rt.video_size_h))  # fmt: skip
-        saved: tuple[list[torch.Tensor], list[torch.Tensor]] | None = ([], []) if save_tensors else None
+        out = _Output(writer, GenerationResult(writer.path if writer else None, fps=rt.fps,
+                                               size=(rt.video_size_w, rt.video_size_h)))  # fmt: skip
+        out.keep_tensors = save_tensors is not None and writer_rank
         stop = threading.Event()
-        chunk_times: list[float] = []
         bar = _NoBar()
         try:
             run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise)
-            result.chunks_total = len(run.plan.generated_chunks)
-            bar = _progress_bar(result.chunks_total, progress and writer_rank)
+            out.result.chunks_total = len(run.plan.generated_chunks)
+            bar = _progress_bar(out.result.chunks_total, progress and writer_rank)
             with _graceful_sigint(stop):
                 for chunk in self._run(run, _stop_aware(callback, stop)):
-                    chunk_times.append(time.perf_counter())
-                    if writer is not None and len(chunk.frames):
-                        writer.append(chunk.frames)
-                    result.frames_written += len(chunk.frames)
-                    result.chunks_done += 1
-                    if saved is not None:
-                        saved[0].append(chunk.latent)
-                        saved[1].append(chunk.frames)
+                    out.add(chunk)
                     bar.update(1)
                     if stop.is_set():
                         raise _StopRequested
         except (_StopRequested, KeyboardInterrupt):
-            result.interrupted = True
+            out.result.interrupted = True
         except BaseException:
-            if writer is not None:
-                writer.abort()
+            out.abort()
             raise
         finally:
             bar.close()
-        self._finish(result, writer, saved, save_tensors, started, chunk_times)
-        if progress and writer_rank:
+        result = out.finish(save_tensors, self.device)
+        if writer_rank and (progress or result.interrupted):
             print(result.summary(), file=sys.stderr if result.interrupted else sys.stdout, flush=True)
         return result
 
@@ -443,33 +433,6 @@ class MagiPipeline:
         from magi.distributed import is_writer_rank
 
         return is_writer_rank()
-
-    def _finish(
-        self,
-        result: GenerationResult,
-        writer: video_io.Mp4Writer | None,
-        saved: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
-        save_tensors: str | Path | None,
-        started: float,
-        chunk_times: list[float],
-    ) -> None:
-        """Close the mp4 (or drop it when no frame exists), save tensors, fill the timings."""
-        if writer is not None:
-            if writer.frames_written:
-                writer.close()
-            else:
-                writer.abort()
-                result.output_path = None
-        if saved is not None and saved[0] and self._is_writer():
-            from safetensors.torch import save_file
-
-            save_file({"final_latent": torch.cat(saved[0], dim=2).float().cpu().contiguous(),
-                       "video_tchw_uint8": torch.cat(saved[1]).contiguous()}, str(save_tensors))  # fmt: skip
-        if chunk_times:
-            result.time_to_first_chunk = chunk_times[0] - started
-            steady = (chunk_times[-1] - chunk_times[0]) / (len(chunk_times) - 1) if len(chunk_times) > 1 else None
-            result.seconds_per_chunk = result.time_to_first_chunk if steady is None else steady
-        result.peak_memory_bytes = _peak_memory(self.device)
 
     def _prepare(
         self,
@@ -485,17 +448,20 @@ class MagiPipeline:
         rt = self.config.runtime
         _check_mode(mode, image_path, prefix_video_path)
         prompts = _prompt_list(prompt)
+        frames = rt.num_frames if num_frames is None else num_frames
+        if frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {frames}")
         prefix = self._prefix_latent(mode, image_path, prefix_video_path)
         p = 0 if prefix is None else prefix.shape[2]
-        frames = rt.num_frames if num_frames is None else num_frames
         tile = tile_spec_for_fps(rt.fps, self.compat).frames // rt.temporal_downsample_factor
         chunks = chunk_count(mode, frames, p, rt.chunk_width, compat=self.compat,
                              temporal_factor=rt.temporal_downsample_factor, tile_latents=tile)  # fmt: skip
         settings = SamplerSettings.from_config(self.config)
         plan = settings.plan(chunks, p)
-        captions = self._captions(prompts, plan)
-        shape = (1, self._latent_channels(), chunks * rt.chunk_width, rt.video_size_h // 8, rt.video_size_w // 8)
+        lat_h, lat_w = rt.video_size_h // 8, rt.video_size_w // 8
+        shape = (1, self._latent_channels(), chunks * rt.chunk_width, lat_h, lat_w)
         noise = self._initial_noise(shape, rt.seed if seed is None else seed, noise)
+        captions = self._captions(prompts, plan)
         limit = None if self.compat == "official" else frames
         return _Run(mode, plan, settings, captions, noise, prefix, limit)
 
@@ -533,11 +499,15 @@ class MagiPipeline:
         cfg = self.config.model
         return cfg.in_channels // 2 if cfg.half_channel_vae else cfg.in_channels
 
-    def _initial_noise(self, shape: tuple[int, ...], seed: int, noise: torch.Tensor | None) -> torch.Tensor:
+    def _initial_noise(
+        self, shape: tuple[int, ...], seed: int, noise: torch.Tensor | None
+    ) -> torch.Tensor:
         """The only random draw: randn(shape) from a generator seeded with ``seed`` on the device."""
         if noise is not None:
             if tuple(noise.shape) != shape:
-                raise ValueError(f"noise must have shape {shape} for this request, got {tuple(noise.shape)}")
+                raise ValueError(
+                    f"noise must have shape {shape} for this request, got {tuple(noise.shape)}"
+                )
             return noise.to(self.device, torch.float32)
         generator = torch.Generator(self.device).manual_seed(seed)
         return torch.randn(shape, generator=generator, device=self.device)
@@ -552,7 +522,8 @@ class MagiPipeline:
         elif mode == "v2v":
             visible = video_io.visible_prefix_frames(rt.noise2clean_kvrange or (8,), rt.chunk_width,
                                                      rt.temporal_downsample_factor)  # fmt: skip
-            frames = video_io.load_prefix_video(prefix_video_path, rt.fps, size, visible, compat=self.compat)
+            frames = video_io.load_prefix_video(prefix_video_path, rt.fps, size, visible,
+                                                compat=self.compat)  # fmt: skip
         else:
             return None
         return video_io.encode_prefix(self.vae, frames, fps=rt.fps, scale_factor=rt.scale_factor,
@@ -601,9 +572,57 @@ class MagiPipeline:
             emb: [Lcap, Ccap] float32 T5 output (as ``T5Encoder.encode`` gives per prompt).
             mask: [Lcap] 1 for real tokens.
         """
-        self._prompt_cache[prompt] = (emb.reshape(emb.shape[-2:]).float().cpu(), mask.reshape(-1).float().cpu())
+        emb = emb.reshape(emb.shape[-2:]).float().cpu()  # [Lcap, Ccap]
+        self._prompt_cache[prompt] = (emb, mask.reshape(-1).float().cpu())
         while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.pop(next(iter(self._prompt_cache)))
+
+
+class _Output:
+    """Where the chunks of one ``generate`` call go: the mp4, the saved tensors, the timings."""
+
+    def __init__(self, writer: video_io.Mp4Writer | None, result: GenerationResult) -> None:
+        self.writer, self.result = writer, result
+        self.keep_tensors = False
+        self.latents: list[torch.Tensor] = []
+        self.frames: list[torch.Tensor] = []
+        self.started = time.perf_counter()
+        self.chunk_times: list[float] = []
+
+    def add(self, chunk: VideoChunk) -> None:
+        self.chunk_times.append(time.perf_counter())
+        if self.writer is not None and len(chunk.frames):
+            self.writer.append(chunk.frames)
+        self.result.frames_written += len(chunk.frames)
+        self.result.chunks_done += 1
+        if self.keep_tensors:
+            self.latents.append(chunk.latent.float().cpu())
+            self.frames.append(chunk.frames)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    def finish(self, save_tensors: str | Path | None, device: torch.device) -> GenerationResult:
+        """Close the mp4 (drop it when no frame exists), save tensors, fill the timings."""
+        if self.writer is not None and self.writer.frames_written:
+            self.writer.close()
+        elif self.writer is not None:
+            self.writer.abort()
+            self.result.output_path = None
+        if self.keep_tensors and self.latents:
+            from safetensors.torch import save_file
+
+            tensors = {"final_latent": torch.cat(self.latents, dim=2).contiguous(),
+                       "video_tchw_uint8": torch.cat(self.frames).contiguous()}  # fmt: skip
+            save_file(tensors, str(save_tensors))
+        times = self.chunk_times
+        if times:
+            self.result.time_to_first_chunk = times[0] - self.started
+            steady = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+            self.result.seconds_per_chunk = self.result.time_to_first_chunk if steady is None else steady
+        self.result.peak_memory_bytes = _peak_memory(device)
+        return self.result
 
 
 @dataclass
@@ -651,7 +670,9 @@ def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callabl
     return hook
 
 
-def _stop_aware(callback: Callable[[StepInfo], None] | None, stop: threading.Event) -> Callable[[StepInfo], None]:
+def _stop_aware(
+    callback: Callable[[StepInfo], None] | None, stop: threading.Event
+) -> Callable[[StepInfo], None]:
     def hook(info: StepInfo) -> None:
         if callback is not None:
             callback(info)

@@ -69,7 +69,9 @@ class SamplerSettings:
     prev_chunks_scale: float = 0.7
 
     @classmethod
-    def from_config(cls, cfg: MagiConfig, prev_chunks_scale_value: float | None = None) -> "SamplerSettings":
+    def from_config(
+        cls, cfg: MagiConfig, prev_chunks_scale_value: float | None = None
+    ) -> "SamplerSettings":
         """Settings of ``cfg``; the distill blend weight defaults to env ``prev_chunks_scale``."""
         rt, en = cfg.runtime, cfg.engine
         scale = prev_chunks_scale() if prev_chunks_scale_value is None else prev_chunks_scale_value
@@ -217,7 +219,8 @@ def denoise(
     for step in plan.steps():
         if step.entering is not None:
             window[step.entering] = _chunk_noise(noise, step.entering, plan.chunk_width)
-            loop.tokens = loop.tokens or _tokens_per_chunk(model, plan.chunk_width, window[step.entering].shape)
+            if not loop.tokens:
+                loop.tokens = _tokens_per_chunk(model, plan.chunk_width, window[step.entering].shape)
         _advance(loop, window, step)
         if callback is not None:
             callback(step)
@@ -350,8 +353,10 @@ def _tokens_per_chunk(model: nn.Module, cw: int, latent_shape: torch.Size) -> in
 
 def _check_inputs(plan: ChunkPlan, settings: SamplerSettings, prefix: torch.Tensor | None) -> None:
     if plan.num_steps != settings.num_steps or plan.chunk_width != settings.chunk_width:
-        raise ValueError("plan and settings disagree on num_steps / chunk_width: build the plan with settings.plan()")
-    if settings.distill and settings.cfg_number != 1 or not settings.distill and settings.cfg_number != 3:
+        raise ValueError(
+            "plan and settings disagree on num_steps / chunk_width: build the plan with settings.plan()"
+        )
+    if settings.cfg_number != (1 if settings.distill else 3):
         raise ValueError(
             f"cfg_number {settings.cfg_number} does not fit "
             f"{'a distilled' if settings.distill else 'a base'} model (distill needs 1, base needs 3)"
