@@ -33,7 +33,7 @@ def split_bounds(length: int, parts: int, rank: int) -> tuple[int, int]:
     return start, start + sizes[rank]
 
 
-def group_size(group: Any) -> int:
+def _group_size(group: Any) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
@@ -49,7 +49,7 @@ def heads_to_sequence(x: torch.Tensor, group: Any, seq_sizes: list[int]) -> torc
     Returns:
         [B, S, F]: this rank's head group for the whole sequence, tokens in global order.
     """
-    world = group_size(group)
+    world = _group_size(group)
     if world == 1:
         return x[:, :, 0]
     batch, _, _, features = x.shape
@@ -74,7 +74,7 @@ def sequence_to_heads(x: torch.Tensor, group: Any, seq_sizes: list[int], rank: i
     Returns:
         [B, s, W, F]: this rank's tokens, slot w = head group of rank w.
     """
-    world = group_size(group)
+    world = _group_size(group)
     if world == 1:
         return x.unsqueeze(2)
     batch, _, features = x.shape
@@ -89,7 +89,7 @@ def sequence_to_heads(x: torch.Tensor, group: Any, seq_sizes: list[int], rank: i
 
 def gather_sequence(x: torch.Tensor, group: Any, seq_sizes: list[int], dim: int = 1) -> torch.Tensor:
     """All-gather uneven contiguous pieces along ``dim``; every rank gets the full tensor."""
-    world = group_size(group)
+    world = _group_size(group)
     if world == 1:
         return x
     longest = max(seq_sizes)
@@ -116,7 +116,9 @@ class ShardedContext(DiTContext):
     cp_rank: int
 
 
-def shard_call(hidden: torch.Tensor, ctx: DiTContext, cp_size: int, cp_rank: int) -> tuple[torch.Tensor, ShardedContext]:
+def shard_call(
+    hidden: torch.Tensor, ctx: DiTContext, cp_size: int, cp_rank: int
+) -> tuple[torch.Tensor, ShardedContext]:
     """Keep this rank's tokens of the embedded call (parallel.md §2.1).
 
     Args:
@@ -180,7 +182,9 @@ class UlyssesAttention(nn.Module):
 
     # Eager even inside a compiled layer (magi.compile): collectives and the host-side ranges.
     @torch.compiler.disable
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ShardedContext) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ShardedContext
+    ) -> torch.Tensor:
         w, batch = self.cp_size, ctx.batch
         if k.shape[1] < w:
             k, v = (x.repeat_interleave(w // x.shape[1], dim=1) for x in (k, v))
@@ -191,7 +195,7 @@ class UlyssesAttention(nn.Module):
         )
         full = heads_to_sequence(packed, self.group, ctx.seq_sizes)  # [B, S, (n + 2g) * D]
         qf, kf, vf = (
-            rearrange(x, "b s (h d) -> (b s) h d", d=dim)
+            rearrange(x, "b s (h d) -> (b s) h d", d=dim).contiguous()  # kernels want dense q/k/v
             for x in full.split([n * dim, g * dim, g * dim], dim=-1)
         )
         out = self.core(qf, kf, vf, ctx)  # [(B S), n, D]
