@@ -230,3 +230,27 @@ def test_ctrl_c_leaves_a_playable_partial_mp4(tiny_config: Path, tmp_path: Path)
     frames, size, fps = _read_back(out)
     assert 24 <= frames < 24 * 30 and frames % 24 == 0 and size == (64, 64) and fps == 24.0
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def _write_ppm(path: Path, rgb: torch.Tensor) -> None:
+    """A binary PPM image (a format ffmpeg reads; no imaging library needed)."""
+    h, w, _ = rgb.shape
+    path.write_bytes(f"P6 {w} {h} 255\n".encode() + rgb.contiguous().numpy().tobytes())
+
+
+def test_magi_i2v_and_v2v_honour_num_frames(tiny_pipe: MagiPipeline, tmp_path: Path) -> None:
+    from magi.video_io import Mp4Writer
+
+    g = torch.Generator().manual_seed(0)
+    image = tmp_path / "start.ppm"
+    _write_ppm(image, torch.randint(0, 256, (48, 80, 3), dtype=torch.uint8, generator=g))
+    clip = tmp_path / "prefix.mp4"
+    with Mp4Writer(clip, 24) as writer:  # 40 frames: magi keeps the last 40 // 4 * 4 = 40
+        writer.append(torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8, generator=g))
+    i2v = tiny_pipe.generate("i2v", "a cat", image_path=image, output_path=tmp_path / "i2v.mp4",
+                             num_frames=30)  # fmt: skip
+    assert i2v.chunks_total == 2 and _read_back(tmp_path / "i2v.mp4") == (30, (64, 64), 24.0)
+    # v2v: P = 10 prefix latents -> 1 whole prefix chunk, chunk 1 holds 4 prefix latents
+    v2v = tiny_pipe.generate("v2v", "a cat", prefix_video_path=clip, output_path=tmp_path / "v2v.mp4",
+                             num_frames=30)  # fmt: skip
+    assert v2v.frames_written == 30 and _read_back(tmp_path / "v2v.mp4") == (30, (64, 64), 24.0)
