@@ -396,6 +396,7 @@ class MagiPipeline:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         rt = self.config.runtime
+        _check_save_path(save_tensors)
         writer_rank = self._is_writer()
         # Built first so a bad output path fails before any model work; nothing is written yet.
         writer = video_io.Mp4Writer(output_path, rt.fps) if output_path and writer_rank else None
@@ -467,7 +468,7 @@ class MagiPipeline:
 
     def _run(self, run: "_Run", callback: Callable[[StepInfo], None] | None) -> Iterator[VideoChunk]:
         """Denoise, decode each clean chunk, trim to the frame budget."""
-        plan, rt = run.plan, self.config.runtime
+        plan = run.plan
         cache = KVCache(plan.max_cached_chunks(), offload=self.config.engine.kv_offload)
         chunk_noise = _split_noise(run.noise, plan)
         run.noise = None  # the per-chunk pieces are dropped as chunks enter the window
@@ -649,6 +650,16 @@ def _check_mode(mode: str, image_path: str | Path | None, prefix_video_path: str
         raise ValueError(f"image_path is only used with mode i2v (got mode {mode})")
     if mode != "v2v" and prefix_video_path is not None:
         raise ValueError(f"prefix_video_path is only used with mode v2v (got mode {mode})")
+
+
+def _check_save_path(path: str | Path | None) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_tensors path must end in .safetensors, got {path}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"save_tensors folder does not exist: {path.parent} (create it first)")
 
 
 def _split_noise(noise: torch.Tensor, plan: ChunkPlan) -> dict[int, torch.Tensor]:

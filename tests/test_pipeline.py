@@ -176,6 +176,8 @@ def test_bad_requests_fail_before_any_work(tiny_pipe: MagiPipeline, tmp_path: Pa
         tiny_pipe.generate("t2v", [], output_path=tmp_path / "a.mp4")
     with pytest.raises(FileNotFoundError, match="output folder"):
         tiny_pipe.generate("t2v", "a", output_path=tmp_path / "missing" / "a.mp4")
+    with pytest.raises(ValueError, match="safetensors"):
+        tiny_pipe.generate("t2v", "a", output_path=tmp_path / "a.mp4", save_tensors=tmp_path / "a.pt")
     with pytest.raises(ValueError, match="noise"):
         tiny_pipe.generate("t2v", "a", num_frames=24, noise=torch.zeros(1, 16, 6, 4, 4))
     assert not list(tmp_path.iterdir())
