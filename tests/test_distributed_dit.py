@@ -183,3 +183,28 @@ def test_t2v_denoise_loop_equals_single_process(layout_run) -> None:
 
 def test_v2v_denoise_loop_equals_single_process(layout_run) -> None:
     _assert_close(layout_run, "v2v")
+
+
+def _fake_mesh(pp: int, cp: int, rank: int = 0):
+    # Layout checks raise before any communication: no process group needed.
+    from magi.distributed.mesh import Mesh, mesh_groups
+
+    cp_groups, pp_groups = mesh_groups(pp, cp)
+    return Mesh(rank, pp * cp, pp, cp, torch.device("cpu"), tuple(cp_groups[rank // cp]), tuple(pp_groups[rank % cp]))
+
+
+def test_parallelize_rejects_wrong_models_with_one_line(tmp_path: Path) -> None:
+    from magi.distributed.parallelize import parallelize
+
+    cfg = tiny_config(tmp_path, groups=2, cp=1, pp=2)
+    with pytest.raises(ValueError, match=r"stage 0 owns layers 0..0 but the model holds \[0, 1\]"):
+        parallelize(DiT(cfg.model), _fake_mesh(2, 1), cfg.engine)
+    with pytest.raises(ValueError, match="do not match the mesh"):
+        parallelize(DiT(cfg.model), _fake_mesh(1, 2), cfg.engine)
+    three_heads = dataclasses.replace(cfg.model, num_attention_heads=3, num_query_groups=1)
+    engine2 = engine(cp_size=2, cp_strategy="cp_ulysses")
+    with pytest.raises(ValueError, match="cp_size 2 must divide num_attention_heads 3"):
+        parallelize(DiT(three_heads), _fake_mesh(1, 2), engine2)
+    single = parallelize(DiT(cfg.model), _fake_mesh(1, 1), engine())
+    with pytest.raises(ValueError, match="already applied"):
+        parallelize(single, _fake_mesh(1, 1), engine())

@@ -72,12 +72,13 @@ def parallelize(model: DiT, mesh: Mesh, engine_config: EngineConfig) -> DiT:
 
 
 def apply_context_parallel(model: DiT, mesh: Mesh) -> None:
-    """Ulysses over ``mesh.cp_group``: shard after embed, all-to-all around attention, gather before head."""
+    """Ulysses over ``mesh.cp_group``: shard after embed, all-to-all around attention, gather at the head."""
     cfg = model.config
     check_context_parallel(cfg.num_attention_heads, cfg.num_query_groups, mesh.cp_size)
     for layer in model.videodit_blocks.layers:
         attn = layer.self_attention
-        attn.core_attention = UlyssesAttention(attn.core_attention, mesh.cp_group, mesh.cp_size, mesh.cp_rank)
+        core = attn.core_attention
+        attn.core_attention = UlyssesAttention(core, mesh.cp_group, mesh.cp_size, mesh.cp_rank)
     embed, head = model.embed, model.head
 
     def sharded_embed(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, DiTContext]:
@@ -94,8 +95,13 @@ def apply_context_parallel(model: DiT, mesh: Mesh) -> None:
 def apply_pipeline_parallel(model: DiT, mesh: Mesh) -> None:
     """Chain the stages over ``mesh.pp_group``; the last stage's velocity reaches every stage."""
     layers = model.videodit_blocks.layers
-    if len(layers) == 0:
-        raise ValueError(f"pipeline stage {mesh.pp_rank} holds no layers; build it with its stage's layers")
+    owned = stage_layers(model.config.num_layers, mesh.pp_size, mesh.pp_rank)
+    held = [layer.layer_number for layer in layers]
+    if held != list(owned):
+        raise ValueError(
+            f"pipeline stage {mesh.pp_rank} owns layers {owned.start}..{owned.stop - 1} but the model "
+            f"holds {held[:1] + held[-1:] if held else 'none'}; build it with build_parallel_dit(cfg, mesh)"
+        )
     if not mesh.is_first_stage:
         layers[0].register_forward_pre_hook(_receive_hook(mesh))
     if not mesh.is_last_stage:
