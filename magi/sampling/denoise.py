@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -105,6 +106,14 @@ class SamplerSettings:
         )
 
 
+class Captions(Protocol):
+    """Anything that hands out per-chunk captions (row 0 prompt, row 1 null)."""
+
+    def rows(self, kinds: Sequence[int], chunks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption of chunks[j] from row kinds[j]: ([R, Lcap, Ccap], [R, Lcap])."""
+        ...
+
+
 @dataclass(frozen=True)
 class CaptionTable:
     """Per-chunk captions: y [2, chunk_num, Lcap, Ccap], mask [2, chunk_num, Lcap].
@@ -129,7 +138,7 @@ class _Loop:
     model: nn.Module
     plan: ChunkPlan
     settings: SamplerSettings
-    captions: CaptionTable
+    captions: Captions
     kv_cache: KVCache
     prefix: torch.Tensor | None
     ts: torch.Tensor
@@ -150,7 +159,7 @@ class _Loop:
             x[:, :, :n] = self.prefix[:, :, f0 : f0 + n].to(x)
         return x
 
-    def pass_(
+    def run_pass(
         self,
         x: torch.Tensor,
         t: torch.Tensor,
@@ -175,7 +184,7 @@ def denoise(
     model: nn.Module,
     plan: ChunkPlan,
     settings: SamplerSettings,
-    captions: CaptionTable,
+    captions: Captions,
     noise: NoiseSource,
     kv_cache: KVCache | None = None,
     *,
@@ -188,7 +197,8 @@ def denoise(
         model: the DiT (``forward`` = one pass, docs/ARCHITECTURE.md).
         plan: the chunk plan (``settings.plan(chunk_num, prefix_frames)``).
         settings: sampler settings (``SamplerSettings.from_config(cfg)``).
-        captions: per-chunk caption table (row 0 prompt, row 1 null).
+        captions: per-chunk captions, e.g. ``CaptionTable(y, mask)`` from
+            ``magi.conditioning.build_caption_table`` (row 0 prompt, row 1 null).
         noise: the initial noise [1, C, T, H, W] (chunk k = frames [k·cw, (k+1)·cw)), or a
             function chunk index -> [1, C, cw, H, W]; a chunk's noise is taken when it enters.
         kv_cache: cache for clean-chunk K/V; default a fresh ``KVCache(plan.max_cached_chunks())``.
@@ -258,10 +268,10 @@ def _cfg_velocity(loop: _Loop, step: Step, x: torch.Tensor, times: torch.Tensor)
     text_kinds = [NULL] * n_extra + [PROMPT] * len(step.chunks)
     v_text = None
     if scales.needs_text:
-        out = loop.pass_(x, t, loop.captions.rows(text_kinds, step.call_chunks), False, kv,
+        out = loop.run_pass(x, t, loop.captions.rows(text_kinds, step.call_chunks), False, kv,
                          step.slice_point, 0, step.inner)  # fmt: skip
         v_text = _split_chunks(out, loop.plan.chunk_width)[n_extra:]
-    out = loop.pass_(x, t, loop.captions.rows(null_kinds, step.call_chunks), True, kv,
+    out = loop.run_pass(x, t, loop.captions.rows(null_kinds, step.call_chunks), True, kv,
                      step.slice_point, write, step.inner)  # fmt: skip
     v_prev = _split_chunks(out, loop.plan.chunk_width)[n_extra:]
     v_uncond = _uncond_pass(loop, step, x, times, scales, n_extra)
@@ -280,7 +290,7 @@ def _uncond_pass(
     tb = times[n_extra:][needed][:, None]  # [U, 1]
     caps = loop.captions.rows([NULL] * len(needed), [step.chunks[j] for j in needed])
     kv = isolated_kv_range(len(needed), loop.tokens)
-    out = loop.pass_(xb, tb, caps, True, kv, 0, 0, step.inner, use_cache=False)
+    out = loop.run_pass(xb, tb, caps, True, kv, 0, 0, step.inner, use_cache=False)
     return {j: out[i] for i, j in enumerate(needed)}
 
 
@@ -303,7 +313,7 @@ def _distill_velocity(loop: _Loop, step: Step, x: torch.Tensor, times: torch.Ten
         chunks.append(step.chunks[0])
         end = step.slice_point + n_call
         kv = torch.cat([kv, token_ranges([(end, end + 1)], loop.tokens)])
-    out = loop.pass_(x, times[None], loop.captions.rows(kinds, chunks), False, kv,
+    out = loop.run_pass(x, times[None], loop.captions.rows(kinds, chunks), False, kv,
                      step.slice_point, n_extra, step.inner)  # fmt: skip
     v = _split_chunks(out, cw)  # [R_call (+1), C, cw, H, W]
     v_den = v[n_extra:n_call].clone()
@@ -323,7 +333,7 @@ def _extract_prefix(loop: _Loop) -> None:
     kv = token_ranges(call.kv_ranges, loop.tokens)
     # The cache-writing pass is the text-dropped one for base models (adaLN row 799) and the
     # single conditional pass for distilled models.
-    loop.pass_(x, t, caps, not loop.settings.distill, kv, 0, o, 0)
+    loop.run_pass(x, t, caps, not loop.settings.distill, kv, 0, o, 0)
 
 
 def _split_chunks(v: torch.Tensor, cw: int) -> torch.Tensor:
