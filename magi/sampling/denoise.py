@@ -64,7 +64,7 @@ class SamplerSettings:
     cfg_t_range: tuple[float, ...] = (0.0, 0.0217, 0.1, 0.3, 0.999)
     prev_chunk_scales: tuple[float, ...] = (1.5, 1.5, 1.5, 1.0, 1.0)
     text_scales: tuple[float, ...] = (7.5, 7.5, 7.5, 0.0, 0.0)
-    distill: bool = False
+    distill: bool = False  # adds the step-size embedding; cfg_number 1 selects the one-pass path
     distill_nearly_clean_chunk_threshold: float = 0.3
     shortcut_mode: str = "8,16,16"
     prev_chunks_scale: float = 0.7
@@ -87,7 +87,7 @@ class SamplerSettings:
             cfg_t_range=tuple(rt.cfg_t_range),
             prev_chunk_scales=tuple(rt.prev_chunk_scales),
             text_scales=tuple(rt.text_scales),
-            distill=en.distill or en.fp8_quant,
+            distill=en.distill,
             distill_nearly_clean_chunk_threshold=en.distill_nearly_clean_chunk_threshold,
             shortcut_mode=en.shortcut_mode,
             prev_chunks_scale=scale,
@@ -245,7 +245,7 @@ def _advance(loop: _Loop, window: dict[int, torch.Tensor], step: Step) -> None:
     """One sampler step: velocity of the window's denoising chunks, Euler update in place."""
     x = loop.call_input(window, step)
     times = step_times(step, loop.ts, loop.settings.clean_t)  # [R_call] float32
-    if loop.settings.distill:
+    if loop.settings.cfg_number == 1:  # distill / fp8 checkpoints: one pass
         v = _distill_velocity(loop, step, x, times)
     else:
         v = _cfg_velocity(loop, step, x, times)
@@ -333,7 +333,7 @@ def _extract_prefix(loop: _Loop) -> None:
     kv = token_ranges(call.kv_ranges, loop.tokens)
     # The cache-writing pass is the text-dropped one for base models (adaLN row 799) and the
     # single conditional pass for distilled models.
-    loop.run_pass(x, t, caps, not loop.settings.distill, kv, 0, o, 0)
+    loop.run_pass(x, t, caps, loop.settings.cfg_number == 3, kv, 0, o, 0)
 
 
 def _split_chunks(v: torch.Tensor, cw: int) -> torch.Tensor:
@@ -366,10 +366,10 @@ def _check_inputs(plan: ChunkPlan, settings: SamplerSettings, prefix: torch.Tens
         raise ValueError(
             "plan and settings disagree on num_steps / chunk_width: build the plan with settings.plan()"
         )
-    if settings.cfg_number != (1 if settings.distill else 3):
+    if settings.cfg_number not in (1, 3) or settings.distill and settings.cfg_number != 1:
         raise ValueError(
-            f"cfg_number {settings.cfg_number} does not fit "
-            f"{'a distilled' if settings.distill else 'a base'} model (distill needs 1, base needs 3)"
+            f"cfg_number {settings.cfg_number} is not supported here: base models use 3 CFG passes, "
+            "distilled / fp8 models 1"
         )
     got = 0 if prefix is None else prefix.shape[2]
     if got != plan.prefix_frames:
