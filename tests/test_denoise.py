@@ -17,14 +17,14 @@ from magi.sampling.denoise import CaptionTable, SamplerSettings, denoise
 from tests.conftest import load_fixture, rel_l2
 
 # case -> tolerance on the relative L2 of the final latents. float32 configs are exact math up to
-# accumulation order; the fp8 run emulates bf16 activations / e4m3 inputs on CPU, where one DiT
-# call of magi's fp8 path is ~2e-2 from the official one (stated fp8 tolerance 2e-2).
+# accumulation order (measured ~4e-7); the fp8 run (bf16 activations, e4m3 inputs, emulated on CPU
+# the way the fixtures were made) currently agrees bit for bit, held to the same 1e-4.
 CASES = {
     "t2v_4p5b_base": 1e-4,
     "t2v_24b_base": 1e-4,
     "v2v_4p5b_base": 1e-4,
     "i2v_4p5b_distill": 1e-4,
-    "t2v_4p5b_distill_quant": 2e-2,
+    "t2v_4p5b_distill_quant": 1e-4,
 }
 
 
