@@ -10,6 +10,7 @@ import dataclasses
 import multiprocessing
 import os
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,15 +64,13 @@ def _rank_entry(fn: Callable, rank: int, world: int, port: int, log: str, args: 
 
 
 def run_ranks(
-    fn: Callable, world: int, tmp_path: Path, *args: Any, timeout: float = 90.0
+    fn: Callable, world: int, tmp_path: Path, *args: Any, timeout: float = 90.0, entry: Callable = _rank_entry
 ) -> list[RankResult]:
     """Run ``fn(rank, world, *args)`` in ``world`` fresh processes; kill stragglers after ``timeout``."""
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
     logs = [str(tmp_path / f"rank{r}.log") for r in range(world)]
-    procs = [
-        ctx.Process(target=_rank_entry, args=(fn, r, world, port, logs[r], args)) for r in range(world)
-    ]
+    procs = [ctx.Process(target=entry, args=(fn, r, world, port, logs[r], args)) for r in range(world)]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + timeout
@@ -173,6 +172,7 @@ def _layout_and_collectives(rank: int, world: int) -> None:
         dist.all_gather(got, torch.tensor([float(rank)]), group=group)
         assert [int(g) for g in got] == list(expected), (got, expected)
     mesh_mod.check_same_config(MagiConfig(engine=engine(pp_size=2, cp_size=2)), mesh)
+    assert mesh_mod.any_rank(rank == 3, mesh) and not mesh_mod.any_rank(False, mesh)
     shared = mesh_mod.share_from_rank0(lambda: (torch.arange(3) + rank, {"from": rank}), mesh)
     assert torch.equal(shared[0], torch.arange(3)) and shared[1] == {"from": 0}
     for group, size, index in ((mesh.cp_group, 2, mesh.cp_rank), (dist.group.WORLD, world, rank)):
@@ -215,12 +215,14 @@ def test_mismatched_configs_are_detected_at_start(tmp_path: Path) -> None:
         assert "runtime_config.num_steps=12" in res.log, res.log
 
 
-def _one_rank_fails(rank: int, world: int, failing: int) -> None:
+def _one_rank_fails(rank: int, world: int, failing: int, guarded: bool) -> None:
+    import contextlib
+
     import torch.distributed as dist
 
-    mesh = mesh_mod.init_from_env(engine(cp_size=world, cp_strategy="cp_ulysses"))
+    mesh_mod.init_from_env(engine(cp_size=world, cp_strategy="cp_ulysses"))
     sleeper = (failing + 1) % world
-    with mesh_mod.fail_fast():
+    with mesh_mod.fail_fast() if guarded else contextlib.nullcontext():
         if rank == failing:
             time.sleep(1.0)
             raise RuntimeError("boom from the test")
@@ -230,10 +232,24 @@ def _one_rank_fails(rank: int, world: int, failing: int) -> None:
         dist.recv(torch.zeros(1), src=sleeper)
 
 
-@pytest.mark.parametrize("failing", [1, 0], ids=["worker-fails", "store-host-fails"])
-def test_one_failing_rank_stops_every_rank_quickly(tmp_path: Path, failing: int) -> None:
+def _uncaught_entry(fn: Callable, rank: int, world: int, port: int, log: str, args: tuple) -> None:
+    # multiprocessing catches exceptions itself; re-raise through sys.excepthook as a script would.
+    try:
+        _rank_entry(fn, rank, world, port, log, args)
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        os._exit(1)
+
+
+@pytest.mark.parametrize(
+    "failing,guarded",
+    [(1, True), (0, True), (1, False)],
+    ids=["worker-fails", "store-host-fails", "uncaught-without-fail_fast"],
+)
+def test_one_failing_rank_stops_every_rank_quickly(tmp_path: Path, failing: int, guarded: bool) -> None:
     start = time.monotonic()
-    results = run_ranks(_one_rank_fails, 3, tmp_path, failing, timeout=60)
+    entry = _rank_entry if guarded else _uncaught_entry
+    results = run_ranks(_one_rank_fails, 3, tmp_path, failing, guarded, timeout=60, entry=entry)
     elapsed = time.monotonic() - start
     for rank, res in enumerate(results):
         assert res.exitcode not in (0, None), f"rank {rank} exit {res.exitcode}:\n{res.log}"

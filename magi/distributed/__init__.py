@@ -11,6 +11,7 @@ files never import torch.distributed.
 
 from magi.distributed.mesh import (
     Mesh,
+    any_rank,
     check_same_config,
     current_mesh,
     fail_fast,
@@ -24,6 +25,7 @@ from magi.distributed.vae_parallel import decode_to_uint8, tile_parallel_decode
 
 __all__ = [
     "Mesh",
+    "any_rank",
     "build_parallel_dit",
     "check_same_config",
     "current_mesh",

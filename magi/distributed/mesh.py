@@ -219,6 +219,19 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+def any_rank(flag: bool, mesh: Mesh) -> bool:
+    """True on every rank when ``flag`` is true on at least one (collective: all ranks call it).
+
+    For decisions that must be the same everywhere, e.g. stopping after a Ctrl-C that reached
+    the ranks at different steps (a rank leaving the loop alone would strand the others).
+    """
+    if not mesh.is_distributed:
+        return flag
+    value = torch.tensor([int(flag)], device=mesh.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def current_mesh() -> Mesh | None:
     """The mesh built by the last ``init_from_env`` in this process (None before)."""
     return _current_mesh
@@ -380,6 +393,20 @@ def _start_watchdog(rank: int, world_size: int) -> None:
         return
     _watchdog = _Watchdog(store, rank, world_size)
     _watchdog.start()
+    _report_uncaught(rank)
+
+
+def _report_uncaught(rank: int) -> None:
+    """An exception nobody catches also stops the peers (code outside ``fail_fast`` included)."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+        previous(kind, error, tb)
+        message = f"rank {rank} failed: {kind.__name__}: {error}"
+        print(f"[magi rank {rank}] {message}", file=sys.stderr, flush=True)
+        report_failure(message)
+
+    sys.excepthook = hook
 
 
 def report_failure(message: str) -> str:
