@@ -33,7 +33,7 @@ from magi.config import EngineConfig, MagiConfig
 _ABORT_KEY = "abort"
 _ACK_KEY = "abort_ack"
 _POLL_SECONDS = 0.25
-_ACK_WAIT_SECONDS = 5.0
+_ACK_WAIT_SECONDS = 10.0  # longest wait for every rank to read a failure report
 
 _current_mesh: "Mesh | None" = None
 
@@ -402,9 +402,7 @@ def _report_uncaught(rank: int) -> None:
 
     def hook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
         previous(kind, error, tb)
-        message = f"rank {rank} failed: {kind.__name__}: {error}"
-        print(f"[magi rank {rank}] {message}", file=sys.stderr, flush=True)
-        report_failure(message)
+        _announce(rank, f"rank {rank} failed: {kind.__name__}: {error}")
 
     sys.excepthook = hook
 
@@ -429,6 +427,15 @@ def report_failure(message: str) -> str:
         return message  # the peers then fail on the broken collectives / store instead
 
 
+def _announce(rank: int, message: str) -> None:
+    """Print this rank's failure, publish it, and name the root cause if another rank failed first."""
+    print(f"[magi rank {rank}] {message}", file=sys.stderr, flush=True)
+    if _current_mesh is not None and _current_mesh.is_distributed:
+        first = report_failure(message)
+        if first != message:
+            print(f"[magi rank {rank}] stopping because {first}", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def fail_fast(exit_on_error: bool = False) -> Iterator[None]:
     """Run a block so that an exception on this rank stops every rank promptly.
@@ -443,13 +450,8 @@ def fail_fast(exit_on_error: bool = False) -> Iterator[None]:
         if isinstance(error, SystemExit) and error.code in (0, None):
             raise
         rank = _current_mesh.rank if _current_mesh is not None else 0
-        message = f"rank {rank} failed: {type(error).__name__}: {error}"
-        print(f"[magi rank {rank}] {message}", file=sys.stderr, flush=True)
         traceback.print_exc()
-        if _current_mesh is not None and _current_mesh.is_distributed:
-            first = report_failure(message)
-            if first != message:
-                print(f"[magi rank {rank}] stopping because {first}", file=sys.stderr, flush=True)
+        _announce(rank, f"rank {rank} failed: {type(error).__name__}: {error}")
         if exit_on_error:
             sys.stderr.flush()
             os._exit(1)
