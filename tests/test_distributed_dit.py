@@ -62,12 +62,12 @@ def _caption(segments: int, lcap: int, ccap: int, gen: torch.Generator) -> tuple
     return y, mask
 
 
-def dit_calls(model: torch.nn.Module, cfg: MagiConfig) -> list[torch.Tensor]:
+def dit_calls(model: torch.nn.Module, cfg: MagiConfig, cache: KVCache | None = None) -> list[torch.Tensor]:
     """A sequence of passes: cache writes, cache reads, batch 2 with and without history."""
     gen = torch.Generator().manual_seed(1)
     lcap, ccap = cfg.model.caption_max_length, cfg.model.caption_channels
     c = 9  # tokens per chunk: one latent frame of 6x6 -> 3x3 patches
-    cache = KVCache(max_chunks=8)
+    cache = KVCache(max_chunks=8) if cache is None else cache
     outs = []
 
     def call(chunks: int, batch: int, slice_point: int, kv_range: list[list[int]], write: int, dropped: bool):
@@ -122,7 +122,11 @@ def _layout_rank(rank: int, world: int, cfgs: list[MagiConfig], out: str) -> Non
         results = {}
         for i, cfg in enumerate(cfgs):
             model = build_parallel_dit(cfg, mesh)
-            results[f"passes{i}"] = dit_calls(model, cfg)
+            cache = KVCache(max_chunks=8)
+            results[f"passes{i}"] = dit_calls(model, cfg, cache)
+            # Each rank caches only its own K/V heads (repeated ones when cp > G).
+            heads = max(1, cfg.model.num_query_groups // mesh.cp_size)
+            assert cache.read(0, 0, 5, "cpu").shape[1:] == (heads, 2 * cfg.model.kv_channels)
             if i == 0:
                 results.update(denoise_runs(model, cfg))
         torch.save(results, f"{out}.rank{rank}.pt")
