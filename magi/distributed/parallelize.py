@@ -30,7 +30,7 @@ from magi.distributed.context_parallel import (
     gather_call,
     shard_call,
 )
-from magi.distributed.mesh import Mesh
+from magi.distributed.mesh import Mesh, check_same_config, fail_fast
 from magi.distributed.pipeline_parallel import (
     broadcast_from_last_stage,
     recv_from_previous_stage,
@@ -141,7 +141,9 @@ def _override(model: nn.Module, name: str, fn: Callable[..., Any]) -> None:
 
 
 def build_parallel_dit(config: MagiConfig, mesh: Mesh) -> DiT:
-    """Load this rank's pipeline stage of the DiT (only its layers) and parallelize it.
+    """Check every rank has the same config, load this stage's layers only, parallelize.
+
+    A loading error on one rank (e.g. a shard missing on one node) stops every rank at once.
 
     Args:
         config: the run's config (runtime.load names the checkpoint).
@@ -149,6 +151,8 @@ def build_parallel_dit(config: MagiConfig, mesh: Mesh) -> DiT:
     """
     from magi.checkpoint import load_dit
 
-    layers = stage_layers(config.model.num_layers, mesh.pp_size, mesh.pp_rank)
-    model = load_dit(config, mesh.device, layers=None if mesh.pp_size == 1 else list(layers))
-    return parallelize(model, mesh, config.engine)
+    with fail_fast():
+        check_same_config(config, mesh)
+        layers = stage_layers(config.model.num_layers, mesh.pp_size, mesh.pp_rank)
+        model = load_dit(config, mesh.device, layers=None if mesh.pp_size == 1 else list(layers))
+        return parallelize(model, mesh, config.engine)
