@@ -93,7 +93,7 @@ def dit_calls(model: torch.nn.Module, cfg: MagiConfig, cache: KVCache | None = N
 
 
 def denoise_runs(model: torch.nn.Module, cfg: MagiConfig) -> dict[str, list[torch.Tensor]]:
-    """The whole sampler loop, base model (3-pass CFG): t2v, and v2v with a partial prefix chunk."""
+    """The whole sampler loop: 3-pass CFG t2v, v2v with a partial prefix chunk, distilled t2v."""
     from magi.sampling.denoise import CaptionTable, SamplerSettings, denoise
 
     # 3 frames x 9 tokens = 27 tokens per chunk: CP splits are uneven and cut through chunks.
@@ -106,10 +106,12 @@ def denoise_runs(model: torch.nn.Module, cfg: MagiConfig) -> dict[str, list[torc
     noise = torch.randn(1, 16, chunks * 3, 6, 6, generator=gen)
     prefix = torch.randn(1, 16, 4, 6, 6, generator=gen)  # chunk 0 + 1 frame of chunk 1
     captions = CaptionTable(y, mask)
+    # Distilled sampling: one pass per step, plus the appended nearly-clean copy of chunk 0.
+    distill = dataclasses.replace(settings, distill=True, cfg_number=1)
     runs = {}
-    for name, pre in (("t2v", None), ("v2v", prefix)):
-        plan = settings.plan(chunks, 0 if pre is None else pre.shape[2])
-        runs[name] = [v for _, v in denoise(model, plan, settings, captions, noise, prefix=pre)]
+    for name, sampler, pre in (("t2v", settings, None), ("v2v", settings, prefix), ("t2v_distill", distill, None)):
+        plan = sampler.plan(chunks, 0 if pre is None else pre.shape[2])
+        runs[name] = [v for _, v in denoise(model, plan, sampler, captions, noise, prefix=pre)]
     return runs
 
 
@@ -187,6 +189,10 @@ def test_t2v_denoise_loop_equals_single_process(layout_run) -> None:
 
 def test_v2v_denoise_loop_equals_single_process(layout_run) -> None:
     _assert_close(layout_run, "v2v")
+
+
+def test_distilled_t2v_denoise_loop_equals_single_process(layout_run) -> None:
+    _assert_close(layout_run, "t2v_distill")
 
 
 def _fake_mesh(pp: int, cp: int, rank: int = 0):
