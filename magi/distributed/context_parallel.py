@@ -108,12 +108,20 @@ def gather_sequence(x: torch.Tensor, group: Any, seq_sizes: list[int], dim: int 
 # n / g the heads one rank holds after the exchange.
 
 
+# How shard_call treats every DiTContext field: cut to the local tokens, or kept whole.
+_PER_TOKEN = {"rope_cos", "rope_sin", "condition_map", "xattn_q_ranges", "xattn_k_ranges"}
+_WHOLE = {
+    "condition", "y_xattn", "caption_counts", "self_q_ranges", "self_k_ranges", "chunk_tokens",
+    "batch", "slice_point", "kv_cache", "cache_write_chunks",
+}  # fmt: skip
+
+
 @dataclass
 class ShardedContext(DiTContext):
     """A ``DiTContext`` whose token fields hold only this rank's contiguous sequence piece."""
 
-    seq_sizes: list[int]  # tokens per CP rank (per batch item), ``split_sizes(S, W)``
-    cp_rank: int
+    seq_sizes: list[int] = dataclasses.field(default_factory=list)  # tokens per CP rank, per item
+    cp_rank: int = 0
 
 
 def shard_call(
@@ -134,6 +142,12 @@ def shard_call(
     start, end = split_bounds(seq, cp_size, cp_rank)
     q_ranges, k_ranges = _local_query_ranges(ctx.xattn_q_ranges, ctx.xattn_k_ranges, seq, start, end)
     fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(DiTContext)}
+    unknown = sorted(set(fields) - _PER_TOKEN - _WHOLE)
+    if unknown:  # a new field might be per token: slicing it wrongly would be a silent error
+        raise RuntimeError(
+            f"DiTContext has field(s) {unknown} that magi.distributed.context_parallel does not "
+            "know; add them to _PER_TOKEN or _WHOLE there"
+        )
     fields.update(
         rope_cos=ctx.rope_cos[start:end],
         rope_sin=ctx.rope_sin[start:end],
