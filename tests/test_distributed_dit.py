@@ -131,6 +131,10 @@ def _layout_rank(rank: int, world: int, cfgs: list[MagiConfig], out: str) -> Non
             assert cache.read(0, 0, 5, "cpu").shape[1:] == (heads, 2 * cfg.model.kv_channels)
             if i == 0:
                 results.update(denoise_runs(model, cfg))
+        if world == 4:  # the same ranks regrouped as cp 4 > G 2: every K/V head goes to 2 ranks
+            cp4 = cfgs[0].replace(engine=engine(cp_size=4, cp_strategy="cp_ulysses"))
+            model = build_parallel_dit(cp4, init_from_env(cp4.engine))
+            results["cp4_passes0"] = dit_calls(model, cp4)
         torch.save(results, f"{out}.rank{rank}.pt")
     shutdown()
 
@@ -149,7 +153,7 @@ def _reference(cfgs: list[MagiConfig]) -> dict[str, list[torch.Tensor]]:
 
 
 # layout -> (cp, pp, K/V groups of each model run in that launch). cp 2 also runs a G = 1 model
-# (K/V heads repeated across the CP ranks).
+# and the 4-rank launch also runs cp 4 with G = 2 (K/V heads repeated across the CP ranks).
 LAYOUTS = {"cp2": (2, 1, (2, 1)), "pp2": (1, 2, (2,)), "cp2xpp2": (2, 2, (2,))}
 
 
@@ -218,3 +222,13 @@ def test_parallelize_rejects_wrong_models_with_one_line(tmp_path: Path) -> None:
     single = parallelize(DiT(cfg.model), _fake_mesh(1, 1), engine())
     with pytest.raises(ValueError, match="already applied"):
         parallelize(single, _fake_mesh(1, 1), engine())
+
+
+def test_cp4_with_repeated_kv_heads_equals_single_process(layout_run) -> None:
+    name, expected, ranks = layout_run
+    if name != "cp2xpp2":
+        pytest.skip("cp 4 runs inside the 4-rank launch only")
+    for rank, got in enumerate(ranks):
+        for i, (a, b) in enumerate(zip(got["cp4_passes0"], expected["passes0"])):
+            err = rel_l2(a, b)
+            assert err <= TOL, f"cp4 rank {rank} call {i}: rel L2 {err:.2e} > {TOL}"
