@@ -1,4 +1,4 @@
-"""Tile-parallel VAE decode equals the single-process tiled decode bit for bit (tiny VAE, gloo)."""
+"""Tile-parallel VAE decode / encode equal the single-process tiled runs bit for bit (tiny VAE, gloo)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ from pathlib import Path
 import torch
 
 from magi import video_io
-from magi.distributed.vae_parallel import decode_to_uint8, deal_tiles, decode_windows, tile_parallel_decode
-from magi.models.vae import TileSpec, ViTVAE, tiled_decode
+from magi.distributed.vae_parallel import (
+    deal_tiles,
+    decode_to_uint8,
+    decode_windows,
+    encode_prefix,
+    tile_parallel_decode,
+    tile_parallel_encode,
+)
+from magi.models.vae import TileSpec, ViTVAE, tiled_decode, tiled_encode
 from tests.test_distributed import assert_all_ok, run_ranks, single_thread
 
 DDCONFIG = {
@@ -34,6 +41,13 @@ def latents() -> tuple[torch.Tensor, torch.Tensor]:
     return small, big
 
 
+def pixels() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(4)
+    clip = torch.rand(1, 3, 8, 48, 40, generator=gen) * 2 - 1  # 2 x 2 x 2 tiles of 32 px, 4 frames
+    frames = torch.randint(0, 256, (8, 64, 72, 3), generator=gen, dtype=torch.uint8)
+    return clip, frames
+
+
 def test_tiles_are_dealt_largest_first_round_robin() -> None:
     assert deal_tiles([4, 9, 9, 1, 6], 2) == [[1, 4, 3], [2, 0]]
     z = torch.zeros(1, 16, 4, 7, 7)
@@ -50,18 +64,27 @@ def _vae_rank(rank: int, world: int, out: str) -> None:
         vae, (small, big) = tiny_vae(), latents()
         video = tile_parallel_decode(vae, small, SMALL_TILES)
         frames = decode_to_uint8(vae, big, fps=8)
-        torch.save({"video": video, "frames": frames}, f"{out}.rank{rank}.pt")
+        clip, pixel_frames = pixels()
+        latent = tile_parallel_encode(vae, clip, TileSpec(size=32, frames=4))
+        prefix = encode_prefix(vae, pixel_frames, fps=8)
+        results = {"video": video, "frames": frames, "latent": latent, "prefix": prefix}
+        torch.save(results, f"{out}.rank{rank}.pt")
     shutdown()
 
 
-def test_tile_parallel_decode_equals_single_process(tmp_path: Path) -> None:
+def test_tile_parallel_vae_equals_single_process(tmp_path: Path) -> None:
     vae, (small, big) = tiny_vae(), latents()
+    clip, pixel_frames = pixels()
     with single_thread():  # bit-equality needs the ranks' matmul reduction order
-        expected_video = tiled_decode(vae, small, SMALL_TILES, autocast=True)
-        expected_frames = video_io.decode_to_uint8(vae, big, fps=8)
+        expected = {
+            "video": tiled_decode(vae, small, SMALL_TILES, autocast=True),
+            "frames": video_io.decode_to_uint8(vae, big, fps=8),
+            "latent": tiled_encode(vae, clip, TileSpec(size=32, frames=4)),
+            "prefix": video_io.encode_prefix(vae, pixel_frames, fps=8),
+        }
     out = str(tmp_path / "out")
     assert_all_ok(run_ranks(_vae_rank, 3, tmp_path, out))
     for rank in range(3):
         got = torch.load(f"{out}.rank{rank}.pt")
-        assert torch.equal(got["video"], expected_video), f"rank {rank} tiled decode differs"
-        assert torch.equal(got["frames"], expected_frames), f"rank {rank} uint8 frames differ"
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), f"rank {rank}: {key} differs from the single process"
