@@ -443,13 +443,15 @@ def fail_fast(exit_on_error: bool = False) -> Iterator[None]:
     The exception is printed with its traceback, published to the other ranks (their watchdog
     exits them with status 1 and the message), and re-raised, or with ``exit_on_error`` the process
     exits with status 1 right away (for CLIs: skips process-group teardown that could block).
+    In a single process (no mesh, or world size 1) it only re-raises: there is nobody to tell.
     """
     try:
         yield
     except BaseException as error:
-        if isinstance(error, SystemExit) and error.code in (0, None):
+        alone = _current_mesh is None or not _current_mesh.is_distributed
+        if alone or isinstance(error, SystemExit) and error.code in (0, None):
             raise
-        rank = _current_mesh.rank if _current_mesh is not None else 0
+        rank = _current_mesh.rank
         traceback.print_exc()
         _announce(rank, f"rank {rank} failed: {type(error).__name__}: {error}")
         if exit_on_error:
