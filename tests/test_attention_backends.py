@@ -199,3 +199,47 @@ def test_flex_compiled_matches_sdpa_on_cuda(case: str) -> None:
     out = flex.attention(q, k, v, q_ranges, k_ranges)
     reference = attention(q, k, v, q_ranges, k_ranges, backend="sdpa")
     assert rel_l2(out.float(), reference.float()) <= 1e-2
+
+
+# ---------------------------------------------------------------- "auto" and availability checks
+def test_auto_picks_by_device_dtype_and_installed_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    import magi.attention as attn
+
+    assert attn.resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert attn.resolve_backend("flex", "cpu", torch.float32) == "flex"  # explicit names pass through
+    monkeypatch.setattr(flash, "is_available", lambda: True)
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "flash"
+    assert attn.resolve_backend("auto", "cuda", torch.float16) == "flash"
+    assert attn.resolve_backend("auto", "cuda", torch.float32) == "flex"  # flash-attn has no fp32
+    monkeypatch.setattr(flash, "is_available", lambda: False)
+    assert attn.resolve_backend("auto", "cuda", torch.bfloat16) == "flex"
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+        attn.resolve_backend("xformers", "cpu", torch.float32)
+
+
+def test_check_backend_refuses_what_cannot_run_in_one_line() -> None:
+    import magi.attention as attn
+
+    assert attn.check_backend("auto", "cpu", torch.float32) == "sdpa"
+    assert attn.check_backend("flex", "cpu", torch.float32) == "flex"
+    with pytest.raises(ValueError, match="'flash' runs bf16/fp16 on CUDA, not torch.float32 on cpu") as err:
+        attn.check_backend("flash", "cpu", torch.float32)
+    assert "\n" not in str(err.value)
+
+
+def test_auto_backend_gives_the_sdpa_numbers_on_cpu() -> None:
+    import magi.attention as attn
+
+    q_ranges, k_ranges, lk = block_causal_ranges(37, 3, 1, [2, 3, 2])
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3 * 37, N_HEADS, HEAD_DIM, generator=g)
+    k, v = (torch.randn(lk, N_GROUPS, HEAD_DIM, generator=g) for _ in range(2))
+    expected = attn.attention(q, k, v, q_ranges, k_ranges, backend="sdpa")
+    assert torch.equal(attn.attention(q, k, v, q_ranges, k_ranges, backend="auto"), expected)
+    previous = attn.get_backend()
+    try:
+        attn.set_backend("auto")
+        assert attn.get_backend() == "auto"
+        assert torch.equal(attn.attention(q, k, v, q_ranges, k_ranges), expected)
+    finally:
+        attn.set_backend(previous)

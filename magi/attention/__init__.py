@@ -8,6 +8,11 @@ backend. Backends are modules exposing a function ``attention(q, k, v, q_ranges,
 this contract; they are imported lazily by name, so optional ones (which need extra packages or a
 GPU) cost nothing until chosen.
 
+``"auto"`` is a name too: it picks, per call, from the query's device and dtype (flash-attn on CUDA
+for bf16 / fp16 when installed, else FlexAttention on CUDA, else SDPA), so one model can run its
+CPU tests and its GPU runs under the same setting. ``check_backend`` says before any model is
+loaded whether a choice can run on a device and dtype (one-line ``ValueError`` when not).
+
 Legend: L tokens, N query heads, G K/V heads, D head dim, S segments.
 """
 
@@ -19,7 +24,10 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "attention", "get_backend", "set_backend"]
+__all__ = [
+    "AUTO", "BACKENDS", "BACKEND_CHOICES", "attention", "check_backend", "get_backend",
+    "resolve_backend", "set_backend",
+]  # fmt: skip
 
 # name -> module implementing ``attention(q, k, v, q_ranges, k_ranges)``
 BACKENDS: dict[str, str] = {
@@ -28,20 +36,85 @@ BACKENDS: dict[str, str] = {
     "flash": "magi.attention.flash",
 }
 
+AUTO = "auto"  # resolved per call by ``resolve_backend`` (never a module of its own)
+BACKEND_CHOICES: tuple[str, ...] = (AUTO, *BACKENDS)
+
 _default_backend = "sdpa"
 _loaded: dict[str, ModuleType] = {}
+_auto_choice: dict[tuple[str, torch.dtype], str] = {}  # (device type, dtype) -> resolved name
 
 
 def set_backend(name: str) -> None:
     """Choose the backend used when ``attention`` is called without ``backend=``.
 
     Args:
-        name: one of ``BACKENDS`` ("sdpa", "flex", "flash"). The backend is imported now, so
-            a missing optional package fails here with one line rather than mid-generation.
+        name: one of ``BACKEND_CHOICES`` ("auto", "sdpa", "flex", "flash"). A concrete backend is
+            imported now, so a missing optional package fails here with one line rather than
+            mid-generation; "auto" resolves on each call (see ``resolve_backend``). Use
+            ``check_backend`` to also check the device and dtype.
     """
     global _default_backend
-    _backend_fn(name)
+    if name != AUTO:
+        _backend_fn(name)
     _default_backend = name
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The concrete backend ``name`` stands for on ``device`` with ``dtype`` inputs.
+
+    "auto": "flash" on CUDA for bf16 / fp16 when flash-attn is installed, else "flex" on CUDA,
+    else "sdpa". Any other name is returned as it is (after checking it is known).
+
+    Args:
+        name: one of ``BACKEND_CHOICES``.
+        device: where q / k / v live.
+        dtype: their dtype.
+    """
+    if name != AUTO:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; choose one of {list(BACKEND_CHOICES)}")
+        return name
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "sdpa"
+    from magi.attention import flash
+
+    return "flash" if dtype in (torch.float16, torch.bfloat16) and flash.is_available() else "flex"
+
+
+def check_backend(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Check that backend ``name`` can run on ``device`` with ``dtype``; return the concrete name.
+
+    Meant to run before any model is loaded, so a bad choice costs nothing.
+
+    Args:
+        name: one of ``BACKEND_CHOICES``.
+        device: the compute device of the model.
+        dtype: the dtype attention runs in (the model's params dtype).
+
+    Raises:
+        ValueError: one line naming the problem and the alternative.
+    """
+    chosen = resolve_backend(name, device, dtype)
+    device = torch.device(device)
+    try:
+        _backend_fn(chosen)
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    if chosen == "flash":
+        from magi.attention import flash
+
+        if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"attention backend 'flash' runs bf16/fp16 on CUDA, not {dtype} on {device.type}; "
+                "choose 'auto', 'flex' or 'sdpa'"
+            )
+        if not flash.is_available():
+            raise ValueError(
+                "attention backend 'flash' needs the flash-attn package (pip install flash-attn "
+                "--no-build-isolation); choose 'auto', 'flex' or 'sdpa'"
+            )
+    return chosen
 
 
 def get_backend() -> str:
@@ -66,18 +139,30 @@ def attention(
         v: [Lk, G, D] values.
         q_ranges: [S, 2] int; disjoint query segments covering [0, Lq).
         k_ranges: [S, 2] int; segment i attends fully to keys [k0, k1) (an empty range gives 0).
-        backend: backend name for this call; None uses ``get_backend()``.
+        backend: backend name for this call ("auto" picks from q's device and dtype); None
+            uses ``get_backend()``.
 
     Returns:
         [Lq, N, D] in q's dtype, softmax scale 1/sqrt(D).
     """
     _check_shapes(q, k, v, q_ranges, k_ranges)
-    return _backend_fn(backend or _default_backend)(q, k, v, q_ranges, k_ranges)
+    name = backend or _default_backend
+    if name == AUTO:
+        name = _auto_for(q)
+    return _backend_fn(name)(q, k, v, q_ranges, k_ranges)
+
+
+def _auto_for(q: torch.Tensor) -> str:
+    # Resolved once per (device type, dtype): the flash-attn import probe is not free.
+    key = (q.device.type, q.dtype)
+    if key not in _auto_choice:
+        _auto_choice[key] = resolve_backend(AUTO, q.device, q.dtype)
+    return _auto_choice[key]
 
 
 def _backend_fn(name: str) -> Callable[..., torch.Tensor]:
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {list(BACKEND_CHOICES)}")
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(BACKENDS[name])
