@@ -20,6 +20,7 @@ from typing import NoReturn, Sequence
 from magi.config import ConfigError, MagiConfig, check_paths, check_world_size, load_config
 
 MODES = ("t2v", "i2v", "v2v")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")  # magi.attention.BACKEND_CHOICES
 # Env flags that make the conditioning read special_tokens.npz (shared/spec/text.md §3).
 _TOKEN_FLAGS = (
     "PAD_HQ", "PAD_DURATION", "PAD_STATIC", "PAD_DYNAMIC", "PAD_BORDERNESS",
@@ -88,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_tensors", metavar="PATH.safetensors",
                         help="also save the final latent and frames to this safetensors file")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    perf = parser.add_argument_group("speed and memory (same video either way; docs/PERFORMANCE.md)")
+    perf.add_argument("--attention_backend", choices=ATTENTION_BACKENDS, default="auto",
+                      help="attention kernel: auto (flash-attn on CUDA for bf16/fp16 when installed, "
+                           "else flex on CUDA, else sdpa), sdpa, flex or flash; default auto")
+    perf.add_argument("--offload", action="store_true",
+                      help="keep the DiT in host memory and stream its layers to the GPU one at a time "
+                           "(for GPUs too small for the model; slower); also keeps the VAE on the host")
+    perf.add_argument("--vae_offload", choices=("auto", "on", "off"), default="auto",
+                      help="keep the VAE in host memory except while it encodes/decodes "
+                           "(auto: on with --offload)")
+    perf.add_argument("--compile", action="store_true",
+                      help="torch.compile each transformer layer (compiles on the first chunk)")
     return parser
 
 
@@ -194,6 +207,16 @@ def _device(name: str | None) -> str:
     return name
 
 
+def _check_attention(name: str, device: str, cfg: MagiConfig) -> None:
+    """An --attention_backend that cannot run here fails now, before any model loads."""
+    from magi.attention import check_backend
+
+    try:
+        check_backend(name, device, cfg.model.dtype)
+    except ValueError as err:
+        raise UsageError(f"--attention_backend {name}: {err}") from None
+
+
 def _special_tokens(cfg: MagiConfig) -> None:
     """Find special_tokens.npz before any model loads (it is read only when a PAD_*/NEG_PROMPT flag is on)."""
     env = os.environ.get("SPECIAL_TOKEN_PATH")
@@ -229,6 +252,9 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     except ConfigError as err:  # includes CheckpointNotFoundError
         raise UsageError(str(err)) from None
     args.device = _device(args.device)
+    _check_attention(args.attention_backend, args.device, cfg)
+    if args.offload and cfg.engine.pp_size * cfg.engine.cp_size > 1:
+        raise UsageError("--offload works in a single process only; drop it for multi-GPU configs")
     _special_tokens(cfg)
     return cfg, request, args
 
@@ -246,7 +272,10 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
         )
         return 1
     Path(request.output_path).parent.mkdir(parents=True, exist_ok=True)
-    pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat)
+    vae_offload = {"auto": None, "on": True, "off": False}[args.vae_offload]
+    pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat,
+                                    attention_backend=args.attention_backend, offload_blocks=args.offload,
+                                    compile=args.compile, vae_offload=vae_offload)  # fmt: skip
     # progress=True prints a per-chunk bar and a summary line naming the output (rank 0 only).
     result = pipe.generate(**dataclasses.asdict(request), progress=True)
     return 130 if getattr(result, "interrupted", False) else 0  # 130: stopped by Ctrl-C

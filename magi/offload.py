@@ -21,6 +21,7 @@ otherwise fit; see docs/PERFORMANCE.md.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -156,6 +157,39 @@ def offload_blocks(
             if id(buf) not in layer_ids:
                 module._buffers[name] = buf.to(device)
     return BlockOffloader(layers, device, pin_memory=pin_memory, prefetch=prefetch)
+
+
+class HostResident:
+    """Keep a whole module's weights in host memory; ``with on_device():`` brings them in.
+
+    For a module used now and then (the VAE: one encode per request, one decode per chunk), so its
+    device memory is held only while it works. Leaving the block just points the parameters back at
+    the host copies (no device-to-host copy). On a CPU device nothing moves.
+
+    Args:
+        module: the module (any device; its tensors are moved to host memory now).
+        device: where it runs inside ``on_device``.
+        pin_memory: page-locked host copies (default: when CUDA is available).
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device | str, *, pin_memory: bool | None = None) -> None:
+        self.module, self.device = module, torch.device(device)
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._host = _to_host(module, pin)
+        self.loads = 0  # times the weights were copied in
+
+    @contextmanager
+    def on_device(self) -> Iterator[nn.Module]:
+        """The module with its weights on the device, for the duration of the block."""
+        tensors = [t.to(self.device, non_blocking=True) for t in self._host]
+        self.loads += 1
+        for slot, t in zip(_tensor_slots(self.module), tensors, strict=True):
+            slot.data = t
+        try:
+            yield self.module
+        finally:
+            for slot, t in zip(_tensor_slots(self.module), self._host, strict=True):
+                slot.data = t
 
 
 def _tensor_slots(module: nn.Module) -> Iterator[torch.Tensor]:

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from magi.models.kv_cache import KVCache
 from magi.models.vae import ViTVAE, tile_spec_for_fps
 from magi.sampling.chunks import ChunkPlan, Step
 from magi.sampling.denoise import NULL, PROMPT, SamplerSettings, denoise
+from magi.sampling.noise import SPILL_BYTES, InitialNoise
 
 MODES = ("t2v", "i2v", "v2v")
 COMPAT_MODES = ("magi", "official")
@@ -274,6 +275,10 @@ class MagiPipeline:
         device: where the DiT runs; latents and noise live here.
         compat: "magi" (default) or "official" (see the module docstring).
         mesh: the process mesh for multi-GPU runs (None: single process).
+        vae_offload: keep the VAE's weights in host memory and copy them to ``device`` only
+            while it encodes a prefix or decodes a chunk (``magi.offload.HostResident``).
+        noise_spill_bytes: initial noise larger than this is kept in a temporary file and read
+            chunk by chunk (``magi.sampling.noise``); same values either way.
     """
 
     def __init__(
@@ -285,11 +290,19 @@ class MagiPipeline:
         device: torch.device | str = "cpu",
         compat: str = "magi",
         mesh: object | None = None,
+        vae_offload: bool = False,
+        noise_spill_bytes: int = SPILL_BYTES,
     ) -> None:
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         self.config, self.dit, self.vae = config, dit, vae
         self.device, self.compat, self.mesh = torch.device(device), compat, mesh
+        self.noise_spill_bytes = noise_spill_bytes
+        self._vae_host = None
+        if vae_offload:
+            from magi.offload import HostResident
+
+            self._vae_host = HostResident(vae, self.device)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._special_tokens: SpecialTokens | None = None
 
@@ -299,8 +312,17 @@ class MagiPipeline:
         config: str | Path | MagiConfig,
         device: torch.device | str | None = None,
         compat: str = "magi",
+        *,
+        attention_backend: str = "auto",
+        offload_blocks: bool = False,
+        compile: bool | dict = False,
+        vae_offload: bool | None = None,
+        noise_spill_bytes: int = SPILL_BYTES,
     ) -> "MagiPipeline":
         """Load the DiT and the VAE named by a config (T5 is loaded per new prompt, then freed).
+
+        Memory and speed options (docs/PERFORMANCE.md §5); none changes the result: each gives
+        the same final latent as the plain run (``tests/test_pipeline.py``).
 
         Args:
             config: an official-format JSON file or a loaded ``MagiConfig``. Relative checkpoint
@@ -308,26 +330,54 @@ class MagiPipeline:
             device: "cuda", "cuda:N" or "cpu" (default: CUDA when available). Under torchrun with
                 pp_size * cp_size > 1 each rank uses its own GPU.
             compat: "magi" (default) or "official".
+            attention_backend: "auto" (flash-attn on CUDA for bf16/fp16 when installed, else
+                FlexAttention on CUDA, else SDPA), "sdpa", "flex" or "flash". Checked before any
+                model loads; an unavailable choice raises a one-line ``ValueError``. It sets the
+                process-wide default of ``magi.attention``.
+            offload_blocks: load the DiT into host memory and stream its transformer layers to
+                the device one at a time (``magi.offload.offload_blocks``; single process only).
+                Saves all but ~2 layers of DiT weights on the device, costs one host-to-device
+                copy of the layer stack per DiT pass.
+            compile: ``torch.compile`` each transformer layer (``magi.compile.compile_blocks``);
+                a dict is passed to ``torch.compile`` as keywords (e.g. ``{"backend": "eager"}``).
+            vae_offload: keep the VAE in host memory except while it encodes / decodes. Default
+                (None): on with ``offload_blocks`` (the low-memory setup), off otherwise, since on
+                its own it saves ~1.1 GiB for one 1.1 GiB copy per decoded chunk.
+            noise_spill_bytes: initial noise above this size lives in a temporary file, so host
+                memory does not grow with the video length (default 64 MiB, ~20 chunks at 720p).
         """
         from magi.checkpoint import load_dit
         from magi.models.vae import load_vae
 
         cfg = config if isinstance(config, MagiConfig) else load_config(config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _check_options(cfg, device, attention_backend, offload_blocks, compile)
         mesh = None
-        if cfg.engine.pp_size * cfg.engine.cp_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if _is_distributed(cfg):
             from magi.distributed import init_from_env
             from magi.distributed.parallelize import build_parallel_dit
 
             mesh = init_from_env(cfg.engine, device if device.type == "cuda" else None)
             device = mesh.device
             dit = build_parallel_dit(cfg, mesh)
+        elif offload_blocks:
+            from magi.offload import offload_blocks as stream_blocks
+
+            dit = load_dit(cfg, torch.device("cpu"))  # the layer stack never sits on the device
+            stream_blocks(dit, device)
         else:
             dit = load_dit(cfg, device)
+        if compile:
+            from magi.compile import compile_blocks
+
+            compile_blocks(dit, **(compile if isinstance(compile, dict) else {}))
         if not cfg.runtime.vae_pretrained:
             raise ValueError("runtime_config.vae_pretrained is not set: point it at the VAE folder")
-        vae = load_vae(cfg.runtime.vae_pretrained, device, dtype=torch.bfloat16)
-        return cls(cfg, dit, vae, device=device, compat=compat, mesh=mesh)
+        keep_vae_on_host = offload_blocks if vae_offload is None else vae_offload
+        vae_device = torch.device("cpu") if keep_vae_on_host else device
+        vae = load_vae(cfg.runtime.vae_pretrained, vae_device, dtype=torch.bfloat16)
+        return cls(cfg, dit, vae, device=device, compat=compat, mesh=mesh,
+                   vae_offload=keep_vae_on_host, noise_spill_bytes=noise_spill_bytes)  # fmt: skip
 
     # ---- requests ----------------------------------------------------------------------------
     def stream(
@@ -409,8 +459,8 @@ class MagiPipeline:
             run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise)
             out.result.chunks_total = len(run.plan.generated_chunks)
             bar = _progress_bar(out.result.chunks_total, progress and writer_rank)
-            with _graceful_sigint(stop):
-                for chunk in self._run(run, _stop_aware(callback, stop)):
+            with _graceful_sigint(stop), closing(self._run(run, _stop_aware(callback, stop))) as chunks:
+                for chunk in chunks:
                     out.add(chunk)
                     bar.update(1)
                     if stop.is_set():
@@ -445,7 +495,7 @@ class MagiPipeline:
         num_frames: int | None,
         noise: torch.Tensor | None,
     ) -> "_Run":
-        """Check the request, encode the prefix and the prompts, plan the chunks, draw the noise."""
+        """Check the request, encode the prefix and the prompts, plan the chunks (noise: ``_run``)."""
         rt = self.config.runtime
         _check_mode(mode, image_path, prefix_video_path)
         prompts = _prompt_list(prompt)
@@ -461,57 +511,64 @@ class MagiPipeline:
         plan = settings.plan(chunks, p)
         lat_h, lat_w = rt.video_size_h // 8, rt.video_size_w // 8
         shape = (1, self._latent_channels(), chunks * rt.chunk_width, lat_h, lat_w)
-        noise = self._initial_noise(shape, rt.seed if seed is None else seed, noise)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape} for this request, got {tuple(noise.shape)}")
         captions = self._captions(prompts, plan)
         limit = None if self.compat == "official" else frames
-        return _Run(mode, plan, settings, captions, noise, prefix, limit)
+        seed = rt.seed if seed is None else seed
+        return _Run(mode, plan, settings, captions, shape, seed, noise, prefix, limit)
 
     def _run(self, run: "_Run", callback: Callable[[StepInfo], None] | None) -> Iterator[VideoChunk]:
-        """Denoise, decode each clean chunk, trim to the frame budget."""
+        """Draw the noise, denoise, decode each clean chunk, trim to the frame budget."""
         plan = run.plan
         cache = KVCache(plan.max_cached_chunks(), offload=self.config.engine.kv_offload)
-        chunk_noise = _split_noise(run.noise, plan)
-        run.noise = None  # the per-chunk pieces are dropped as chunks enter the window
+        # Closed however the run ends (done, error, Ctrl-C, generator dropped): frees the
+        # noise's memory or temporary file.
+        with self._initial_noise(run) as noise:
+            emitted = 0
+            hook = None if callback is None else _step_hook(callback, plan)
 
-        def take_noise(chunk: int) -> torch.Tensor:
-            return chunk_noise.pop(chunk).to(self.device)
+            def take_noise(chunk: int) -> torch.Tensor:
+                return noise.chunk(chunk).to(self.device)
 
-        emitted = 0
-        hook = None if callback is None else _step_hook(callback, plan)
-        for index, latent in denoise(self.dit, plan, run.settings, run.captions, take_noise,
-                                     cache, prefix=run.prefix, callback=hook):  # fmt: skip
-            lo, hi = plan.emit_range(index, skip_prefix=run.mode == "v2v")
-            frames = self._decode(latent[:, :, lo:hi])
-            if run.limit is not None:
-                frames = frames[: max(0, run.limit - emitted)]
-            emitted += len(frames)
-            yield VideoChunk(index, frames, latent)
+            for index, latent in denoise(self.dit, plan, run.settings, run.captions, take_noise,
+                                         cache, prefix=run.prefix, callback=hook):  # fmt: skip
+                lo, hi = plan.emit_range(index, skip_prefix=run.mode == "v2v")
+                frames = self._decode(latent[:, :, lo:hi])
+                if run.limit is not None:
+                    frames = frames[: max(0, run.limit - emitted)]
+                emitted += len(frames)
+                yield VideoChunk(index, frames, latent)
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         rt = self.config.runtime
         kwargs = dict(fps=rt.fps, scale_factor=rt.scale_factor, compat=self.compat)
         if self.mesh is not None:
             from magi.distributed.vae_parallel import decode_to_uint8
-
+        else:
+            decode_to_uint8 = video_io.decode_to_uint8
+        with self._vae_on_device():
             return decode_to_uint8(self.vae, latent, **kwargs)
-        return video_io.decode_to_uint8(self.vae, latent, **kwargs)
 
     def _latent_channels(self) -> int:
         cfg = self.config.model
         return cfg.in_channels // 2 if cfg.half_channel_vae else cfg.in_channels
 
-    def _initial_noise(
-        self, shape: tuple[int, ...], seed: int, noise: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The only random draw: randn(shape) from a generator seeded with ``seed`` on the device."""
-        if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ValueError(
-                    f"noise must have shape {shape} for this request, got {tuple(noise.shape)}"
-                )
-            return noise.to(self.device, torch.float32)
-        generator = torch.Generator(self.device).manual_seed(seed)
-        return torch.randn(shape, generator=generator, device=self.device)
+    def _initial_noise(self, run: "_Run") -> InitialNoise:
+        """The only random draw: randn(shape) from a generator seeded with ``seed`` on the device.
+
+        Held in host memory, or above ``noise_spill_bytes`` in a temporary file, and read chunk
+        by chunk as chunks enter the window (``magi.sampling.noise``); same values either way.
+        """
+        cw = self.config.runtime.chunk_width
+        if run.noise is not None:
+            return InitialNoise.from_tensor(run.noise, cw)
+        return InitialNoise.draw(run.noise_shape, run.seed, cw, device=self.device,
+                                 spill_bytes=self.noise_spill_bytes)  # fmt: skip
+
+    def _vae_on_device(self):
+        """Context in which ``self.vae`` has its weights on the device (see ``vae_offload``)."""
+        return nullcontext() if self._vae_host is None else self._vae_host.on_device()
 
     def _prefix_latent(self, mode: str, image_path: str | Path | None,
                        prefix_video_path: str | Path | None) -> torch.Tensor | None:
@@ -527,8 +584,9 @@ class MagiPipeline:
                                                 compat=self.compat)  # fmt: skip
         else:
             return None
-        return video_io.encode_prefix(self.vae, frames, fps=rt.fps, scale_factor=rt.scale_factor,
-                                      compat=self.compat).to(self.device)  # fmt: skip
+        with self._vae_on_device():
+            return video_io.encode_prefix(self.vae, frames, fps=rt.fps, scale_factor=rt.scale_factor,
+                                          compat=self.compat).to(self.device)  # fmt: skip
 
     def _captions(self, prompts: list[str], plan: ChunkPlan) -> ChunkCaptions:
         distinct = list(dict.fromkeys(prompts))
@@ -634,7 +692,9 @@ class _Run:
     plan: ChunkPlan
     settings: SamplerSettings
     captions: ChunkCaptions
-    noise: torch.Tensor | None
+    noise_shape: tuple[int, ...]  # [1, C, T, H, W] of the whole video
+    seed: int
+    noise: torch.Tensor | None  # given noise, or None to draw it from seed
     prefix: torch.Tensor | None
     limit: int | None  # frames to keep (magi), None = every frame (official)
 
@@ -652,6 +712,24 @@ def _check_mode(mode: str, image_path: str | Path | None, prefix_video_path: str
         raise ValueError(f"prefix_video_path is only used with mode v2v (got mode {mode})")
 
 
+def _is_distributed(cfg: MagiConfig) -> bool:
+    return cfg.engine.pp_size * cfg.engine.cp_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _check_options(cfg: MagiConfig, device: torch.device, attention_backend: str,
+                   offload_blocks: bool, compile: bool | dict) -> None:  # fmt: skip
+    """Fail on a bad option before any model loads; set the attention backend."""
+    from magi import attention
+
+    attention.check_backend(attention_backend, device, cfg.model.dtype)
+    if offload_blocks and _is_distributed(cfg):
+        raise ValueError("offload_blocks works in a single process only; drop it for pp_size * "
+                         "cp_size > 1 (each rank already holds only its share of the layers)")  # fmt: skip
+    if not isinstance(compile, (bool, dict)):
+        raise ValueError(f"compile must be True, False or a dict of torch.compile keywords, got {compile!r}")
+    attention.set_backend(attention_backend)
+
+
 def _check_save_path(path: str | Path | None) -> None:
     if path is None:
         return
@@ -660,16 +738,6 @@ def _check_save_path(path: str | Path | None) -> None:
         raise ValueError(f"save_tensors path must end in .safetensors, got {path}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"save_tensors folder does not exist: {path.parent} (create it first)")
-
-
-def _split_noise(noise: torch.Tensor, plan: ChunkPlan) -> dict[int, torch.Tensor]:
-    """Per-chunk host copies of the generated chunks' noise, each freed when its chunk enters.
-
-    The noise is one draw for the whole video (reproducibility), but only the window's chunks
-    need to be on the device, so a long video does not hold all of it in GPU memory.
-    """
-    cw = plan.chunk_width
-    return {c: noise[:, :, c * cw : (c + 1) * cw].to("cpu", copy=True) for c in plan.generated_chunks}
 
 
 def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callable[[Step], None]:

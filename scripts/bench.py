@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from magi.attention import BACKEND_CHOICES, check_backend, resolve_backend  # noqa: E402
 from magi.attention.masks import cross_attention_ranges  # noqa: E402
 from magi.config import ModelConfig, preset  # noqa: E402
 from magi.sampling.chunks import ChunkPlan, Step, nearly_clean, step_times  # noqa: E402
@@ -295,17 +296,6 @@ def device_peak(device: torch.device, override: float | None) -> tuple[float | N
     return None, f"unknown device {name!r} (pass --peak)"
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'auto': flash-attn on CUDA for bf16/fp16 when installed, else flex on CUDA, sdpa on CPU."""
-    if name != "auto":
-        return name
-    if device.type != "cuda":
-        return "sdpa"
-    from magi.attention import flash
-
-    return "flash" if dtype in (torch.bfloat16, torch.float16) and flash.is_available() else "flex"
-
-
 def memory_stats(device: torch.device) -> dict[str, float | None]:
     peak_gpu = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB (Linux)
@@ -341,7 +331,7 @@ def bench_window(args: argparse.Namespace, device: torch.device) -> dict:
     from magi.models.kv_cache import KVCache
 
     mc, runtime, distill = model_setup(args)
-    backend = resolve_backend(args.attention, device, mc.dtype)
+    backend = check_backend(args.attention, device, mc.dtype)  # the library's "auto" rule
     attention.set_backend(backend)
     latent_hw = (args.height // 8, args.width // 8)
     chunk_tokens = runtime["chunk_width"] * (latent_hw[0] // mc.patch_size) * (latent_hw[1] // mc.patch_size)
@@ -598,7 +588,8 @@ def bench_e2e(args: argparse.Namespace, device: torch.device) -> dict:
         "mode": "e2e", "config": args.config, "device": device.type, "device_name": device_name(device),
         "date": _now(), "torch": torch.__version__, "resolution": [cfg.runtime.video_size_h, cfg.runtime.video_size_w],
         "num_steps": cfg.runtime.num_steps, "num_frames": args.num_frames, "frames_written": frames,
-        "offload_blocks": args.offload, "kv_offload": cfg.engine.kv_offload, "load_seconds": load_s,
+        "offload_blocks": args.offload, "kv_offload": cfg.engine.kv_offload, "compile": args.compile,
+        "attention_backend": resolve_backend(args.attention, device, cfg.model.dtype), "load_seconds": load_s,
         "chunks": len(stamps), "time_to_first_chunk_s": stamps[0] if stamps else None,
         "seconds_per_chunk": sum(gaps) / len(gaps) if gaps else None,
         "total_seconds": stamps[-1] if stamps else None, **memory_stats(device),
@@ -606,26 +597,14 @@ def bench_e2e(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def _e2e_pipeline(pipeline_cls: type, args: argparse.Namespace, device: torch.device):
-    """The pipeline of --config; the DiT streamed from host memory with --offload."""
+    """The pipeline of --config with the memory / speed options of the command line."""
     from magi.config import load_config
 
     cfg = load_config(args.config)
     if args.kv_offload:
         cfg = cfg.replace(engine=replace(cfg.engine, kv_offload=True))
-    if args.attention != "auto" or device.type == "cuda":
-        from magi import attention
-
-        attention.set_backend(resolve_backend(args.attention, device, cfg.model.dtype))
-    if not args.offload:
-        return pipeline_cls.from_config(cfg, device=device)
-    from magi.checkpoint import load_dit
-    from magi.models.vae import load_vae
-    from magi.offload import offload_blocks
-
-    dit = load_dit(cfg, torch.device("cpu"))
-    offload_blocks(dit, device)
-    vae = load_vae(cfg.runtime.vae_pretrained, device, dtype=torch.bfloat16)
-    return pipeline_cls(cfg, dit, vae, device=device)
+    return pipeline_cls.from_config(cfg, device=device, attention_backend=args.attention,
+                                    offload_blocks=args.offload, compile=args.compile)  # fmt: skip
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -640,7 +619,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption-tokens", type=int, default=64, help="valid prompt tokens per chunk")
     p.add_argument("--layers", type=int, help="build only the first N layers (ms scaled to full depth)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="override params_dtype")
-    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "flex", "flash"))
+    p.add_argument("--attention", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--fp8", action="store_true", help="fp8 layers (magi.fp8) instead of bf16")
     p.add_argument("--compile", action="store_true", help="torch.compile each layer (magi.compile)")
     p.add_argument("--offload", action="store_true", help="stream DiT layers from host memory (magi.offload)")

@@ -80,6 +80,8 @@ ERRORS = [
     (["--mode", "t2v", "--prompt", "p", "--device", "gpu"], "error: --device gpu is not a device"),
     (["--mode", "t2v", "--prompt", "p", "--config", "missing.json"], "error: missing.json: cannot read the config file"),
     (["--mode", "t2v", "--prompt", "p", "--prompt_file", "t.json"], "error: give either --prompt or --prompt_file, not both"),
+    (["--mode", "t2v", "--prompt", "p", "--attention_backend", "flash"], "error: --attention_backend flash: attention backend 'flash' runs bf16/fp16 on CUDA, not torch.bfloat16 on cpu"),
+    (["--mode", "t2v", "--prompt", "p", "--attention_backend", "xformers"], "error: argument --attention_backend: invalid choice: 'xformers'"),
 ]
 
 
@@ -195,3 +197,17 @@ def test_subprocess_help_and_error():
     assert run.returncode == 2
     assert run.stderr == "error: --mode i2v needs --image_path\n"
     assert "magi.pipeline" not in run.stdout
+
+
+def test_speed_and_memory_flags_reach_from_config(workdir, fake_pipeline):
+    argv = BASE + ["--mode", "t2v", "--prompt", "p"]
+    assert infer.main(argv) == 0
+    build = fake_pipeline[0][1]
+    # defaults: auto attention, nothing streamed, no compile, VAE placement follows --offload
+    assert (build["attention_backend"], build["offload_blocks"], build["compile"], build["vae_offload"]) == (
+        "auto", False, False, None)
+    fake_pipeline.clear()
+    assert infer.main(argv + ["--attention_backend", "sdpa", "--offload", "--compile", "--vae_offload", "off"]) == 0
+    build = fake_pipeline[0][1]
+    assert (build["attention_backend"], build["offload_blocks"], build["compile"], build["vae_offload"]) == (
+        "sdpa", True, True, False)

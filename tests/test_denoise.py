@@ -163,3 +163,79 @@ def test_bad_inputs_fail_with_clear_errors() -> None:
     distill = SamplerSettings(num_steps=4, window_size=4, distill=True, cfg_number=3)
     with pytest.raises(ValueError, match="cfg_number"):
         next(denoise(model, distill.plan(2), distill, caps, noise))
+
+
+# --------------------------------------------------------------- initial noise (bounded memory)
+@pytest.mark.parametrize("total", [5, 16, 17, 31, 48, 1000, 4096 + 7, 65536 * 3 + 5])
+def test_cpu_randn_in_pieces_equals_one_draw(total: int) -> None:
+    from magi.sampling.noise import piece_sizes, randn_pieces
+
+    whole = torch.randn(total, generator=torch.Generator().manual_seed(11))
+    for piece in (16, 48, 1024, 2**16):
+        sizes = piece_sizes(total, piece)
+        assert sum(sizes) == total and all(s % 16 == 0 for s in sizes[:-1])
+        assert len(sizes) == 1 or sizes[-1] >= 16
+        pieces = torch.cat(list(randn_pieces(total, torch.Generator().manual_seed(11), piece)))
+        assert torch.equal(pieces, whole), (total, piece)  # bit for bit
+
+
+def test_spilled_noise_reads_the_official_draw_chunk_by_chunk(tmp_path: Path) -> None:
+    from magi.sampling.noise import InitialNoise
+
+    shape, cw = (1, 16, 9, 5, 7), 3  # 5040 elements: not a multiple of the piece size
+    official = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(4))
+    spilled = InitialNoise.draw(shape, 4, cw, spill_bytes=0, directory=tmp_path)
+    in_memory = InitialNoise.draw(shape, 4, cw)
+    assert spilled.spilled and not in_memory.spilled
+    for k in (2, 0, 1):  # any order
+        expected = official[:, :, k * cw : (k + 1) * cw]
+        assert torch.equal(spilled.chunk(k), expected) and torch.equal(in_memory.chunk(k), expected)
+    assert list(tmp_path.iterdir()) == []  # the file is anonymous: nothing to leave behind
+    spilled.close()
+    with pytest.raises(ValueError, match="closed"):
+        spilled.chunk(0)
+    with pytest.raises(ValueError, match="outside the noise's 3 chunks"):
+        in_memory.chunk(3)
+    per_chunk = InitialNoise.per_chunk(shape, 4, cw)  # documented as not the official values
+    assert torch.equal(per_chunk.chunk(1), torch.randn((1, 16, 3, 5, 7), generator=torch.Generator().manual_seed(5)))
+
+
+_RSS_PROBE = """
+import os, resource, sys, torch
+from magi.sampling.noise import InitialNoise
+def rss():  # current resident set size, MiB
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def peak():  # peak resident set size so far, MiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+torch.randn(2**20); torch.zeros(2**20)  # allocator warm-up
+shape, cw = (1, 16, 6 * int(sys.argv[2]), 90, 90), 6  # chunks at 720x720: 3.1 MB of noise each
+rss0, peak0 = rss(), peak()
+noise = InitialNoise.draw(shape, 0, cw, spill_bytes=int(sys.argv[1]))
+high = rss()
+for k in range(shape[2] // cw):
+    noise.chunk(k)
+    high = max(high, rss())
+noise.close()
+print(max(high - rss0, peak() - peak0))
+"""
+
+
+def test_spilled_noise_bounds_host_memory() -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def growth_mib(spill_bytes: int, chunks: int) -> float:
+        """Peak RSS growth (MiB) of drawing the noise of ``chunks`` 720p chunks and reading each."""
+        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(spill_bytes), str(chunks)], capture_output=True,
+                             text=True, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), check=True)  # fmt: skip
+        return float(out.stdout.strip().splitlines()[-1])
+
+    in_memory = growth_mib(2**40, 24)
+    spilled_24, spilled_48 = growth_mib(0, 24), growth_mib(0, 48)
+    assert in_memory > 60, in_memory  # the whole 74.6 MB tensor sits in memory
+    # spilled: a constant working set (4 MiB draw pieces, one chunk, allocator slack; measured
+    # ~29 MiB for both lengths), not the 74.6 / 149 MB of the whole noise
+    assert spilled_24 < 48 and spilled_48 < 48, (spilled_24, spilled_48)
+    assert abs(spilled_48 - spilled_24) < 8, (spilled_24, spilled_48)

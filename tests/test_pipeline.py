@@ -256,3 +256,90 @@ def test_magi_i2v_and_v2v_honour_num_frames(tiny_pipe: MagiPipeline, tmp_path: P
     v2v = tiny_pipe.generate("v2v", "a cat", prefix_video_path=clip, output_path=tmp_path / "v2v.mp4",
                              num_frames=30)  # fmt: skip
     assert v2v.frames_written == 30 and _read_back(tmp_path / "v2v.mp4") == (30, (64, 64), 24.0)
+
+
+# ------------------------------------------------------------- speed and memory options
+def _latents(pipe: MagiPipeline) -> list[torch.Tensor]:
+    return [c.latent for c in pipe.stream("t2v", "a red car", num_frames=30, seed=5)]
+
+
+@pytest.mark.parametrize("options, tolerance", [
+    ({"offload_blocks": True}, 0.0),  # DiT layers streamed from host; VAE on the host too
+    ({"vae_offload": True}, 0.0),
+    ({"noise_spill_bytes": 0}, 0.0),  # initial noise in a temporary file, read chunk by chunk
+    ({"compile": {"backend": "eager"}}, 1e-6),  # dynamo tracing of every layer
+    ({"attention_backend": "flex"}, 1e-5),  # eager FlexAttention on CPU vs SDPA
+], ids=["offload_blocks", "vae_offload", "noise_spill", "compile", "flex"])  # fmt: skip
+def test_options_give_the_plain_final_latent(tiny_pipe: MagiPipeline, tiny_config: Path,
+                                             options: dict, tolerance: float) -> None:  # fmt: skip
+    from magi import attention
+
+    plain = _latents(tiny_pipe)
+    try:
+        pipe = MagiPipeline.from_config(tiny_config, device="cpu", **options)
+        got = _latents(pipe)
+    finally:
+        attention.set_backend("auto")  # from_config sets the process-wide default
+    assert len(got) == len(plain) == 2
+    for a, b in zip(got, plain):
+        assert torch.equal(a, b) if tolerance == 0 else rel_l2(a, b) <= tolerance
+    if options.get("offload_blocks"):
+        assert pipe._vae_host is not None and pipe._vae_host.loads == 2  # one decode per chunk
+
+
+def test_unavailable_attention_backend_fails_before_loading(tiny_config: Path, monkeypatch) -> None:
+    import magi.checkpoint
+
+    monkeypatch.setattr(magi.checkpoint, "load_dit", lambda *a, **k: pytest.fail("loaded the DiT"))
+    with pytest.raises(ValueError, match="'flash' runs bf16/fp16 on CUDA, not torch.float32 on cpu"):
+        MagiPipeline.from_config(tiny_config, device="cpu", attention_backend="flash")
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+        MagiPipeline.from_config(tiny_config, device="cpu", attention_backend="xformers")
+    with pytest.raises(ValueError, match="compile must be"):
+        MagiPipeline.from_config(tiny_config, device="cpu", compile="yes")
+
+
+def test_kv_offload_reaches_the_cache_and_t5_is_freed(tiny_pipe: MagiPipeline, monkeypatch) -> None:
+    import magi.pipeline
+    from magi.models import text_encoder
+
+    caches, t5_events = [], []
+
+    class RecordingCache(magi.pipeline.KVCache):
+        def __init__(self, max_chunks: int, offload: bool = False) -> None:
+            super().__init__(max_chunks, offload)
+            caches.append(self)
+
+    loader, free = text_encoder.T5Encoder.from_pretrained, text_encoder.T5Encoder.free
+    monkeypatch.setattr(magi.pipeline, "KVCache", RecordingCache)
+    monkeypatch.setattr(text_encoder.T5Encoder, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: t5_events.append(("load", k["device"])) or loader(*a, **k)))  # fmt: skip
+    monkeypatch.setattr(text_encoder.T5Encoder, "free", lambda self: t5_events.append(("free",)) or free(self))
+    plain = _latents(tiny_pipe)
+    t5_events.clear()  # "a red car" may or may not have been encoded by an earlier test
+    engine = dataclasses.replace(tiny_pipe.config.engine, kv_offload=True)
+    monkeypatch.setattr(tiny_pipe, "config", tiny_pipe.config.replace(engine=engine))
+    offloaded = list(tiny_pipe.stream("t2v", "a blue boat", num_frames=30, seed=5))
+    assert [c.offload for c in caches] == [False, True]  # engine_config.kv_offload is what counts
+    # a new prompt loads T5 on runtime_config.t5_device and frees it right after encoding
+    assert t5_events == [("load", tiny_pipe.config.runtime.t5_device), ("free",)]
+    assert len(offloaded) == len(plain) == 2
+    again = list(tiny_pipe.stream("t2v", "a red car", num_frames=30, seed=5))  # host cache, same numbers
+    assert all(torch.equal(a.latent, b) for a, b in zip(again, plain))
+
+
+def test_spilled_noise_is_released_when_a_run_fails(tiny_config: Path, monkeypatch, tmp_path: Path) -> None:
+    from magi.sampling.noise import InitialNoise
+
+    closed = []
+    close = InitialNoise.close
+    monkeypatch.setattr(InitialNoise, "close", lambda self: closed.append(self.spilled) or close(self))
+    pipe = MagiPipeline.from_config(tiny_config, device="cpu", noise_spill_bytes=0)
+
+    def explode(info) -> None:
+        if info.step == 6:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        pipe.generate("t2v", "a", output_path=tmp_path / "x.mp4", num_frames=96, callback=explode)
+    assert closed == [True]
