@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from magi.config import MagiConfig
 from magi.fp8 import swap_fp8_linears
@@ -115,7 +115,12 @@ class _Shards:
             return {k: SINGLE_FILE for k in f.keys()}
 
     def open(self, shard: str):  # -> safetensors safe_open handle (memory-mapped)
-        return safe_open(str(self.path(shard)), framework="pt")
+        path = self.path(shard)
+        try:
+            return safe_open(str(path), framework="pt")
+        except SafetensorError as err:  # truncated download, or not a safetensors file
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); it is truncated "
+                             "or corrupt: download it again") from None
 
     def path(self, shard: str) -> Path:
         """Readable path of a shard; a ``<shard>.zst`` next to it wins and is decompressed."""

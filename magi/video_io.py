@@ -320,6 +320,9 @@ class Mp4Writer:
         self.path = Path(path)
         if self.path.suffix.lower() != ".mp4":
             raise ValueError(f"output path must end in .mp4, got {self.path}")
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise ValueError(f"output folder {self.path.parent} is a file, not a folder; "
+                             "choose another output path")
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"output folder does not exist: {self.path.parent} "
                                     "(create it first)")
@@ -333,6 +336,8 @@ class Mp4Writer:
         self.size: Size | None = None
         self.tmp_path = self.path.parent / f".{self.path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4"
         self._gen = None
+        self._done = True  # nothing to clean up until the folder is known to be writable
+        _check_writable(self.tmp_path)
         self._done = False
 
     def _start(self, width: int, height: int) -> None:
@@ -366,7 +371,7 @@ class Mp4Writer:
                 self.frames_written += 1
         except (OSError, RuntimeError) as err:
             self.abort()
-            raise RuntimeError(f"ffmpeg failed while writing {self.path}: {err}") from None
+            raise RuntimeError(f"ffmpeg failed while writing {self.path}: {_first_line(err)}") from None
 
     def close(self) -> Path:
         """Finish the mp4 and move it onto the output path; returns that path."""
@@ -379,7 +384,7 @@ class Mp4Writer:
             self._gen.close()  # closes ffmpeg's stdin: it writes the index and exits
         except (OSError, RuntimeError) as err:
             self.abort()
-            raise RuntimeError(f"ffmpeg failed finishing {self.path}: {err}") from None
+            raise RuntimeError(f"ffmpeg failed finishing {self.path}: {_first_line(err)}") from None
         os.replace(self.tmp_path, self.path)
         self._done = True
         return self.path
@@ -412,3 +417,19 @@ class Mp4Writer:
                 self.abort()
             except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
                 pass
+
+
+def _check_writable(path: Path) -> None:
+    """Create and remove ``path``, so an unwritable folder fails before any model work."""
+    try:
+        path.touch(exist_ok=False)
+        path.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write the output video in {path.parent} "
+                         f"({err.strerror or type(err).__name__}); choose a writable folder") from None
+
+
+def _first_line(err: BaseException) -> str:
+    # imageio-ffmpeg appends the whole ffmpeg command and its log to the message
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -159,7 +159,7 @@ def _weight_files(folder: Path) -> list[Path]:
     ):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set(_index_weight_map(index).values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise FileNotFoundError(f"T5 weight shards missing in {folder}: {missing}")
@@ -172,12 +172,28 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
+def _index_weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index} is not a valid weight index ({type(err).__name__}: {err}); "
+                         "download it again") from None
+    return weight_map
+
+
 def _read_shard(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of one shard on CPU, without executing pickled code."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:  # truncated download, or not a safetensors file
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); it is "
+                             "truncated or corrupt: download it again") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:

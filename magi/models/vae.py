@@ -407,6 +407,7 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu",
         bf16_qkv: round q/k/v to bf16 in attention (official). Default: True unless dtype is
             float32, so a float32 load is exact float32 math.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     cfg = read_vae_config(folder)
@@ -415,7 +416,11 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu",
         raise FileNotFoundError(f"VAE weights not found: {weights} (only safetensors is supported)")
     with torch.device("meta"):
         model = ViTVAE(cfg, bf16_qkv=dtype != torch.float32 if bf16_qkv is None else bf16_qkv)
-    state = load_file(str(weights), device=str(device))
+    try:
+        state = load_file(str(weights), device=str(device))
+    except SafetensorError as err:  # truncated download, or not a safetensors file
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); it is truncated "
+                         "or corrupt: download it again") from None
     _check_keys(model, state, weights)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
