@@ -32,6 +32,11 @@ export NNODES="${NNODES:-1}"
 export NODE_RANK="${NODE_RANK:-0}"
 export PAD_HQ="${PAD_HQ:-1}"
 export PAD_DURATION="${PAD_DURATION:-1}"
+# magi.download puts special_tokens.npz into downloads/ (the official place is example/assets/).
+if [[ -z "${SPECIAL_TOKEN_PATH:-}" && ! -f example/assets/special_tokens.npz \
+      && -f downloads/special_tokens.npz ]]; then
+    export SPECIAL_TOKEN_PATH="$MAGI_ROOT/downloads/special_tokens.npz"
+fi
 export OFFLOAD_T5_CACHE="${OFFLOAD_T5_CACHE:-true}"
 export OFFLOAD_VAE_CACHE="${OFFLOAD_VAE_CACHE:-true}"
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"

@@ -22,6 +22,11 @@ export NODE_RANK="${NODE_RANK:-0}"
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 export PAD_HQ="${PAD_HQ:-1}"
 export PAD_DURATION="${PAD_DURATION:-1}"
+# magi.download puts special_tokens.npz into downloads/ (the official place is example/assets/).
+if [[ -z "${SPECIAL_TOKEN_PATH:-}" && ! -f example/assets/special_tokens.npz \
+      && -f downloads/special_tokens.npz ]]; then
+    export SPECIAL_TOKEN_PATH="$MAGI_ROOT/downloads/special_tokens.npz"
+fi
 export OFFLOAD_T5_CACHE="${OFFLOAD_T5_CACHE:-true}"
 export OFFLOAD_VAE_CACHE="${OFFLOAD_VAE_CACHE:-true}"
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
