@@ -344,7 +344,8 @@ class MagiPipeline:
                 (None): on with ``offload_blocks`` (the low-memory setup), off otherwise, since on
                 its own it saves ~1.1 GiB for one 1.1 GiB copy per decoded chunk.
             noise_spill_bytes: initial noise above this size lives in a temporary file, so host
-                memory does not grow with the video length (default 64 MiB, ~20 chunks at 720p).
+                memory does not grow with the video length (default 64 MiB: ~21 chunks at
+                720x720, ~12 at 720x1280).
         """
         from magi.checkpoint import load_dit
         from magi.models.vae import load_vae

@@ -2,6 +2,7 @@
 
     python scripts/bench_memory.py                      # 4 and 40 chunks, tiny example config
     python scripts/bench_memory.py --chunks 4 40 80 --device cpu
+    python scripts/bench_memory.py --noise 720 1280 --chunks 10 40 160   # the initial noise alone
 
 Each length runs in a fresh process (peak RSS is per process): load the pipeline, generate one
 warm-up chunk (T5 encode, allocator, ffmpeg start-up), then generate N chunks to an mp4 while the
@@ -11,6 +12,13 @@ the shortest (exit status 1 otherwise).
 
 The tiny checkpoint comes from the config's paths when they exist, otherwise it is written to a
 temporary folder with scripts/make_tiny_checkpoint.py (seconds).
+
+``--noise H W``: the initial noise of an H x W video alone (no model), the part of host memory that
+used to grow with the length (16 x 6 x H/8 x W/8 float32 per chunk, 5.5 MB at 720x1280). Each
+length runs in a fresh process that draws the noise the way the pipeline does
+(``magi.sampling.noise.InitialNoise``) and reads every chunk's slice, once held in memory and once
+spilled to a temporary file; printed: the RSS growth of each. The check: the spilled growth for the
+longest video is at most 1.1x that for the shortest + 8 MiB.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import resource
 import subprocess
@@ -105,18 +114,73 @@ def child(config: Path, chunks: int, device: str) -> dict[str, float]:
     }  # fmt: skip
 
 
+def noise_child(chunks: int, size: tuple[int, int], spill_bytes: int) -> dict[str, float]:
+    """Draw the noise of ``chunks`` chunks at ``size`` and read every chunk; RSS growth in MiB."""
+    import torch
+
+    from magi.sampling.noise import InitialNoise
+
+    torch.randn(2**20)  # allocator warm-up
+    shape, cw = (1, 16, 6 * chunks, size[0] // 8, size[1] // 8), 6
+    before, peak0 = current_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    noise = InitialNoise.draw(shape, 1234, cw, spill_bytes=spill_bytes)
+    high = current_rss()
+    for k in range(chunks):
+        noise.chunk(k)
+        high = max(high, current_rss())
+    spilled = noise.spilled
+    noise.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mib = 2.0**20
+    growth = max(high - before, peak - peak0)
+    return {"chunks": chunks, "spilled": spilled, "noise_mib": round(4 * math.prod(shape) / mib, 1),
+            "growth_mib": round(growth / mib, 1), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+
+
+def run_noise(size: tuple[int, int], chunks: list[int]) -> int:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    growth: dict[bool, list[float]] = {False: [], True: []}
+    for n in sorted(chunks):
+        for spill in (False, True):
+            cmd = [sys.executable, __file__, "--noise", *map(str, size), "--child", str(n),
+                   "--spill-bytes", str(0 if spill else 2**62)]  # fmt: skip
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return out.returncode
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            growth[spill].append(r["growth_mib"])
+            print(f"{n:5d} chunks, noise {r['noise_mib']:8.1f} MiB, "
+                  f"{'spilled  ' if r['spilled'] else 'in memory'}: RSS growth {r['growth_mib']:7.1f} MiB "
+                  f"({r['seconds']:.1f} s)", flush=True)  # fmt: skip
+    first, last = growth[True][0], growth[True][-1]
+    ok = last <= MAX_RATIO * first + 8
+    print(f"spilled growth {last:.1f} MiB ({max(chunks)} chunks) vs {first:.1f} MiB ({min(chunks)} chunks): "
+          f"{'ok' if ok else 'FAIL'}")  # fmt: skip
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="tiny config (official JSON)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[4, 40], help="video lengths in chunks")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--noise", type=int, nargs=2, metavar=("H", "W"),
+                        help="measure the initial noise alone for an H x W video (no model)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--spill-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child is not None and args.noise:
+        print(json.dumps(noise_child(args.child, tuple(args.noise), args.spill_bytes)), flush=True)
+        return 0
     if args.child is not None:
         print(json.dumps(child(args.config, args.child, args.device)), flush=True)
         return 0
     if min(args.chunks) < 1:
         parser.error("--chunks must be >= 1")
+    if args.noise:
+        return run_noise(tuple(args.noise), args.chunks)
     with tempfile.TemporaryDirectory() as workdir:
         config = _ready_config(args.config, Path(workdir))
         env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -235,7 +235,7 @@ def test_spilled_noise_bounds_host_memory() -> None:
     in_memory = growth_mib(2**40, 24)
     spilled_24, spilled_48 = growth_mib(0, 24), growth_mib(0, 48)
     assert in_memory > 60, in_memory  # the whole 74.6 MB tensor sits in memory
-    # spilled: a constant working set (4 MiB draw pieces, one chunk, allocator slack; measured
-    # ~29 MiB for both lengths), not the 74.6 / 149 MB of the whole noise
-    assert spilled_24 < 48 and spilled_48 < 48, (spilled_24, spilled_48)
-    assert abs(spilled_48 - spilled_24) < 8, (spilled_24, spilled_48)
+    # spilled: a working set that does not depend on the length (4 MiB draw pieces, one chunk,
+    # allocator slack; measured 4-29 MiB for either length, varying with the allocator), far
+    # below the 74.6 / 149 MB of the whole noise
+    assert spilled_24 < 40 and spilled_48 < 40, (spilled_24, spilled_48)
