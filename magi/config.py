@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -166,7 +167,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Python's json reads NaN / Infinity literals; no config field means them.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _coerce(hint: Any, value: Any) -> tuple[bool, Any, str]:
@@ -176,14 +178,14 @@ def _coerce(hint: Any, value: Any) -> tuple[bool, Any, str]:
     if hint is int:
         return _is_int(value), value, "an integer (e.g. 4)"
     if hint is float:
-        return _is_number(value), float(value) if _is_number(value) else value, "a number"
+        return _is_number(value), float(value) if _is_number(value) else value, "a finite number"
     if hint is str:
         return isinstance(value, str), value, "a string"
     if hint == (str | None):
         return value is None or isinstance(value, str), value, "a path string"
     item = typing.get_args(hint)[0]  # tuple[int, ...] / tuple[float, ...]
     check = _is_int if item is int else _is_number
-    phrase = "a list of integers" if item is int else "a list of numbers"
+    phrase = "a list of integers" if item is int else "a list of finite numbers"
     if not isinstance(value, list) or not all(check(v) for v in value):
         return False, value, phrase
     return True, tuple(item(v) for v in value), phrase
@@ -358,6 +360,9 @@ def _check_sampling(cfg: MagiConfig) -> None:
         _fail(cfg, f"'runtime_config.clean_chunk_kvrange' must be -1 or >= 1, got {r.clean_chunk_kvrange}")
     if not 0.0 < r.clean_t <= 1.0:
         _fail(cfg, f"'runtime_config.clean_t' must be in (0, 1], got {r.clean_t}; the shipped value is 0.9999")
+    if not -(2**63) <= r.seed < 2**64:
+        _fail(cfg, f"'runtime_config.seed' ({r.seed}) does not fit in 64 bits, as torch.manual_seed "
+                   "needs; use a smaller seed")
     if r.scale_factor <= 0:
         _fail(cfg, f"'runtime_config.scale_factor' must be > 0, got {r.scale_factor}; the shipped value is 0.18215")
     try:
