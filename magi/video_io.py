@@ -80,6 +80,10 @@ def _quiet_ffmpeg_logger() -> logging.Logger:
     return logger
 
 
+# what ffmpeg's log says when a file opens but holds no picture to decode
+_NO_VIDEO_STREAM = ("Output file does not contain any stream", "matches no streams")
+
+
 def probe(path: str | Path, kind: str = "media file") -> MediaInfo:
     """Size, frame rate, duration and pixel format of a file's first video stream.
 
@@ -93,6 +97,9 @@ def probe(path: str | Path, kind: str = "media file") -> MediaInfo:
     try:
         meta = next(gen)
     except (OSError, RuntimeError, IndexError, StopIteration, AttributeError, ValueError) as err:
+        if any(sign in str(err) for sign in _NO_VIDEO_STREAM):
+            raise ValueError(f"cannot use {kind} {p}: it has no decodable frames (no video "
+                             "stream, e.g. audio only, or an empty one); give an image or a video") from None
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot decode {kind} {p}: not a readable image/video, or no "
                          f"decodable frames (ffmpeg: {reason[:200]})") from None

@@ -142,3 +142,18 @@ def test_ffmpeg_failure_is_one_line(tmp_path: Path, monkeypatch) -> None:
     assert str(info.value) == f"ffmpeg failed while writing {tmp_path / 'out.mp4'}: [Errno 32] Broken pipe"
     assert list(tmp_path.iterdir()) == []
 
+
+
+# ------------------------------------------------------------------------------------ inputs
+def test_audio_only_input_says_so(tmp_path: Path) -> None:
+    import subprocess
+
+    import imageio_ffmpeg
+
+    audio = tmp_path / "song.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=1", str(audio)], check=True)  # fmt: skip
+    with pytest.raises(ValueError, match=f"cannot use video {audio}: it has no decodable frames \\(no video stream"):
+        vio.load_video(audio, 24)
+    with pytest.raises(ValueError, match="it has no decodable frames"):
+        vio.load_image(audio)
