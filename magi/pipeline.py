@@ -392,6 +392,7 @@ class MagiPipeline:
         num_frames: int | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         noise: torch.Tensor | None = None,
+        per_chunk_noise: bool = False,
     ) -> Iterator[VideoChunk]:
         """Generate a video and yield each chunk's frames as soon as the chunk is clean.
 
@@ -405,11 +406,15 @@ class MagiPipeline:
             num_frames: frames to generate (default runtime_config.num_frames).
             callback: called with a ``StepInfo`` after every sampler step.
             noise: the initial noise [1, C, T, H, W] instead of drawing it from ``seed``.
+            per_chunk_noise: draw chunk k's noise alone from seed + k (CPU) instead of the
+                official single draw: no host memory or temporary file that grows with the video
+                length, but NOT the official noise (the same seed gives a different video).
 
         Yields:
             ``VideoChunk`` for every generated chunk, in order.
         """
-        run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise)
+        run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise,
+                            per_chunk_noise)  # fmt: skip
         yield from self._run(run, callback)
 
     def generate(
@@ -425,6 +430,7 @@ class MagiPipeline:
         save_tensors: str | Path | None = None,
         noise: torch.Tensor | None = None,
         progress: bool = False,
+        per_chunk_noise: bool = False,
     ) -> GenerationResult:
         """Generate a video; write it to ``output_path`` chunk by chunk (mp4, runtime fps).
 
@@ -433,8 +439,8 @@ class MagiPipeline:
         leaves a playable mp4 of the chunks done so far (a second Ctrl-C aborts at once).
 
         Args:
-            mode, prompt, image_path, prefix_video_path, seed, num_frames, callback, noise: as
-                for :meth:`stream`.
+            mode, prompt, image_path, prefix_video_path, seed, num_frames, callback, noise,
+                per_chunk_noise: as for :meth:`stream`.
             output_path: the .mp4 to write (None: generate without writing a video).
             save_tensors: also save ``final_latent`` (float32 [1, C, T, H/8, W/8], the clean
                 latents of the generated chunks) and ``video_tchw_uint8`` (the written frames)
@@ -457,7 +463,8 @@ class MagiPipeline:
         stop = threading.Event()
         bar = _NoBar()
         try:
-            run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise)
+            run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise,
+                                per_chunk_noise)  # fmt: skip
             out.result.chunks_total = len(run.plan.generated_chunks)
             bar = _progress_bar(out.result.chunks_total, progress and writer_rank)
             with _graceful_sigint(stop), closing(self._run(run, _stop_aware(callback, stop))) as chunks:
@@ -495,6 +502,7 @@ class MagiPipeline:
         seed: int | None,
         num_frames: int | None,
         noise: torch.Tensor | None,
+        per_chunk_noise: bool = False,
     ) -> "_Run":
         """Check the request, encode the prefix and the prompts, plan the chunks (noise: ``_run``)."""
         rt = self.config.runtime
@@ -512,12 +520,14 @@ class MagiPipeline:
         plan = settings.plan(chunks, p)
         lat_h, lat_w = rt.video_size_h // 8, rt.video_size_w // 8
         shape = (1, self._latent_channels(), chunks * rt.chunk_width, lat_h, lat_w)
+        if noise is not None and per_chunk_noise:
+            raise ValueError("give either noise or per_chunk_noise=True, not both")
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {shape} for this request, got {tuple(noise.shape)}")
         captions = self._captions(prompts, plan)
         limit = None if self.compat == "official" else frames
         seed = rt.seed if seed is None else seed
-        return _Run(mode, plan, settings, captions, shape, seed, noise, prefix, limit)
+        return _Run(mode, plan, settings, captions, shape, seed, noise, per_chunk_noise, prefix, limit)
 
     def _run(self, run: "_Run", callback: Callable[[StepInfo], None] | None) -> Iterator[VideoChunk]:
         """Draw the noise, denoise, decode each clean chunk, trim to the frame budget."""
@@ -564,6 +574,8 @@ class MagiPipeline:
         cw = self.config.runtime.chunk_width
         if run.noise is not None:
             return InitialNoise.from_tensor(run.noise, cw)
+        if run.per_chunk_noise:
+            return InitialNoise.per_chunk(run.noise_shape, run.seed, cw)
         return InitialNoise.draw(run.noise_shape, run.seed, cw, device=self.device,
                                  spill_bytes=self.noise_spill_bytes)  # fmt: skip
 
@@ -696,6 +708,7 @@ class _Run:
     noise_shape: tuple[int, ...]  # [1, C, T, H, W] of the whole video
     seed: int
     noise: torch.Tensor | None  # given noise, or None to draw it from seed
+    per_chunk_noise: bool  # chunk k drawn alone from seed + k (not the official noise)
     prefix: torch.Tensor | None
     limit: int | None  # frames to keep (magi), None = every frame (official)
 

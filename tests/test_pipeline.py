@@ -311,10 +311,18 @@ def test_kv_offload_reaches_the_cache_and_t5_is_freed(tiny_pipe: MagiPipeline, m
             caches.append(self)
 
     loader, free = text_encoder.T5Encoder.from_pretrained, text_encoder.T5Encoder.free
+
+    def recording_loader(cls, *args, **kwargs):
+        t5_events.append(("load", kwargs["device"]))
+        return loader(*args, **kwargs)
+
+    def recording_free(self) -> None:
+        t5_events.append(("free",))
+        free(self)
+
     monkeypatch.setattr(magi.pipeline, "KVCache", RecordingCache)
-    monkeypatch.setattr(text_encoder.T5Encoder, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: t5_events.append(("load", k["device"])) or loader(*a, **k)))  # fmt: skip
-    monkeypatch.setattr(text_encoder.T5Encoder, "free", lambda self: t5_events.append(("free",)) or free(self))
+    monkeypatch.setattr(text_encoder.T5Encoder, "from_pretrained", classmethod(recording_loader))
+    monkeypatch.setattr(text_encoder.T5Encoder, "free", recording_free)
     plain = _latents(tiny_pipe)
     t5_events.clear()  # "a red car" may or may not have been encoded by an earlier test
     engine = dataclasses.replace(tiny_pipe.config.engine, kv_offload=True)
@@ -343,3 +351,28 @@ def test_spilled_noise_is_released_when_a_run_fails(tiny_config: Path, monkeypat
     with pytest.raises(RuntimeError, match="boom"):
         pipe.generate("t2v", "a", output_path=tmp_path / "x.mp4", num_frames=96, callback=explode)
     assert closed == [True]
+
+
+def test_all_memory_options_together_on_i2v(tiny_pipe: MagiPipeline, tiny_config: Path, tmp_path: Path) -> None:
+    # i2v also runs the VAE encoder under vae_offload (the prefix), then one decode per chunk
+    image = tmp_path / "start.ppm"
+    _write_ppm(image, torch.randint(0, 256, (48, 80, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
+    plain = list(tiny_pipe.stream("i2v", "a cat", image_path=image, num_frames=30, seed=2))
+    pipe = MagiPipeline.from_config(tiny_config, device="cpu", offload_blocks=True, noise_spill_bytes=0)
+    low = list(pipe.stream("i2v", "a cat", image_path=image, num_frames=30, seed=2))
+    assert len(low) == len(plain) == 2
+    assert all(torch.equal(a.latent, b.latent) and torch.equal(a.frames, b.frames) for a, b in zip(low, plain))
+    assert pipe._vae_host.loads == 3  # 1 encode + 2 decodes, weights back on the host in between
+
+
+def test_per_chunk_noise_is_seed_plus_chunk_and_documented_as_different(tiny_pipe: MagiPipeline) -> None:
+    per_chunk = list(tiny_pipe.stream("t2v", "a red car", num_frames=30, seed=5, per_chunk_noise=True))
+    rt = tiny_pipe.config.runtime
+    shape = (1, 16, rt.chunk_width, rt.video_size_h // 8, rt.video_size_w // 8)
+    pieces = [torch.randn(shape, generator=torch.Generator().manual_seed(5 + k)) for k in range(2)]
+    injected = list(tiny_pipe.stream("t2v", "a red car", num_frames=30, noise=torch.cat(pieces, dim=2)))
+    assert all(torch.equal(a.latent, b.latent) for a, b in zip(per_chunk, injected))
+    official = _latents(tiny_pipe)  # same seed, official single draw: a different video
+    assert not torch.equal(per_chunk[0].latent, official[0])
+    with pytest.raises(ValueError, match="either noise or per_chunk_noise"):
+        list(tiny_pipe.stream("t2v", "a", num_frames=30, noise=torch.cat(pieces, dim=2), per_chunk_noise=True))
