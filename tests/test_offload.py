@@ -136,3 +136,35 @@ def test_block_offload_on_cuda_matches_and_saves_memory(model: DiT) -> None:
     offloader.remove(resident=False)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+
+
+def _host_resident_check(device: str) -> None:
+    from magi.offload import HostResident
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(5, 8)
+    expected = module(x)
+    holder = HostResident(module.to(device), device)
+    host = [p.data for p in module.parameters()]
+    assert all(p.device.type == "cpu" for p in module.parameters())
+    with holder.on_device() as on:
+        assert all(p.device.type == torch.device(device).type for p in on.parameters())
+        assert all(b.device.type == torch.device(device).type for b in on.buffers())
+        got = on(x.to(device)).cpu()
+    # back on the host copies, no copy made: the same storage as before the block
+    assert [p.data.data_ptr() for p in module.parameters()] == [t.data_ptr() for t in host]
+    assert holder.loads == 1
+    if device == "cpu":
+        assert torch.equal(got, expected)
+    else:  # cuBLAS vs CPU GEMM: rounding-level differences only
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_host_resident_module_moves_in_only_inside_the_block() -> None:
+    _host_resident_check("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned host copies, async copy)")
+def test_host_resident_module_on_cuda() -> None:
+    _host_resident_check("cuda")
