@@ -42,6 +42,7 @@ DEFAULT_CONFIG = REPO / "example" / "tiny" / "config.json"
 SP_PIECES = 400  # sentencepiece vocabulary (pad, eos, unk + learned pieces)
 EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0> .. <extra_id_99>
 T5_VOCAB = 512  # embedding rows: SP_PIECES + EXTRA_IDS, rounded up as T5 checkpoints do
+MAX_DIT_PARAMS = 50_000_000  # a real model_config (billions) would take minutes and gigabytes
 TINY_VAE_DDCONFIG = {
     "video_size": 32, "video_length": 16, "patch_size": 8, "patch_length": 4, "in_chans": 3,
     "z_chans": 16, "double_z": True, "embed_dim": 256, "depth": 2, "num_heads": 4,
@@ -128,6 +129,14 @@ def _save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 2)
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def dit_parameter_count(cfg: MagiConfig) -> int:
+    """Parameters of the DiT that cfg.model_config describes (built on the meta device: no memory)."""
+    from magi.models.dit import DiT
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in DiT(cfg.model).parameters())
+
+
 def write_dit(folder: Path, cfg: MagiConfig, seed: int) -> None:
     """magi's DiT with cfg.model_config, random init, stored in bf16 as the released checkpoints."""
     from magi.models.dit import DiT
@@ -180,10 +189,21 @@ def make_tiny_checkpoint(out: str | Path, config: str | Path = DEFAULT_CONFIG, s
     cfg = load_config(config)
     if cfg.engine.fp8_quant:
         raise ValueError(f"{config}: fp8_quant tiny checkpoints are not supported; use a bf16/float32 config")
+    params = dit_parameter_count(cfg)
+    if params > MAX_DIT_PARAMS:
+        raise ValueError(f"{config} describes a {params / 1e6:,.0f}M-parameter DiT; tiny checkpoints "
+                         f"allow at most {MAX_DIT_PARAMS / 1e6:.0f}M (use a small model_config such as "
+                         "example/tiny/config.json)")
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    blocking = next((p for p in (out.parent, *out.parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"{blocking} is a file, not a folder; choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent is a file, or not writable
+        raise ValueError(f"cannot create {out.parent} ({err.strerror or err}); choose another --out") from None
     width = cfg.model.caption_channels
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         root = Path(tmp) / "ckpt"
@@ -214,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         out = make_tiny_checkpoint(args.out, args.config, args.seed, args.force)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. a parent of --out is a file, or the folder is not writable
+        print(f"error: cannot write {args.out}: {err.strerror or err}", file=sys.stderr)
         return 2
     print(f"wrote tiny checkpoint to {out}")
     return 0

@@ -23,18 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
 
 
-def _make_tiny(out: Path) -> Path:
-    path = REPO / "scripts" / "make_tiny_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", path)
+def _tiny_script():
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", REPO / "scripts" / "make_tiny_checkpoint.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.make_tiny_checkpoint(out, TINY_CONFIG, seed=0)
+    return module
 
 
 @pytest.fixture()
 def tiny(tmp_path: Path) -> Path:
     """A fresh tiny checkpoint per test: the tests damage its files."""
-    return _make_tiny(tmp_path / "checkpoints")
+    return _tiny_script().make_tiny_checkpoint(tmp_path / "checkpoints", TINY_CONFIG, seed=0)
 
 
 def _truncate(path: Path) -> None:
@@ -157,3 +156,20 @@ def test_audio_only_input_says_so(tmp_path: Path) -> None:
         vio.load_video(audio, 24)
     with pytest.raises(ValueError, match="it has no decodable frames"):
         vio.load_image(audio)
+
+
+# ---------------------------------------------------------------------- make_tiny_checkpoint.py
+def test_tiny_script_refuses_a_real_model_config(tmp_path: Path, capsys) -> None:
+    # the 4.5B config used to write a 9.6 GB "tiny" checkpoint
+    config = REPO / "example" / "4.5B" / "4.5B_base_config.json"
+    status = _tiny_script().main(["--out", str(tmp_path / "ck"), "--config", str(config)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "4,460M-parameter DiT" in err and "at most 50M" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tiny_script_out_below_a_file(tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    status = _tiny_script().main(["--out", str(tmp_path / "notes.txt" / "ck")])
+    assert status == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'notes.txt'} is a file, not a folder; choose another --out"
