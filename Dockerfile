@@ -14,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/magi
 COPY pyproject.toml README.md LICENSE ./
 COPY magi ./magi
-# The base image's torch satisfies torch>=2.4, so pip keeps it.
+# The base image's torch satisfies torch>=2.5, so pip keeps it.
 RUN pip install . && python -c "import magi, magi.config"
 
 # Work in /workspace: the example configs' ./downloads/... paths resolve here (mount the weights).
