@@ -347,27 +347,12 @@ class MagiPipeline:
                 memory does not grow with the video length (default 64 MiB: ~21 chunks at
                 720x720, ~12 at 720x1280).
         """
-        from magi.checkpoint import load_dit
         from magi.models.vae import load_vae
 
         cfg = config if isinstance(config, MagiConfig) else load_config(config)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         _check_options(cfg, device, attention_backend, offload_blocks, compile)
-        mesh = None
-        if _is_distributed(cfg):
-            from magi.distributed import init_from_env
-            from magi.distributed.parallelize import build_parallel_dit
-
-            mesh = init_from_env(cfg.engine, device if device.type == "cuda" else None)
-            device = mesh.device
-            dit = build_parallel_dit(cfg, mesh)
-        elif offload_blocks:
-            from magi.offload import offload_blocks as stream_blocks
-
-            dit = load_dit(cfg, torch.device("cpu"))  # the layer stack never sits on the device
-            stream_blocks(dit, device)
-        else:
-            dit = load_dit(cfg, device)
+        dit, mesh, device = _build_dit(cfg, device, offload_blocks)
         if compile:
             from magi.compile import compile_blocks
 
@@ -728,6 +713,26 @@ def _check_mode(mode: str, image_path: str | Path | None, prefix_video_path: str
 
 def _is_distributed(cfg: MagiConfig) -> bool:
     return cfg.engine.pp_size * cfg.engine.cp_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _build_dit(cfg: MagiConfig, device: torch.device,
+               offload_blocks: bool) -> tuple[nn.Module, object | None, torch.device]:  # fmt: skip
+    """(DiT, mesh or None, compute device): parallel under torchrun, else whole or streamed."""
+    from magi.checkpoint import load_dit
+
+    if _is_distributed(cfg):
+        from magi.distributed import init_from_env
+        from magi.distributed.parallelize import build_parallel_dit
+
+        mesh = init_from_env(cfg.engine, device if device.type == "cuda" else None)
+        return build_parallel_dit(cfg, mesh), mesh, mesh.device
+    if offload_blocks:
+        from magi.offload import offload_blocks as stream_blocks
+
+        dit = load_dit(cfg, torch.device("cpu"))  # the layer stack never sits on the device
+        stream_blocks(dit, device)
+        return dit, None, device
+    return load_dit(cfg, device), None, device
 
 
 def _check_options(cfg: MagiConfig, device: torch.device, attention_backend: str,
