@@ -173,3 +173,24 @@ def test_tiny_script_out_below_a_file(tmp_path: Path, capsys) -> None:
     status = _tiny_script().main(["--out", str(tmp_path / "notes.txt" / "ck")])
     assert status == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'notes.txt'} is a file, not a folder; choose another --out"
+
+
+# ------------------------------------------------------------------------- damaged side files
+def test_bad_vae_config_json_names_the_file(tiny: Path) -> None:
+    (tiny / "vae" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=f"{tiny / 'vae' / 'config.json'} is not valid JSON"):
+        load_vae(tiny / "vae")
+
+
+def test_bad_t5_config_json_names_the_file(tiny: Path) -> None:
+    config = tiny / "t5" / "t5-v1_1-xxl" / "config.json"
+    config.write_text("{")
+    with pytest.raises(ValueError, match=f"{config} is not a readable T5 config"):
+        T5Encoder.from_pretrained(tiny / "t5")
+
+
+def test_damaged_tokenizer_is_not_a_missing_package(tiny: Path) -> None:
+    folder = tiny / "t5" / "t5-v1_1-xxl"
+    (folder / "spiece.model").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=f"cannot load the T5 tokenizer from {folder}: spiece.model"):
+        T5Encoder.from_pretrained(tiny / "t5")

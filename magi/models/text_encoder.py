@@ -172,6 +172,28 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
+def _read_tokenizer_and_config(folder: Path, tokenizer_cls: type, config_cls: type) -> tuple:
+    """T5 tokenizer and config of a HF folder; a damaged file is one error naming it."""
+    try:
+        config = config_cls.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:  # transformers reports bad JSON as OSError
+        raise ValueError(f"{folder / 'config.json'} is not a readable T5 config "
+                         f"({_first_line(err)}); download it again") from None
+    try:
+        tokenizer = tokenizer_cls.from_pretrained(str(folder))
+    except (OSError, ValueError, RuntimeError, TypeError):
+        # transformers' own message misleads here: a damaged spiece.model makes it guess at
+        # other tokenizer formats and ask for packages (tiktoken, ...)
+        raise ValueError(f"cannot load the T5 tokenizer from {folder}: spiece.model or "
+                         "tokenizer_config.json is damaged; download them again") from None
+    return tokenizer, config
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def _index_weight_map(index: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -265,8 +287,7 @@ class T5Encoder:
         folder = _resolve_folder(Path(t5_pretrained_root))
         from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
-        tokenizer = T5Tokenizer.from_pretrained(str(folder))
-        config = T5Config.from_pretrained(str(folder))
+        tokenizer, config = _read_tokenizer_and_config(folder, T5Tokenizer, T5Config)
         config._attn_implementation = "eager"  # the official transformers 4.42 T5 path
         with torch.device("meta"):
             model = T5EncoderModel(config)

@@ -385,7 +385,12 @@ def read_vae_config(folder: str | Path) -> VAEConfig:
     if not path.is_file():
         raise FileNotFoundError(f"VAE config not found: {path} (expected the official "
                                 f"vae folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); download it again") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object (the diffusers VAE config)")
     if raw.get("_class_name") != "ViTVAE":
         raise ValueError(f"{path}: _class_name is {raw.get('_class_name')!r}, expected 'ViTVAE'")
     if raw.get("model_type", "vit") != "vit":
