@@ -135,7 +135,11 @@ def download(name: str, dest: str | Path = "downloads") -> Path:
         DownloadError: offline or failed; one line saying what to download and where to put it.
     """
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, or no write permission
+        why = "a file is in the way" if isinstance(err, FileExistsError) else err.strerror or type(err).__name__
+        raise DownloadError(f"cannot create the target folder {dest} ({why}); choose another --dir") from None
     try:
         fetch_weights(name, dest)
         fetch_special_tokens(dest)

@@ -194,3 +194,14 @@ def test_damaged_tokenizer_is_not_a_missing_package(tiny: Path) -> None:
     (folder / "spiece.model").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=f"cannot load the T5 tokenizer from {folder}: spiece.model"):
         T5Encoder.from_pretrained(tiny / "t5")
+
+
+def test_download_dir_blocked_by_a_file(tmp_path: Path, capsys, monkeypatch) -> None:
+    from magi.download import main as download_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reaches the hub either way
+    (tmp_path / "downloads").write_text("x")
+    assert download_main(["4.5B_base", "--dir", str(tmp_path / "downloads")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: cannot create the target folder {tmp_path / 'downloads'} "
+                   "(a file is in the way); choose another --dir")
