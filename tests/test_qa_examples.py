@@ -22,7 +22,7 @@ echo "ARGS=$*"
 """
 
 
-def _run(root: Path, script: str, env: dict[str, str]) -> dict[str, str]:
+def _run(root: Path, script: str, env: dict[str, str], cwd: Path | str = "/") -> dict[str, str]:
     """Run a copy of example/<script> under root with the stand-in python; its report as a dict."""
     target = root / "example" / script
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -33,8 +33,10 @@ def _run(root: Path, script: str, env: dict[str, str]) -> dict[str, str]:
     (bin_dir / "python").chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if k not in ("SPECIAL_TOKEN_PATH", "GPUS_PER_NODE", "NNODES")}
     clean.update(env, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    done = subprocess.run(["bash", str(target)], cwd="/", env=clean, capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = subprocess.run(["bash", str(target)], cwd=cwd, env=clean, capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode:
+        return {"STATUS": str(done.returncode), "STDERR": done.stderr.strip()}
     return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
 
@@ -42,7 +44,7 @@ def _run(root: Path, script: str, env: dict[str, str]) -> dict[str, str]:
 def test_run_sh_uses_downloaded_special_tokens(tmp_path: Path, script: str) -> None:
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / "special_tokens.npz").write_bytes(b"npz")
-    report = _run(tmp_path, script, {})
+    report = _run(tmp_path, script, {"MODE": "t2v"})  # the 24B default, i2v, needs an image
     assert report["SPECIAL_TOKEN_PATH"] == str(tmp_path / "downloads" / "special_tokens.npz")
     assert report["CWD"] == str(tmp_path)  # config paths (./downloads/...) resolve at the root
     assert "--config_file example/" in report["ARGS"]
@@ -54,9 +56,9 @@ def test_run_sh_prefers_the_official_place_and_the_variable(tmp_path: Path, scri
     (tmp_path / "downloads" / "special_tokens.npz").write_bytes(b"npz")
     (tmp_path / "example" / "assets").mkdir(parents=True)
     (tmp_path / "example" / "assets" / "special_tokens.npz").write_bytes(b"npz")
-    assert _run(tmp_path, script, {})["SPECIAL_TOKEN_PATH"] == ""  # magi.infer finds example/assets/
+    assert _run(tmp_path, script, {"MODE": "t2v"})["SPECIAL_TOKEN_PATH"] == ""  # magi.infer finds example/assets/
     mine = str(tmp_path / "mine.npz")
-    assert _run(tmp_path, script, {"SPECIAL_TOKEN_PATH": mine})["SPECIAL_TOKEN_PATH"] == mine
+    assert _run(tmp_path, script, {"MODE": "t2v", "SPECIAL_TOKEN_PATH": mine})["SPECIAL_TOKEN_PATH"] == mine
 
 
 def test_tiny_run_sh_from_another_folder(tmp_path: Path) -> None:
@@ -77,3 +79,29 @@ def test_tiny_run_sh_from_another_folder(tmp_path: Path) -> None:
                           timeout=60, check=True)
     args = next(line for line in done.stdout.splitlines() if line.startswith("ARGS="))
     assert f"--output_path {caller / 'v.mp4'}" in args
+
+
+@pytest.mark.parametrize("script", ["4.5B/run.sh", "24B/run.sh"])
+def test_run_sh_paths_relative_to_the_caller(tmp_path: Path, script: str) -> None:
+    caller = tmp_path / "work"
+    caller.mkdir()
+    (caller / "cat.jpg").write_bytes(b"jpg")
+    (caller / "my_config.json").write_text("{}")
+    env = {"MODE": "i2v", "IMAGE_PATH": "cat.jpg", "OUTPUT_PATH": "out/cat.mp4", "CONFIG": "my_config.json"}
+    args = _run(tmp_path / "repo", script, env, cwd=caller)["ARGS"]
+    assert f"--image_path {caller / 'cat.jpg'}" in args
+    assert f"--output_path {caller / 'out' / 'cat.mp4'}" in args
+    assert f"--config_file {caller / 'my_config.json'}" in args
+    # a CONFIG that exists only in the repository keeps meaning the repository's file
+    env = {"MODE": "t2v", "CONFIG": "example/4.5B/4.5B_distill_config.json"}
+    args = _run(tmp_path / "repo", script, env, cwd=caller)["ARGS"]
+    assert "--config_file example/4.5B/4.5B_distill_config.json" in args
+
+
+@pytest.mark.parametrize("script", ["4.5B/run.sh", "24B/run.sh"])
+@pytest.mark.parametrize(("mode", "variable"), [("i2v", "IMAGE_PATH"), ("v2v", "PREFIX_VIDEO_PATH")])
+def test_run_sh_says_the_official_assets_are_not_shipped(tmp_path: Path, script: str, mode: str,
+                                                          variable: str) -> None:
+    report = _run(tmp_path, script, {"MODE": mode})
+    assert report["STATUS"] == "2"
+    assert report["STDERR"].startswith(f"error: MODE={mode} needs {variable}=")

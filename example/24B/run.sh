@@ -12,6 +12,19 @@
 set -euo pipefail
 
 MAGI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# Paths given in CONFIG, IMAGE_PATH, PREFIX_VIDEO_PATH and OUTPUT_PATH are relative to where the
+# script was called from when they exist there (OUTPUT_PATH: always), else to the repository root.
+from_caller() {
+    if [[ -n "$1" && "$1" != /* && ( -e "$PWD/$1" || "${2:-}" == always ) ]]; then
+        echo "$PWD/$1"
+    else
+        echo "$1"
+    fi
+}
+CONFIG="$(from_caller "${CONFIG:-}")"
+IMAGE_PATH="$(from_caller "${IMAGE_PATH:-}")"
+PREFIX_VIDEO_PATH="$(from_caller "${PREFIX_VIDEO_PATH:-}")"
+OUTPUT_PATH="$(from_caller "${OUTPUT_PATH:-}" always)"
 # Config paths (./downloads/...) are relative to the working directory, as officially.
 cd "$MAGI_ROOT"
 
@@ -50,8 +63,22 @@ PROMPT="${PROMPT:-Good Boy}"
 OUTPUT_PATH="${OUTPUT_PATH:-example/assets/output_24B_${MODE}.mp4}"
 
 ARGS=(--config_file "$CONFIG" --mode "$MODE" --prompt "$PROMPT" --output_path "$OUTPUT_PATH")
-if [[ "$MODE" == "i2v" ]]; then ARGS+=(--image_path "${IMAGE_PATH:-example/assets/image.jpeg}"); fi
-if [[ "$MODE" == "v2v" ]]; then ARGS+=(--prefix_video_path "${PREFIX_VIDEO_PATH:-example/assets/prefix_video.mp4}"); fi
+if [[ "$MODE" == "i2v" ]]; then
+    if [[ -z "$IMAGE_PATH" && ! -f example/assets/image.jpeg ]]; then
+        echo "error: MODE=i2v needs IMAGE_PATH=<image>" \
+            "(example/assets/image.jpeg, the official example, is not shipped with magi)" >&2
+        exit 2
+    fi
+    ARGS+=(--image_path "${IMAGE_PATH:-example/assets/image.jpeg}")
+fi
+if [[ "$MODE" == "v2v" ]]; then
+    if [[ -z "$PREFIX_VIDEO_PATH" && ! -f example/assets/prefix_video.mp4 ]]; then
+        echo "error: MODE=v2v needs PREFIX_VIDEO_PATH=<prefix video>" \
+            "(example/assets/prefix_video.mp4, the official example, is not shipped with magi)" >&2
+        exit 2
+    fi
+    ARGS+=(--prefix_video_path "${PREFIX_VIDEO_PATH:-example/assets/prefix_video.mp4}")
+fi
 
 if (( GPUS_PER_NODE > 1 || NNODES > 1 )); then
     exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
