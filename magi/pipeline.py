@@ -24,6 +24,7 @@ Legend: C latent channels, T latent frames, H W latent size, F video frames.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import resource
 import signal
@@ -40,13 +41,15 @@ from torch import nn
 
 from magi import video_io
 from magi.conditioning import (
+    DEFAULT_SPECIAL_TOKEN_PATH,
     MAX_DURATION_TOKEN,
+    SPECIAL_TOKEN_ENV,
     SpecialTokenOptions,
     SpecialTokens,
     build_caption_table,
     load_special_tokens,
 )
-from magi.config import MagiConfig, load_config
+from magi.config import MagiConfig, check_paths, load_config
 from magi.models.kv_cache import KVCache
 from magi.models.vae import ViTVAE, tile_spec_for_fps
 from magi.sampling.chunks import ChunkPlan, Step
@@ -100,6 +103,8 @@ class GenerationResult:
 
     def summary(self) -> str:
         """One-paragraph report printed at the end of a CLI run."""
+        if self.interrupted and not self.chunks_done:
+            return "interrupted before the first chunk was done; nothing written"
         where = f" to {self.output_path}" if self.output_path else ""
         head = "interrupted: wrote the chunks done so far" if self.interrupted else "done"
         return (
@@ -112,6 +117,92 @@ class GenerationResult:
 
 class _StopRequested(Exception):
     """Raised from the step callback after the first Ctrl-C: stop after the current step."""
+
+
+class VideoWriteError(RuntimeError):
+    """Writing the output mp4 failed (ffmpeg stopped, disk full); nothing is left at the output path."""
+
+
+# ------------------------------------------------------------------------------ run settings
+def resolve_device(device: torch.device | str | None, label: str = "device") -> torch.device:
+    """The device a pipeline runs on, checked to exist on this machine.
+
+    Args:
+        device: "cuda", "cuda:N", "cpu" or a ``torch.device``; None picks CUDA when available.
+        label: how the caller names the setting in the error ("device", "--device").
+
+    Raises:
+        ValueError: one line naming the device and what to use instead.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{label} {device} is not a device; use cuda, cuda:N or cpu") from None
+    if found.type not in ("cuda", "cpu"):
+        raise ValueError(f"{label} {device}: magi runs on cuda, cuda:N or cpu")
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{label} {device}: CUDA is not available on this machine; use cpu")
+    if found.type == "cuda" and found.index is not None and found.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"{label} {device}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    return found
+
+
+def find_special_tokens(cfg: MagiConfig) -> Path:
+    """Where special_tokens.npz is for this config (read when a special token is on; PAD_HQ and
+    PAD_DURATION are by default).
+
+    Looks at $SPECIAL_TOKEN_PATH, else ``example/assets/special_tokens.npz`` under the working
+    directory (the official place), else next to the config file (where ``magi.download`` puts it).
+
+    Raises:
+        FileNotFoundError: one line naming the places looked at and how to get the file.
+    """
+    env = os.environ.get(SPECIAL_TOKEN_ENV)
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"{SPECIAL_TOKEN_ENV}={env} does not exist; fix it or unset it")
+        return Path(env)
+    official = Path.cwd() / DEFAULT_SPECIAL_TOKEN_PATH
+    if official.is_file():
+        return official
+    # cfg.source names a file only for configs read from one (presets and dicts say otherwise).
+    if cfg.source and Path(cfg.source).is_file():
+        beside = Path(cfg.source).resolve().parent / "special_tokens.npz"
+        if beside.is_file():
+            return beside
+    raise FileNotFoundError(
+        f"special_tokens.npz not found: set {SPECIAL_TOKEN_ENV}, put it at {DEFAULT_SPECIAL_TOKEN_PATH} "
+        "under the working directory or next to the config file, or get it with "
+        "`python -m magi.download <model>`"
+    )
+
+
+def check_special_tokens(cfg: MagiConfig) -> Path | None:
+    """Find special_tokens.npz now if the switched-on special tokens will read it.
+
+    The switches are the official env vars (PAD_HQ and PAD_DURATION are on unless set to 0;
+    ``SpecialTokenOptions``); a $SPECIAL_TOKEN_PATH that is set is checked either way.
+
+    Returns:
+        The file, or None when no switched-on token needs it.
+
+    Raises:
+        FileNotFoundError: one line naming what was looked for and which tokens need it.
+    """
+    options = SpecialTokenOptions.from_env()
+    users = _token_users(options)
+    if not users and not os.environ.get(SPECIAL_TOKEN_ENV):
+        return None
+    try:
+        return find_special_tokens(cfg)
+    except FileNotFoundError as err:
+        if not users:
+            raise
+        raise FileNotFoundError(f"{err} (needed for {', '.join(users)}; PAD_HQ and PAD_DURATION "
+                                "are on unless set to 0)") from None  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ frame budget
@@ -221,10 +312,24 @@ class ChunkCaptions:
 
 
 def _prompt_list(prompt: str | Sequence[str]) -> list[str]:
+    if not isinstance(prompt, (str, list, tuple)):
+        raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
     return prompts
+
+
+def _whole_number(name: str, value: object) -> int:
+    # bool is an int to Python but never a frame count or a seed; numpy integers are fine.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _token_users(options: SpecialTokenOptions) -> list[str]:
+    """The switched-on special tokens that read special_tokens.npz (empty: the file is not needed)."""
+    return options.prompt_tokens() + (["NEG_PROMPT"] if options.negative_prompt else [])
 
 
 def _zero_tokens(width: int) -> SpecialTokens:
@@ -326,9 +431,12 @@ class MagiPipeline:
 
         Args:
             config: an official-format JSON file or a loaded ``MagiConfig``. Relative checkpoint
-                paths are resolved against the working directory, as officially.
-            device: "cuda", "cuda:N" or "cpu" (default: CUDA when available). Under torchrun with
-                pp_size * cp_size > 1 each rank uses its own GPU.
+                paths are resolved against the working directory, as officially; missing DiT, T5
+                or VAE checkpoints are reported together (``CheckpointNotFoundError``) before
+                anything loads. special_tokens.npz: see ``find_special_tokens``.
+            device: "cuda", "cuda:N" or "cpu" (default: CUDA when available); one that this
+                machine lacks is a one-line ``ValueError``. Under torchrun with pp_size * cp_size
+                > 1 each rank uses its own GPU.
             compat: "magi" (default) or "official".
             attention_backend: "auto" (flash-attn on CUDA for bf16/fp16 when installed, else
                 FlexAttention on CUDA, else SDPA), "sdpa", "flex" or "flash". Checked before any
@@ -350,15 +458,15 @@ class MagiPipeline:
         from magi.models.vae import load_vae
 
         cfg = config if isinstance(config, MagiConfig) else load_config(config)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_paths(cfg)  # every missing checkpoint at once, before minutes of loading
+        device = resolve_device(device)
         _check_options(cfg, device, attention_backend, offload_blocks, compile)
+        check_special_tokens(cfg)
         dit, mesh, device = _build_dit(cfg, device, offload_blocks)
         if compile:
             from magi.compile import compile_blocks
 
             compile_blocks(dit, **(compile if isinstance(compile, dict) else {}))
-        if not cfg.runtime.vae_pretrained:
-            raise ValueError("runtime_config.vae_pretrained is not set: point it at the VAE folder")
         keep_vae_on_host = offload_blocks if vae_offload is None else vae_offload
         vae_device = torch.device("cpu") if keep_vae_on_host else device
         vae = load_vae(cfg.runtime.vae_pretrained, vae_device, dtype=torch.bfloat16)
@@ -493,9 +601,12 @@ class MagiPipeline:
         rt = self.config.runtime
         _check_mode(mode, image_path, prefix_video_path)
         prompts = _prompt_list(prompt)
-        frames = rt.num_frames if num_frames is None else num_frames
+        frames = rt.num_frames if num_frames is None else _whole_number("num_frames", num_frames)
         if frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {frames}")
+        seed = rt.seed if seed is None else _whole_number("seed", seed)
+        if not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed {seed} does not fit in 64 bits, as torch.manual_seed needs")
         prefix = self._prefix_latent(mode, image_path, prefix_video_path)
         p = 0 if prefix is None else prefix.shape[2]
         tile = tile_spec_for_fps(rt.fps, self.compat).frames // rt.temporal_downsample_factor
@@ -511,7 +622,6 @@ class MagiPipeline:
             raise ValueError(f"noise must have shape {shape} for this request, got {tuple(noise.shape)}")
         captions = self._captions(prompts, plan)
         limit = None if self.compat == "official" else frames
-        seed = rt.seed if seed is None else seed
         return _Run(mode, plan, settings, captions, shape, seed, noise, per_chunk_noise, prefix, limit)
 
     def _run(self, run: "_Run", callback: Callable[[StepInfo], None] | None) -> Iterator[VideoChunk]:
@@ -598,10 +708,10 @@ class MagiPipeline:
                              chunk_prompts, plan.offset)  # fmt: skip
 
     def _tokens(self, options: SpecialTokenOptions, width: int) -> SpecialTokens:
-        if not options.prompt_tokens() and not options.negative_prompt:
+        if not _token_users(options):
             return _zero_tokens(width)
         if self._special_tokens is None:
-            self._special_tokens = load_special_tokens()
+            self._special_tokens = load_special_tokens(find_special_tokens(self.config))
         return self._special_tokens
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -649,7 +759,10 @@ class _Output:
     def add(self, chunk: VideoChunk) -> None:
         self.chunk_times.append(time.perf_counter())
         if self.writer is not None and len(chunk.frames):
-            self.writer.append(chunk.frames)
+            try:
+                self.writer.append(chunk.frames)
+            except RuntimeError as err:  # ffmpeg stopped; the writer removed its temporary file
+                raise VideoWriteError(str(err)) from None
         self.result.frames_written += len(chunk.frames)
         self.result.chunks_done += 1
         if self.keep_tensors:
@@ -663,7 +776,10 @@ class _Output:
     def finish(self, save_tensors: str | Path | None, device: torch.device) -> GenerationResult:
         """Close the mp4 (drop it when no frame exists), save tensors, fill the timings."""
         if self.writer is not None and self.writer.frames_written:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except RuntimeError as err:
+                raise VideoWriteError(str(err)) from None
         elif self.writer is not None:
             self.writer.abort()
             self.result.output_path = None
