@@ -2,36 +2,47 @@
 
 The official entry point's flags are kept (``--config_file``, ``--mode``, ``--prompt``,
 ``--image_path``, ``--prefix_video_path``, ``--output_path``). Every argument, file and config
-problem is reported as one ``error: ...`` line with exit status 2 before any model is loaded; only
-then is the pipeline built. Launch with torchrun for multi-GPU configs (pp_size * cp_size > 1).
+problem (an input that does not decode, an output folder that cannot be written) is reported as one
+``error: ...`` line with exit status 2 before any model is loaded; only then is the pipeline built.
+Later file or ffmpeg failures are one line with exit status 1; Ctrl-C exits with 130. Launch with
+torchrun for multi-GPU configs (pp_size * cp_size > 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn, Sequence
 
 from magi.config import ConfigError, MagiConfig, check_paths, check_world_size, load_config
 
 MODES = ("t2v", "i2v", "v2v")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")  # magi.attention.BACKEND_CHOICES
-# Env flags that make the conditioning read special_tokens.npz (shared/spec/text.md §3).
-_TOKEN_FLAGS = (
-    "PAD_HQ", "PAD_DURATION", "PAD_STATIC", "PAD_DYNAMIC", "PAD_BORDERNESS",
-    "PAD_THREE_D_MODEL", "PAD_TWO_D_ANIME", "NEG_PROMPT",
-)
-_TRUE = {"1", "true", "yes", "y", "on", "enabled"}
-OFFICIAL_SPECIAL_TOKENS = Path("example/assets/special_tokens.npz")
 
 
 class UsageError(Exception):
     """A problem with the command line, its files or the config; printed as one line, exit 2."""
+
+
+class _PipelineMissing(Exception):
+    """This build of magi has no magi.pipeline (or a module it needs): nothing can be generated."""
+
+
+def _pipeline() -> ModuleType:
+    """magi.pipeline, imported on first use (it pulls in torch and the models)."""
+    try:
+        return importlib.import_module("magi.pipeline")
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("magi"):
+            raise
+        raise _PipelineMissing(err.name) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -194,17 +205,10 @@ def _config(args: argparse.Namespace) -> MagiConfig:
 
 
 def _device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name} is not a device; use cuda, cuda:N or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return name
+        return str(_pipeline().resolve_device(name, label="--device"))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _check_attention(name: str, device: str, cfg: MagiConfig) -> None:
@@ -218,25 +222,56 @@ def _check_attention(name: str, device: str, cfg: MagiConfig) -> None:
 
 
 def _special_tokens(cfg: MagiConfig) -> None:
-    """Find special_tokens.npz before any model loads (it is read only when a PAD_*/NEG_PROMPT flag is on)."""
-    env = os.environ.get("SPECIAL_TOKEN_PATH")
-    if env:
-        if not Path(env).is_file():
-            raise UsageError(f"SPECIAL_TOKEN_PATH={env} does not exist; fix it or unset it")
+    """Find special_tokens.npz before any model loads, when the switched-on special tokens need it.
+
+    The check is the pipeline's (``check_special_tokens``), so the CLI and the API agree.
+    """
+    try:
+        _pipeline().check_special_tokens(cfg)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+
+
+def _check_output(flag: str, path: str | None, probe_mp4: bool = False) -> None:
+    """Create the output's folder and (mp4) prove a video can be written there, before any model loads."""
+    if path is None:
         return
-    if OFFICIAL_SPECIAL_TOKENS.is_file():
-        return
-    beside_config = Path(cfg.source or ".").parent / "special_tokens.npz"
-    if beside_config.is_file():
-        # magi.download puts the file next to the config it writes.
-        os.environ["SPECIAL_TOKEN_PATH"] = str(beside_config.resolve())
-        return
-    flags = [f for f in _TOKEN_FLAGS if os.environ.get(f, "").strip().lower() in _TRUE]
-    if flags:
-        raise UsageError(
-            f"{', '.join(flags)} need special_tokens.npz: set SPECIAL_TOKEN_PATH, put it at "
-            f"{OFFICIAL_SPECIAL_TOKENS}, or get it with `python -m magi.download <model>`"
-        )
+    target = Path(path)
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder; choose another path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot create the folder {target.parent} "
+                         f"({err.strerror or type(err).__name__})") from None  # fmt: skip
+    if probe_mp4:
+        from magi.video_io import Mp4Writer
+
+        try:
+            Mp4Writer(target, 24).abort()  # writes and removes its temporary file; nothing else
+        except (ValueError, OSError) as err:
+            raise UsageError(f"{flag} {path}: {err}") from None
+
+
+def _check_inputs(request: Request, cfg: MagiConfig, compat: str) -> None:
+    """Decode the start image, or the prefix video's first frames, now rather than after the models load."""
+    from magi import video_io
+
+    rt = cfg.runtime
+    size = (rt.video_size_w, rt.video_size_h)
+    try:
+        if request.image_path is not None:
+            video_io.load_image(request.image_path, size, compat=compat)
+        if request.prefix_video_path is not None:
+            # a few frames at the runtime fps: enough to see it decodes and is long enough
+            head = video_io.load_video(request.prefix_video_path, rt.fps, size, compat=compat,
+                                       max_frames=rt.temporal_downsample_factor)  # fmt: skip
+            video_io.select_prefix_frames(head, rt.temporal_downsample_factor, compat=compat,
+                                          temporal_factor=rt.temporal_downsample_factor)  # fmt: skip
+    except (ValueError, OSError) as err:
+        flag = "--image_path" if request.image_path is not None else "--prefix_video_path"
+        raise UsageError(f"{flag}: {err}") from None
 
 
 def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, argparse.Namespace]:
@@ -256,22 +291,14 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     if args.offload and cfg.engine.pp_size * cfg.engine.cp_size > 1:
         raise UsageError("--offload works in a single process only; drop it for multi-GPU configs")
     _special_tokens(cfg)
+    _check_inputs(request, cfg, args.compat)
+    _check_output("--output_path", request.output_path, probe_mp4=True)
+    _check_output("--save_tensors", request.save_tensors)
     return cfg, request, args
 
 
 def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> int:
-    try:
-        from magi.pipeline import MagiPipeline
-    except ModuleNotFoundError as err:
-        if not (err.name or "").startswith("magi"):
-            raise
-        print(
-            f"error: generation is not available yet in this build of magi (module {err.name} is "
-            "missing); the arguments and the config were checked and are valid",
-            file=sys.stderr,
-        )
-        return 1
-    Path(request.output_path).parent.mkdir(parents=True, exist_ok=True)
+    MagiPipeline = _pipeline().MagiPipeline
     vae_offload = {"auto": None, "on": True, "off": False}[args.vae_offload]
     pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat,
                                     attention_backend=args.attention_backend, offload_blocks=args.offload,
@@ -289,17 +316,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     try:
         cfg, request, args = prepare(argv)
+        return _generate(cfg, request, args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        return _generate(cfg, request, args)
-    except (ValueError, FileNotFoundError) as err:
+    except _PipelineMissing as err:
+        print(f"error: generation is not available in this build of magi (module {err} is missing)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        # Once generate() runs it handles Ctrl-C itself; this is the import / loading phase.
+        print("interrupted before generation started; nothing written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:  # OSError: FileNotFoundError, PermissionError, ...
+        if isinstance(err, RuntimeError) and not isinstance(err, _video_write_error()):
+            raise  # a bug or a device failure: the traceback is the useful report
         if os.environ.get("MAGI_DEBUG"):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {first} (set MAGI_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+
+
+def _video_write_error() -> type[Exception] | tuple[()]:
+    # Only a loaded pipeline can have raised it; a missing one must not be imported just to ask.
+    return getattr(sys.modules.get("magi.pipeline"), "VideoWriteError", ())
 
 
 if __name__ == "__main__":

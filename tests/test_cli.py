@@ -10,11 +10,16 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from magi import infer
+from magi import pipeline as real_pipeline
 from magi.config import preset_dict
+from magi.video_io import Mp4Writer
 
 REPO = Path(__file__).resolve().parents[1]
+TOKEN_FLAGS = ("PAD_HQ", "PAD_DURATION", "PAD_STATIC", "PAD_DYNAMIC", "PAD_BORDERNESS",
+               "PAD_THREE_D_MODEL", "PAD_TWO_D_ANIME", "NEG_PROMPT")  # fmt: skip
 
 
 class _Recorder:
@@ -37,6 +42,9 @@ def fake_pipeline(monkeypatch):
     _Recorder.calls = []
     module = types.ModuleType("magi.pipeline")
     module.MagiPipeline = _Recorder
+    # the CLI's checks use the pipeline's own helpers (one device check, one special-token lookup)
+    for name in ("resolve_device", "check_special_tokens", "VideoWriteError"):
+        setattr(module, name, getattr(real_pipeline, name))
     monkeypatch.setitem(sys.modules, "magi.pipeline", module)
     return _Recorder.calls
 
@@ -53,12 +61,22 @@ def workdir(tmp_path, monkeypatch):
     data = preset_dict("4.5B_distill")
     data["runtime_config"].update(load="ck/dit", t5_pretrained="ck/t5", vae_pretrained="ck/vae")
     (tmp_path / "cfg.json").write_text(json.dumps(data))
-    (tmp_path / "img.jpg").write_bytes(b"x")
-    (tmp_path / "pre.mp4").write_bytes(b"x")
+    _write_ppm(tmp_path / "img.ppm", 48, 80)
+    with Mp4Writer(tmp_path / "pre.mp4", 24) as writer:  # 8 frames: enough for a v2v prefix
+        writer.append(torch.zeros(8, 3, 32, 32, dtype=torch.uint8))
     monkeypatch.chdir(tmp_path)
-    for flag in infer._TOKEN_FLAGS + ("SPECIAL_TOKEN_PATH", "WORLD_SIZE", "RANK"):
+    for flag in TOKEN_FLAGS + ("SPECIAL_TOKEN_PATH", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(flag, raising=False)
+    # the two tokens that are on by default read special_tokens.npz; none is here
+    monkeypatch.setenv("PAD_HQ", "0")
+    monkeypatch.setenv("PAD_DURATION", "0")
     return tmp_path
+
+
+def _write_ppm(path: Path, height: int, width: int) -> None:
+    """A binary PPM image (a format ffmpeg reads; no imaging library needed)."""
+    pixels = (bytes(range(256)) * (height * width * 3 // 256 + 1))[: height * width * 3]
+    path.write_bytes(f"P6 {width} {height} 255\n".encode() + pixels)
 
 
 BASE = ["--config", "cfg.json", "--output_path", "out.mp4", "--device", "cpu"]
@@ -68,7 +86,7 @@ ERRORS = [
     (["--mode", "v2v", "--prompt", "p"], "error: --mode v2v needs --prefix_video_path"),
     (["--mode", "i2v", "--prompt", "p", "--image_path", "nope.jpg"], "error: --image_path nope.jpg does not exist"),
     (["--mode", "v2v", "--prompt", "p", "--prefix_video_path", "nope.mp4"], "error: --prefix_video_path nope.mp4 does not exist"),
-    (["--mode", "t2v", "--prompt", "p", "--image_path", "img.jpg"], "error: --image_path is only used with --mode i2v"),
+    (["--mode", "t2v", "--prompt", "p", "--image_path", "img.ppm"], "error: --image_path is only used with --mode i2v"),
     (["--mode", "x2v", "--prompt", "p"], "error: argument --mode: invalid choice: 'x2v'"),
     (["--mode", "t2v"], "error: --prompt is required (or --prompt_file"),
     (["--mode", "t2v", "--prompt", " "], "error: --prompt must not be empty"),
@@ -118,21 +136,27 @@ def test_world_size_mismatch(workdir, fake_pipeline, capsys, monkeypatch):
 def test_special_tokens_needed_by_pad_flags(workdir, fake_pipeline, capsys, monkeypatch):
     monkeypatch.setenv("PAD_HQ", "1")
     assert infer.main(BASE + ["--mode", "t2v", "--prompt", "p"]) == 2
-    assert capsys.readouterr().err.startswith("error: PAD_HQ need special_tokens.npz")
+    err = capsys.readouterr().err
+    assert err.startswith("error: special_tokens.npz not found: set SPECIAL_TOKEN_PATH") and err.count("\n") == 1
+    assert err.endswith("(needed for HQ_TOKEN; PAD_HQ and PAD_DURATION are on unless set to 0)\n")
+    monkeypatch.delenv("PAD_HQ")  # unset: on by default, as officially
+    monkeypatch.delenv("PAD_DURATION")
+    assert infer.main(BASE + ["--mode", "t2v", "--prompt", "p"]) == 2
+    assert "(needed for HQ_TOKEN, DURATION_TOKEN;" in capsys.readouterr().err
     monkeypatch.setenv("SPECIAL_TOKEN_PATH", "nope.npz")
     assert infer.main(BASE + ["--mode", "t2v", "--prompt", "p"]) == 2
     assert capsys.readouterr().err.startswith("error: SPECIAL_TOKEN_PATH=nope.npz does not exist")
     monkeypatch.delenv("SPECIAL_TOKEN_PATH")
     (workdir / "special_tokens.npz").write_bytes(b"x")  # next to cfg.json, as magi.download writes it
     assert infer.main(BASE + ["--mode", "t2v", "--prompt", "p"]) == 0
-    import os
-
-    assert os.environ["SPECIAL_TOKEN_PATH"] == str((workdir / "special_tokens.npz").resolve())
+    # found by the pipeline's own lookup (the API finds it too); the environment is left alone
+    assert "SPECIAL_TOKEN_PATH" not in __import__("os").environ
+    assert real_pipeline.find_special_tokens(fake_pipeline[0][1]["cfg"]) == workdir / "special_tokens.npz"
     assert fake_pipeline[0][0] == "from_config"
 
 
 def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline):
-    argv = BASE + ["--mode", "i2v", "--image_path", "img.jpg", "--prompt", "a", "--prompt", "b",
+    argv = BASE + ["--mode", "i2v", "--image_path", "img.ppm", "--prompt", "a", "--prompt", "b",
                    "--seed", "7", "--num_steps", "16", "--compat", "official", "--save_tensors", "t.safetensors"]
     assert infer.main(argv) == 0
     (name0, build), (name1, gen) = fake_pipeline
@@ -141,7 +165,7 @@ def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline):
     assert build["cfg"].runtime.seed == 7 and build["cfg"].runtime.num_steps == 16
     assert build["cfg"].runtime.num_frames == 96  # untouched
     assert gen == {
-        "mode": "i2v", "prompt": ["a", "b"], "output_path": "out.mp4", "image_path": "img.jpg",
+        "mode": "i2v", "prompt": ["a", "b"], "output_path": "out.mp4", "image_path": "img.ppm",
         "prefix_video_path": None, "save_tensors": "t.safetensors", "progress": True,
     }
 
@@ -183,7 +207,7 @@ def test_missing_pipeline_says_generation_is_not_available(workdir, monkeypatch,
     monkeypatch.setitem(sys.modules, "magi.pipeline", None)  # import fails as if the module were absent
     assert infer.main(BASE + ["--mode", "t2v", "--prompt", "p"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: generation is not available yet") and err.count("\n") == 1
+    assert err.startswith("error: generation is not available in this build") and err.count("\n") == 1
 
 
 def test_subprocess_help_and_error():
@@ -211,3 +235,105 @@ def test_speed_and_memory_flags_reach_from_config(workdir, fake_pipeline):
     build = fake_pipeline[0][1]
     assert (build["attention_backend"], build["offload_blocks"], build["compile"], build["vae_offload"]) == (
         "sdpa", True, True, False)
+
+
+# ------------------------------------------------------------------------ QA regressions
+def _one_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_output_below_a_file_is_one_line_exit_2(workdir, fake_pipeline, capsys):
+    (workdir / "notes.txt").write_text("a file, not a folder")
+    assert infer.main(BASE[:2] + ["--mode", "t2v", "--prompt", "p", "--output_path", "notes.txt/out.mp4"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("error: --output_path notes.txt/out.mp4: notes.txt is a file, not a folder")
+    assert infer.main(BASE[:2] + ["--mode", "t2v", "--prompt", "p", "--output_path", "notes.txt/a/b/out.mp4"]) == 2
+    assert "notes.txt is a file" in _one_line(capsys.readouterr().err)
+    argv = BASE + ["--mode", "t2v", "--prompt", "p", "--save_tensors", "notes.txt/t.safetensors"]
+    assert infer.main(argv) == 2
+    assert _one_line(capsys.readouterr().err).startswith("error: --save_tensors notes.txt/t.safetensors: notes.txt is a file")
+    assert fake_pipeline == []
+
+
+def test_output_folder_is_created_and_probed_before_loading(workdir, fake_pipeline, capsys):
+    argv = BASE[:2] + ["--mode", "t2v", "--prompt", "p", "--output_path", "new/deeper/out.mp4",
+                       "--device", "cpu", "--save_tensors", "t/x.safetensors"]
+    assert infer.main(argv) == 0
+    assert (workdir / "new/deeper").is_dir() and (workdir / "t").is_dir()
+    assert list((workdir / "new/deeper").iterdir()) == []  # the probe left no file behind
+    if __import__("os").geteuid() == 0:
+        return  # root writes into read-only folders: the permission half cannot fail here
+    locked = workdir / "locked"
+    locked.mkdir(mode=0o500)
+    fake_pipeline.clear()
+    assert infer.main(BASE[:2] + ["--mode", "t2v", "--prompt", "p", "--output_path", "locked/out.mp4"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("error: --output_path locked/out.mp4: cannot write the output video in locked")
+    assert infer.main(BASE[:2] + ["--mode", "t2v", "--prompt", "p", "--output_path", "locked/sub/out.mp4"]) == 2
+    assert "cannot create the folder locked/sub" in _one_line(capsys.readouterr().err)
+    assert fake_pipeline == []
+
+
+def test_ctrl_c_before_generation_is_one_line_exit_130(workdir, fake_pipeline, capsys, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_Recorder, "from_config", classmethod(interrupt))  # while the models load
+    assert infer.main(BASE + ["--mode", "t2v", "--prompt", "p"]) == 130
+    assert capsys.readouterr().err == "interrupted before generation started; nothing written\n"
+    monkeypatch.setattr(infer, "_check_attention", interrupt)  # while torch / magi.attention import
+    assert infer.main(BASE + ["--mode", "t2v", "--prompt", "p"]) == 130
+    assert capsys.readouterr().err == "interrupted before generation started; nothing written\n"
+    assert not (workdir / "out.mp4").exists()
+
+
+@pytest.mark.parametrize("error", [
+    real_pipeline.VideoWriteError("ffmpeg failed while writing out.mp4: [Errno 32] Broken pipe"),
+    PermissionError(13, "Permission denied"),
+    OSError(28, "No space left on device"),
+], ids=["ffmpeg", "permission", "disk_full"])  # fmt: skip
+def test_write_errors_during_generation_are_one_line_exit_1(workdir, fake_pipeline, capsys, monkeypatch, error):
+    def fail(self, **kwargs):
+        raise error
+
+    monkeypatch.setattr(_Recorder, "generate", fail)
+    monkeypatch.delenv("MAGI_DEBUG", raising=False)
+    assert infer.main(BASE + ["--mode", "t2v", "--prompt", "p"]) == 1
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("error: ") and err.endswith("(set MAGI_DEBUG=1 for the traceback)\n")
+    assert str(error).splitlines()[0] in err
+
+
+def test_other_runtime_errors_keep_their_traceback(workdir, fake_pipeline, monkeypatch):
+    def fail(self, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(_Recorder, "generate", fail)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        infer.main(BASE + ["--mode", "t2v", "--prompt", "p"])
+
+
+def test_undecodable_inputs_fail_before_loading(workdir, fake_pipeline, capsys):
+    (workdir / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    assert infer.main(BASE + ["--mode", "i2v", "--prompt", "p", "--image_path", "bad.png"]) == 2
+    assert _one_line(capsys.readouterr().err).startswith("error: --image_path: cannot decode image bad.png")
+    (workdir / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 20)
+    assert infer.main(BASE + ["--mode", "v2v", "--prompt", "p", "--prefix_video_path", "bad.mp4"]) == 2
+    assert _one_line(capsys.readouterr().err).startswith("error: --prefix_video_path: cannot decode video bad.mp4")
+    with Mp4Writer(workdir / "short.mp4", 24) as writer:
+        writer.append(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert infer.main(BASE + ["--mode", "v2v", "--prompt", "p", "--prefix_video_path", "short.mp4"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("error: --prefix_video_path: v2v prefix has 2 frame(s) at the runtime fps; at least 4")
+    assert fake_pipeline == []
+
+
+def test_device_check_is_the_pipelines(workdir, fake_pipeline, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert infer.main(BASE[:-1] + ["cuda:1", "--mode", "t2v", "--prompt", "p"]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        "error: --device cuda:1: CUDA is not available on this machine; use cpu\n")
+    assert infer.main(BASE[:-1] + ["meta", "--mode", "t2v", "--prompt", "p"]) == 2
+    assert _one_line(capsys.readouterr().err) == "error: --device meta: magi runs on cuda, cuda:N or cpu\n"
+    assert fake_pipeline == []
