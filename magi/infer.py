@@ -344,4 +344,12 @@ def _video_write_error() -> type[Exception] | tuple[()]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if status == 130:
+        # Once a KeyboardInterrupt has passed through one of CPython's C-level PyRun_* calls (as it
+        # can during the imports), `python -m` ends the process by SIGINT even though main caught
+        # it; leave now so the documented status 130 is what the caller sees.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
