@@ -32,13 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+if typing.TYPE_CHECKING:
+    import torch
 
-PARAMS_DTYPES: dict[str, torch.dtype] = {
-    "torch.bfloat16": torch.bfloat16,
-    "torch.float16": torch.float16,
-    "torch.float32": torch.float32,
-}
+# torch is imported lazily (inside functions) so that `python -m magi.infer` can report argument
+# errors and a Ctrl-C during start-up as one line, before the slow torch import.
+PARAMS_DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
 CP_STRATEGIES = ("none", "cp_ulysses", "cp_shuffle_overlap")
 # Fields the official loader requires but never reads; magi accepts and ignores them too.
 IGNORED_FIELDS = ("model_config.model_name", "engine_config.enable_cuda_graph")
@@ -80,7 +79,9 @@ class ModelConfig:
     @property
     def dtype(self) -> torch.dtype:
         """params_dtype as a torch dtype ("torch.bfloat16" -> torch.bfloat16)."""
-        return PARAMS_DTYPES[self.params_dtype]
+        import torch
+
+        return getattr(torch, self.params_dtype.removeprefix("torch."))
 
 
 @dataclass(frozen=True)
@@ -365,6 +366,8 @@ def _check_sampling(cfg: MagiConfig) -> None:
                    "needs; use a smaller seed")
     if r.scale_factor <= 0:
         _fail(cfg, f"'runtime_config.scale_factor' must be > 0, got {r.scale_factor}; the shipped value is 0.18215")
+    import torch
+
     try:
         torch.device(r.t5_device)
     except RuntimeError:
