@@ -27,6 +27,7 @@ def _run(root: Path, script: str, env: dict[str, str], cwd: Path | str = "/") ->
     target = root / "example" / script
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "example" / script, target)
+    shutil.copy(REPO / "example" / "launch.sh", root / "example" / "launch.sh")  # sourced by run.sh
     bin_dir = root / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python").write_text(FAKE_PYTHON)
