@@ -298,13 +298,17 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
 
 
 def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> int:
+    from magi.distributed import fail_fast, shutdown
+
     MagiPipeline = _pipeline().MagiPipeline
     vae_offload = {"auto": None, "on": True, "off": False}[args.vae_offload]
-    pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat,
-                                    attention_backend=args.attention_backend, offload_blocks=args.offload,
-                                    compile=args.compile, vae_offload=vae_offload)  # fmt: skip
-    # progress=True prints a per-chunk bar and a summary line naming the output (rank 0 only).
-    result = pipe.generate(**dataclasses.asdict(request), progress=True)
+    with fail_fast():  # under torchrun: an error on one rank stops the other ranks at once
+        pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat,
+                                        attention_backend=args.attention_backend, offload_blocks=args.offload,
+                                        compile=args.compile, vae_offload=vae_offload)  # fmt: skip
+        # progress=True prints a per-chunk bar and a summary line naming the output (rank 0 only).
+        result = pipe.generate(**dataclasses.asdict(request), progress=True)
+    shutdown()  # ranks leave together (rank 0 may still be closing the mp4); no-op in one process
     return 130 if getattr(result, "interrupted", False) else 0  # 130: stopped by Ctrl-C
 
 

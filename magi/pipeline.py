@@ -560,11 +560,11 @@ class MagiPipeline:
                                 per_chunk_noise)  # fmt: skip
             out.result.chunks_total = len(run.plan.generated_chunks)
             bar = _progress_bar(out.result.chunks_total, progress and writer_rank)
-            with _graceful_sigint(stop), closing(self._run(run, _stop_aware(callback, stop))) as chunks:
+            with _graceful_sigint(stop), closing(self._run(run, _stop_aware(callback, stop, self.mesh))) as chunks:
                 for chunk in chunks:
                     out.add(chunk)
                     bar.update(1)
-                    if stop.is_set():
+                    if stop.is_set() and self.mesh is None:  # with ranks: agreed in the step hook
                         raise _StopRequested
         except (_StopRequested, KeyboardInterrupt):
             out.result.interrupted = True
@@ -724,8 +724,16 @@ class MagiPipeline:
             if not rt.t5_pretrained:
                 raise ValueError("runtime_config.t5_pretrained is not set: point it at the T5 folder")
             t5_device = rt.t5_device if rt.t5_device == "cpu" or torch.cuda.is_available() else "cpu"
-            with T5Encoder.from_pretrained(rt.t5_pretrained, device=t5_device) as t5:
-                emb, mask = t5.encode(missing)
+            def run_t5() -> tuple[torch.Tensor, torch.Tensor]:
+                with T5Encoder.from_pretrained(rt.t5_pretrained, device=t5_device) as t5:
+                    return t5.encode(missing)
+
+            if self.mesh is None:
+                emb, mask = run_t5()
+            else:  # T5 runs on rank 0 only; the other ranks receive its result
+                from magi.distributed import share_from_rank0
+
+                emb, mask = share_from_rank0(run_t5, self.mesh)
             for p, e, m in zip(missing, emb, mask):
                 self.remember_prompt(p, e, m)
         pairs = [self._prompt_cache[p] for p in prompts]
@@ -840,7 +848,7 @@ def _build_dit(cfg: MagiConfig, device: torch.device,
         from magi.distributed import init_from_env
         from magi.distributed.parallelize import build_parallel_dit
 
-        mesh = init_from_env(cfg.engine, device if device.type == "cuda" else None)
+        mesh = init_from_env(cfg.engine, device)  # "cuda" -> this rank's GPU; "cpu" stays cpu
         return build_parallel_dit(cfg, mesh), mesh, mesh.device
     if offload_blocks:
         from magi.offload import offload_blocks as stream_blocks
@@ -885,12 +893,17 @@ def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callabl
 
 
 def _stop_aware(
-    callback: Callable[[StepInfo], None] | None, stop: threading.Event
+    callback: Callable[[StepInfo], None] | None, stop: threading.Event, mesh: object | None = None
 ) -> Callable[[StepInfo], None]:
     def hook(info: StepInfo) -> None:
         if callback is not None:
             callback(info)
-        if stop.is_set():
+        stopping = stop.is_set()
+        if mesh is not None:  # a Ctrl-C may reach the ranks at different steps: stop together
+            from magi.distributed import any_rank
+
+            stopping = any_rank(stopping, mesh)
+        if stopping:
             raise _StopRequested
 
     return hook
