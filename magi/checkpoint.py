@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -59,11 +59,7 @@ def load_dit(cfg: MagiConfig, device: torch.device | str, *, layers: Sequence[in
         The model in eval mode, parameters on ``device``, promoted modules in float32.
     """
     layer_numbers = _check_layers(layers, cfg.model.num_layers)
-    with torch.device("meta"):
-        model = DiT(cfg.model, layer_numbers=layer_numbers)
-        if cfg.engine.fp8_quant:
-            swap_fp8_linears(model, cfg.model.num_layers)
-        model.promote_precision()
+    model = _meta_model(cfg, layer_numbers)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     with _Shards(weight_folder(cfg)) as shards:
         key_to_shard = shards.layout()
@@ -71,6 +67,51 @@ def load_dit(cfg: MagiConfig, device: torch.device | str, *, layers: Sequence[in
         state = _read_tensors(cfg, shards, key_to_shard, wanted, expected, torch.device(device))
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()
+
+
+def check_dit_checkpoint(cfg: MagiConfig, *, layers: Sequence[int] | None = None) -> Path:
+    """Start-up check of the DiT checkpoint without reading any weights (headers only; seconds).
+
+    Finds the same faults as :func:`load_dit` would after minutes of loading: missing folder,
+    damaged index or shard names outside the folder, missing / unexpected / mis-shaped keys,
+    keys the index places in a shard that lacks them, non-floating tensors. zstd-compressed
+    shards are not decompressed here (their headers are checked by the load itself).
+
+    Args:
+        cfg: full config, as for :func:`load_dit`.
+        layers: the pipeline stage's global layer indices; None checks all layers.
+
+    Returns:
+        The checked weight folder.
+    """
+    layer_numbers = _check_layers(layers, cfg.model.num_layers)
+    model = _meta_model(cfg, layer_numbers)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    with _Shards(weight_folder(cfg)) as shards:
+        key_to_shard = shards.layout()
+        wanted = _match_keys(cfg, shards.folder, key_to_shard, expected, layer_numbers)
+        by_shard: dict[str, dict[str, str]] = defaultdict(dict)
+        for key, ckpt_key in wanted.items():
+            by_shard[key_to_shard[ckpt_key]][key] = ckpt_key
+        mis_shaped: list[str] = []
+        for shard, keys in sorted(by_shard.items()):
+            if (shards.folder / f"{shard}.zst").is_file():
+                continue  # would need a full decompression
+            with shards.open(shard) as f:
+                mis_shaped += _check_header(shards, shard, f, keys, expected)
+        if mis_shaped:
+            raise ValueError(_mismatch_message(cfg, shards.folder, key_to_shard, [], [], mis_shaped))
+        return shards.folder
+
+
+def _meta_model(cfg: MagiConfig, layer_numbers: list[int]) -> DiT:
+    """The DiT as it will be loaded (fp8 swap, promoted modules), on the meta device."""
+    with torch.device("meta"):
+        model = DiT(cfg.model, layer_numbers=layer_numbers)
+        if cfg.engine.fp8_quant:
+            swap_fp8_linears(model, cfg.model.num_layers)
+        model.promote_precision()
+    return model
 
 
 def _check_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
@@ -157,7 +198,20 @@ def _parse_index(index: Path) -> dict[str, str]:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         reason = f"{type(err).__name__}: {err}"
         raise ValueError(f"{index} is not a valid safetensors index ({reason}); re-download it") from None
+    for key, shard in weight_map.items():
+        _check_shard_name(index, str(key), shard)
     return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def _check_shard_name(index: Path, key: str, shard: object) -> None:
+    """A shard must be a file name inside the checkpoint folder: an index entry with an absolute
+    path or ``..`` would make the loader open a file elsewhere on the machine."""
+    if not isinstance(shard, str) or not shard.strip():
+        raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} is not a shard file name; re-download the index")
+    windows = PureWindowsPath(shard)  # also sees drives (C:), UNC paths and backslash separators
+    if Path(shard).is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
+        raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} points outside the checkpoint folder "
+                         "(absolute path or '..'); shards must be plain file names there: re-download the index")
 
 
 def _match_keys(
@@ -248,15 +302,47 @@ def _read_tensors(
     mis_shaped: list[str] = []
     for shard, keys in sorted(by_shard.items()):
         with shards.open(shard) as f:
-            shapes = {key: tuple(f.get_slice(wanted[key]).get_shape()) for key in keys}
-            bad = [
-                f"{wanted[k]} {list(s)} (model {list(expected[k][0])})"
-                for k, s in shapes.items()
-                if s != expected[k][0]
-            ]
+            bad = _check_header(shards, shard, f, {key: wanted[key] for key in keys}, expected)
             mis_shaped += bad
             for key in keys if not (bad or mis_shaped) else []:
                 state[key] = f.get_tensor(wanted[key]).to(device=device, dtype=expected[key][1])
     if mis_shaped:
         raise ValueError(_mismatch_message(cfg, shards.folder, key_to_shard, [], [], mis_shaped))
     return state
+
+
+def _check_header(
+    shards: _Shards,
+    shard: str,
+    f,  # safetensors safe_open handle
+    keys: dict[str, str],
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
+) -> list[str]:
+    """Check one shard's header for the keys it should hold (model key -> checkpoint key).
+
+    Raises on a key the index assigns to this shard but the shard lacks, and on integer / bool
+    tensors (every DiT tensor is floating; fp8 checkpoints hold float8 weights and float scales):
+    a cast would turn them into garbage weights silently. Returns the mis-shaped keys.
+    """
+    present = set(f.keys())
+    absent = [ckpt_key for ckpt_key in keys.values() if ckpt_key not in present]
+    if absent:
+        where = shards.folder / INDEX_FILE if (shards.folder / INDEX_FILE).is_file() else shards.folder
+        raise ValueError(f"{where} lists key {absent[0]} in shard {shard}, but {shards.folder / shard} has no "
+                         f"such tensor ({len(absent)} key(s) absent); the index and the shards are from "
+                         "different downloads or a shard is incomplete: download the checkpoint again")
+    not_float = []
+    mis_shaped = []
+    for key, ckpt_key in keys.items():
+        info = f.get_slice(ckpt_key)
+        dtype, shape = info.get_dtype(), tuple(info.get_shape())
+        if not dtype.startswith(("F", "BF")):  # safetensors names: F16, BF16, F32, F8_E4M3, I64, BOOL...
+            not_float.append(f"{ckpt_key} ({dtype})")
+        elif shape != expected[key][0]:
+            mis_shaped.append(f"{ckpt_key} {list(shape)} (model {list(expected[key][0])})")
+    if not_float:
+        more = f", ... ({len(not_float) - _MAX_LISTED} more)" if len(not_float) > _MAX_LISTED else ""
+        raise ValueError(f"{shards.folder / shard} holds non-floating tensor(s) where floating weights are "
+                         f"expected: {', '.join(not_float[:_MAX_LISTED])}{more}; the file is not a MAGI-1 DiT "
+                         "checkpoint or was converted wrongly: download the checkpoint again")
+    return mis_shaped

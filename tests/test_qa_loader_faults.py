@@ -1,0 +1,148 @@
+"""Damaged or hostile weight files: each fault is one ValueError line naming the file and the fix.
+
+Covers the DiT checkpoint (index vs shards, shard names outside the folder, integer tensors),
+special_tokens.npz (truncated, missing arrays, wrong shapes) and the T5 ``.bin`` shards (pickles
+with code, truncated zips), plus the cheap start-up checks the pipeline can run before loading.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from magi.checkpoint import INDEX_FILE, check_dit_checkpoint, load_dit
+from tests.test_checkpoint import assert_loaded_equals, random_state, small_cfg, write_sharded
+
+SHARD_1 = "model-00001-of-00002.safetensors"
+SHARD_2 = "model-00002-of-00002.safetensors"
+WEIGHT = "videodit_blocks.layers.0.mlp.linear_fc1.weight"
+
+
+def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
+    """The message, asserted to be a single line (no traceback text, no multi-line dumps)."""
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def _index(folder: Path) -> dict:
+    return json.loads((folder / INDEX_FILE).read_text())
+
+
+def _write_index(folder: Path, index: dict) -> None:
+    (folder / INDEX_FILE).write_text(json.dumps(index))
+
+
+@pytest.fixture()
+def sharded(tmp_path: Path) -> Path:
+    """A good two-shard bf16 checkpoint under tmp_path/inference_weight; returns the root."""
+    write_sharded(tmp_path / "inference_weight", random_state())
+    return tmp_path
+
+
+# ---------------------------------------------------------------- DiT: index vs shards
+
+
+def test_index_key_absent_from_its_shard(sharded: Path) -> None:
+    folder = sharded / "inference_weight"
+    shard = _index(folder)["weight_map"][WEIGHT]
+    tensors = load_file(str(folder / shard))
+    del tensors[WEIGHT]  # the index still lists it there (a shard from another download)
+    save_file(tensors, str(folder / shard))
+    for check in (lambda: load_dit(small_cfg(sharded), "cpu"), lambda: check_dit_checkpoint(small_cfg(sharded))):
+        with pytest.raises(ValueError) as excinfo:
+            check()
+        message = one_line_error(excinfo)
+        assert WEIGHT in message and shard in message and INDEX_FILE in message
+        assert "download the checkpoint again" in message
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "windows"])
+def test_index_shard_outside_the_folder_is_refused(sharded: Path, kind: str) -> None:
+    folder = sharded / "inference_weight"
+    outside = sharded / "elsewhere" / SHARD_2
+    outside.parent.mkdir()
+    shutil.copy(folder / SHARD_2, outside)  # a real, readable file: the load would succeed
+    name = {"dotdot": f"../elsewhere/{SHARD_2}", "absolute": str(outside), "windows": f"..\\elsewhere\\{SHARD_2}"}[kind]
+    index = _index(folder)
+    index["weight_map"] = {k: (name if v == SHARD_2 else v) for k, v in index["weight_map"].items()}
+    _write_index(folder, index)
+    for check in (lambda: load_dit(small_cfg(sharded), "cpu"), lambda: check_dit_checkpoint(small_cfg(sharded))):
+        with pytest.raises(ValueError, match="outside the checkpoint folder") as excinfo:
+            check()
+        message = one_line_error(excinfo)
+        assert INDEX_FILE in message and repr(name) in message
+
+
+def test_index_shard_name_not_a_string(sharded: Path) -> None:
+    folder = sharded / "inference_weight"
+    index = _index(folder)
+    index["weight_map"][WEIGHT] = ["a", "b"]
+    _write_index(folder, index)
+    with pytest.raises(ValueError, match="not a shard file name") as excinfo:
+        load_dit(small_cfg(sharded), "cpu")
+    assert WEIGHT in one_line_error(excinfo)
+
+
+def test_shard_in_a_subfolder_still_loads(tmp_path: Path) -> None:
+    state = random_state()
+    folder = tmp_path / "inference_weight"
+    write_sharded(folder, state)
+    (folder / "part").mkdir()
+    shutil.move(folder / SHARD_2, folder / "part" / SHARD_2)
+    index = _index(folder)
+    index["weight_map"] = {k: (f"part/{v}" if v == SHARD_2 else v) for k, v in index["weight_map"].items()}
+    _write_index(folder, index)
+    assert_loaded_equals(load_dit(small_cfg(tmp_path), "cpu"), state)
+
+
+# ---------------------------------------------------------------- DiT: tensor dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool, torch.uint8])
+def test_integer_tensor_refused(tmp_path: Path, dtype: torch.dtype) -> None:
+    state = random_state()
+    state[WEIGHT] = torch.ones(state[WEIGHT].shape, dtype=dtype)  # silently cast before the fix
+    write_sharded(tmp_path / "inference_weight", state)
+    for check in (lambda: load_dit(small_cfg(tmp_path), "cpu"), lambda: check_dit_checkpoint(small_cfg(tmp_path))):
+        with pytest.raises(ValueError, match="non-floating") as excinfo:
+            check()
+        message = one_line_error(excinfo)
+        safetensors_name = {torch.int64: "I64", torch.int8: "I8", torch.bool: "BOOL", torch.uint8: "U8"}[dtype]
+        assert f"{WEIGHT} ({safetensors_name})" in message and "download the checkpoint again" in message
+
+
+def test_integer_tensor_in_single_file_refused(tmp_path: Path) -> None:
+    state = random_state()
+    state[WEIGHT] = state[WEIGHT].to(torch.int32)
+    folder = tmp_path / "inference_weight"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"model\.safetensors holds non-floating.*{WEIGHT} \(I32\)") as excinfo:
+        load_dit(small_cfg(tmp_path), "cpu")
+    one_line_error(excinfo)
+
+
+def test_fp8_checkpoint_passes_the_checks(tmp_path: Path) -> None:
+    state = random_state(fp8=True)  # float8_e4m3fn weights, float32 scales
+    assert torch.float8_e4m3fn in {v.dtype for v in state.values()}
+    write_sharded(tmp_path / "inference_weight.fp8", state)
+    cfg = small_cfg(tmp_path, fp8=True)
+    assert check_dit_checkpoint(cfg) == tmp_path / "inference_weight.fp8"
+    assert_loaded_equals(load_dit(cfg, "cpu"), state)
+
+
+def test_start_up_check_passes_and_reports_key_mismatch(sharded: Path) -> None:
+    assert check_dit_checkpoint(small_cfg(sharded)) == sharded / "inference_weight"
+    assert check_dit_checkpoint(small_cfg(sharded), layers=[1, 2]) == sharded / "inference_weight"
+    (sharded / "inference_weight").rename(sharded / "inference_weight.fp8")  # bf16 files, fp8 config
+    with pytest.raises(ValueError, match="engine_config.fp8_quant is true") as excinfo:
+        check_dit_checkpoint(small_cfg(sharded, fp8=True))
+    one_line_error(excinfo)
