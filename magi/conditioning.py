@@ -14,6 +14,8 @@ Shapes: P prompts, R chunks, Lcap caption slots (800), Ccap caption width (4096 
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -195,21 +197,66 @@ def load_special_tokens(path: str | os.PathLike[str] | None = None) -> SpecialTo
         path: explicit file; default: $SPECIAL_TOKEN_PATH, else example/assets/special_tokens.npz.
     """
     found = special_token_path(path)
-    with np.load(found, allow_pickle=False) as data:
-        arrays = {}
-        for name, min_rows in (("caption_token", 1), ("logo_token", 1), ("other_tokens", 17)):
-            if name not in data.files:
-                raise ValueError(f"{found} has no array {name!r}; is it the official file?")
-            arr = data[name]
-            if arr.ndim != 2 or arr.shape[0] < min_rows:
-                raise ValueError(
-                    f"{found}: {name} has shape {arr.shape}, expected [>={min_rows}, C]"
-                )
-            arrays[name] = torch.from_numpy(arr.astype(np.float16)).float()
+    arrays = _read_special_arrays(found)
+    return SpecialTokens(**{
+        name: torch.from_numpy(arr.astype(np.float16)).float() for name, arr in arrays.items()
+    })
+
+
+def check_special_tokens_file(path: str | os.PathLike[str] | None = None) -> Path:
+    """Start-up check of special_tokens.npz (lookup as :func:`special_token_path`): the file
+    opens and holds the three arrays with the right shapes. Fast (the file is a few MB).
+
+    Args:
+        path: explicit file; default: $SPECIAL_TOKEN_PATH, else example/assets/special_tokens.npz.
+
+    Returns:
+        The checked file.
+    """
+    found = special_token_path(path)
+    _read_special_arrays(found)
+    return found
+
+
+_SPECIAL_ARRAYS = (("caption_token", 1), ("logo_token", 1), ("other_tokens", 17))  # name, min rows
+
+
+def _read_special_arrays(found: Path) -> dict[str, np.ndarray]:
+    """The three token arrays of special_tokens.npz, float64 as stored; one-line errors."""
+    try:
+        with np.load(found, allow_pickle=False) as data:
+            missing = [name for name, _ in _SPECIAL_ARRAYS if name not in data.files]
+            if missing:
+                raise _BadTokens(f"has no array(s) {missing} (it holds {sorted(data.files)})")
+            arrays = {name: data[name] for name, _ in _SPECIAL_ARRAYS}
+    except _BadTokens as err:
+        raise ValueError(_bad_tokens_message(found, str(err))) from None
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as err:
+        # truncated zip, not an npz at all, an object array (pickle), a damaged member
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(_bad_tokens_message(found, f"is not a readable .npz ({reason})")) from None
+    for name, min_rows in _SPECIAL_ARRAYS:
+        arr = arrays[name]
+        if arr.ndim != 2 or arr.shape[0] < min_rows:
+            raise ValueError(_bad_tokens_message(
+                found, f"{name} has shape {list(arr.shape)}, expected [>={min_rows}, C]"))
+        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
+            raise ValueError(_bad_tokens_message(
+                found, f"{name} is not finite floating data (dtype {arr.dtype})"))
     widths = {a.shape[1] for a in arrays.values()}
     if len(widths) != 1:
-        raise ValueError(f"{found}: arrays disagree on the token width: {sorted(widths)}")
-    return SpecialTokens(**arrays)
+        raise ValueError(_bad_tokens_message(found, f"arrays disagree on the token width {sorted(widths)}"))
+    return arrays
+
+
+class _BadTokens(Exception):
+    """A special_tokens.npz that opened but has the wrong content (internal)."""
+
+
+def _bad_tokens_message(found: Path, reason: str) -> str:
+    return (f"special tokens file {found} {reason}: it is truncated, damaged or not the official "
+            f"file; get a good one with `python -m magi.download <model>` or from {SPECIAL_TOKEN_URL} "
+            "(example/assets/special_tokens.npz)")
 
 
 # ----------------------------------------------------------------------------------------------

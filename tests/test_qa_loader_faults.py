@@ -146,3 +146,79 @@ def test_start_up_check_passes_and_reports_key_mismatch(sharded: Path) -> None:
     with pytest.raises(ValueError, match="engine_config.fp8_quant is true") as excinfo:
         check_dit_checkpoint(small_cfg(sharded, fp8=True))
     one_line_error(excinfo)
+
+
+# ---------------------------------------------------------------- special_tokens.npz
+
+WIDTH = 8
+
+
+def _good_tokens(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, caption_token=rng.standard_normal((1, WIDTH)), logo_token=rng.standard_normal((1, WIDTH)),
+             other_tokens=rng.standard_normal((20, WIDTH)))
+    return path
+
+
+def _truncated(path: Path) -> None:
+    data = _good_tokens(path).read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # an interrupted download: zipfile.BadZipFile
+
+
+def _member_cut(path: Path) -> None:
+    # the zip directory survives but a member's bytes are damaged (a bad copy)
+    data = bytearray(_good_tokens(path).read_bytes())
+    start = data.index(b"\x93NUMPY")
+    data[start:start + 10] = b"\x00" * 10
+    path.write_bytes(bytes(data))
+
+
+BAD_TOKEN_FILES = {
+    "truncated": (_truncated, "not a readable .npz"),
+    "empty": (lambda p: p.write_bytes(b""), "not a readable .npz"),
+    "not_a_zip": (lambda p: p.write_bytes(b"<html>404 Not Found</html>"), "not a readable .npz"),
+    "damaged_member": (_member_cut, "not a readable .npz"),
+    "missing_array": (lambda p: np.savez(p, caption_token=np.ones((1, WIDTH)), other_tokens=np.ones((20, WIDTH))),
+                      r"has no array\(s\) \['logo_token'\]"),
+    "too_few_rows": (lambda p: np.savez(p, caption_token=np.ones((1, WIDTH)), logo_token=np.ones((1, WIDTH)),
+                                        other_tokens=np.ones((5, WIDTH))), r"other_tokens has shape \[5, 8\]"),
+    "one_dimensional": (lambda p: np.savez(p, caption_token=np.ones(WIDTH), logo_token=np.ones((1, WIDTH)),
+                                           other_tokens=np.ones((20, WIDTH))), r"caption_token has shape \[8\]"),
+    "width_mismatch": (lambda p: np.savez(p, caption_token=np.ones((1, 4)), logo_token=np.ones((1, WIDTH)),
+                                          other_tokens=np.ones((20, WIDTH))), "disagree on the token width"),
+    "object_array": (lambda p: np.savez(p, caption_token=np.array([[None] * WIDTH], dtype=object),
+                                        logo_token=np.ones((1, WIDTH)), other_tokens=np.ones((20, WIDTH))),
+                     "not a readable .npz"),
+    "strings": (lambda p: np.savez(p, caption_token=np.array([["x"] * WIDTH]), logo_token=np.ones((1, WIDTH)),
+                                   other_tokens=np.ones((20, WIDTH))), "not finite floating data"),
+    "nan": (lambda p: np.savez(p, caption_token=np.full((1, WIDTH), np.nan), logo_token=np.ones((1, WIDTH)),
+                               other_tokens=np.ones((20, WIDTH))), "not finite floating data"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BAD_TOKEN_FILES))
+def test_bad_special_tokens_file(tmp_path: Path, fault: str) -> None:
+    from magi.conditioning import check_special_tokens_file, load_special_tokens
+
+    path = tmp_path / "special_tokens.npz"
+    write, reason = BAD_TOKEN_FILES[fault]
+    write(path)
+    for check in (load_special_tokens, check_special_tokens_file):
+        with pytest.raises(ValueError, match=reason) as excinfo:
+            check(path)
+        message = one_line_error(excinfo)
+        assert str(path) in message and "python -m magi.download <model>" in message
+        assert "example/assets/special_tokens.npz" in message
+
+
+def test_good_special_tokens_file_passes_the_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from magi.conditioning import check_special_tokens_file, load_special_tokens
+
+    path = _good_tokens(tmp_path / "special_tokens.npz")
+    assert check_special_tokens_file(path) == path
+    monkeypatch.setenv("SPECIAL_TOKEN_PATH", str(path))
+    assert check_special_tokens_file() == path
+    tokens = load_special_tokens(path)
+    assert tokens.width == WIDTH and tokens.other_tokens.shape == (20, WIDTH)
+    with np.load(path) as data:  # the official float64 -> float16 -> float32 rounding is kept
+        assert torch.equal(tokens.logo_token, torch.from_numpy(data["logo_token"].astype(np.float16)).float())
