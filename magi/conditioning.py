@@ -227,7 +227,7 @@ def _read_special_arrays(found: Path) -> dict[str, np.ndarray]:
         with np.load(found, allow_pickle=False) as data:
             missing = [name for name, _ in _SPECIAL_ARRAYS if name not in data.files]
             if missing:
-                raise _BadTokens(f"has no array(s) {missing} (it holds {sorted(data.files)})")
+                raise _BadTokens(f"has no array {missing[0]!r} (it holds {sorted(data.files)})")
             arrays = {name: data[name] for name, _ in _SPECIAL_ARRAYS}
     except _BadTokens as err:
         raise ValueError(_bad_tokens_message(found, str(err))) from None
