@@ -309,7 +309,7 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
         # progress=True prints a per-chunk bar and a summary line naming the output (rank 0 only).
         result = pipe.generate(**dataclasses.asdict(request), progress=True)
     shutdown()  # ranks leave together (rank 0 may still be closing the mp4); no-op in one process
-    return 130 if getattr(result, "interrupted", False) else 0  # 130: stopped by Ctrl-C
+    return result.exit_status  # 128 + signal when stopped by Ctrl-C (130), SIGTERM (143), SIGHUP (129)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -349,10 +349,10 @@ def _video_write_error() -> type[Exception] | tuple[()]:
 
 if __name__ == "__main__":
     status = main()
-    if status == 130:
+    if status >= 128:
         # Once a KeyboardInterrupt has passed through one of CPython's C-level PyRun_* calls (as it
         # can during the imports), `python -m` ends the process by SIGINT even though main caught
-        # it; leave now so the documented status 130 is what the caller sees.
+        # it; leave now so the documented status (128 + signal) is what the caller sees.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

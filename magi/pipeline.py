@@ -95,11 +95,19 @@ class GenerationResult:
     chunks_done: int = 0
     chunks_total: int = 0
     interrupted: bool = False
+    stop_signal: int | None = None  # the stop signal (SIGINT, SIGTERM, SIGHUP) when interrupted
     time_to_first_chunk: float = float("nan")
     seconds_per_chunk: float = float("nan")
     peak_memory_bytes: int = 0
     fps: int = 24
     size: tuple[int, int] = (0, 0)
+
+    @property
+    def exit_status(self) -> int:
+        """The CLI's exit status: 0 when done, 128 + the signal's number when stopped by one."""
+        if not self.interrupted:
+            return 0
+        return 128 + int(self.stop_signal or signal.SIGINT)
 
     def summary(self) -> str:
         """One-paragraph report printed at the end of a CLI run."""
@@ -117,6 +125,22 @@ class GenerationResult:
 
 class _StopRequested(Exception):
     """Raised from the step callback after the first Ctrl-C: stop after the current step."""
+
+
+class NonFiniteLatentError(ValueError):
+    """A chunk's latent came out of the sampler with NaN / Inf values; nothing is written."""
+
+
+def _check_finite(latent: torch.Tensor, index: int, cfg: MagiConfig) -> None:
+    """Fail on a non-finite clean latent (one reduction per chunk) instead of writing black frames."""
+    if bool(torch.isfinite(latent).all()):
+        return
+    bad = int((~torch.isfinite(latent)).sum())
+    raise NonFiniteLatentError(
+        f"chunk {index} came out of the sampler with {bad} NaN/Inf latent values: the DiT weights "
+        f"in {cfg.runtime.load} likely hold non-finite values (a corrupt or wrongly converted "
+        "checkpoint), or the model dtype overflowed; nothing was written"
+    )
 
 
 class VideoWriteError(RuntimeError):
@@ -338,10 +362,30 @@ def _zero_tokens(width: int) -> SpecialTokens:
     return SpecialTokens(zeros, zeros, torch.zeros(17, width))
 
 
-# ---------------------------------------------------------------------------------- Ctrl-C
+# ---------------------------------------------------------------------------------- signals
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # stop after the current step, keep the chunks done
+
+
+class _Stop:
+    """Set by the first stop signal; remembers which one (the CLI exits with 128 + its number)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def set(self, signum: int = signal.SIGINT) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self.event.set()
+
+
 @contextmanager
-def _graceful_sigint(stop: threading.Event) -> Iterator[None]:
-    """First Ctrl-C sets ``stop`` (finish the current step, keep the chunks done); second aborts."""
+def _graceful_stop(stop: _Stop) -> Iterator[None]:
+    """First Ctrl-C / SIGTERM / SIGHUP sets ``stop`` (finish the current step, keep the chunks
+    done, as docker stop, timeout and Slurm expect); a second one aborts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -349,15 +393,18 @@ def _graceful_sigint(stop: threading.Event) -> Iterator[None]:
     def handler(signum: int, frame: object) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
-        stop.set()
-        print("\nCtrl-C: stopping after the current step and keeping the chunks done so far "
-              "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        stop.set(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after the current step and keeping the chunks done so far "
+              f"(send it again to abort)", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    signums = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    previous = {s: signal.signal(s, handler) for s in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -547,20 +594,21 @@ class MagiPipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
         rt = self.config.runtime
         _check_save_path(save_tensors)
+        _check_not_the_input(output_path, prefix_video_path)
         writer_rank = self._is_writer()
         # Built first so a bad output path fails before any model work; nothing is written yet.
         writer = video_io.Mp4Writer(output_path, rt.fps) if output_path and writer_rank else None
         out = _Output(writer, GenerationResult(writer.path if writer else None, fps=rt.fps,
                                                size=(rt.video_size_w, rt.video_size_h)))  # fmt: skip
         out.keep_tensors = save_tensors is not None and writer_rank
-        stop = threading.Event()
+        stop = _Stop()
         bar = _NoBar()
         try:
             run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise,
                                 per_chunk_noise)  # fmt: skip
             out.result.chunks_total = len(run.plan.generated_chunks)
             bar = _progress_bar(out.result.chunks_total, progress and writer_rank)
-            with _graceful_sigint(stop), closing(self._run(run, _stop_aware(callback, stop, self.mesh))) as chunks:
+            with _graceful_stop(stop), closing(self._run(run, _stop_aware(callback, stop, self.mesh))) as chunks:
                 for chunk in chunks:
                     out.add(chunk)
                     bar.update(1)
@@ -568,6 +616,7 @@ class MagiPipeline:
                         raise _StopRequested
         except (_StopRequested, KeyboardInterrupt):
             out.result.interrupted = True
+            out.result.stop_signal = stop.signum or signal.SIGINT
         except BaseException:
             out.abort()
             raise
@@ -639,6 +688,7 @@ class MagiPipeline:
 
             for index, latent in denoise(self.dit, plan, run.settings, run.captions, take_noise,
                                          cache, prefix=run.prefix, callback=hook):  # fmt: skip
+                _check_finite(latent, index, self.config)
                 lo, hi = plan.emit_range(index, skip_prefix=run.mode == "v2v")
                 frames = self._decode(latent[:, :, lo:hi])
                 if run.limit is not None:
@@ -697,10 +747,12 @@ class MagiPipeline:
                                           compat=self.compat).to(self.device)  # fmt: skip
 
     def _captions(self, prompts: list[str], plan: ChunkPlan) -> ChunkCaptions:
-        distinct = list(dict.fromkeys(prompts))
-        emb, mask = self._encode(distinct)
         n_gen = len(plan.generated_chunks)
-        chunk_prompts = [distinct.index(prompts[min(i, len(prompts) - 1)]) for i in range(n_gen)]
+        used = [prompts[min(i, len(prompts) - 1)] for i in range(n_gen)]  # only chunks generated
+        distinct = list(dict.fromkeys(used))
+        emb, mask = self._encode(distinct)
+        position = {p: k for k, p in enumerate(distinct)}
+        chunk_prompts = [position[p] for p in used]
         null = self.dit.y_embedder.null_caption_embedding.detach()
         options = SpecialTokenOptions.from_env()
         return ChunkCaptions(emb.to(self.device), mask.to(self.device), null.to(self.device),
@@ -716,7 +768,12 @@ class MagiPipeline:
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 features of prompts ([n, Lcap, Ccap], [n, Lcap]); T5 is loaded only for new ones."""
-        missing = [p for p in prompts if p not in self._prompt_cache]
+        # This request's encodings are held here for the request; the cache (PROMPT_CACHE_SIZE,
+        # least recently used dropped first) only saves T5 runs across requests.
+        held = {p: self._prompt_cache[p] for p in prompts if p in self._prompt_cache}
+        for p in held:
+            self._prompt_cache[p] = self._prompt_cache.pop(p)  # most recently used last
+        missing = [p for p in prompts if p not in held]
         if missing:
             from magi.models.text_encoder import T5Encoder
 
@@ -735,22 +792,29 @@ class MagiPipeline:
 
                 emb, mask = share_from_rank0(run_t5, self.mesh)
             for p, e, m in zip(missing, emb, mask):
-                self.remember_prompt(p, e, m)
-        pairs = [self._prompt_cache[p] for p in prompts]
+                held[p] = self.remember_prompt(p, e, m)
+        pairs = [held[p] for p in prompts]
         return torch.stack([e for e, _ in pairs]), torch.stack([m for _, m in pairs])
 
-    def remember_prompt(self, prompt: str, emb: torch.Tensor, mask: torch.Tensor) -> None:
+    def remember_prompt(self, prompt: str, emb: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Use these T5 features for ``prompt`` from now on (skips T5 for it).
 
         Args:
             prompt: the raw prompt text.
             emb: [Lcap, Ccap] float32 T5 output (as ``T5Encoder.encode`` gives per prompt).
             mask: [Lcap] 1 for real tokens.
+
+        Returns:
+            The (emb [Lcap, Ccap], mask [Lcap]) pair as stored.
         """
         emb = emb.reshape(emb.shape[-2:]).float().cpu()  # [Lcap, Ccap]
-        self._prompt_cache[prompt] = (emb, mask.reshape(-1).float().cpu())
+        pair = (emb, mask.reshape(-1).float().cpu())
+        self._prompt_cache.pop(prompt, None)
+        self._prompt_cache[prompt] = pair
         while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        return pair
 
 
 class _Output:
@@ -782,7 +846,19 @@ class _Output:
             self.writer.abort()
 
     def finish(self, save_tensors: str | Path | None, device: torch.device) -> GenerationResult:
-        """Close the mp4 (drop it when no frame exists), save tensors, fill the timings."""
+        """Save tensors, close the mp4 (drop it when no frame exists), fill the timings.
+
+        The tensors go first: if they cannot be written the video is dropped too, so a failed
+        run leaves nothing at the output path.
+        """
+        if self.keep_tensors and self.latents:
+            tensors = {"final_latent": torch.cat(self.latents, dim=2).contiguous(),
+                       "video_tchw_uint8": torch.cat(self.frames).contiguous()}  # fmt: skip
+            try:
+                _save_tensors_file(tensors, Path(save_tensors))
+            except OSError:
+                self.abort()
+                raise
         if self.writer is not None and self.writer.frames_written:
             try:
                 self.writer.close()
@@ -791,12 +867,6 @@ class _Output:
         elif self.writer is not None:
             self.writer.abort()
             self.result.output_path = None
-        if self.keep_tensors and self.latents:
-            from safetensors.torch import save_file
-
-            tensors = {"final_latent": torch.cat(self.latents, dim=2).contiguous(),
-                       "video_tchw_uint8": torch.cat(self.frames).contiguous()}  # fmt: skip
-            save_file(tensors, str(save_tensors))
         times = self.chunk_times
         if times:
             self.result.time_to_first_chunk = times[0] - self.started
@@ -881,6 +951,34 @@ def _check_save_path(path: str | Path | None) -> None:
         raise ValueError(f"save_tensors path must end in .safetensors, got {path}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"save_tensors folder does not exist: {path.parent} (create it first)")
+    if path.is_dir():
+        raise ValueError(f"save_tensors path is a folder: {path}; name a .safetensors file")
+
+
+def _check_not_the_input(output_path: str | Path | None, prefix_video_path: str | Path | None) -> None:
+    """v2v writing onto its own prefix video would destroy the input: refuse before any work."""
+    if output_path is None or prefix_video_path is None:
+        return
+    out, src = Path(output_path), Path(prefix_video_path)
+    same = out.exists() and src.exists() and os.path.samefile(out, src)
+    if same or out.resolve() == src.resolve():
+        raise ValueError(f"output_path {output_path} is the prefix video: writing it would overwrite "
+                         "the input video; choose another output_path")  # fmt: skip
+
+
+def _save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the tensors beside ``path`` and rename: a full disk leaves no half-written file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tmp = path.parent / f".{path.name[:200]}.magi-partial-{os.getpid()}.safetensors"
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        tmp.unlink(missing_ok=True)
+        why = getattr(err, "strerror", None) or str(err).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
+        raise OSError(f"cannot write save_tensors {path}: {why}; nothing was written") from None
 
 
 def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callable[[Step], None]:
@@ -893,7 +991,7 @@ def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callabl
 
 
 def _stop_aware(
-    callback: Callable[[StepInfo], None] | None, stop: threading.Event, mesh: object | None = None
+    callback: Callable[[StepInfo], None] | None, stop: _Stop, mesh: object | None = None
 ) -> Callable[[StepInfo], None]:
     def hook(info: StepInfo) -> None:
         if callback is not None:

@@ -75,6 +75,7 @@ class InitialNoise:
         self._tensor: torch.Tensor | None = None  # in-memory noise (small videos)
         self._file = None  # temp file holding the flat float32 values (large videos)
         self._seed: int | None = None  # per-chunk draws
+        self._directory: str | None = None  # folder of the temp file (None: the system default)
 
     # ---- constructors --------------------------------------------------------------------------
     @classmethod
@@ -167,6 +168,7 @@ class InitialNoise:
     def _open(self, directory: str | Path | None) -> None:
         # TemporaryFile is unlinked on creation (O_TMPFILE on Linux): nothing is left behind even
         # when the process is killed.
+        self._directory = None if directory is None else str(directory)
         self._file = tempfile.TemporaryFile(prefix="magi-noise-", dir=directory)
 
     def _write(self, pieces) -> None:
@@ -174,6 +176,15 @@ class InitialNoise:
             for piece in pieces:
                 self._file.write(piece.numpy().data)  # the tensor's own buffer, no copy
             self._file.flush()
+        except OSError as err:
+            self.close()
+            folder = self._directory or tempfile.gettempdir()
+            need = math.prod(self.shape) * 4 / 2**30
+            raise OSError(
+                f"cannot write the initial noise file ({need:.2f} GiB) in {folder}: "
+                f"{err.strerror or type(err).__name__}; free space there or point TMPDIR at a "
+                "larger disk (or pass per_chunk_noise=True)"
+            ) from None
         except BaseException:
             self.close()
             raise
