@@ -1,0 +1,194 @@
+"""What a request needs in memory and on disk, checked before any model loads.
+
+Pure arithmetic on the config: ``estimate`` sizes a request (the initial noise, one chunk's latent,
+decoded frames and DiT activations), ``check_budget`` compares those sizes with the free space of
+the temporary folder and the machine's memory, and ``check_request`` does both with this machine's
+numbers. A request that cannot fit (a 100000 px frame, ten million frames, a million-frame
+chunk) is refused in one line naming the numbers instead of filling the disk or the memory hours
+later. Sizes are lower bounds on what the run will use, so a request that fits is never refused.
+
+Shapes: C latent channels, T latent frames, H x W pixels (latent H/8 x W/8).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+
+from magi.config import MagiConfig
+
+GIB = 2**30
+FLOAT32 = 4  # bytes
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Sizes of one request (upper bounds on chunk counts, so valid requests always fit)."""
+
+    video_size_h: int
+    video_size_w: int
+    num_frames: int
+    chunk_width: int  # latent frames per chunk
+    chunks: int  # latent chunks, prefix chunks included: the noise covers chunks * chunk_width
+    generated_chunks: int  # chunks denoised and written; per-chunk prompts index these
+    latent_channels: int
+    noise_bytes: int  # float32 [1, C, chunks * chunk_width, H/8, W/8]
+    noise_spill_bytes: int  # noise above this lives in a temporary file, below it in memory
+    chunk_latent_bytes: int  # float32 [1, C, chunk_width, H/8, W/8]
+    frames_per_chunk: int  # video frames one chunk decodes to
+    chunk_frame_bytes: int  # float32 [3, frames_per_chunk, H, W] out of the VAE decode
+    chunk_tokens: int  # DiT tokens of one chunk
+    chunk_activation_bytes: int  # float32 [chunk_tokens, max(hidden, ffn_hidden)]: one layer's widest
+
+
+def prefix_frames_upper_bound(cfg: MagiConfig, mode: str, compat: str = "magi") -> int:
+    """Most prefix latent frames a request can have: t2v 0, i2v 1 (the image), v2v the visible
+    prefix (official: its first 32 frames) over the VAE's temporal factor, rounded up."""
+    if mode == "t2v":
+        return 0
+    if mode == "i2v":
+        return 1
+    from magi import video_io
+
+    rt = cfg.runtime
+    frames = video_io.visible_prefix_frames(rt.noise2clean_kvrange or (8,), rt.chunk_width,
+                                            rt.temporal_downsample_factor)  # fmt: skip
+    if compat == "official":
+        frames = video_io.OFFICIAL_PREFIX_FRAMES
+    return math.ceil(frames / rt.temporal_downsample_factor)
+
+
+def estimate(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bound: int, *,
+             compat: str = "magi", noise_spill_bytes: int | None = None) -> Estimate:  # fmt: skip
+    """Size a request from the config alone.
+
+    Args:
+        cfg: the run's config (video size, chunk_width, latent channels from it).
+        mode: "t2v", "i2v" or "v2v".
+        num_frames: requested video frames.
+        prefix_frames_upper_bound: the prefix latent frames P, or an upper bound on them
+            (``prefix_frames_upper_bound()``); the exact P gives exact chunk counts.
+        compat: "magi" or "official" (chunk count and VAE tile rules).
+        noise_spill_bytes: the pipeline's threshold above which the noise is a temporary file
+            (default magi.sampling.noise.SPILL_BYTES).
+    """
+    from magi import pipeline  # chunk_count / decoded_frames: the pipeline's own frame budget
+    from magi.models.vae import tile_spec_for_fps
+
+    if noise_spill_bytes is None:
+        from magi.sampling.noise import SPILL_BYTES as noise_spill_bytes
+    rt, m = cfg.runtime, cfg.model
+    cw, tf = rt.chunk_width, rt.temporal_downsample_factor
+    tile = tile_spec_for_fps(rt.fps, compat).frames // tf
+    chunks, generated = _chunk_bounds(pipeline.chunk_count, mode, num_frames, prefix_frames_upper_bound,
+                                      cw, compat=compat, temporal_factor=tf, tile_latents=tile)  # fmt: skip
+    c = m.in_channels // 2 if m.half_channel_vae else m.in_channels
+    lat_h, lat_w = rt.video_size_h // 8, rt.video_size_w // 8
+    frames = pipeline.decoded_frames(cw, tile)
+    tokens = math.ceil(cw / m.t_patch_size) * math.ceil(lat_h / m.patch_size) * math.ceil(lat_w / m.patch_size)
+    return Estimate(
+        rt.video_size_h, rt.video_size_w, num_frames, cw, chunks, generated, c,
+        noise_bytes=c * chunks * cw * lat_h * lat_w * FLOAT32,
+        noise_spill_bytes=noise_spill_bytes,
+        chunk_latent_bytes=c * cw * lat_h * lat_w * FLOAT32,
+        frames_per_chunk=frames,
+        chunk_frame_bytes=3 * frames * rt.video_size_h * rt.video_size_w * FLOAT32,
+        chunk_tokens=tokens,
+        chunk_activation_bytes=tokens * max(m.hidden_size, m.ffn_hidden_size) * FLOAT32,
+    )  # fmt: skip
+
+
+def _chunk_bounds(chunk_count, mode: str, num_frames: int, p_max: int, cw: int,
+                  **kwargs) -> tuple[int, int]:  # fmt: skip
+    """(chunks, generated chunks), exact for t2v / i2v, upper bounds over every v2v P <= p_max.
+
+    v2v: generated chunks depend only on the partly prefilled first chunk, most with the longest
+    partial prefix P = min(p_max, cw - 1); all chunks are at most the whole prefix chunks plus that.
+    """
+    p = p_max if mode != "v2v" else max(1, min(p_max, cw - 1))
+    generated = chunk_count(mode, num_frames, p, cw, **kwargs) - p // cw
+    if mode != "v2v":
+        return generated + p // cw, generated
+    return p_max // cw + generated, generated
+
+
+def check_budget(est: Estimate, free_tmp_bytes: int | None, ram_bytes: int | None, *,
+                 tmp_dir: str | None = None, flag_prefix: str = "") -> None:  # fmt: skip
+    """Refuse a request whose chunk or initial noise cannot fit; None skips that check.
+
+    Args:
+        est: from ``estimate``.
+        free_tmp_bytes: free space of the temporary folder the noise file goes to.
+        ram_bytes: the machine's memory.
+        tmp_dir: that folder, for the message.
+        flag_prefix: "--" names the settings as command-line flags.
+
+    Raises:
+        ValueError: one line naming the sizes and what to lower.
+    """
+    f = flag_prefix
+    what = f"{f}video_size_h {est.video_size_h} x {f}video_size_w {est.video_size_w} x {f}num_frames {est.num_frames}"
+    if ram_bytes is not None:
+        _check_chunk(est, ram_bytes, what)
+    if est.noise_bytes > est.noise_spill_bytes:  # the pipeline spills it to a temporary file
+        room, where = free_tmp_bytes, f"in TMPDIR ({tmp_dir or 'the temporary folder'} has {_gib(free_tmp_bytes)} free)"
+    else:
+        room, where = ram_bytes, f"in memory ({_gib(ram_bytes)})"
+    if room is not None and est.noise_bytes > room:
+        raise ValueError(f"{what}: the initial noise ({est.chunks} chunks of {est.chunk_width} latent frames) "
+                         f"needs {_gib(est.noise_bytes)} {where}; lower num_frames or the size")  # fmt: skip
+
+
+def _check_chunk(est: Estimate, ram_bytes: int, what: str) -> None:
+    parts = {"latent": est.chunk_latent_bytes, "decoded frames": est.chunk_frame_bytes,
+             f"DiT activations ({est.chunk_tokens} tokens)": est.chunk_activation_bytes}  # fmt: skip
+    part, size = max(parts.items(), key=lambda kv: kv[1])
+    if size > ram_bytes:
+        raise ValueError(f"{what}: one chunk (chunk_width {est.chunk_width} latent frames, "
+                         f"{est.frames_per_chunk} video frames) needs {_gib(size)} for its {part} but this "
+                         f"machine has {_gib(ram_bytes)} of memory; lower the size or runtime_config.chunk_width")  # fmt: skip
+
+
+def check_request(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bound: int, *,
+                  compat: str = "magi", noise_spill_bytes: int | None = None, draw_noise: bool = True,
+                  flag_prefix: str = "") -> Estimate:  # fmt: skip
+    """``estimate`` the request and ``check_budget`` it against this machine; returns the estimate.
+
+    Args:
+        cfg, mode, num_frames, prefix_frames_upper_bound, compat, noise_spill_bytes: see ``estimate``.
+        draw_noise: False when the caller supplies the noise (or draws it per chunk): no noise check.
+        flag_prefix: see ``check_budget``.
+
+    Raises:
+        ValueError: the request cannot fit.
+    """
+    est = estimate(cfg, mode, num_frames, prefix_frames_upper_bound, compat=compat,
+                   noise_spill_bytes=noise_spill_bytes)  # fmt: skip
+    if not draw_noise:
+        est = replace(est, noise_bytes=0)
+    tmp = tempfile.gettempdir()
+    check_budget(est, free_tmp_bytes(tmp), ram_bytes(), tmp_dir=tmp, flag_prefix=flag_prefix)
+    return est
+
+
+def free_tmp_bytes(folder: str | None = None) -> int | None:
+    """Free bytes in ``folder`` (default the temporary folder); None where it cannot be read."""
+    try:
+        return shutil.disk_usage(folder or tempfile.gettempdir()).free
+    except OSError:
+        return None
+
+
+def ram_bytes() -> int | None:
+    """Physical memory of this machine; None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / GIB:.1f} GiB"
