@@ -222,3 +222,114 @@ def test_good_special_tokens_file_passes_the_check(tmp_path: Path, monkeypatch: 
     assert tokens.width == WIDTH and tokens.other_tokens.shape == (20, WIDTH)
     with np.load(path) as data:  # the official float64 -> float16 -> float32 rounding is kept
         assert torch.equal(tokens.logo_token, torch.from_numpy(data["logo_token"].astype(np.float16)).float())
+
+
+# ---------------------------------------------------------------- T5 .bin shards
+
+
+class _Custom:  # a class weights_only=True refuses (any pickled code or object)
+    pass
+
+
+def _bin_faults(path: Path, fault: str) -> str:
+    """Write one faulty .bin; returns the regex its error must match."""
+    if fault == "pickled_class":
+        torch.save({"shared.weight": torch.zeros(2), "extra": _Custom()}, path)
+        return "not a plain weights file.*magi never unpickles code: convert it to safetensors"
+    if fault == "legacy_pickled_class":
+        torch.save({"w": torch.zeros(2), "extra": _Custom()}, path, _use_new_zipfile_serialization=False)
+        return "not a plain weights file.*magi never unpickles code: convert it to safetensors"
+    torch.save({"shared.weight": torch.zeros(64, 8)}, path)
+    data = path.read_bytes()
+    if fault == "truncated_zip":
+        path.write_bytes(data[: len(data) // 2])
+    elif fault == "empty":
+        path.write_bytes(b"")
+    elif fault == "random_bytes":
+        path.write_bytes(b"<html>rate limited</html>" * 10)
+    elif fault == "not_a_state_dict":
+        torch.save([torch.zeros(2)], path)
+        return "holds no plain state dict"
+    return "not a readable PyTorch weights file.*truncated or corrupt: download it again"
+
+
+BIN_FAULTS = ["pickled_class", "legacy_pickled_class", "truncated_zip", "empty", "random_bytes", "not_a_state_dict"]
+
+
+@pytest.mark.parametrize("fault", BIN_FAULTS)
+def test_bad_bin_file_is_one_line(tmp_path: Path, fault: str) -> None:
+    from magi.models.text_encoder import _read_shard
+
+    path = tmp_path / "pytorch_model.bin"
+    reason = _bin_faults(path, fault)
+    with pytest.raises(ValueError, match=reason) as excinfo:
+        _read_shard(path)
+    assert str(path) in one_line_error(excinfo)
+
+
+def test_good_bin_files_still_read(tmp_path: Path) -> None:
+    from magi.models.text_encoder import _read_shard
+
+    state = {"shared.weight": torch.randn(4, 3)}
+    for legacy in (False, True):
+        path = tmp_path / f"legacy{legacy}.bin"
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+        assert torch.equal(_read_shard(path)["shared.weight"], state["shared.weight"])
+
+
+@pytest.fixture()
+def t5_copy(reference_dir: Path, tmp_path: Path) -> Path:
+    """A writable copy of the tiny reference T5 (two .bin shards + index); returns its root."""
+    shutil.copytree(reference_dir / "checkpoints" / "t5" / "t5-v1_1-xxl", tmp_path / "t5-v1_1-xxl")
+    return tmp_path
+
+
+@pytest.mark.parametrize("fault", ["pickled_class", "truncated_zip"])
+def test_t5_from_pretrained_bad_bin(t5_copy: Path, fault: str) -> None:
+    from magi.models.text_encoder import T5Encoder, check_t5_folder
+
+    shard = t5_copy / "t5-v1_1-xxl" / "pytorch_model-00002-of-00002.bin"
+    if fault == "pickled_class":
+        state = torch.load(shard, weights_only=True)
+        torch.save({**state, "extra": _Custom()}, shard)
+    else:
+        shard.write_bytes(shard.read_bytes()[:1000])
+    reason = _bin_faults(t5_copy / "scratch.bin", fault)
+    for check in (T5Encoder.from_pretrained, check_t5_folder):
+        with pytest.raises(ValueError, match=reason) as excinfo:
+            check(t5_copy)
+        assert str(shard) in one_line_error(excinfo)
+
+
+def test_t5_integer_weights_refused(t5_copy: Path) -> None:
+    from magi.models.text_encoder import T5Encoder
+
+    shard = t5_copy / "t5-v1_1-xxl" / "pytorch_model-00001-of-00002.bin"
+    state = torch.load(shard, weights_only=True)
+    key = sorted(state)[0]
+    state[key] = state[key].to(torch.int64)
+    torch.save(state, shard)
+    with pytest.raises(ValueError, match=rf"{key} is torch.int64, expected floating") as excinfo:
+        T5Encoder.from_pretrained(t5_copy)
+    one_line_error(excinfo)
+
+
+@pytest.mark.parametrize("name", ["../pytorch_model-00002-of-00002.bin", "/etc/passwd"])
+def test_t5_index_shard_outside_the_folder(t5_copy: Path, name: str) -> None:
+    from magi.models.text_encoder import T5Encoder, check_t5_folder
+
+    index_path = t5_copy / "t5-v1_1-xxl" / "pytorch_model.bin.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {k: (name if v.endswith("00002.bin") else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    shutil.copy(t5_copy / "t5-v1_1-xxl" / "pytorch_model-00002-of-00002.bin", t5_copy)  # a readable file outside
+    for check in (T5Encoder.from_pretrained, check_t5_folder):
+        with pytest.raises(ValueError, match="points outside the T5 folder") as excinfo:
+            check(t5_copy)
+        assert repr(name) in one_line_error(excinfo)
+
+
+def test_t5_start_up_check_passes(t5_copy: Path) -> None:
+    from magi.models.text_encoder import check_t5_folder
+
+    assert check_t5_folder(t5_copy) == t5_copy / "t5-v1_1-xxl"

@@ -16,9 +16,11 @@ from __future__ import annotations
 import gc
 import html
 import json
+import pickle
 import re
 import urllib.parse
-from pathlib import Path
+import zipfile
+from pathlib import Path, PureWindowsPath
 from types import TracebackType
 from typing import Sequence
 
@@ -202,6 +204,14 @@ def _index_weight_map(index: Path) -> dict[str, str]:
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{index} is not a valid weight index ({type(err).__name__}: {err}); "
                          "download it again") from None
+    for key, shard in weight_map.items():
+        windows = PureWindowsPath(shard) if isinstance(shard, str) else None
+        if windows is None or not shard.strip():
+            raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} is not a shard file name; "
+                             "download the index again")
+        if Path(shard).is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
+            raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} points outside the T5 folder "
+                             "(absolute path or '..'); shards must be file names there: download the index again")
     return weight_map
 
 
@@ -216,11 +226,74 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
         except SafetensorError as err:  # truncated download, or not a safetensors file
             raise ValueError(f"{path} is not a readable safetensors file ({err}); it is "
                              "truncated or corrupt: download it again") from None
+    # mmap needs the zip serialisation; legacy files are read whole (still weights-only).
+    mmap = zipfile.is_zipfile(path)
+    if not mmap and _bin_kind(path) == "other":  # an HTML error page, zeros, an empty file
+        raise ValueError(_bad_bin_message(path, ValueError("neither a zip nor a pickle")))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # mmap needs the zip serialisation; legacy files are read whole (still weights-only).
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise ValueError(f"{path} is not a plain weights file (it pickles code or custom classes); "
+                             "magi never unpickles code: convert it to safetensors (model.safetensors) "
+                             "where you trust it, or download the official T5 files again") from None
+        raise ValueError(_bad_bin_message(path, err)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
+            IndexError) as err:  # truncated zip, random bytes, a torn legacy pickle
+        raise ValueError(_bad_bin_message(path, err)) from None
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{path} holds no plain state dict (name -> tensor) but a "
+                         f"{type(state).__name__}; save the T5 encoder's state_dict() (safetensors) instead")
+    return state
+
+
+def _bin_kind(path: Path) -> str:
+    """Format by magic bytes: "zip" (torch >= 1.6, maybe truncated), "pickle" (legacy), "other"."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return "zip" if head == b"PK" else "pickle" if head[:1] == b"\x80" else "other"
+
+
+def _bad_bin_message(path: Path, err: BaseException) -> str:
+    return (f"{path} is not a readable PyTorch weights file ({type(err).__name__}: {_first_line(err)[:120]}); "
+            "it is truncated or corrupt: download it again (`python -m magi.download <model>`)")
+
+
+def check_t5_folder(t5_pretrained_root: str | Path) -> Path:
+    """Start-up check of the T5 folder without loading the encoder (seconds, not minutes).
+
+    Checks the folder, config.json, the tokenizer, the weight index and every weight file's
+    header (safetensors) or pickle index (``.bin``, read weights-only and memory-mapped; a legacy
+    non-zip ``.bin`` is only checked to exist).
+
+    Args:
+        t5_pretrained_root: runtime_config.t5_pretrained, as for :meth:`T5Encoder.from_pretrained`.
+
+    Returns:
+        The checked ``t5-v1_1-xxl`` folder.
+    """
+    folder = _resolve_folder(Path(t5_pretrained_root))
+    from transformers import T5Config, T5Tokenizer
+
+    _read_tokenizer_and_config(folder, T5Tokenizer, T5Config)
+    for path in _weight_files(folder):
+        if path.suffix == ".safetensors":
+            _check_safetensors_header(path)
+        elif _bin_kind(path) != "pickle":  # legacy pickles are read whole: left to the load
+            _read_shard(path)  # memory-mapped: reads the pickle, not the tensor bytes
+    return folder
+
+
+def _check_safetensors_header(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); it is "
+                         "truncated or corrupt: download it again") from None
 
 
 def _load_encoder_weights(model: torch.nn.Module, files: Sequence[Path], device: torch.device,
@@ -231,6 +304,9 @@ def _load_encoder_weights(model: torch.nn.Module, files: Sequence[Path], device:
     for path in files:
         for key, tensor in _read_shard(path).items():
             if key in wanted:  # decoder / lm_head keys of a full T5 checkpoint are skipped
+                if not tensor.is_floating_point():  # a cast would make garbage weights silently
+                    raise ValueError(f"{path}: {key} is {tensor.dtype}, expected floating weights; "
+                                     "the file is not a T5 checkpoint: download it again")
                 state[key] = tensor.to(device=device, dtype=dtype)
     # The input embedding is shared; either copy of it in the file is enough.
     for a, b in (("encoder.embed_tokens.weight", "shared.weight"),
