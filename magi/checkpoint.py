@@ -207,11 +207,13 @@ def _check_shard_name(index: Path, key: str, shard: object) -> None:
     """A shard must be a file name inside the checkpoint folder: an index entry with an absolute
     path or ``..`` would make the loader open a file elsewhere on the machine."""
     if not isinstance(shard, str) or not shard.strip():
-        raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} is not a shard file name; re-download the index")
+        raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} is not a shard file name; "
+                         "re-download the index")
     windows = PureWindowsPath(shard)  # also sees drives (C:), UNC paths and backslash separators
     if Path(shard).is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
         raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} points outside the checkpoint folder "
-                         "(absolute path or '..'); shards must be plain file names there: re-download the index")
+                         "(absolute path or '..'); shards must be plain file names there: "
+                         "re-download the index")
 
 
 def _match_keys(

@@ -8,7 +8,6 @@ with code, truncated zips), plus the cheap start-up checks the pipeline can run 
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -70,7 +69,8 @@ def test_index_shard_outside_the_folder_is_refused(sharded: Path, kind: str) -> 
     outside = sharded / "elsewhere" / SHARD_2
     outside.parent.mkdir()
     shutil.copy(folder / SHARD_2, outside)  # a real, readable file: the load would succeed
-    name = {"dotdot": f"../elsewhere/{SHARD_2}", "absolute": str(outside), "windows": f"..\\elsewhere\\{SHARD_2}"}[kind]
+    names = {"dotdot": f"../elsewhere/{SHARD_2}", "absolute": str(outside), "windows": f"..\\elsewhere\\{SHARD_2}"}
+    name = names[kind]
     index = _index(folder)
     index["weight_map"] = {k: (name if v == SHARD_2 else v) for k, v in index["weight_map"].items()}
     _write_index(folder, index)
@@ -253,7 +253,8 @@ def _bin_faults(path: Path, fault: str) -> str:
     return "not a readable PyTorch weights file.*truncated or corrupt: download it again"
 
 
-BIN_FAULTS = ["pickled_class", "legacy_pickled_class", "truncated_zip", "empty", "random_bytes", "not_a_state_dict"]
+BIN_FAULTS = ["pickled_class", "legacy_pickled_class", "truncated_zip", "empty", "random_bytes",
+              "not_a_state_dict"]
 
 
 @pytest.mark.parametrize("fault", BIN_FAULTS)

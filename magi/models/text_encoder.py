@@ -211,7 +211,8 @@ def _index_weight_map(index: Path) -> dict[str, str]:
                              "download the index again")
         if Path(shard).is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
             raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} points outside the T5 folder "
-                             "(absolute path or '..'); shards must be file names there: download the index again")
+                             "(absolute path or '..'); shards must be file names there: "
+                             "download the index again")
     return weight_map
 
 
