@@ -16,13 +16,19 @@ Both use ffmpeg's default (bicubic) scaler.
 from __future__ import annotations
 
 import collections
+import glob
 import logging
 import os
+import re
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import imageio_ffmpeg
 import numpy as np
@@ -35,6 +41,9 @@ SCALE_FACTOR = 0.18215  # runtime_config.scale_factor of every released config
 OFFICIAL_PREFIX_FRAMES = 32  # the official v2v reads exactly this many frames from the start
 TEMPORAL_FACTOR = 4  # VAE temporal compression
 MIN_SOURCE_SIDE = 8  # smaller sources are rejected: less than one VAE patch of real content
+# start images above this are refused before decoding (a small png can decode to gigabytes);
+# 8192x8192 (67 megapixels, 192 MB as RGB) is far above any generation size
+MAX_IMAGE_PIXELS = 8192 * 8192
 COMPAT_MODES = ("magi", "official")
 # pixel formats whose alpha channel must be composited (ffmpeg's rgb24 would just drop it)
 _ALPHA_PREFIXES = ("rgba", "bgra", "argb", "abgr", "yuva", "gbrap", "ya", "pal8")
@@ -96,15 +105,34 @@ def probe(path: str | Path, kind: str = "media file") -> MediaInfo:
     gen = imageio_ffmpeg.read_frames(str(p))
     try:
         meta = next(gen)
-    except (OSError, RuntimeError, IndexError, StopIteration, AttributeError, ValueError) as err:
-        if any(sign in str(err) for sign in _NO_VIDEO_STREAM):
-            raise ValueError(f"cannot use {kind} {p}: it has no decodable frames (no video "
-                             "stream, e.g. audio only, or an empty one); give an image or a video") from None
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot decode {kind} {p}: not a readable image/video, or no "
-                         f"decodable frames (ffmpeg: {reason[:200]})") from None
+    except _OPEN_ERRORS as err:
+        raise _open_error(err, p, kind) from None
     finally:
         gen.close()
+    return _media_info(meta)
+
+
+_OPEN_ERRORS = (OSError, RuntimeError, IndexError, StopIteration, AttributeError, ValueError)
+_TOO_MANY_PIXELS = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count")
+
+
+def _open_error(err: BaseException, p: Path, kind: str) -> ValueError:
+    """The one-line error for a file ffmpeg could not open (imageio appends ffmpeg's whole log)."""
+    text = str(err)
+    if any(sign in text for sign in _NO_VIDEO_STREAM):
+        return ValueError(f"cannot use {kind} {p}: it has no decodable frames (no video "
+                          "stream, e.g. audio only, or an empty one); give an image or a video")
+    if big := _TOO_MANY_PIXELS.search(text):
+        w, h = int(big.group(1)), int(big.group(2))
+        return ValueError(f"cannot use {kind} {p}: image is {w}x{h} ({w * h / 1e6:.0f} megapixels), "
+                          f"above magi's limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
+                          f"(MAX_IMAGE_PIXELS); downscale it")
+    reason = text.strip().splitlines()[-1] if text.strip() else type(err).__name__
+    return ValueError(f"cannot decode {kind} {p}: not a readable image/video, or no "
+                      f"decodable frames (ffmpeg: {reason[:200]})")
+
+
+def _media_info(meta: dict) -> MediaInfo:
     width, height = meta["source_size"]
     pix_fmt = meta.get("pix_fmt", "").split("(")[0].strip()
     return MediaInfo(width, height, float(meta.get("fps") or 0.0),
@@ -157,17 +185,60 @@ def _over_white(rgba: np.ndarray) -> np.ndarray:
 
 def _checked_info(path: str | Path, kind: str) -> tuple[Path, MediaInfo]:
     info = probe(path, kind)
+    _check_min_side(info, path, kind)
+    return Path(path), info
+
+
+def _check_min_side(info: MediaInfo, path: str | Path, kind: str) -> None:
     if min(info.width, info.height) < MIN_SOURCE_SIDE:
         raise ValueError(f"{kind} {path} is {info.width}x{info.height} px; at least "
                          f"{MIN_SOURCE_SIDE}x{MIN_SOURCE_SIDE} is needed")
-    return Path(path), info
+
+
+def _read_image(path: Path, filters: list[str]) -> np.ndarray:
+    """The first frame as RGB [H, W, 3], in one ffmpeg run for images without alpha.
+
+    ffmpeg's decoder refuses images above MAX_IMAGE_PIXELS before allocating them, and the size
+    checks use the header of the same run. A source with alpha (seen in that header, before a
+    frame is taken) is read again as RGBA: ffmpeg's rgb24 drops alpha, and its RGBA conversion
+    of opaque sources is not bit-identical to rgb24 (official parity).
+    """
+    frame = _read_first_frame(path, filters, alpha=False)
+    return _read_first_frame(path, filters, alpha=True) if frame is None else frame
+
+
+def _read_first_frame(path: Path, filters: list[str], alpha: bool) -> np.ndarray | None:
+    """None when reading rgb24 and the header shows an alpha channel."""
+    _quiet_ffmpeg_logger()
+    gen = imageio_ffmpeg.read_frames(
+        str(path), pix_fmt="rgba" if alpha else "rgb24", bits_per_pixel=32 if alpha else 24,
+        input_params=["-max_pixels", str(MAX_IMAGE_PIXELS)],
+        output_params=["-vf", ",".join(filters)] if filters else [])
+    try:
+        try:
+            meta = next(gen)
+        except _OPEN_ERRORS as err:
+            raise _open_error(err, path, "image") from None
+        info = _media_info(meta)
+        _check_min_side(info, path, "image")
+        if not alpha and info.pix_fmt.startswith(_ALPHA_PREFIXES):
+            return None
+        (w, h), buf = meta["size"], next(gen, None)
+    except (OSError, RuntimeError) as err:
+        raise _open_error(err, path, "image") from None
+    finally:
+        gen.close()
+    if buf is None:
+        raise ValueError(f"image {path} decoded to zero frames")
+    frame = np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 4 if alpha else 3)
+    return _over_white(frame) if alpha else frame
 
 
 def load_image(path: str | Path, size: Size | None = None, *, compat: str = "magi") -> torch.Tensor:
     """Read an image as RGB uint8 [H, W, 3], optionally resized to ``size``.
 
     Grayscale, palette and 16-bit images are converted to 8-bit RGB; transparent images are
-    composited over white.
+    composited over white. Images above MAX_IMAGE_PIXELS are refused before being decoded.
 
     Args:
         path: any still-image format ffmpeg reads (jpeg, png, webp, bmp, ...).
@@ -175,11 +246,8 @@ def load_image(path: str | Path, size: Size | None = None, *, compat: str = "mag
         compat: "magi" keeps the aspect ratio (cover + centre crop); "official" stretches.
     """
     _check_size(size)
-    p, info = _checked_info(path, "image")
-    frame = next(_iter_frames(p, info, resize_filter(size, compat), "image"), None)
-    if frame is None:
-        raise ValueError(f"image {p} decoded to zero frames")
-    return torch.from_numpy(frame.copy())
+    p = _check_input_file(path, "image")
+    return torch.from_numpy(_read_image(p, resize_filter(size, compat)).copy())
 
 
 def load_video(path: str | Path, fps: float, size: Size | None = None, *, compat: str = "magi",
@@ -313,7 +381,15 @@ class Mp4Writer:
 
     Frames go to a hidden temporary file in the output folder, renamed onto the output path by
     ``close()``; ``abort()`` removes it, so the output path never holds a half-written video.
-    ``close()`` after an interruption finalises a playable mp4 of what was appended.
+    ``close()`` after an interruption finalises a playable mp4 of what was appended. ``close()``
+    renames only after ffmpeg exited 0 and the file reads back with every appended frame; else
+    (disk full, ffmpeg killed, ...) it removes the temp file and raises a one-line RuntimeError.
+
+    The temp file is ``.{stem}.magi-partial-{pid}-{8 hex}.mp4`` (the stem cut to keep the name
+    within NAME_MAX), {pid} being the writing process. A process killed with ``kill -9`` cannot
+    clean up and leaves this file; the next Mp4Writer for the same output deletes such files
+    whose pid no longer runs (the check sees only this machine's processes).
+
     As a context manager: success closes; an exception aborts, or closes when ``keep_partial``
     and frames were appended.
 
@@ -341,21 +417,28 @@ class Mp4Writer:
         self.keep_partial = keep_partial
         self.frames_written = 0
         self.size: Size | None = None
-        self.tmp_path = self.path.parent / f".{self.path.stem}.{uuid.uuid4().hex[:8]}.partial.mp4"
-        self._gen = None
+        self.tmp_path = self.path.parent / _temp_name(self.path)
+        self._proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None  # ffmpeg's stderr: a file, so a full pipe never blocks it
         self._done = True  # nothing to clean up until the folder is known to be writable
         _check_writable(self.tmp_path)
+        _remove_stale_temps(self.path)
         self._done = False
 
     def _start(self, width: int, height: int) -> None:
         if width % 2 or height % 2:
             raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
         self.size = (width, height)
-        self._gen = imageio_ffmpeg.write_frames(
-            str(self.tmp_path), (width, height), fps=self.fps, codec="libx264", quality=None,
-            macro_block_size=1, pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-            ffmpeg_log_level="error", output_params=["-f", "mp4"])
-        self._gen.send(None)
+        # the command imageio-ffmpeg's write_frames builds, run here so the exit status is seen
+        fps = Fraction(self.fps).limit_denominator()
+        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+               "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an",
+               "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error", "-f", "mp4",
+               str(self.tmp_path)]
+        self._log = tempfile.TemporaryFile()
+        # own session: Ctrl-C reaches only Python, so keep_partial can still finalise the mp4
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                      stderr=self._log, start_new_session=True)
 
     def append(self, frames: torch.Tensor | np.ndarray) -> None:
         """Append uint8 frames [F, 3, H, W] (all appends must share H and W)."""
@@ -366,7 +449,7 @@ class Mp4Writer:
             raise ValueError(f"Mp4Writer.append expects uint8 frames [F, 3, H, W], got "
                              f"{frames.dtype} {tuple(frames.shape)}")
         h, w = frames.shape[2:]
-        if self._gen is None:
+        if self._proc is None:
             self._start(w, h)
         elif (w, h) != self.size:
             raise ValueError(f"frame size {w}x{h} differs from the first frames' "
@@ -374,11 +457,10 @@ class Mp4Writer:
         data = rearrange(frames.cpu(), "f c h w -> f h w c").contiguous().numpy()
         try:
             for frame in data:
-                self._gen.send(frame.tobytes())
+                self._proc.stdin.write(frame.tobytes())
                 self.frames_written += 1
-        except (OSError, RuntimeError) as err:
-            self.abort()
-            raise RuntimeError(f"ffmpeg failed while writing {self.path}: {_first_line(err)}") from None
+        except OSError:  # ffmpeg exited early (disk full, killed, ...): its log says why
+            raise RuntimeError(self._fail("while writing")) from None
 
     def close(self) -> Path:
         """Finish the mp4 and move it onto the output path; returns that path."""
@@ -388,24 +470,60 @@ class Mp4Writer:
             self.abort()
             raise ValueError(f"no frames were appended; nothing written to {self.path}")
         try:
-            self._gen.close()  # closes ffmpeg's stdin: it writes the index and exits
-        except (OSError, RuntimeError) as err:
-            self.abort()
-            raise RuntimeError(f"ffmpeg failed finishing {self.path}: {_first_line(err)}") from None
+            self._proc.stdin.close()  # end of input: ffmpeg writes the index (moov) and exits
+        except OSError:
+            pass  # ffmpeg is already gone; its exit status tells why
+        if self._proc.wait() != 0:
+            raise RuntimeError(self._fail("finishing"))
+        # a 0 exit is not proof (a full disk can lose the index silently): read the file back
+        count = _count_video_frames(self.tmp_path)
+        if count != self.frames_written:
+            found = "is unreadable" if count is None else f"holds {count} frame(s)"
+            raise RuntimeError(self._fail("finishing", f"the written file {found}, "
+                                          f"{self.frames_written} were appended"))
+        self._close_log()
         os.replace(self.tmp_path, self.path)
         self._done = True
         return self.path
 
     def abort(self) -> None:
         """Stop writing and delete the temporary file; the output path is left untouched."""
-        if self._gen is not None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()  # nothing of it is kept: no need to let it finish the file
+            self._proc.wait()
+        if self._proc is not None and self._proc.stdin is not None:
             try:
-                self._gen.close()
-            except (OSError, RuntimeError):
-                pass  # the process is gone either way; only the temp file matters
-            self._gen = None
+                self._proc.stdin.close()
+            except OSError:
+                pass  # the process is gone; only the temp file matters
+        self._close_log()
         self.tmp_path.unlink(missing_ok=True)
         self._done = True
+
+    def _fail(self, stage: str, cause: str | None = None) -> str:
+        """Abort (temp file removed, output untouched); the one-line error saying why."""
+        if self._proc is not None and self._proc.stdin is not None:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+        status = self._proc.wait() if self._proc is not None else None
+        if cause is None:
+            cause = _ffmpeg_cause(self._read_log(), status)
+        self.abort()
+        return (f"cannot write {self.path}: ffmpeg failed {stage} the mp4 ({cause}); "
+                "the output path was left untouched")
+
+    def _read_log(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read(100_000).decode(errors="replace")
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> Mp4Writer:
         return self
@@ -436,7 +554,71 @@ def _check_writable(path: Path) -> None:
                          f"({err.strerror or type(err).__name__}); choose a writable folder") from None
 
 
-def _first_line(err: BaseException) -> str:
-    # imageio-ffmpeg appends the whole ffmpeg command and its log to the message
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+_TEMP_TAG = ".magi-partial-"  # .{stem}.magi-partial-{pid}-{8 hex}.mp4
+_TEMP_TAIL = re.compile(r"(\d+)-[0-9a-f]{8}\.mp4")
+
+
+def _temp_stem(path: Path) -> str:
+    """The output's stem, cut (on a utf-8 character boundary) so the temp name fits NAME_MAX."""
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    # a fixed budget (Linux pids are at most 2**22), so every run cuts a stem the same way
+    budget = name_max - len(f".{_TEMP_TAG}{2**22}-12345678.mp4")
+    return path.stem.encode(errors="surrogateescape")[:budget].decode(errors="ignore")
+
+
+def _temp_name(path: Path) -> str:
+    return f".{_temp_stem(path)}{_TEMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}.mp4"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files of earlier writers of ``path`` whose process is gone (kill -9, crash)."""
+    prefix = f".{_temp_stem(path)}{_TEMP_TAG}"
+    for candidate in path.parent.glob(glob.escape(prefix) + "*.mp4"):
+        match = _TEMP_TAIL.fullmatch(candidate.name[len(prefix):])
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            candidate.unlink()
+        except OSError:
+            pass  # someone else's file, or already gone: not ours to insist on
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's) or unknowable: keep its file
+    return True
+
+
+def _count_video_frames(path: Path) -> int | None:
+    """Frames in the first video stream, demuxed without decoding; None when unreadable."""
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path),
+           "-map", "0:v:0", "-c", "copy", "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
+    try:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=600)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    counts = re.findall(rb"^frame=(\d+)", done.stdout, flags=re.M)
+    return int(counts[-1]) if done.returncode == 0 and counts else None
+
+
+# what a user can act on, searched for in ffmpeg's log before falling back to its last line
+_OS_ERRORS = ("No space left on device", "Disk quota exceeded", "File too large",
+              "Permission denied", "Input/output error", "Read-only file system")
+
+
+def _ffmpeg_cause(log: str, status: int | None) -> str:
+    for sign in _OS_ERRORS:
+        if sign.lower() in log.lower():
+            return sign.lower()
+    lines = [re.sub(r"^\[[^]]*\]\s*", "", line).strip() for line in log.splitlines()]
+    last = next((line for line in reversed(lines) if line), "")
+    if status is not None and status < 0:
+        return f"ffmpeg was killed by signal {-status}" + (f": {last[:200]}" if last else "")
+    return f"exit status {status}" + (f": {last[:200]}" if last else "")
