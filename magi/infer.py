@@ -115,17 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _timeline_prompts(entries: list, where: str) -> list[str]:
-    """Expand [{"chunk": k, "prompt": p}, ...] to one prompt per chunk up to the last entry."""
+def _shown(entry: object) -> str:
+    """An entry for a message: at most 200 characters (a deeply nested one is not worth showing)."""
+    try:
+        text = json.dumps(entry)
+    except RecursionError:
+        text = "(nested too deeply to show)"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _timeline_prompts(entries: list, where: str, video: tuple[int, int] | None = None) -> list[str]:
+    """Expand [{"chunk": k, "prompt": p}, ...] to one prompt per chunk up to the last entry.
+
+    video: (generated chunks, num_frames); an entry starting beyond the video is refused before
+    anything is expanded, so the list never grows past the video.
+    """
     starts: list[tuple[int, str]] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) != {"chunk", "prompt"}:
-            raise UsageError(f'{where}: entry {i} must be {{"chunk": <int>, "prompt": "<text>"}}, got {json.dumps(entry)}')
+            raise UsageError(f'{where}: entry {i} must be {{"chunk": <int>, "prompt": "<text>"}}, got {_shown(entry)}')
         chunk, text = entry["chunk"], entry["prompt"]
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0 or not isinstance(text, str) or not text.strip():
-            raise UsageError(f"{where}: entry {i} needs a chunk index >= 0 and a non-empty prompt, got {json.dumps(entry)}")
+            raise UsageError(f"{where}: entry {i} needs a chunk index >= 0 and a non-empty prompt, got {_shown(entry)}")
         if starts and chunk <= starts[-1][0]:
             raise UsageError(f"{where}: chunk indices must increase, but entry {i} has chunk {chunk} after {starts[-1][0]}")
+        if video is not None and chunk >= video[0]:
+            raise UsageError(f"{where}: entry {i} starts at chunk {chunk} but the video has only {video[0]} chunks "
+                             f"(num_frames {video[1]}); lower it or raise --num_frames")  # fmt: skip
+        _check_utf8(text, f"{where}: entry {i}")
         starts.append((chunk, text))
     if starts[0][0] != 0:
         raise UsageError(f"{where}: the first entry must be chunk 0 (got chunk {starts[0][0]}); every chunk needs a prompt")
@@ -135,32 +152,59 @@ def _timeline_prompts(entries: list, where: str) -> list[str]:
     return prompts
 
 
-def read_prompt_file(path: str) -> list[str]:
-    """Per-chunk prompts from a JSON list of strings or a {"chunk", "prompt"} timeline."""
+def read_prompt_file(path: str, video: tuple[int, int] | None = None) -> list[str]:
+    """Per-chunk prompts from a UTF-8 JSON list of strings or a {"chunk", "prompt"} timeline.
+
+    video: (generated chunks, num_frames) to refuse timeline entries beyond the video.
+    """
+    where = f"--prompt_file {path}"
     try:
-        data = json.loads(Path(path).read_text())
+        raw = Path(path).read_bytes()
     except OSError as err:
-        raise UsageError(f"--prompt_file {path}: cannot read it ({err.strerror})") from None
+        raise UsageError(f"{where}: cannot read it ({err.strerror or type(err).__name__})") from None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))  # utf-8-sig: a leading BOM (Windows editors) is dropped
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                         "save it as UTF-8") from None  # fmt: skip
     except json.JSONDecodeError as err:
-        raise UsageError(f"--prompt_file {path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        raise UsageError(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise UsageError(f"{where}: JSON nested too deeply; expected a flat list of prompts or timeline entries") from None
     if not isinstance(data, list) or not data:
-        raise UsageError(f"--prompt_file {path}: expected a non-empty JSON list of prompts or timeline entries")
+        raise UsageError(f"{where}: expected a non-empty JSON list of prompts or timeline entries")
     if all(isinstance(p, str) for p in data):
         if not all(p.strip() for p in data):
-            raise UsageError(f"--prompt_file {path}: prompts must not be empty")
+            raise UsageError(f"{where}: prompts must not be empty")
+        for i, text in enumerate(data):
+            _check_utf8(text, f"{where}: prompt {i}")
         return data
-    return _timeline_prompts(data, f"--prompt_file {path}")
+    return _timeline_prompts(data, where, video)
 
 
-def _prompt(args: argparse.Namespace) -> str | list[str]:
+def _check_utf8(text: str, where: str) -> None:
+    """Refuse a prompt the tokenizer cannot take: lone surrogates, which is how Python hands over
+    command-line bytes that are not UTF-8 (and how JSON decodes an unpaired \\ud800 escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise UsageError(f"{where} is not valid UTF-8 text ({what} at character {err.start}); "
+                         "pass UTF-8 text (check the terminal's or file's encoding)") from None  # fmt: skip
+
+
+def _prompt(args: argparse.Namespace, video: tuple[int, int] | None = None) -> str | list[str]:
     if args.prompt and args.prompt_file:
         raise UsageError("give either --prompt or --prompt_file, not both")
     if args.prompt_file:
-        return read_prompt_file(args.prompt_file)
+        return read_prompt_file(args.prompt_file, video)
     if not args.prompt:
         raise UsageError("--prompt is required (or --prompt_file for per-chunk prompts)")
     if not all(p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
+    for i, text in enumerate(args.prompt):
+        _check_utf8(text, "--prompt" if len(args.prompt) == 1 else f"--prompt {i + 1}")
     return args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
 
 
@@ -172,7 +216,8 @@ def _existing_file(flag: str, path: str | None, mode: str) -> str:
     return path
 
 
-def _request(args: argparse.Namespace) -> Request:
+def _inputs(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The mode's input files (image, prefix video) and the output names, checked; reads nothing."""
     mode = args.mode
     image = _existing_file("--image_path", args.image_path, mode) if mode == "i2v" else None
     prefix = _existing_file("--prefix_video_path", args.prefix_video_path, mode) if mode == "v2v" else None
@@ -182,11 +227,26 @@ def _request(args: argparse.Namespace) -> Request:
         raise UsageError(f"--prefix_video_path is only used with --mode v2v (got --mode {mode})")
     if Path(args.output_path).suffix.lower() != ".mp4":
         raise UsageError(f"--output_path {args.output_path} must end in .mp4")
-    if Path(args.output_path).is_dir():
+    if os.path.isdir(args.output_path):  # os.path: False, not OSError, for a too-long name
         raise UsageError(f"--output_path {args.output_path} is a directory; give a file name ending in .mp4")
     if args.save_tensors and Path(args.save_tensors).suffix != ".safetensors":
         raise UsageError(f"--save_tensors {args.save_tensors} must end in .safetensors")
-    return Request(mode, _prompt(args), args.output_path, image, prefix, args.save_tensors)
+    if args.save_tensors and os.path.isdir(args.save_tensors):
+        raise UsageError(f"--save_tensors {args.save_tensors} is a directory; give a file name ending in .safetensors")
+    if prefix is not None and _same_file(args.output_path, prefix):
+        raise UsageError(f"--output_path {args.output_path} is the --prefix_video_path: writing it would "
+                         "overwrite the input video; choose another --output_path")  # fmt: skip
+    return image, prefix
+
+
+def _same_file(a: str, b: str) -> bool:
+    """The same file after resolving links (hard links too, when both exist)."""
+    try:
+        if os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b):
+            return True
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop
+        return False
 
 
 def _config(args: argparse.Namespace) -> MagiConfig:
@@ -202,6 +262,19 @@ def _config(args: argparse.Namespace) -> MagiConfig:
     check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1") or 1))
     check_paths(cfg)
     return cfg
+
+
+def _budget(cfg: MagiConfig, mode: str, compat: str) -> tuple[int, int]:
+    """Refuse a request that cannot fit this machine (magi.budget); (generated chunks, num_frames)."""
+    from magi import budget
+
+    num_frames = cfg.runtime.num_frames
+    try:
+        est = budget.check_request(cfg, mode, num_frames, budget.prefix_frames_upper_bound(cfg, mode, compat),
+                                   compat=compat, flag_prefix="--")  # fmt: skip
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return est.generated_chunks, num_frames
 
 
 def _device(name: str | None) -> str:
@@ -252,6 +325,22 @@ def _check_output(flag: str, path: str | None, probe_mp4: bool = False) -> None:
             Mp4Writer(target, 24).abort()  # writes and removes its temporary file; nothing else
         except (ValueError, OSError) as err:
             raise UsageError(f"{flag} {path}: {err}") from None
+    else:
+        _probe_file(flag, target)
+
+
+def _probe_file(flag: str, target: Path) -> None:
+    """Prove a file can be created where ``target`` goes: create it (or, when it exists, a probe
+    beside it) and remove it again, so a read-only folder fails now and not after the run."""
+    if os.path.isdir(target):
+        raise UsageError(f"{flag} {target} is a directory; give a file name")
+    probe = target if not os.path.lexists(target) else target.parent / f".magi-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"{flag} {target}: cannot create a file in {target.parent} "
+                         f"({err.strerror or type(err).__name__}); choose a writable folder") from None  # fmt: skip
 
 
 def _check_inputs(request: Request, cfg: MagiConfig, compat: str) -> None:
@@ -282,7 +371,7 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     """
     args = build_parser().parse_args(argv)
     try:
-        request = _request(args)
+        image, prefix = _inputs(args)
         cfg = _config(args)
     except ConfigError as err:  # includes CheckpointNotFoundError
         raise UsageError(str(err)) from None
@@ -290,6 +379,9 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     _check_attention(args.attention_backend, args.device, cfg)
     if args.offload and cfg.engine.pp_size * cfg.engine.cp_size > 1:
         raise UsageError("--offload works in a single process only; drop it for multi-GPU configs")
+    # the video's chunk count bounds a --prompt_file timeline: prompts are read after the budget
+    prompt = _prompt(args, _budget(cfg, args.mode, args.compat))
+    request = Request(args.mode, prompt, args.output_path, image, prefix, args.save_tensors)
     _special_tokens(cfg)
     _check_inputs(request, cfg, args.compat)
     _check_output("--output_path", request.output_path, probe_mp4=True)
