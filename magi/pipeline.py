@@ -23,6 +23,7 @@ Legend: C latent channels, T latent frames, H W latent size, F video frames.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -55,6 +56,7 @@ from magi.models.vae import ViTVAE, tile_spec_for_fps
 from magi.sampling.chunks import ChunkPlan, Step
 from magi.sampling.denoise import NULL, PROMPT, SamplerSettings, denoise
 from magi.sampling.noise import SPILL_BYTES, InitialNoise
+from magi.state import GenerationState, StateError
 
 MODES = ("t2v", "i2v", "v2v")
 COMPAT_MODES = ("magi", "official")
@@ -299,7 +301,9 @@ class ChunkCaptions:
         options: SpecialTokenOptions,
         chunk_prompts: Sequence[int],
         offset: int = 0,
+        texts: Sequence[str] = (),
     ) -> None:
+        self.texts = list(texts)  # the distinct prompts' text (emb[k] encodes texts[k])
         self.emb, self.mask, self.null = emb, mask, null.float()
         self.tokens, self.options = tokens, options
         self.chunk_prompts, self.offset = list(chunk_prompts), offset
@@ -571,6 +575,8 @@ class MagiPipeline:
         noise: torch.Tensor | None = None,
         progress: bool = False,
         per_chunk_noise: bool = False,
+        save_state: str | Path | None = None,
+        save_every: int = 1,
     ) -> GenerationResult:
         """Generate a video; write it to ``output_path`` chunk by chunk (mp4, runtime fps).
 
@@ -586,10 +592,69 @@ class MagiPipeline:
                 latents of the generated chunks) and ``video_tchw_uint8`` (the written frames)
                 to this .safetensors file (keeps them in memory until the end).
             progress: show a per-chunk progress bar and print a summary (rank 0 only).
+            save_state: write the generation state (``magi.state``) to this file every
+                ``save_every`` finished chunks, and when the run is stopped (Ctrl-C, SIGTERM,
+                SIGHUP); continue it with :meth:`resume`.
+            save_every: chunks between state saves.
 
         Returns:
             A ``GenerationResult`` (frames written, timings, peak memory, interrupted flag).
         """
+        _check_mode(mode, image_path, prefix_video_path)
+        saver = None if save_state is None else StateSaver(save_state, save_every, noise is None)
+
+        def prepare() -> _Run:
+            return self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise,
+                                 per_chunk_noise)  # fmt: skip
+
+        return self._generate(prepare, output_path, prefix_video_path, callback, save_tensors,
+                              progress, saver)  # fmt: skip
+
+    def resume(
+        self,
+        state: str | Path | GenerationState,
+        output_path: str | Path | None = None,
+        *,
+        callback: Callable[[StepInfo], None] | None = None,
+        progress: bool = False,
+        save_state: str | Path | None = None,
+        save_every: int = 1,
+        save_tensors: str | Path | None = None,
+    ) -> GenerationResult:
+        """Continue a run from a saved state, bit for bit as if it had never stopped.
+
+        Args:
+            state: a state file written by ``generate(save_state=...)`` (or a loaded state).
+            output_path: where the remaining chunks go. If it holds the earlier run's video
+                (exactly the state's frames), the new chunks are appended to it without
+                re-encoding the earlier ones; a missing file gets the remaining chunks only.
+            callback, progress: as for :meth:`generate`.
+            save_state: keep saving states (default: the file resumed from, when given as a path).
+            save_every: chunks between state saves.
+            save_tensors: as for :meth:`generate`, for the chunks this call generates.
+
+        Raises:
+            StateError: a damaged or edited state, one from another magi version, config,
+                checkpoint or compat mode, or a finished one; an output that does not hold
+                the state's frames (resumed twice into the same output).
+        """
+        path = None if isinstance(state, GenerationState) else Path(state)
+        loaded = GenerationState.load(path) if path is not None else state
+        where = path or "the state"
+        loaded.check_compatible(self.identity(), where)
+        if loaded.meta.get("finished"):
+            raise StateError(f"{where} is a finished run: nothing left to resume")
+        earlier = _earlier_video(output_path, loaded.meta["frames_done"], where)
+        target = save_state if save_state is not None else path
+        saver = None if target is None else StateSaver(target, save_every, True)
+        return self._generate(lambda: self._from_state(loaded), output_path, None, callback, save_tensors,
+                              progress, saver, append_to=earlier)  # fmt: skip
+
+    def _generate(self, prepare: Callable[[], "_Run"], output_path: str | Path | None,
+                  prefix_video_path: str | Path | None, callback: Callable[[StepInfo], None] | None,
+                  save_tensors: str | Path | None, progress: bool, saver: "StateSaver | None",
+                  append_to: Path | None = None) -> GenerationResult:  # fmt: skip
+        """Run a prepared request into the mp4 / tensors / state sinks."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         rt = self.config.runtime
@@ -597,32 +662,40 @@ class MagiPipeline:
         _check_not_the_input(output_path, prefix_video_path)
         writer_rank = self._is_writer()
         # Built first so a bad output path fails before any model work; nothing is written yet.
-        writer = video_io.Mp4Writer(output_path, rt.fps) if output_path and writer_rank else None
-        out = _Output(writer, GenerationResult(writer.path if writer else None, fps=rt.fps,
+        target = output_path
+        if append_to is not None:  # the new chunks go to a part file, appended at the end
+            target = append_to.parent / f".{append_to.name[:150]}.magi-resume-{os.getpid()}.mp4"
+        writer = video_io.Mp4Writer(target, rt.fps) if output_path and writer_rank else None
+        out = _Output(writer, GenerationResult(Path(output_path) if writer else None, fps=rt.fps,
                                                size=(rt.video_size_w, rt.video_size_h)))  # fmt: skip
         out.keep_tensors = save_tensors is not None and writer_rank
         stop = _Stop()
         bar = _NoBar()
+        saver = saver if writer_rank else None
         try:
-            run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise,
-                                per_chunk_noise)  # fmt: skip
+            run = prepare()
             out.result.chunks_total = len(run.plan.generated_chunks)
+            out.result.chunks_done, out.result.frames_written = run.chunks_done, run.frames_done
             bar = _progress_bar(out.result.chunks_total, progress and writer_rank)
-            with _graceful_stop(stop), closing(self._run(run, _stop_aware(callback, stop, self.mesh))) as chunks:
+            bar.update(run.chunks_done)
+            # The stop is taken in the step hook, before the next step: the last state saved
+            # then matches the chunks in the mp4.
+            hook = _stop_aware(callback, stop, self.mesh)
+            with _graceful_stop(stop), closing(self._run(run, hook, saver)) as chunks:
                 for chunk in chunks:
                     out.add(chunk)
                     bar.update(1)
-                    if stop.is_set() and self.mesh is None:  # with ranks: agreed in the step hook
-                        raise _StopRequested
         except (_StopRequested, KeyboardInterrupt):
             out.result.interrupted = True
             out.result.stop_signal = stop.signum or signal.SIGINT
+            if saver is not None:
+                saver.save()
         except BaseException:
             out.abort()
             raise
         finally:
             bar.close()
-        result = out.finish(save_tensors, self.device)
+        result = out.finish(save_tensors, self.device, append_to)
         if writer_rank and (progress or result.interrupted):
             print(result.summary(), file=sys.stderr if result.interrupted else sys.stdout, flush=True)
         return result
@@ -673,28 +746,80 @@ class MagiPipeline:
         limit = None if self.compat == "official" else frames
         return _Run(mode, plan, settings, captions, shape, seed, noise, per_chunk_noise, prefix, limit)
 
-    def _run(self, run: "_Run", callback: Callable[[StepInfo], None] | None) -> Iterator[VideoChunk]:
-        """Draw the noise, denoise, decode each clean chunk, trim to the frame budget."""
+    def _run(self, run: "_Run", callback: Callable[[StepInfo], None] | None,
+             saver: "StateSaver | None" = None) -> Iterator[VideoChunk]:  # fmt: skip
+        """Draw the noise, denoise (from run.start_step), decode each clean chunk, trim to the
+        frame budget; ``saver`` sees every resume point."""
         plan = run.plan
         cache = KVCache(plan.max_cached_chunks(), offload=self.config.engine.kv_offload)
         # Closed however the run ends (done, error, Ctrl-C, generator dropped): frees the
         # noise's memory or temporary file.
         with self._initial_noise(run) as noise:
-            emitted = 0
             hook = None if callback is None else _step_hook(callback, plan)
 
             def take_noise(chunk: int) -> torch.Tensor:
                 return noise.chunk(chunk).to(self.device)
 
+            def at_step(step: Step, window: dict[int, torch.Tensor]) -> None:
+                if saver is not None and step.finished is not None:
+                    saver.chunk_done(self._snapshot(run, step.index + 1, window))
+
             for index, latent in denoise(self.dit, plan, run.settings, run.captions, take_noise,
-                                         cache, prefix=run.prefix, callback=hook):  # fmt: skip
+                                         cache, prefix=run.prefix, callback=hook, start_step=run.start_step,
+                                         window=run.window, on_window=at_step):  # fmt: skip
                 _check_finite(latent, index, self.config)
                 lo, hi = plan.emit_range(index, skip_prefix=run.mode == "v2v")
                 frames = self._decode(latent[:, :, lo:hi])
                 if run.limit is not None:
-                    frames = frames[: max(0, run.limit - emitted)]
-                emitted += len(frames)
+                    frames = frames[: max(0, run.limit - run.frames_done)]
+                run.frames_done += len(frames)
+                run.chunks_done += 1
                 yield VideoChunk(index, frames, latent)
+
+    # ---- generation state ----------------------------------------------------------------------
+    def identity(self) -> dict:
+        """What a saved state must share with this pipeline to be resumed here."""
+        import magi
+        from magi.state import checkpoint_hash, config_hash
+
+        return {"magi_version": magi.__version__, "compat": self.compat,
+                "config_hash": config_hash(self.config),
+                "checkpoint_hash": checkpoint_hash(self.config.runtime.load)}  # fmt: skip
+
+    def _snapshot(self, run: "_Run", next_step: int, window: dict[int, torch.Tensor]) -> "GenerationState":
+        """The state after step next_step - 1 (copies of the live window's latents, on CPU)."""
+        from magi.state import GenerationState
+
+        caps = run.captions
+        meta = {
+            "next_step": next_step, "finished": next_step >= run.plan.total_steps,
+            "mode": run.mode, "seed": run.seed, "per_chunk_noise": run.per_chunk_noise,
+            "noise_shape": list(run.noise_shape), "limit": run.limit,
+            "chunk_num": run.plan.chunk_num, "prefix_frames": run.plan.prefix_frames,
+            "frames_done": run.frames_done, "chunks_done": run.chunks_done,
+            "prompts": caps.texts, "chunk_prompts": caps.chunk_prompts,
+            "special_tokens": dataclasses.asdict(caps.options),
+            "settings": dataclasses.asdict(run.settings), "identity": self.identity(),
+        }  # fmt: skip
+        window = {c: t.detach().float().cpu().clone() for c, t in window.items()}
+        prefix = None if run.prefix is None else run.prefix.detach().cpu()
+        return GenerationState(meta, window, prefix, caps.emb.cpu(), caps.mask.cpu())
+
+    def _from_state(self, state: "GenerationState") -> "_Run":
+        """The prepared run that continues ``state`` (no T5, no VAE encode)."""
+        m = state.meta
+        settings = SamplerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["settings"].items()})
+        plan = settings.plan(m["chunk_num"], m["prefix_frames"])
+        options = SpecialTokenOptions(**m["special_tokens"])
+        null = self.dit.y_embedder.null_caption_embedding.detach()
+        captions = ChunkCaptions(state.prompt_emb.to(self.device), state.prompt_mask.to(self.device),
+                                 null.to(self.device), self._tokens(options, state.prompt_emb.shape[-1]).to(self.device),
+                                 options, m["chunk_prompts"], plan.offset, m["prompts"])  # fmt: skip
+        prefix = None if state.prefix is None else state.prefix.to(self.device)
+        window = {c: t.to(self.device) for c, t in state.window.items()}
+        return _Run(m["mode"], plan, settings, captions, tuple(m["noise_shape"]), m["seed"], None,
+                    m["per_chunk_noise"], prefix, m["limit"], start_step=m["next_step"], window=window,
+                    frames_done=m["frames_done"], chunks_done=m["chunks_done"])  # fmt: skip
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         rt = self.config.runtime
@@ -757,7 +882,7 @@ class MagiPipeline:
         options = SpecialTokenOptions.from_env()
         return ChunkCaptions(emb.to(self.device), mask.to(self.device), null.to(self.device),
                              self._tokens(options, emb.shape[-1]).to(self.device), options,
-                             chunk_prompts, plan.offset)  # fmt: skip
+                             chunk_prompts, plan.offset, distinct)  # fmt: skip
 
     def _tokens(self, options: SpecialTokenOptions, width: int) -> SpecialTokens:
         if not _token_users(options):
@@ -845,7 +970,8 @@ class _Output:
         if self.writer is not None:
             self.writer.abort()
 
-    def finish(self, save_tensors: str | Path | None, device: torch.device) -> GenerationResult:
+    def finish(self, save_tensors: str | Path | None, device: torch.device,
+               append_to: Path | None = None) -> GenerationResult:  # fmt: skip
         """Save tensors, close the mp4 (drop it when no frame exists), fill the timings.
 
         The tensors go first: if they cannot be written the video is dropped too, so a failed
@@ -864,9 +990,12 @@ class _Output:
                 self.writer.close()
             except RuntimeError as err:
                 raise VideoWriteError(str(err)) from None
+            if append_to is not None:
+                _append_mp4(append_to, self.writer.path)
         elif self.writer is not None:
             self.writer.abort()
-            self.result.output_path = None
+            if append_to is None:
+                self.result.output_path = None
         times = self.chunk_times
         if times:
             self.result.time_to_first_chunk = times[0] - self.started
@@ -890,6 +1019,10 @@ class _Run:
     per_chunk_noise: bool  # chunk k drawn alone from seed + k (not the official noise)
     prefix: torch.Tensor | None
     limit: int | None  # frames to keep (magi), None = every frame (official)
+    start_step: int = 0  # > 0: resumed from a GenerationState with this window
+    window: dict[int, torch.Tensor] | None = None
+    frames_done: int = 0  # frames / chunks already emitted (counting those of a resumed state)
+    chunks_done: int = 0
 
 
 def _check_mode(mode: str, image_path: str | Path | None, prefix_video_path: str | Path | None) -> None:
@@ -953,6 +1086,80 @@ def _check_save_path(path: str | Path | None) -> None:
         raise FileNotFoundError(f"save_tensors folder does not exist: {path.parent} (create it first)")
     if path.is_dir():
         raise ValueError(f"save_tensors path is a folder: {path}; name a .safetensors file")
+
+
+class StateSaver:
+    """Writes the generation state at resume points: after every ``every``-th finished chunk,
+    and (``save()``) the last resume point when the run stops.
+
+    Args:
+        path: the state file (replaced atomically at each save).
+        every: chunks between saves (>= 1).
+        allowed: False when the request cannot be saved (given noise tensors are not kept).
+    """
+
+    def __init__(self, path: str | Path, every: int = 1, allowed: bool = True) -> None:
+        if not allowed:
+            raise ValueError("save_state needs noise drawn from the seed (drop noise=...)")
+        every = _whole_number("save_every", every)
+        if every < 1:
+            raise ValueError(f"save_every must be >= 1 (chunks between saves), got {every}")
+        self.path, self.every = Path(path), every
+        if self.path.is_dir() or not self.path.parent.is_dir():
+            raise ValueError(f"save_state {path}: name a file in an existing folder")
+        self.last: GenerationState | None = None
+        self._saved: GenerationState | None = None
+
+    def chunk_done(self, state: GenerationState) -> None:
+        self.last = state
+        if state.meta["finished"] or state.meta["chunks_done"] % self.every == 0:
+            self.save()
+
+    def save(self) -> None:
+        """Write the newest resume point, unless it is on disk already."""
+        if self.last is not None and self.last is not self._saved:
+            self.last.save(self.path)
+            self._saved = self.last
+
+
+def _earlier_video(output_path: str | Path | None, frames: int, where: object) -> Path | None:
+    """The earlier run's mp4 to append to (None: nothing to append); refuses a mismatched one."""
+    if output_path is None or frames == 0 or not Path(output_path).is_file():
+        if output_path is not None and frames:
+            print(f"warning: {output_path} does not hold the earlier {frames} frames (not written, "
+                  "or the run was killed before closing it); writing the remaining chunks only",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return None
+    import imageio_ffmpeg
+
+    have = imageio_ffmpeg.count_frames_and_secs(str(output_path))[0]
+    if have != frames:
+        raise StateError(f"{output_path} holds {have} frames but {where} continues after {frames}: "
+                         "it was resumed into this output already, or it is another video; "
+                         "choose another output_path")  # fmt: skip
+    return Path(output_path)
+
+
+def _append_mp4(earlier: Path, part: Path) -> None:
+    """earlier := earlier + part, by stream copy (no re-encode); atomic, removes ``part``."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    listing = part.with_suffix(".txt")
+    joined = part.with_name(part.stem + ".joined.mp4")
+    listing.write_text("".join(f"file '{p.resolve()}'\n" for p in (earlier, part)))
+    try:
+        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "concat",
+                               "-safe", "0", "-i", str(listing), "-c", "copy", "-f", "mp4", str(joined)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            raise VideoWriteError(f"ffmpeg could not append to {earlier}: "
+                                  f"{(done.stderr.strip().splitlines() or ['exit status ' + str(done.returncode)])[-1]}")
+        os.replace(joined, earlier)
+    finally:
+        for f in (listing, joined, part):
+            f.unlink(missing_ok=True)
 
 
 def _check_not_the_input(output_path: str | Path | None, prefix_video_path: str | Path | None) -> None:

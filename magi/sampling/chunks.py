@@ -232,6 +232,27 @@ class ChunkPlan:
             need = max(need, reads + (1 if step.extra is not None and reads > 0 else 0))
         return need
 
+    def carried_cache_rows(self, start: int) -> tuple[int, ...]:
+        """Chunks whose K/V rows a run resumed at step ``start`` reads but would not write itself.
+
+        Steps write the K/V of their extra clean chunk; the prefix call (redone on resume) writes
+        the prefix chunks. A chunk read at or after ``start`` whose row was written by a step
+        before ``start`` must be carried over; empty means ``start`` is a clean resume point
+        (with the default kv ranges: every stage boundary).
+        """
+        written_at: dict[int, int] = {}
+        carried: set[int] = set()
+        for step in self.steps():
+            if step.extra is not None:
+                written_at[step.extra] = step.index
+            if step.index < start:
+                continue
+            lo = min(r[0] for r in step.kv_ranges)
+            for c in range(max(lo, self.offset), step.slice_point):
+                if written_at.get(c, start) < start:
+                    carried.add(c)
+        return tuple(sorted(carried))
+
     def emit_range(self, chunk: int, skip_prefix: bool) -> tuple[int, int]:
         """Latent frames [lo, hi) of chunk (chunk-local) that go to the output video.
 

@@ -190,6 +190,9 @@ def denoise(
     *,
     prefix: torch.Tensor | None = None,
     callback: Callable[[Step], None] | None = None,
+    start_step: int = 0,
+    window: dict[int, torch.Tensor] | None = None,
+    on_window: Callable[[Step, dict[int, torch.Tensor]], None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Denoise a video chunk by chunk, yielding each chunk as soon as it is clean.
 
@@ -205,6 +208,13 @@ def denoise(
         prefix: [1, C, P, H, W] prefix latents (VAE output × scale factor, dtype as encoded) for
             i2v / v2v; P must equal ``plan.prefix_frames``.
         callback: called with each ``Step`` after its Euler update.
+        start_step: resume at this step (``Step.index``) with ``window``, the in-flight chunk
+            latents after step start_step − 1 (``magi.state``). Bit-identical to the
+            uninterrupted run: the prefix call is redone, and ``start_step`` must be a point
+            where no K/V row written earlier is read later (``ChunkPlan.carried_cache_rows``).
+        window: chunk -> [1, C, cw, H, W] float32 latents to resume from (with start_step).
+        on_window: called after each step (its released chunks dropped) with the step and the
+            live window, e.g. to save a resumable state; must not modify the tensors.
 
     Yields:
         (chunk index, clean latent [1, C, cw, H, W] float32) for chunks o .. chunk_num − 1, in order.
@@ -225,8 +235,12 @@ def denoise(
     if plan.prefix_call() is not None:
         loop.tokens = _tokens_per_chunk(model, plan.chunk_width, prefix.shape)
         _extract_prefix(loop)
-    window: dict[int, torch.Tensor] = {}  # chunk -> [1, C, cw, H, W] float32
+    window = _resume_window(plan, start_step, window)  # chunk -> [1, C, cw, H, W] float32
+    if window and not loop.tokens:
+        loop.tokens = _tokens_per_chunk(model, plan.chunk_width, next(iter(window.values())).shape)
     for step in plan.steps():
+        if step.index < start_step:
+            continue
         if step.entering is not None:
             window[step.entering] = _chunk_noise(noise, step.entering, plan.chunk_width)
             if not loop.tokens:
@@ -238,6 +252,26 @@ def denoise(
             yield step.finished, window[step.finished].clone()
         for chunk in step.released:
             del window[chunk]
+        if on_window is not None:
+            on_window(step, window)
+
+
+def _resume_window(plan: ChunkPlan, start: int, window: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor]:
+    """The window to start from: empty at step 0, else the given latents, checked against the plan."""
+    if start == 0 and not window:
+        return {}
+    if not 0 < start < plan.total_steps:
+        raise ValueError(f"start_step must lie in [1, {plan.total_steps}) for this plan, got {start}")
+    carried = plan.carried_cache_rows(start)
+    if carried:
+        raise ValueError(f"step {start} is not a resume point: later steps read the K/V rows of "
+                         f"chunk(s) {list(carried)} written before it; resume at a stage boundary")  # fmt: skip
+    first = next(s for s in plan.steps() if s.index == start)
+    live = set(first.call_chunks) - ({first.entering} if first.entering is not None else set())
+    got = set(window or {})
+    if got != live:
+        raise ValueError(f"a window resumed at step {start} must hold chunks {sorted(live)}, got {sorted(got)}")
+    return {c: t.float().clone() for c, t in window.items()}
 
 
 @torch.no_grad()

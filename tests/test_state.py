@@ -1,0 +1,142 @@
+"""Generation state: save at resume points, resume bit for bit, refuse what cannot be resumed."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+
+import imageio_ffmpeg
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from magi.config import load_config, save_config
+from magi.pipeline import MagiPipeline, StepInfo
+from magi.sampling.chunks import ChunkPlan
+from magi.state import GenerationState, StateError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
+CHUNK = 24  # frames per chunk of the tiny config (6 latent frames)
+
+
+def _make_tiny(out: Path) -> Path:
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", REPO / "scripts" / "make_tiny_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_tiny_checkpoint(out, TINY_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny config with 8 steps per chunk, window 4: two steps per stage, so resume points (stage
+    boundaries) and mid-stage steps both occur."""
+    root = tmp_path_factory.mktemp("state")
+    ck = _make_tiny(root / "checkpoints")
+    cfg = load_config(TINY_CONFIG)
+    runtime = dataclasses.replace(cfg.runtime, load=str(ck / "magi" / "tiny"), t5_pretrained=str(ck / "t5"),
+                                  vae_pretrained=str(ck / "vae"), num_steps=8, window_size=4)  # fmt: skip
+    save_config(cfg.replace(runtime=runtime), root / "config.json")
+    os.environ["SPECIAL_TOKEN_PATH"] = str(ck / "special_tokens.npz")
+    return root / "config.json"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny: Path) -> MagiPipeline:
+    return MagiPipeline.from_config(tiny, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from magi.video_io import Mp4Writer
+
+    root = tmp_path_factory.mktemp("media")
+    image = root / "start.ppm"
+    g = torch.Generator().manual_seed(3)
+    rgb = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=g)
+    image.write_bytes(b"P6 64 64 255\n" + rgb.numpy().tobytes())
+    video = root / "prefix.mp4"
+    with Mp4Writer(video, 24) as w:
+        w.append(torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8, generator=g))
+    return {"i2v": {"image_path": image}, "v2v": {"prefix_video_path": video}, "t2v": {}}
+
+
+def _stop_at(n: int):
+    """Ctrl-C when the (n+1)-th generated chunk turns clean: n chunks are written, it is not."""
+    finished: list[int] = []
+
+    def hook(info: StepInfo) -> None:
+        if info.finished is not None:
+            finished.append(info.finished)
+            if len(finished) == n + 1:
+                raise KeyboardInterrupt
+
+    return hook
+
+
+def _frames(path: Path) -> int:
+    return imageio_ffmpeg.count_frames_and_secs(str(path))[0]
+
+
+def test_resume_points_of_the_plan() -> None:
+    plan = ChunkPlan(8, 8, 4, 6, 0)
+    assert plan.carried_cache_rows(10) == ()  # a stage boundary: nothing carried
+    assert plan.carried_cache_rows(9) == (0,)  # mid-stage: chunk 0's refreshed K/V is still read
+
+
+@pytest.mark.parametrize("mode", ["t2v", "i2v", "v2v"])
+def test_stop_after_4_of_8_chunks_and_resume_is_bit_identical(pipe: MagiPipeline, media, tmp_path: Path,
+                                                              mode: str) -> None:  # fmt: skip
+    inputs = media[mode]
+    prompts = ["a walk", "a run", "a jump"]
+    whole = tmp_path / "whole.safetensors"
+    pipe.generate(mode, prompts, **inputs, num_frames=8 * CHUNK, seed=11, save_tensors=whole)
+    reference = load_file(str(whole))
+    out, state = tmp_path / "out.mp4", tmp_path / "run.state"
+    first = pipe.generate(mode, prompts, **inputs, num_frames=8 * CHUNK, seed=11, output_path=out,
+                          save_state=state, save_every=3, callback=_stop_at(4),
+                          save_tensors=tmp_path / "a.safetensors")  # fmt: skip
+    assert first.interrupted and first.chunks_done == 4
+    saved = GenerationState.load(state)
+    assert saved.meta["chunks_done"] == 4 and not saved.meta["finished"]
+    done = pipe.resume(state, out, save_tensors=tmp_path / "b.safetensors")
+    assert not done.interrupted and done.chunks_done == done.chunks_total
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    joined = torch.cat([a["final_latent"], b["final_latent"]], dim=2)
+    assert torch.equal(joined, reference["final_latent"])  # bit for bit, CPU float32
+    frames = torch.cat([a["video_tchw_uint8"], b["video_tchw_uint8"]])
+    assert torch.equal(frames, reference["video_tchw_uint8"])
+    assert _frames(out) == len(reference["video_tchw_uint8"])  # one playable file, earlier chunks copied
+    assert GenerationState.load(state).meta["finished"]
+    with pytest.raises(StateError, match="finished run"):
+        pipe.resume(state, tmp_path / "again.mp4")
+
+
+def test_refusals(pipe: MagiPipeline, tiny: Path, tmp_path: Path) -> None:
+    out, state = tmp_path / "out.mp4", tmp_path / "s.state"
+    pipe.generate("t2v", "a", num_frames=6 * CHUNK, output_path=out, save_state=state, callback=_stop_at(3))
+    raw = bytearray(state.read_bytes())
+    (tmp_path / "cut.state").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(StateError, match="damaged or not a state file"):
+        pipe.resume(tmp_path / "cut.state", tmp_path / "x.mp4")
+    raw[-5] ^= 0xFF  # a latent value edited
+    (tmp_path / "edited.state").write_bytes(bytes(raw))
+    with pytest.raises(StateError, match="checksum"):
+        pipe.resume(tmp_path / "edited.state", tmp_path / "x.mp4")
+    official = MagiPipeline(pipe.config, pipe.dit, pipe.vae, device="cpu", compat="official")
+    with pytest.raises(StateError, match="another compat mode"):
+        official.resume(state, tmp_path / "x.mp4")
+    other = dataclasses.replace(pipe.config.runtime, seed=pipe.config.runtime.seed + 1)
+    changed = MagiPipeline(pipe.config.replace(runtime=other), pipe.dit, pipe.vae, device="cpu")
+    with pytest.raises(StateError, match="another config"):
+        changed.resume(state, tmp_path / "x.mp4")
+    # The output already continued past the state (resumed twice into it): refused, kept.
+    copy = tmp_path / "copy.state"
+    copy.write_bytes(state.read_bytes())
+    pipe.resume(state, out)
+    before = out.read_bytes()
+    with pytest.raises(StateError, match="resumed into this output already"):
+        pipe.resume(copy, out)
+    assert out.read_bytes() == before
