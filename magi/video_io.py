@@ -124,9 +124,9 @@ def _open_error(err: BaseException, p: Path, kind: str) -> ValueError:
                           "stream, e.g. audio only, or an empty one); give an image or a video")
     if big := _TOO_MANY_PIXELS.search(text):
         w, h = int(big.group(1)), int(big.group(2))
-        return ValueError(f"cannot use {kind} {p}: image is {w}x{h} ({w * h / 1e6:.0f} megapixels), "
-                          f"above magi's limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
-                          f"(MAX_IMAGE_PIXELS); downscale it")
+        return ValueError(f"cannot use {kind} {p}: image is {w}x{h} ({w * h / 1e6:.0f} "
+                          f"megapixels), above magi's limit of {MAX_IMAGE_PIXELS / 1e6:.0f} "
+                          "megapixels (MAX_IMAGE_PIXELS); downscale it")
     reason = text.strip().splitlines()[-1] if text.strip() else type(err).__name__
     return ValueError(f"cannot decode {kind} {p}: not a readable image/video, or no "
                       f"decodable frames (ffmpeg: {reason[:200]})")
@@ -419,7 +419,7 @@ class Mp4Writer:
         self.size: Size | None = None
         self.tmp_path = self.path.parent / _temp_name(self.path)
         self._proc: subprocess.Popen | None = None
-        self._log: IO[bytes] | None = None  # ffmpeg's stderr: a file, so a full pipe never blocks it
+        self._log: IO[bytes] | None = None  # ffmpeg's stderr: a file, never a pipe that fills up
         self._done = True  # nothing to clean up until the folder is known to be writable
         _check_writable(self.tmp_path)
         _remove_stale_temps(self.path)
@@ -517,8 +517,8 @@ class Mp4Writer:
     def _read_log(self) -> str:
         if self._log is None:
             return ""
-        self._log.seek(0)
-        return self._log.read(100_000).decode(errors="replace")
+        self._log.seek(max(0, self._log.seek(0, os.SEEK_END) - 100_000))  # the end says why
+        return self._log.read().decode(errors="replace")
 
     def _close_log(self) -> None:
         if self._log is not None:
@@ -587,6 +587,8 @@ def _remove_stale_temps(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate the process on Windows
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

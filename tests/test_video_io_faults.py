@@ -166,8 +166,9 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
     before = _children_peak_rss_mb()
     with pytest.raises(ValueError) as info:
         vio.load_image(bomb, (64, 64))
-    assert str(info.value) == (f"cannot use image {bomb}: image is 16000x16000 (256 megapixels), "
-                               "above magi's limit of 67 megapixels (MAX_IMAGE_PIXELS); downscale it")
+    assert str(info.value) == (
+        f"cannot use image {bomb}: image is 16000x16000 (256 megapixels), above magi's limit of "
+        "67 megapixels (MAX_IMAGE_PIXELS); downscale it")
     assert _children_peak_rss_mb() - before < 300  # a decode would take 768 MB
 
 
