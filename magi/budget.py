@@ -5,7 +5,8 @@ decoded frames and DiT activations), ``check_budget`` compares those sizes with 
 the temporary folder and the machine's memory, and ``check_request`` does both with this machine's
 numbers. A request that cannot fit (a 100000 px frame, ten million frames, a million-frame
 chunk) is refused in one line naming the numbers instead of filling the disk or the memory hours
-later. Sizes are lower bounds on what the run will use, so a request that fits is never refused.
+later. The sizes are buffers the run itself allocates (v2v: for the longest possible prefix), so a
+refused request could not have run.
 
 Shapes: C latent channels, T latent frames, H x W pixels (latent H/8 x W/8).
 """
@@ -148,8 +149,9 @@ def _check_chunk(est: Estimate, ram_bytes: int, what: str) -> None:
     part, size = max(parts.items(), key=lambda kv: kv[1])
     if size > ram_bytes:
         raise ValueError(f"{what}: one chunk (chunk_width {est.chunk_width} latent frames, "
-                         f"{est.frames_per_chunk} video frames) needs {_gib(size)} for its {part} but this "
-                         f"machine has {_gib(ram_bytes)} of memory; lower the size or runtime_config.chunk_width")  # fmt: skip
+                         f"{est.frames_per_chunk} video frames) needs {_gib(size)} for its {part} but "
+                         f"this machine has {_gib(ram_bytes)} of memory; lower the size or "
+                         "runtime_config.chunk_width")  # fmt: skip
 
 
 def check_request(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bound: int, *,

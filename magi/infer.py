@@ -170,7 +170,8 @@ def read_prompt_file(path: str, video: tuple[int, int] | None = None) -> list[st
     except json.JSONDecodeError as err:
         raise UsageError(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except RecursionError:
-        raise UsageError(f"{where}: JSON nested too deeply; expected a flat list of prompts or timeline entries") from None
+        raise UsageError(f"{where}: JSON nested too deeply; expected a flat list of prompts or "
+                         "timeline entries") from None  # fmt: skip
     if not isinstance(data, list) or not data:
         raise UsageError(f"{where}: expected a non-empty JSON list of prompts or timeline entries")
     if all(isinstance(p, str) for p in data):
