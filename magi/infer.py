@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config_file", "--config", dest="config_file", required=True, metavar="JSON",
                         help="config in the official JSON format (e.g. example/4.5B/4.5B_base_config.json)")
-    parser.add_argument("--mode", required=True, choices=MODES, help="t2v, i2v or v2v")
+    parser.add_argument("--mode", choices=MODES, help="t2v, i2v or v2v (required unless --resume)")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="text prompt; repeat it to give chunk 0, chunk 1, ... their own prompt "
                              "(the last one holds for the remaining chunks)")
@@ -100,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_tensors", metavar="PATH.safetensors",
                         help="also save the final latent and frames to this safetensors file")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    state = parser.add_argument_group("resumable runs (magi.state; docs/ARCHITECTURE.md)")
+    state.add_argument("--save_state", metavar="STATE",
+                       help="write the generation state here every --save_every chunks and when "
+                            "stopped (Ctrl-C, SIGTERM, SIGHUP); continue with --resume STATE")
+    state.add_argument("--save_every", type=int, default=1, metavar="K",
+                       help="chunks between state saves (default 1)")
+    state.add_argument("--resume", metavar="STATE",
+                       help="continue the run saved in STATE (same --config; --mode and prompts come "
+                            "from the state); the new chunks are appended to --output_path when it "
+                            "holds the earlier run's video")
     perf = parser.add_argument_group("speed and memory (same video either way; docs/PERFORMANCE.md)")
     perf.add_argument("--attention_backend", choices=ATTENTION_BACKENDS, default="auto",
                       help="attention kernel: auto (flash-attn on CUDA for bf16/fp16 when installed, "
@@ -295,15 +305,16 @@ def _check_attention(name: str, device: str, cfg: MagiConfig) -> None:
         raise UsageError(f"--attention_backend {name}: {err}") from None
 
 
-def _special_tokens(cfg: MagiConfig) -> None:
-    """Find special_tokens.npz before any model loads, when the switched-on special tokens need it.
+def _check_files(cfg: MagiConfig) -> None:
+    """Check special_tokens.npz (when the switched-on special tokens need it), the DiT checkpoint
+    (index, keys, shapes, dtypes: headers only) and the T5 folder before any model loads.
 
-    The check is the pipeline's (``check_special_tokens``), so the CLI and the API agree.
+    The check is the pipeline's (``check_files``), so the CLI and the API agree.
     """
     try:
-        _pipeline().check_special_tokens(cfg)
-    except FileNotFoundError as err:
-        raise UsageError(str(err)) from None
+        _pipeline().check_files(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err).strip().splitlines()[0]) from None
 
 
 def _check_output(flag: str, path: str | None, probe_mp4: bool = False) -> None:
@@ -371,6 +382,12 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
         UsageError: one line describing the problem.
     """
     args = build_parser().parse_args(argv)
+    if args.save_every < 1:
+        raise UsageError(f"--save_every must be >= 1 (chunks between state saves), got {args.save_every}")
+    if args.resume is not None:
+        return _prepare_resume(args)
+    if args.mode is None:
+        raise UsageError("--mode is required (t2v, i2v or v2v) unless --resume is given")
     try:
         image, prefix = _inputs(args)
         cfg = _config(args)
@@ -383,11 +400,46 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     # the video's chunk count bounds a --prompt_file timeline: prompts are read after the budget
     prompt = _prompt(args, _budget(cfg, args.mode, args.compat))
     request = Request(args.mode, prompt, args.output_path, image, prefix, args.save_tensors)
-    _special_tokens(cfg)
+    _check_files(cfg)
     _check_inputs(request, cfg, args.compat)
     _check_output("--output_path", request.output_path, probe_mp4=True)
     _check_output("--save_tensors", request.save_tensors)
+    _check_output("--save_state", args.save_state)
     return cfg, request, args
+
+
+def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argparse.Namespace]:
+    """--resume STATE: the state is read and checked against this config and checkpoint, and the
+    output against the state's frames, before any model loads."""
+    if args.mode or args.prompt or args.prompt_file or args.image_path or args.prefix_video_path:
+        raise UsageError("--resume takes the mode, prompts and inputs from the state; drop --mode, "
+                         "--prompt, --prompt_file, --image_path and --prefix_video_path")  # fmt: skip
+    if Path(args.output_path).suffix.lower() != ".mp4":
+        raise UsageError(f"--output_path {args.output_path} must end in .mp4")
+    try:
+        cfg = _config(args)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    args.device = _device(args.device)
+    _check_attention(args.attention_backend, args.device, cfg)
+    _check_files(cfg)
+    pipeline = _pipeline()
+    try:
+        from magi.state import GenerationState
+
+        state = GenerationState.load(args.resume)
+        state.check_compatible(pipeline.state_identity(cfg, args.compat), args.resume)
+        if state.meta.get("finished"):
+            raise ValueError(f"{args.resume} is a finished run: nothing left to resume")
+        if Path(args.output_path).is_file():  # (a missing one gets the remaining chunks only)
+            pipeline.check_earlier_video(args.output_path, state.meta["frames_done"], args.resume)
+    except ValueError as err:  # StateError is a ValueError
+        raise UsageError(str(err)) from None
+    _check_output("--output_path", args.output_path, probe_mp4=True)
+    _check_output("--save_state", args.save_state)
+    _check_output("--save_tensors", args.save_tensors)
+    args.mode, args.resume_state = state.meta["mode"], state
+    return cfg, Request(args.mode, state.meta["prompts"], args.output_path, save_tensors=args.save_tensors), args
 
 
 def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> int:
@@ -400,7 +452,13 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
                                         attention_backend=args.attention_backend, offload_blocks=args.offload,
                                         compile=args.compile, vae_offload=vae_offload)  # fmt: skip
         # progress=True prints a per-chunk bar and a summary line naming the output (rank 0 only).
-        result = pipe.generate(**dataclasses.asdict(request), progress=True)
+        if args.resume is not None:
+            result = pipe.resume(args.resume_state, request.output_path, progress=True,
+                                 save_state=args.save_state or args.resume, save_every=args.save_every,
+                                 save_tensors=request.save_tensors)  # fmt: skip
+        else:
+            result = pipe.generate(**dataclasses.asdict(request), progress=True,
+                                   save_state=args.save_state, save_every=args.save_every)  # fmt: skip
     shutdown()  # ranks leave together (rank 0 may still be closing the mp4); no-op in one process
     return result.exit_status  # 128 + signal when stopped by Ctrl-C (130), SIGTERM (143), SIGHUP (129)
 

@@ -231,6 +231,24 @@ def check_special_tokens(cfg: MagiConfig) -> Path | None:
                                 "are on unless set to 0)") from None  # fmt: skip
 
 
+def check_files(cfg: MagiConfig) -> None:
+    """Start-up check of every file a run reads, before minutes of loading (headers only).
+
+    Special tokens (when switched on), the DiT checkpoint (index, keys, shapes, dtypes) and the
+    T5 folder; each fault is one ``ValueError`` / ``FileNotFoundError`` line naming the file.
+    """
+    from magi.checkpoint import check_dit_checkpoint
+    from magi.conditioning import check_special_tokens_file
+    from magi.models.text_encoder import check_t5_folder
+
+    tokens = check_special_tokens(cfg)
+    if tokens is not None:
+        check_special_tokens_file(tokens)
+    check_dit_checkpoint(cfg)
+    if cfg.runtime.t5_pretrained:
+        check_t5_folder(cfg.runtime.t5_pretrained)
+
+
 # ------------------------------------------------------------------------------ frame budget
 def decoded_frames(latent_frames: int, tile_latents: int) -> int:
     """Video frames the tiled VAE decode gives for n latent frames (a lone tile frame -> 1)."""
@@ -512,7 +530,7 @@ class MagiPipeline:
         check_paths(cfg)  # every missing checkpoint at once, before minutes of loading
         device = resolve_device(device)
         _check_options(cfg, device, attention_backend, offload_blocks, compile)
-        check_special_tokens(cfg)
+        check_files(cfg)
         dit, mesh, device = _build_dit(cfg, device, offload_blocks)
         if compile:
             from magi.compile import compile_blocks
@@ -644,7 +662,7 @@ class MagiPipeline:
         loaded.check_compatible(self.identity(), where)
         if loaded.meta.get("finished"):
             raise StateError(f"{where} is a finished run: nothing left to resume")
-        earlier = _earlier_video(output_path, loaded.meta["frames_done"], where)
+        earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
         target = save_state if save_state is not None else path
         saver = None if target is None else StateSaver(target, save_every, True)
         return self._generate(lambda: self._from_state(loaded), output_path, None, callback, save_tensors,
@@ -729,6 +747,12 @@ class MagiPipeline:
         seed = rt.seed if seed is None else _whole_number("seed", seed)
         if not -(2**63) <= seed < 2**64:
             raise ValueError(f"seed {seed} does not fit in 64 bits, as torch.manual_seed needs")
+        from magi import budget
+
+        # noise file, one chunk's latent / frames: refused now if they cannot fit (magi.budget)
+        budget.check_request(self.config, mode, frames, budget.prefix_frames_upper_bound(self.config, mode, self.compat),
+                             compat=self.compat, noise_spill_bytes=self.noise_spill_bytes,
+                             draw_noise=noise is None and not per_chunk_noise)  # fmt: skip
         prefix = self._prefix_latent(mode, image_path, prefix_video_path)
         p = 0 if prefix is None else prefix.shape[2]
         tile = tile_spec_for_fps(rt.fps, self.compat).frames // rt.temporal_downsample_factor
@@ -779,12 +803,7 @@ class MagiPipeline:
     # ---- generation state ----------------------------------------------------------------------
     def identity(self) -> dict:
         """What a saved state must share with this pipeline to be resumed here."""
-        import magi
-        from magi.state import checkpoint_hash, config_hash
-
-        return {"magi_version": magi.__version__, "compat": self.compat,
-                "config_hash": config_hash(self.config),
-                "checkpoint_hash": checkpoint_hash(self.config.runtime.load)}  # fmt: skip
+        return state_identity(self.config, self.compat)
 
     def _snapshot(self, run: "_Run", next_step: int, window: dict[int, torch.Tensor]) -> "GenerationState":
         """The state after step next_step - 1 (copies of the live window's latents, on CPU)."""
@@ -1122,8 +1141,21 @@ class StateSaver:
             self._saved = self.last
 
 
-def _earlier_video(output_path: str | Path | None, frames: int, where: object) -> Path | None:
-    """The earlier run's mp4 to append to (None: nothing to append); refuses a mismatched one."""
+def state_identity(cfg: MagiConfig, compat: str) -> dict:
+    """What a saved state must share with a run of ``cfg`` to be resumed by it (no model loaded)."""
+    import magi
+    from magi.state import checkpoint_hash, config_hash
+
+    return {"magi_version": magi.__version__, "compat": compat, "config_hash": config_hash(cfg),
+            "checkpoint_hash": checkpoint_hash(cfg.runtime.load)}  # fmt: skip
+
+
+def check_earlier_video(output_path: str | Path | None, frames: int, where: object) -> Path | None:
+    """The earlier run's mp4 at output_path to append to (None: nothing to append).
+
+    Raises:
+        StateError: the file holds other than ``frames`` frames (resumed into already).
+    """
     if output_path is None or frames == 0 or not Path(output_path).is_file():
         if output_path is not None and frames:
             print(f"warning: {output_path} does not hold the earlier {frames} frames (not written, "

@@ -140,9 +140,17 @@ def _digest(text: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+REQUEST_FIELDS = ("seed", "num_frames")  # runtime fields a state records itself
+
+
 def config_hash(cfg: object) -> str:
-    """sha256 of a config's fields (paths included: they name the weights)."""
-    raw = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    """sha256 of a config's fields (paths included: they name the weights), less the request's
+    own seed and length (kept in the state: a resume need not repeat --seed / --num_frames)."""
+    fields = dataclasses.asdict(cfg)
+    fields.pop("source", None)  # where the config file was read from
+    for name in REQUEST_FIELDS:
+        fields.get("runtime", {}).pop(name, None)
+    raw = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -34,7 +34,7 @@ class _Recorder:
 
     def generate(self, **kwargs):
         self.calls.append(("generate", kwargs))
-        return types.SimpleNamespace(interrupted=False)
+        return types.SimpleNamespace(interrupted=False, exit_status=0)
 
 
 @pytest.fixture
@@ -45,6 +45,9 @@ def fake_pipeline(monkeypatch):
     # the CLI's checks use the pipeline's own helpers (one device check, one special-token lookup)
     for name in ("resolve_device", "check_special_tokens", "VideoWriteError"):
         setattr(module, name, getattr(real_pipeline, name))
+    # the workdir's checkpoint files are placeholders: of the start-up file checks, keep the
+    # special-token lookup (the weight checks are tested on real tiny checkpoints elsewhere)
+    module.check_files = real_pipeline.check_special_tokens
     monkeypatch.setitem(sys.modules, "magi.pipeline", module)
     return _Recorder.calls
 
@@ -167,6 +170,7 @@ def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline):
     assert gen == {
         "mode": "i2v", "prompt": ["a", "b"], "output_path": "out.mp4", "image_path": "img.ppm",
         "prefix_video_path": None, "save_tensors": "t.safetensors", "progress": True,
+        "save_state": None, "save_every": 1,
     }
 
 

@@ -24,7 +24,9 @@ CASES = {
     "t2v_24b_base": 1e-4,
     "v2v_4p5b_base": 1e-4,
     "i2v_4p5b_distill": 1e-4,
-    "t2v_4p5b_distill_quant": 1e-4,
+    # fp8: e4m3 rounding turns a one-ulp bf16 difference into a 1/16 step: exact on Intel,
+    # 6.5e-3 on AMD EPYC (CPU bf16 kernels differ)
+    "t2v_4p5b_distill_quant": 2e-2,
 }
 
 

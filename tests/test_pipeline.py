@@ -91,7 +91,8 @@ def test_whole_pipeline_matches_official(official_env: Path, tmp_path: Path, cas
     got = load_file(str(saved))
     offset = meta["transport"]["chunk_num"] - len(meta["chunks"])  # v2v: whole prefix chunks
     expect = tensors["output.final_latent"][:, :, offset * 6 :]
-    assert rel_l2(got["final_latent"], expect) <= 1e-4
+    # the prefix goes through the bf16 VAE: <= 5e-7 on Intel, 2.6e-4 on AMD EPYC (its bf16 kernels)
+    assert rel_l2(got["final_latent"], expect) <= 1e-3
     video, ref = got["video_tchw_uint8"].int(), tensors["output.video_tchw_uint8"].int()
     assert video.shape == ref.shape and result.frames_written == ref.shape[0]
     assert (video - ref).abs().max() <= 2  # bf16 VAE emulation: +-2 levels

@@ -97,8 +97,9 @@ def test_cli_corrupt_shard_is_one_error_line(tiny: Path, tmp_path: Path, capsys,
     status = main(["--config", str(_config(tiny, tmp_path)), "--mode", "t2v", "--prompt", "a cat",
                    "--num_frames", "24", "--output_path", str(out), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 1 and not out.exists()
-    assert err[-1].startswith("error: ") and "truncated or corrupt" in err[-1]
+    # found by the start-up check of the shard headers, before any model loads (was exit 1 after loading)
+    assert status == 2 and not out.exists()
+    assert err[-1].startswith("error: ") and "model-00001-of-00002.safetensors" in err[-1]
     assert not any("Traceback" in line for line in err)
 
 
@@ -128,19 +129,7 @@ def test_writer_probe_leaves_no_file(tmp_path: Path) -> None:
     writer.abort()
 
 
-def test_ffmpeg_failure_is_one_line(tmp_path: Path, monkeypatch) -> None:
-    def broken_writer(*args: object, **kwargs: object):
-        yield  # primed by the writer, then every frame fails as when ffmpeg has died
-        raise OSError("[Errno 32] Broken pipe\n\nFFMPEG COMMAND:\nffmpeg -y ...\n\nFFMPEG STDERR:")
-
-    monkeypatch.setattr(vio.imageio_ffmpeg, "write_frames", broken_writer)
-    writer = vio.Mp4Writer(tmp_path / "out.mp4", fps=24)
-    frames = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
-    with pytest.raises(RuntimeError) as info:
-        writer.append(frames)
-    assert str(info.value) == f"ffmpeg failed while writing {tmp_path / 'out.mp4'}: [Errno 32] Broken pipe"
-    assert list(tmp_path.iterdir()) == []
-
+# ffmpeg dying while writing: tests/test_video_io_faults.py (a real failing ffmpeg process).
 
 
 # ------------------------------------------------------------------------------------ inputs

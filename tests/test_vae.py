@@ -23,8 +23,9 @@ from tests.conftest import load_fixture, rel_l2
 
 SCALE = 0.18215
 FP32_TOL = 1e-5  # float32 reimplementation vs float32 reference: accumulation order only
-# bf16 emulation: observed bit-identical on CPU; the tolerance leaves room for other CPUs' kernels
-BF16_TOL = 2e-3
+# bf16 emulation: bit-identical on an Intel CPU, 5.4e-3 on an AMD EPYC (its bf16 kernels round
+# differently; one bf16 ulp is 7.8e-3 relative), so the tolerance is about one ulp
+BF16_TOL = 1e-2
 
 TINY_DDCONFIG = {
     "video_size": 32, "video_length": 16, "patch_size": 8, "patch_length": 4, "in_chans": 3,
