@@ -61,6 +61,9 @@ from magi.state import GenerationState, StateError
 MODES = ("t2v", "i2v", "v2v")
 COMPAT_MODES = ("magi", "official")
 PROMPT_CACHE_SIZE = 8  # encoded prompts remembered across requests
+# Clean chunks a state keeps for extend: what a new chunk can still see (max(kv range) - 1 with
+# the shipped (5, 4, 3, 2)); the first generated chunks of an extension attend to them.
+TAIL_CHUNKS = 4
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,29 @@ class ChunkCaptions:
             self._rows[key] = (y[PROMPT, 0], m[PROMPT, 0])
         return self._rows[key]
 
+    def assign_prompt(self, text: str, emb: torch.Tensor, mask: torch.Tensor, first: int) -> int:
+        """Give absolute chunks ``first`` .. the last one the prompt ``text`` (steering).
+
+        The prompt is appended (emb [Lcap, Ccap] or [1, Lcap, Ccap], mask [Lcap] or [1, Lcap]:
+        its T5 features) unless ``texts`` already holds it; emb[k] keeps encoding texts[k], so a
+        saved state carries the steered timeline. Rows are keyed by (prompt, duration), so the
+        cached ones stay valid and the new rows equal those of a run started with this timeline.
+
+        Returns:
+            The prompt index the chunks now use.
+        """
+        if text in self.texts and len(self.texts) == self.emb.shape[0]:
+            k = self.texts.index(text)
+        else:
+            k = self.emb.shape[0]
+            emb = emb.reshape(1, *self.emb.shape[1:]).to(self.emb)
+            self.emb = torch.cat([self.emb, emb])
+            self.mask = torch.cat([self.mask, mask.reshape(1, -1).to(self.mask)])
+            self.texts.append(text)
+        for i in range(max(0, first - self.offset), len(self.chunk_prompts)):
+            self.chunk_prompts[i] = k
+        return k
+
     def rows(self, kinds: Sequence[int], chunks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked captions of chunks[j] from row kinds[j]: ([R, Lcap, Ccap], [R, Lcap])."""
         pairs = [self.row(k, c) for k, c in zip(kinds, chunks)]
@@ -555,8 +581,21 @@ class MagiPipeline:
         callback: Callable[[StepInfo], None] | None = None,
         noise: torch.Tensor | None = None,
         per_chunk_noise: bool = False,
-    ) -> Iterator[VideoChunk]:
+    ) -> "Generation":
         """Generate a video and yield each chunk's frames as soon as the chunk is clean.
+
+        The request is checked and prepared (prompts encoded, prefix encoded) here; the chunks
+        are denoised as the returned handle is iterated (``for chunk in pipe.stream(...)``).
+
+        Steering: ``handle.set_prompt(from_chunk, text)`` (callable from any thread) changes the
+        prompt of the chunks that have not entered the denoising window yet. A chunk takes the
+        prompt in force when it enters the window (``Step.entering``) and keeps it; edits are
+        queued and applied in the generating thread at the next step boundary (after the step's
+        callback, before the next step; the new text is T5-encoded there), in call order. A
+        ``from_chunk`` whose chunk has already entered by then applies from the first chunk that
+        has not; once every chunk has entered an edit has no effect. The captions then equal
+        those of a run started with the final timeline (a prompt list), so the latents do too.
+        Under torchrun every rank must make the same calls, at the same step.
 
         Args:
             mode: "t2v", "i2v" (needs image_path) or "v2v" (needs prefix_video_path).
@@ -572,12 +611,13 @@ class MagiPipeline:
                 official single draw: no host memory or temporary file that grows with the video
                 length, but NOT the official noise (the same seed gives a different video).
 
-        Yields:
-            ``VideoChunk`` for every generated chunk, in order.
+        Returns:
+            A ``Generation``: iterating it yields a ``VideoChunk`` for every generated chunk, in
+            order; ``set_prompt`` steers it, ``close`` stops it.
         """
         run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise,
                             per_chunk_noise)  # fmt: skip
-        yield from self._run(run, callback)
+        return Generation(self, run, callback)
 
     def generate(
         self,
@@ -595,6 +635,7 @@ class MagiPipeline:
         per_chunk_noise: bool = False,
         save_state: str | Path | None = None,
         save_every: int = 1,
+        prefix_latent: torch.Tensor | None = None,
     ) -> GenerationResult:
         """Generate a video; write it to ``output_path`` chunk by chunk (mp4, runtime fps).
 
@@ -614,16 +655,21 @@ class MagiPipeline:
                 ``save_every`` finished chunks, and when the run is stopped (Ctrl-C, SIGTERM,
                 SIGHUP); continue it with :meth:`resume`.
             save_every: chunks between state saves.
+            prefix_latent: v2v from clean latents [1, C, P, H, W] (VAE latents × scale factor)
+                instead of ``prefix_video_path``.
 
         Returns:
             A ``GenerationResult`` (frames written, timings, peak memory, interrupted flag).
         """
-        _check_mode(mode, image_path, prefix_video_path)
+        if prefix_latent is not None and (mode != "v2v" or prefix_video_path is not None):
+            raise ValueError("prefix_latent is the v2v prefix: use it with mode v2v and no prefix_video_path")
+        if prefix_latent is None:
+            _check_mode(mode, image_path, prefix_video_path)
         saver = None if save_state is None else StateSaver(save_state, save_every, noise is None)
 
         def prepare() -> _Run:
             return self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise,
-                                 per_chunk_noise)  # fmt: skip
+                                 per_chunk_noise, prefix_latent)  # fmt: skip
 
         return self._generate(prepare, output_path, prefix_video_path, callback, save_tensors,
                               progress, saver)  # fmt: skip
@@ -667,6 +713,58 @@ class MagiPipeline:
         saver = None if target is None else StateSaver(target, save_every, True)
         return self._generate(lambda: self._from_state(loaded), output_path, None, callback, save_tensors,
                               progress, saver, append_to=earlier)  # fmt: skip
+
+    def extend(
+        self,
+        state: str | Path | GenerationState,
+        prompt: str | Sequence[str],
+        num_frames: int,
+        output_path: str | Path | None = None,
+        *,
+        seed: int | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+        progress: bool = False,
+        save_state: str | Path | None = None,
+        save_every: int = 1,
+        save_tensors: str | Path | None = None,
+    ) -> GenerationResult:
+        """Continue a finished video by ``num_frames`` frames with new prompts.
+
+        MAGI's own v2v conditioning, fed with the finished run's exact clean latents (its last
+        ``TAIL_CHUNKS`` chunks, kept in the state) instead of re-encoded pixels: the same as
+        ``generate("v2v", prompt, prefix_latent=those latents, ...)``.
+
+        Args:
+            state: the state a finished ``generate(save_state=...)`` / ``resume`` wrote.
+            prompt, num_frames, seed, callback, progress, save_state, save_every, save_tensors:
+                as for :meth:`generate` (seed defaults to the config's).
+            output_path: the new frames' mp4. When it holds the finished video (exactly its
+                frames), the continuation is appended to it (stream copy).
+
+        Raises:
+            StateError: a damaged state, another model / compat mode, or an unfinished run
+                (resume it first).
+        """
+        path = None if isinstance(state, GenerationState) else Path(state)
+        loaded = GenerationState.load(path) if path is not None else state
+        where = path or "the state"
+        loaded.check_compatible(self.identity(), where)
+        if not loaded.meta.get("finished"):
+            raise StateError(f"{where} is not a finished run; resume it first, then extend it")
+        tail = _state_tail(loaded)
+        if not tail:
+            raise StateError(f"{where} keeps no clean latents to continue from")
+        prefix = torch.cat([t for _, t in tail], dim=2)  # [1, C, P, H, W] float32
+        earlier = None
+        if output_path is not None and Path(output_path).is_file():
+            earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
+        saver = None if save_state is None else StateSaver(save_state, save_every, True)
+
+        def prepare() -> _Run:
+            return self._prepare("v2v", prompt, None, None, seed, num_frames, None, prefix_latent=prefix)
+
+        return self._generate(prepare, output_path, None, callback, save_tensors, progress, saver,
+                              append_to=earlier)  # fmt: skip
 
     def _generate(self, prepare: Callable[[], "_Run"], output_path: str | Path | None,
                   prefix_video_path: str | Path | None, callback: Callable[[StepInfo], None] | None,
@@ -736,10 +834,16 @@ class MagiPipeline:
         num_frames: int | None,
         noise: torch.Tensor | None,
         per_chunk_noise: bool = False,
+        prefix_latent: torch.Tensor | None = None,
     ) -> "_Run":
-        """Check the request, encode the prefix and the prompts, plan the chunks (noise: ``_run``)."""
+        """Check the request, encode the prefix and the prompts, plan the chunks (noise: ``_run``).
+
+        ``prefix_latent`` (v2v only): the clean latents [1, C, P, H, W] to continue, instead of
+        encoding a prefix video (``extend``).
+        """
         rt = self.config.runtime
-        _check_mode(mode, image_path, prefix_video_path)
+        if prefix_latent is None:
+            _check_mode(mode, image_path, prefix_video_path)
         prompts = _prompt_list(prompt)
         frames = rt.num_frames if num_frames is None else _whole_number("num_frames", num_frames)
         if frames < 1:
@@ -753,7 +857,10 @@ class MagiPipeline:
         budget.check_request(self.config, mode, frames, budget.prefix_frames_upper_bound(self.config, mode, self.compat),
                              compat=self.compat, noise_spill_bytes=self.noise_spill_bytes,
                              draw_noise=noise is None and not per_chunk_noise)  # fmt: skip
-        prefix = self._prefix_latent(mode, image_path, prefix_video_path)
+        if prefix_latent is not None:
+            prefix = prefix_latent.to(self.device)
+        else:
+            prefix = self._prefix_latent(mode, image_path, prefix_video_path)
         p = 0 if prefix is None else prefix.shape[2]
         tile = tile_spec_for_fps(rt.fps, self.compat).frames // rt.temporal_downsample_factor
         chunks = chunk_count(mode, frames, p, rt.chunk_width, compat=self.compat,
@@ -798,6 +905,7 @@ class MagiPipeline:
                     frames = frames[: max(0, run.limit - run.frames_done)]
                 run.frames_done += len(frames)
                 run.chunks_done += 1
+                run.tail = [*run.tail, (index, latent.detach().float().cpu())][-TAIL_CHUNKS:]
                 yield VideoChunk(index, frames, latent)
 
     # ---- generation state ----------------------------------------------------------------------
@@ -822,7 +930,8 @@ class MagiPipeline:
         }  # fmt: skip
         window = {c: t.detach().float().cpu().clone() for c, t in window.items()}
         prefix = None if run.prefix is None else run.prefix.detach().cpu()
-        return GenerationState(meta, window, prefix, caps.emb.cpu(), caps.mask.cpu())
+        tail = {f"clean.{c}": t for c, t in run.tail}  # what extend continues from
+        return GenerationState(meta, window, prefix, caps.emb.cpu(), caps.mask.cpu(), tail)
 
     def _from_state(self, state: "GenerationState") -> "_Run":
         """The prepared run that continues ``state`` (no T5, no VAE encode)."""
@@ -838,7 +947,7 @@ class MagiPipeline:
         window = {c: t.to(self.device) for c, t in state.window.items()}
         return _Run(m["mode"], plan, settings, captions, tuple(m["noise_shape"]), m["seed"], None,
                     m["per_chunk_noise"], prefix, m["limit"], start_step=m["next_step"], window=window,
-                    frames_done=m["frames_done"], chunks_done=m["chunks_done"])  # fmt: skip
+                    frames_done=m["frames_done"], chunks_done=m["chunks_done"], tail=_state_tail(state))  # fmt: skip
 
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         rt = self.config.runtime
@@ -961,6 +1070,72 @@ class MagiPipeline:
         return pair
 
 
+class Generation:
+    """A running ``MagiPipeline.stream`` request: iterate it for the chunks, steer it with
+    ``set_prompt`` (see ``MagiPipeline.stream`` for the rule)."""
+
+    def __init__(self, pipe: MagiPipeline, run: "_Run", callback: Callable[[StepInfo], None] | None) -> None:
+        self._pipe, self._run, self._callback = pipe, run, callback
+        plan = run.plan
+        # first absolute chunk that has not entered the window yet
+        self._frontier = next((s.entering for s in plan.steps() if s.index >= run.start_step
+                               and s.entering is not None), plan.chunk_num)  # fmt: skip
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, str]] = []
+        self._chunks = pipe._run(run, self._at_step)
+
+    @property
+    def chunk_num(self) -> int:
+        """Chunks of the video (absolute indices 0 .. chunk_num - 1, v2v prefix chunks first)."""
+        return self._run.plan.chunk_num
+
+    def set_prompt(self, from_chunk: int, text: str) -> None:
+        """Use ``text`` for absolute chunks >= from_chunk that have not entered the window yet.
+
+        Safe to call from another thread; applied at the next step boundary. Raises ValueError
+        for an empty or non-string text, or a from_chunk outside 0 .. chunk_num - 1.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"set_prompt needs a non-empty string, got {text!r}")
+        if isinstance(from_chunk, bool) or not isinstance(from_chunk, numbers.Integral):
+            raise ValueError(f"from_chunk must be a whole number, got {from_chunk!r}")
+        if not 0 <= from_chunk < self.chunk_num:
+            raise ValueError(f"from_chunk {from_chunk} is outside this video's chunks 0 .. {self.chunk_num - 1}")
+        with self._lock:
+            self._pending.append((int(from_chunk), text))
+
+    def _apply(self) -> None:
+        """Apply the queued edits (generating thread, between steps)."""
+        with self._lock:
+            edits, self._pending = self._pending, []
+        captions = self._run.captions
+        for first, text in edits:
+            first = max(first, self._frontier)
+            if first >= self.chunk_num:
+                continue
+            emb, mask = (None, None) if text in captions.texts else self._pipe._encode([text])
+            captions.assign_prompt(text, emb, mask, first)
+
+    def _at_step(self, info: StepInfo) -> None:
+        if self._callback is not None:
+            self._callback(info)
+        self._frontier = max(self._frontier, max(info.chunks) + 1)
+        if self._pending:
+            self._apply()
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> VideoChunk:
+        if self._pending:
+            self._apply()
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop the generation (frees its noise); further iteration ends at once."""
+        self._chunks.close()
+
+
 class _Output:
     """Where the chunks of one ``generate`` call go: the mp4, the saved tensors, the timings."""
 
@@ -1042,6 +1217,7 @@ class _Run:
     window: dict[int, torch.Tensor] | None = None
     frames_done: int = 0  # frames / chunks already emitted (counting those of a resumed state)
     chunks_done: int = 0
+    tail: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # last clean chunks
 
 
 def _check_mode(mode: str, image_path: str | Path | None, prefix_video_path: str | Path | None) -> None:
@@ -1139,6 +1315,12 @@ class StateSaver:
         if self.last is not None and self.last is not self._saved:
             self.last.save(self.path)
             self._saved = self.last
+
+
+def _state_tail(state: GenerationState) -> list[tuple[int, torch.Tensor]]:
+    """The (chunk, clean latent) pairs a state keeps for extend, oldest first."""
+    tail = [(int(k.split(".", 1)[1]), v) for k, v in state.extra.items() if k.startswith("clean.")]
+    return sorted(tail, key=lambda pair: pair[0])
 
 
 def state_identity(cfg: MagiConfig, compat: str) -> dict:
