@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run saved in STATE (same --config; --mode and prompts come "
                             "from the state); the new chunks are appended to --output_path when it "
                             "holds the earlier run's video")
+    state.add_argument("--extend", metavar="STATE",
+                       help="continue the finished run saved in STATE by --num_frames frames with new "
+                            "--prompt(s), from its exact clean latents (v2v conditioning); appended to "
+                            "--output_path when it holds that run's video")
     perf = parser.add_argument_group("speed and memory (same video either way; docs/PERFORMANCE.md)")
     perf.add_argument("--attention_backend", choices=ATTENTION_BACKENDS, default="auto",
                       help="attention kernel: auto (flash-attn on CUDA for bf16/fp16 when installed, "
@@ -384,8 +388,12 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     args = build_parser().parse_args(argv)
     if args.save_every < 1:
         raise UsageError(f"--save_every must be >= 1 (chunks between state saves), got {args.save_every}")
+    if args.resume is not None and args.extend is not None:
+        raise UsageError("give either --resume (finish a stopped run) or --extend (continue a finished one)")
     if args.resume is not None:
         return _prepare_resume(args)
+    if args.extend is not None:
+        return _prepare_extend(args)
     if args.mode is None:
         raise UsageError("--mode is required (t2v, i2v or v2v) unless --resume is given")
     try:
@@ -406,6 +414,41 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     _check_output("--save_tensors", request.save_tensors)
     _check_output("--save_state", args.save_state)
     return cfg, request, args
+
+
+def _prepare_extend(args: argparse.Namespace) -> tuple[MagiConfig, Request, argparse.Namespace]:
+    """--extend STATE: a v2v request whose prefix is the finished state's clean latents."""
+    if args.mode not in (None, "v2v") or args.image_path or args.prefix_video_path:
+        raise UsageError("--extend continues the saved video (v2v from its latents); drop --mode, "
+                         "--image_path and --prefix_video_path")  # fmt: skip
+    if Path(args.output_path).suffix.lower() != ".mp4":
+        raise UsageError(f"--output_path {args.output_path} must end in .mp4")
+    try:
+        cfg = _config(args)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    args.device = _device(args.device)
+    _check_attention(args.attention_backend, args.device, cfg)
+    _check_files(cfg)
+    args.mode = "v2v"
+    prompt = _prompt(args, _budget(cfg, args.mode, args.compat))
+    pipeline = _pipeline()
+    try:
+        from magi.state import GenerationState
+
+        state = GenerationState.load(args.extend)
+        state.check_compatible(pipeline.state_identity(cfg, args.compat), args.extend)
+        if not state.meta.get("finished"):
+            raise ValueError(f"{args.extend} is not a finished run; --resume it first, then extend it")
+        if Path(args.output_path).is_file():
+            pipeline.check_earlier_video(args.output_path, state.meta["frames_done"], args.extend)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    _check_output("--output_path", args.output_path, probe_mp4=True)
+    _check_output("--save_state", args.save_state)
+    _check_output("--save_tensors", args.save_tensors)
+    args.extend_state = state
+    return cfg, Request("v2v", prompt, args.output_path, save_tensors=args.save_tensors), args
 
 
 def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argparse.Namespace]:
@@ -452,7 +495,11 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
                                         attention_backend=args.attention_backend, offload_blocks=args.offload,
                                         compile=args.compile, vae_offload=vae_offload)  # fmt: skip
         # progress=True prints a per-chunk bar and a summary line naming the output (rank 0 only).
-        if args.resume is not None:
+        if args.extend is not None:
+            result = pipe.extend(args.extend_state, request.prompt, cfg.runtime.num_frames, request.output_path,
+                                 progress=True, save_state=args.save_state, save_every=args.save_every,
+                                 save_tensors=request.save_tensors)  # fmt: skip
+        elif args.resume is not None:
             result = pipe.resume(args.resume_state, request.output_path, progress=True,
                                  save_state=args.save_state or args.resume, save_every=args.save_every,
                                  save_tensors=request.save_tensors)  # fmt: skip

@@ -140,3 +140,26 @@ def test_refusals(pipe: MagiPipeline, tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(StateError, match="resumed into this output already"):
         pipe.resume(copy, out)
     assert out.read_bytes() == before
+
+
+def test_extend_equals_v2v_from_the_same_latents(pipe: MagiPipeline, tmp_path: Path) -> None:
+    out, state = tmp_path / "first.mp4", tmp_path / "first.state"
+    pipe.generate("t2v", "a calm lake", num_frames=5 * CHUNK, seed=2, output_path=out, save_state=state,
+                  save_tensors=tmp_path / "first.safetensors")  # fmt: skip
+    saved = GenerationState.load(state)
+    assert saved.meta["finished"] and sorted(int(k.split(".")[1]) for k in saved.extra) == [1, 2, 3, 4]
+    first = load_file(str(tmp_path / "first.safetensors"))["final_latent"]
+    with pytest.raises(StateError, match="not a finished run"):
+        unfinished = tmp_path / "u.state"
+        pipe.generate("t2v", "a", num_frames=6 * CHUNK, save_state=unfinished, callback=_stop_at(3))
+        pipe.extend(unfinished, "x", 48)
+    ext = pipe.extend(state, "a storm comes", 3 * CHUNK, output_path=out, seed=9,
+                      save_tensors=tmp_path / "ext.safetensors")  # fmt: skip
+    direct = tmp_path / "direct.safetensors"
+    pipe.generate("v2v", "a storm comes", prefix_latent=first[:, :, 6:], num_frames=3 * CHUNK, seed=9,
+                  save_tensors=direct)  # fmt: skip
+    got, want = load_file(str(tmp_path / "ext.safetensors")), load_file(str(direct))
+    assert torch.equal(got["final_latent"], want["final_latent"])
+    assert torch.equal(got["video_tchw_uint8"], want["video_tchw_uint8"])
+    # the continuation was appended to the finished video: one file
+    assert ext.frames_written == 3 * CHUNK and _frames(out) == 5 * CHUNK + 3 * CHUNK

@@ -77,6 +77,12 @@ def test_sigterm_then_resume_gives_one_file_equal_to_the_plain_run(tiny: Path, t
     again = subprocess.run(_cli(tiny, "--resume", str(state), "--output_path", str(out)),
                            env=_env(tiny), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert again.returncode == 2 and "finished run" in again.stderr
+    # ... and extended from its exact latents, appended to the same file
+    more = subprocess.run(_cli(tiny, "--extend", str(state), "--prompt", "the fox sleeps", "--num_frames", "48",
+                               "--output_path", str(out)), env=_env(tiny), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == FRAMES + 48
 
 
 def test_kill_9_then_resume_from_the_last_saved_state(tiny: Path, tmp_path: Path) -> None:
