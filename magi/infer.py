@@ -416,71 +416,48 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     return cfg, request, args
 
 
+def _open_state(args: argparse.Namespace, flag: str, path: str, finished: bool) -> tuple[MagiConfig, object]:
+    """Config, file checks and the state of --resume / --extend, checked before any model loads:
+    against this config and checkpoint, and --output_path against the state's frames."""
+    if Path(args.output_path).suffix.lower() != ".mp4":
+        raise UsageError(f"--output_path {args.output_path} must end in .mp4")
+    try:
+        cfg = _config(args)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    args.device = _device(args.device)
+    _check_attention(args.attention_backend, args.device, cfg)
+    _check_files(cfg)
+    pipeline = _pipeline()
+    try:
+        state, _ = pipeline.open_state(path, pipeline.state_identity(cfg, args.compat), finished=finished)
+        if Path(args.output_path).is_file():  # (a missing one gets the new chunks only)
+            pipeline.check_earlier_video(args.output_path, state.meta["frames_done"], path)
+    except ValueError as err:  # StateError is a ValueError
+        raise UsageError(f"{flag}: {err}") from None
+    for name, value in (("--save_state", args.save_state), ("--save_tensors", args.save_tensors)):
+        _check_output(name, value)
+    _check_output("--output_path", args.output_path, probe_mp4=True)
+    return cfg, state
+
+
 def _prepare_extend(args: argparse.Namespace) -> tuple[MagiConfig, Request, argparse.Namespace]:
     """--extend STATE: a v2v request whose prefix is the finished state's clean latents."""
     if args.mode not in (None, "v2v") or args.image_path or args.prefix_video_path:
         raise UsageError("--extend continues the saved video (v2v from its latents); drop --mode, "
                          "--image_path and --prefix_video_path")  # fmt: skip
-    if Path(args.output_path).suffix.lower() != ".mp4":
-        raise UsageError(f"--output_path {args.output_path} must end in .mp4")
-    try:
-        cfg = _config(args)
-    except ConfigError as err:
-        raise UsageError(str(err)) from None
-    args.device = _device(args.device)
-    _check_attention(args.attention_backend, args.device, cfg)
-    _check_files(cfg)
+    cfg, args.extend_state = _open_state(args, "--extend", args.extend, finished=True)
     args.mode = "v2v"
     prompt = _prompt(args, _budget(cfg, args.mode, args.compat))
-    pipeline = _pipeline()
-    try:
-        from magi.state import GenerationState
-
-        state = GenerationState.load(args.extend)
-        state.check_compatible(pipeline.state_identity(cfg, args.compat), args.extend)
-        if not state.meta.get("finished"):
-            raise ValueError(f"{args.extend} is not a finished run; --resume it first, then extend it")
-        if Path(args.output_path).is_file():
-            pipeline.check_earlier_video(args.output_path, state.meta["frames_done"], args.extend)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    _check_output("--output_path", args.output_path, probe_mp4=True)
-    _check_output("--save_state", args.save_state)
-    _check_output("--save_tensors", args.save_tensors)
-    args.extend_state = state
     return cfg, Request("v2v", prompt, args.output_path, save_tensors=args.save_tensors), args
 
 
 def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argparse.Namespace]:
-    """--resume STATE: the state is read and checked against this config and checkpoint, and the
-    output against the state's frames, before any model loads."""
+    """--resume STATE: mode, prompts and inputs come from the state."""
     if args.mode or args.prompt or args.prompt_file or args.image_path or args.prefix_video_path:
         raise UsageError("--resume takes the mode, prompts and inputs from the state; drop --mode, "
                          "--prompt, --prompt_file, --image_path and --prefix_video_path")  # fmt: skip
-    if Path(args.output_path).suffix.lower() != ".mp4":
-        raise UsageError(f"--output_path {args.output_path} must end in .mp4")
-    try:
-        cfg = _config(args)
-    except ConfigError as err:
-        raise UsageError(str(err)) from None
-    args.device = _device(args.device)
-    _check_attention(args.attention_backend, args.device, cfg)
-    _check_files(cfg)
-    pipeline = _pipeline()
-    try:
-        from magi.state import GenerationState
-
-        state = GenerationState.load(args.resume)
-        state.check_compatible(pipeline.state_identity(cfg, args.compat), args.resume)
-        if state.meta.get("finished"):
-            raise ValueError(f"{args.resume} is a finished run: nothing left to resume")
-        if Path(args.output_path).is_file():  # (a missing one gets the remaining chunks only)
-            pipeline.check_earlier_video(args.output_path, state.meta["frames_done"], args.resume)
-    except ValueError as err:  # StateError is a ValueError
-        raise UsageError(str(err)) from None
-    _check_output("--output_path", args.output_path, probe_mp4=True)
-    _check_output("--save_state", args.save_state)
-    _check_output("--save_tensors", args.save_tensors)
+    cfg, state = _open_state(args, "--resume", args.resume, finished=False)
     args.mode, args.resume_state = state.meta["mode"], state
     return cfg, Request(args.mode, state.meta["prompts"], args.output_path, save_tensors=args.save_tensors), args
 

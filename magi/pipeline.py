@@ -702,14 +702,9 @@ class MagiPipeline:
                 checkpoint or compat mode, or a finished one; an output that does not hold
                 the state's frames (resumed twice into the same output).
         """
-        path = None if isinstance(state, GenerationState) else Path(state)
-        loaded = GenerationState.load(path) if path is not None else state
-        where = path or "the state"
-        loaded.check_compatible(self.identity(), where)
-        if loaded.meta.get("finished"):
-            raise StateError(f"{where} is a finished run: nothing left to resume")
+        loaded, where = open_state(state, self.identity(), finished=False)
         earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
-        target = save_state if save_state is not None else path
+        target = save_state if save_state is not None else (None if isinstance(state, GenerationState) else state)
         saver = None if target is None else StateSaver(target, save_every, True)
         return self._generate(lambda: self._from_state(loaded), output_path, None, callback, save_tensors,
                               progress, saver, append_to=earlier)  # fmt: skip
@@ -745,12 +740,7 @@ class MagiPipeline:
             StateError: a damaged state, another model / compat mode, or an unfinished run
                 (resume it first).
         """
-        path = None if isinstance(state, GenerationState) else Path(state)
-        loaded = GenerationState.load(path) if path is not None else state
-        where = path or "the state"
-        loaded.check_compatible(self.identity(), where)
-        if not loaded.meta.get("finished"):
-            raise StateError(f"{where} is not a finished run; resume it first, then extend it")
+        loaded, where = open_state(state, self.identity(), finished=True)
         tail = _state_tail(loaded)
         if not tail:
             raise StateError(f"{where} keeps no clean latents to continue from")
@@ -1321,6 +1311,26 @@ def _state_tail(state: GenerationState) -> list[tuple[int, torch.Tensor]]:
     """The (chunk, clean latent) pairs a state keeps for extend, oldest first."""
     tail = [(int(k.split(".", 1)[1]), v) for k, v in state.extra.items() if k.startswith("clean.")]
     return sorted(tail, key=lambda pair: pair[0])
+
+
+def open_state(state: str | Path | GenerationState, identity: dict, *,
+               finished: bool) -> tuple[GenerationState, object]:  # fmt: skip
+    """Load (when a path) and check a state for resume (``finished=False``) or extend (True).
+
+    Returns:
+        (the state, how errors name it).
+
+    Raises:
+        StateError: damaged, from another setup, or finished / unfinished against ``finished``.
+    """
+    loaded = state if isinstance(state, GenerationState) else GenerationState.load(state)
+    where = "the state" if isinstance(state, GenerationState) else state
+    loaded.check_compatible(identity, where)
+    if finished and not loaded.meta.get("finished"):
+        raise StateError(f"{where} is not a finished run; resume it first, then extend it")
+    if not finished and loaded.meta.get("finished"):
+        raise StateError(f"{where} is a finished run: nothing left to resume")
+    return loaded, where
 
 
 def state_identity(cfg: MagiConfig, compat: str) -> dict:
