@@ -58,15 +58,20 @@ def load_dit(cfg: MagiConfig, device: torch.device | str, *, layers: Sequence[in
     Returns:
         The model in eval mode, parameters on ``device``, promoted modules in float32.
     """
-    layer_numbers = _check_layers(layers, cfg.model.num_layers)
-    model = _meta_model(cfg, layer_numbers)
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    layer_numbers, model, expected = _planned(cfg, layers)
     with _Shards(weight_folder(cfg)) as shards:
         key_to_shard = shards.layout()
         wanted = _match_keys(cfg, shards.folder, key_to_shard, expected, layer_numbers)
         state = _read_tensors(cfg, shards, key_to_shard, wanted, expected, torch.device(device))
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()
+
+
+def _planned(cfg: MagiConfig, layers: Sequence[int] | None):
+    """(layer numbers, meta-built model, expected key -> (shape, dtype)) of a load or a check."""
+    layer_numbers = _check_layers(layers, cfg.model.num_layers)
+    model = _meta_model(cfg, layer_numbers)
+    return layer_numbers, model, {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
 def check_dit_checkpoint(cfg: MagiConfig, *, layers: Sequence[int] | None = None) -> Path:
@@ -84,9 +89,7 @@ def check_dit_checkpoint(cfg: MagiConfig, *, layers: Sequence[int] | None = None
     Returns:
         The checked weight folder.
     """
-    layer_numbers = _check_layers(layers, cfg.model.num_layers)
-    model = _meta_model(cfg, layer_numbers)
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    layer_numbers, model, expected = _planned(cfg, layers)
     with _Shards(weight_folder(cfg)) as shards:
         key_to_shard = shards.layout()
         wanted = _match_keys(cfg, shards.folder, key_to_shard, expected, layer_numbers)
