@@ -1,0 +1,181 @@
+"""Command line: ``python -m magi.serve --config CONFIG.json`` (also ``magi-serve``).
+
+Checks the flags and the config (it loads and its checkpoint paths exist) before anything starts;
+a problem is one ``error: ...`` line and exit status 2. Then it opens the store under
+``--data_dir``, starts the one worker process (``python -m magi.serve.worker``, which loads the
+model) and supervises it (a non-zero exit restarts it after 1 s), and serves the HTTP API with
+uvicorn. SIGINT / SIGTERM stop the server; the worker then gets SIGTERM (it saves the running
+job's state; the job resumes at the next start) and up to 30 s to exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from magi.serve.app import MAX_FRAMES, MAX_PIXELS, MAX_QUEUED, MAX_UPLOAD_BYTES
+
+RESTART_DELAY_S = 1.0
+STOP_TIMEOUT_S = 30.0
+
+
+class UsageError(Exception):
+    """A problem with the command line or the config; one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m magi.serve",
+                description="Serve MAGI-1 over HTTP: a job queue, live chunk streaming, steering, a web page.",
+                epilog="example: python -m magi.serve --config example/4.5B/4.5B_distill_config.json --port 8000")  # fmt: skip
+    p.add_argument("--config", "--config_file", dest="config", required=True, metavar="JSON",
+                   help="config in the official JSON format (the worker loads its model once)")
+    p.add_argument("--data_dir", default="./magi-serve-data", metavar="DIR",
+                   help="the job database (magi.db) and the jobs' files (default ./magi-serve-data)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api_key", default=os.environ.get("MAGI_API_KEY") or None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but the page (default env MAGI_API_KEY)")
+    p.add_argument("--device", default=None, help="the worker's device: cpu, cuda or cuda:N (default cuda when available)")
+    p.add_argument("--max_frames", type=int, default=MAX_FRAMES, help=f"most frames per request (default {MAX_FRAMES})")
+    p.add_argument("--max_pixels", type=int, default=MAX_PIXELS,
+                   help=f"most width x height per request (default {MAX_PIXELS})")
+    p.add_argument("--max_queued", type=int, default=MAX_QUEUED,
+                   help=f"most jobs waiting; more get 429 (default {MAX_QUEUED})")
+    p.add_argument("--max_upload_mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
+                   help=f"largest image / prefix video upload in MB (default {MAX_UPLOAD_BYTES // 2**20})")
+    p.add_argument("--no_worker", action="store_true", help=argparse.SUPPRESS)  # API tests: no model
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    from magi.config import ConfigError, check_paths, load_config
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0..65535, got {args.port}")
+    for flag in ("max_frames", "max_pixels", "max_queued"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not args.max_upload_mb > 0:
+        raise UsageError(f"--max_upload_mb must be > 0, got {args.max_upload_mb}")
+    if args.device is not None and not args.device.split(":")[0] in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    try:
+        check_paths(load_config(args.config))
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    data = Path(args.data_dir)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--data_dir {data}: cannot create it ({err.strerror or type(err).__name__})") from None
+
+
+class Supervisor:
+    """Runs the worker process, restarting it after a crash (non-zero exit) until ``stop()``."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.cmd = cmd
+        self._stopping = threading.Event()
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="magi-worker-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._proc = subprocess.Popen(self.cmd)
+            status = self._proc.wait()
+            if status == 0 or self._stopping.is_set():
+                return
+            print(f"magi serve: the worker exited with status {status}; restarting it in {RESTART_DELAY_S:g} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            self._stopping.wait(RESTART_DELAY_S)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM the worker (it saves its job's state) and wait up to ``timeout`` s, then kill it."""
+        with self._lock:
+            self._stopping.set()
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"magi serve: the worker did not exit within {timeout:g} s; killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+        self._thread.join(timeout=5)
+
+
+def _serve(app: object, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                port = self.servers[0].sockets[0].getsockname()[1] if self.servers else args.port
+                print(f"magi serve: http://{args.host}:{port}/ (data {Path(args.data_dir).resolve()})", flush=True)
+
+    # live routes (/stream, /events) never end on their own while a job runs: give them 2 s
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    # uvicorn handles SIGINT / SIGTERM while it runs, then re-raises the signal to the handler it
+    # found: make that a no-op, so the worker is still stopped cleanly (the default SIGTERM
+    # handler would end this process at once and orphan the worker mid-save)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    Server(config).run()  # returns once the server has stopped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m magi.serve``; returns the exit status.
+
+    Args:
+        argv: the arguments (default sys.argv[1:]).
+    """
+    try:
+        args = build_parser().parse_args(argv)
+        _check(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from magi.serve.app import create_app
+
+    app = create_app(args.config, args.data_dir, api_key=args.api_key, max_frames=args.max_frames,
+                     max_pixels=args.max_pixels, max_queued=args.max_queued,
+                     max_upload_bytes=int(args.max_upload_mb * 2**20))  # fmt: skip
+    supervisor = None
+    if not args.no_worker:
+        cmd = [sys.executable, "-m", "magi.serve.worker", "--config", args.config, "--data_dir", args.data_dir]
+        if args.device:
+            cmd += ["--device", args.device]
+        supervisor = Supervisor(cmd)
+        supervisor.start()
+    try:
+        _serve(app, args)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+        app.state.store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
