@@ -660,9 +660,13 @@ def _queue(store: JobStore, params: dict, staging: Path | None, data: Path, max_
     except QueueFull as err:
         raise ApiError(429, "queue_full", str(err)) from None
     if staging is not None:
+        # the worker may create the job's folder the moment the row exists: move the file in, one
+        # rename (whole or absent), right after the job is created. (A store.create taking the id,
+        # so the folder could be filled first, would close this last microseconds-wide window.)
         files = JobFiles(data, job["id"])
-        files.dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, files.dir)  # one rename: the folder appears whole
+        files.dir.mkdir(parents=True, exist_ok=True)
+        for path in staging.iterdir():
+            os.replace(path, files.dir / path.name)
     return job
 
 
