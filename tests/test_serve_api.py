@@ -208,7 +208,7 @@ def test_bad_bodies_and_unknown_ids(server: Server) -> None:
 def test_defaults_and_seconds(server: Server) -> None:
     job = server.client.post("/v1/videos", json={"prompt": "a fox", "model": "sora-2"}).json()
     assert (job["mode"], job["num_frames"], job["size"], job["seed"]) == ("t2v", 96, "64x64", 1234)
-    assert job["status"] == "queued" and job["object"] == "video" and job["model"] == "tiny"
+    assert job["status"] == "queued" and job["object"] == "video" and job["model"] == "config"
     assert job["seconds"] == "4" and job["progress"] == 0 and job["queue_position"] == 0
     assert job["timings"] == {"queue_wait_s": None, "time_to_first_chunk_s": None, "seconds_per_chunk": None}
     job = _create(server, num_frames=None, seconds=2, prompt=None, prompts=["a", "b"], seed=7, size="64x128")

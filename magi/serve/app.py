@@ -410,7 +410,7 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
     data.mkdir(parents=True, exist_ok=True)
     store = JobStore(data / "magi.db")
     limits = Limits(max_frames, max_pixels, max_queued, max_upload_bytes)
-    model = Path(cfg.runtime.load).name if cfg.runtime.load else Path(config_path).stem  # e.g. 4.5B_distill
+    model = Path(config_path).stem  # as the worker names it in worker.json
     fps = cfg.runtime.fps
 
     app = FastAPI(title="magi serve", version="0.1.0")
