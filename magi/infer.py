@@ -103,13 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     state = parser.add_argument_group("resumable runs (magi.state; docs/ARCHITECTURE.md)")
     state.add_argument("--save_state", metavar="STATE",
                        help="write the generation state here every --save_every chunks and when "
-                            "stopped (Ctrl-C, SIGTERM, SIGHUP); continue with --resume STATE")
+                            "stopped (Ctrl-C, SIGTERM, SIGHUP); continue with --resume STATE. Each "
+                            "chunk is also kept as its own mp4 in the folder STATE.chunks/ and the "
+                            "output is joined from them, so even a kill -9 ends in one playable mp4")
     state.add_argument("--save_every", type=int, default=1, metavar="K",
                        help="chunks between state saves (default 1)")
     state.add_argument("--resume", metavar="STATE",
                        help="continue the run saved in STATE (same --config; --mode and prompts come "
-                            "from the state); the new chunks are appended to --output_path when it "
-                            "holds the earlier run's video")
+                            "from the state); --output_path is joined from STATE.chunks/ (the earlier "
+                            "chunks) and the new ones; without that folder the new chunks are "
+                            "appended to --output_path when it holds the earlier run's video")
     state.add_argument("--extend", metavar="STATE",
                        help="continue the finished run saved in STATE by --num_frames frames with new "
                             "--prompt(s), from its exact clean latents (v2v conditioning); appended to "
@@ -477,14 +480,23 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
                                  progress=True, save_state=args.save_state, save_every=args.save_every,
                                  save_tensors=request.save_tensors)  # fmt: skip
         elif args.resume is not None:
+            earlier = segments_folder(args.resume)
             result = pipe.resume(args.resume_state, request.output_path, progress=True,
                                  save_state=args.save_state or args.resume, save_every=args.save_every,
-                                 save_tensors=request.save_tensors)  # fmt: skip
+                                 save_tensors=request.save_tensors,
+                                 segments=earlier if earlier.is_dir() else None)  # fmt: skip
         else:
+            segments = None if args.save_state is None else segments_folder(args.save_state)
             result = pipe.generate(**dataclasses.asdict(request), progress=True,
-                                   save_state=args.save_state, save_every=args.save_every)  # fmt: skip
+                                   save_state=args.save_state, save_every=args.save_every,
+                                   segments=segments)  # fmt: skip
     shutdown()  # ranks leave together (rank 0 may still be closing the mp4); no-op in one process
     return result.exit_status  # 128 + signal when stopped by Ctrl-C (130), SIGTERM (143), SIGHUP (129)
+
+
+def segments_folder(state_path: str | Path) -> Path:
+    """The chunk segments of a run saved with --save_state STATE: the folder STATE.chunks/."""
+    return Path(f"{state_path}.chunks")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

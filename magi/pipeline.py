@@ -25,15 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
-import resource
 import signal
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +52,38 @@ from magi.models.vae import ViTVAE, tile_spec_for_fps
 from magi.sampling.chunks import ChunkPlan, Step
 from magi.sampling.denoise import NULL, PROMPT, SamplerSettings, denoise
 from magi.sampling.noise import SPILL_BYTES, InitialNoise
+from magi.generation import (
+    STOP_SIGNALS,
+    Control,
+    Generation,
+    GenerationResult,
+    Run,
+    StepInfo,
+    VideoChunk,
+    _graceful_stop,
+    _step_hook,
+    _Stop,
+    _stop_aware,
+    _StopRequested,
+    whole_number,
+)
+from magi.sinks import (
+    Outputs,
+    SegmentSink,
+    StateSaver,
+    VideoWriteError,
+    check_earlier_video,
+    check_not_the_input,
+    check_save_path,
+    progress_bar,
+)
 from magi.state import GenerationState, StateError
+
+__all__ = [  # the public names; the steering / result / sink types live in magi.generation / magi.sinks
+    "MagiPipeline", "Control", "Generation", "GenerationResult", "StepInfo", "VideoChunk",
+    "VideoWriteError", "NonFiniteLatentError", "StateSaver", "STOP_SIGNALS", "MODES", "COMPAT_MODES",
+    "check_files", "chunk_count", "decoded_frames", "find_special_tokens", "resolve_device",
+]  # fmt: skip
 
 MODES = ("t2v", "i2v", "v2v")
 COMPAT_MODES = ("magi", "official")
@@ -64,72 +91,6 @@ PROMPT_CACHE_SIZE = 8  # encoded prompts remembered across requests
 # Clean chunks a state keeps for extend: what a new chunk can still see (max(kv range) - 1 with
 # the shipped (5, 4, 3, 2)); the first generated chunks of an extension attend to them.
 TAIL_CHUNKS = 4
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What the per-step callback receives after every sampler step."""
-
-    step: int  # 0-based global step
-    total_steps: int
-    chunks: tuple[int, ...]  # chunks denoised in this step (absolute indices)
-    finished: int | None  # chunk that became clean in this step
-
-
-@dataclass(frozen=True)
-class VideoChunk:
-    """One generated chunk, as ``MagiPipeline.stream`` yields it.
-
-    Attributes:
-        index: absolute chunk index (v2v: the prefix chunks come first and are never yielded).
-        frames: uint8 [F, 3, H, W] video frames of this chunk (after trimming to num_frames).
-        latent: float32 [1, C, chunk_width, H/8, W/8] clean latent of the whole chunk.
-    """
-
-    index: int
-    frames: torch.Tensor
-    latent: torch.Tensor
-
-
-@dataclass
-class GenerationResult:
-    """Summary of one ``generate`` call."""
-
-    output_path: Path | None
-    frames_written: int = 0
-    chunks_done: int = 0
-    chunks_total: int = 0
-    interrupted: bool = False
-    stop_signal: int | None = None  # the stop signal (SIGINT, SIGTERM, SIGHUP) when interrupted
-    time_to_first_chunk: float = float("nan")
-    seconds_per_chunk: float = float("nan")
-    peak_memory_bytes: int = 0
-    fps: int = 24
-    size: tuple[int, int] = (0, 0)
-
-    @property
-    def exit_status(self) -> int:
-        """The CLI's exit status: 0 when done, 128 + the signal's number when stopped by one."""
-        if not self.interrupted:
-            return 0
-        return 128 + int(self.stop_signal or signal.SIGINT)
-
-    def summary(self) -> str:
-        """One-paragraph report printed at the end of a CLI run."""
-        if self.interrupted and not self.chunks_done:
-            return "interrupted before the first chunk was done; nothing written"
-        where = f" to {self.output_path}" if self.output_path else ""
-        head = "interrupted: wrote the chunks done so far" if self.interrupted else "done"
-        return (
-            f"{head}: {self.frames_written} frames ({self.chunks_done}/{self.chunks_total} "
-            f"chunks, {self.size[0]}x{self.size[1]} @ {self.fps} fps){where}; time to first "
-            f"chunk {self.time_to_first_chunk:.1f} s, {self.seconds_per_chunk:.2f} s per chunk, "
-            f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB"
-        )
-
-
-class _StopRequested(Exception):
-    """Raised from the step callback after the first Ctrl-C: stop after the current step."""
 
 
 class NonFiniteLatentError(ValueError):
@@ -146,10 +107,6 @@ def _check_finite(latent: torch.Tensor, index: int, cfg: MagiConfig) -> None:
         f"in {cfg.runtime.load} likely hold non-finite values (a corrupt or wrongly converted "
         "checkpoint), or the model dtype overflowed; nothing was written"
     )
-
-
-class VideoWriteError(RuntimeError):
-    """Writing the output mp4 failed (ffmpeg stopped, disk full); nothing is left at the output path."""
 
 
 # ------------------------------------------------------------------------------ run settings
@@ -392,13 +349,6 @@ def _prompt_list(prompt: str | Sequence[str]) -> list[str]:
     return prompts
 
 
-def _whole_number(name: str, value: object) -> int:
-    # bool is an int to Python but never a frame count or a seed; numpy integers are fine.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
 def _token_users(options: SpecialTokenOptions) -> list[str]:
     """The switched-on special tokens that read special_tokens.npz (empty: the file is not needed)."""
     return options.prompt_tokens() + (["NEG_PROMPT"] if options.negative_prompt else [])
@@ -408,57 +358,6 @@ def _zero_tokens(width: int) -> SpecialTokens:
     # No special token is switched on: the file is not needed, only its width.
     zeros = torch.zeros(1, width)
     return SpecialTokens(zeros, zeros, torch.zeros(17, width))
-
-
-# ---------------------------------------------------------------------------------- signals
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # stop after the current step, keep the chunks done
-
-
-class _Stop:
-    """Set by the first stop signal; remembers which one (the CLI exits with 128 + its number)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.signum: int | None = None
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def set(self, signum: int = signal.SIGINT) -> None:
-        if self.signum is None:
-            self.signum = signum
-        self.event.set()
-
-
-@contextmanager
-def _graceful_stop(stop: _Stop) -> Iterator[None]:
-    """First Ctrl-C / SIGTERM / SIGHUP sets ``stop`` (finish the current step, keep the chunks
-    done, as docker stop, timeout and Slurm expect); a second one aborts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set(signum)
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping after the current step and keeping the chunks done so far "
-              f"(send it again to abort)", file=sys.stderr, flush=True)
-
-    signums = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
-    previous = {s: signal.signal(s, handler) for s in signums}
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 # ---------------------------------------------------------------------------------- pipeline
@@ -581,21 +480,16 @@ class MagiPipeline:
         callback: Callable[[StepInfo], None] | None = None,
         noise: torch.Tensor | None = None,
         per_chunk_noise: bool = False,
-    ) -> "Generation":
+        control: Control | None = None,
+    ) -> Generation:
         """Generate a video and yield each chunk's frames as soon as the chunk is clean.
 
         The request is checked and prepared (prompts encoded, prefix encoded) here; the chunks
         are denoised as the returned handle is iterated (``for chunk in pipe.stream(...)``).
 
         Steering: ``handle.set_prompt(from_chunk, text)`` (callable from any thread) changes the
-        prompt of the chunks that have not entered the denoising window yet. A chunk takes the
-        prompt in force when it enters the window (``Step.entering``) and keeps it; edits are
-        queued and applied in the generating thread at the next step boundary (after the step's
-        callback, before the next step; the new text is T5-encoded there), in call order. A
-        ``from_chunk`` whose chunk has already entered by then applies from the first chunk that
-        has not; once every chunk has entered an edit has no effect. The captions then equal
-        those of a run started with the final timeline (a prompt list), so the latents do too.
-        Under torchrun every rank must make the same calls, at the same step.
+        prompt of the chunks that have not entered the denoising window yet; ``handle.stop()``
+        ends the iteration after the current step. The rule: ``magi.generation.Control``.
 
         Args:
             mode: "t2v", "i2v" (needs image_path) or "v2v" (needs prefix_video_path).
@@ -610,6 +504,8 @@ class MagiPipeline:
             per_chunk_noise: draw chunk k's noise alone from seed + k (CPU) instead of the
                 official single draw: no host memory or temporary file that grows with the video
                 length, but NOT the official noise (the same seed gives a different video).
+            control: a ``Control`` to steer / stop it with (default: a new one, as
+                ``handle.control``).
 
         Returns:
             A ``Generation``: iterating it yields a ``VideoChunk`` for every generated chunk, in
@@ -617,7 +513,7 @@ class MagiPipeline:
         """
         run = self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise,
                             per_chunk_noise)  # fmt: skip
-        return Generation(self, run, callback)
+        return Generation(self, run, callback, control)
 
     def generate(
         self,
@@ -636,6 +532,9 @@ class MagiPipeline:
         save_state: str | Path | None = None,
         save_every: int = 1,
         prefix_latent: torch.Tensor | None = None,
+        segments: str | Path | None = None,
+        control: Control | None = None,
+        on_chunk: Callable[[VideoChunk], None] | None = None,
     ) -> GenerationResult:
         """Generate a video; write it to ``output_path`` chunk by chunk (mp4, runtime fps).
 
@@ -657,6 +556,14 @@ class MagiPipeline:
             save_every: chunks between state saves.
             prefix_latent: v2v from clean latents [1, C, P, H, W] (VAE latents × scale factor)
                 instead of ``prefix_video_path``.
+            segments: also write every chunk as its own mp4 into this folder (``SegmentSink``:
+                00000.mp4, ...; earlier segments there are removed); ``output_path`` is then
+                joined from them (stream copy) at the end or when stopped. With ``save_state`` a
+                run killed with ``kill -9`` keeps its video: ``resume(segments=...)`` joins the
+                segments it kept with the rest into one mp4.
+            control: a ``magi.generation.Control`` to steer (``set_prompt``) or stop the run
+                from another thread or the callback.
+            on_chunk: called with each ``VideoChunk`` once it is written.
 
         Returns:
             A ``GenerationResult`` (frames written, timings, peak memory, interrupted flag).
@@ -667,12 +574,13 @@ class MagiPipeline:
             _check_mode(mode, image_path, prefix_video_path)
         saver = None if save_state is None else StateSaver(save_state, save_every, noise is None)
 
-        def prepare() -> _Run:
+        def prepare() -> Run:
             return self._prepare(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise,
                                  per_chunk_noise, prefix_latent)  # fmt: skip
 
-        return self._generate(prepare, output_path, prefix_video_path, callback, save_tensors,
-                              progress, saver)  # fmt: skip
+        sink = _Sinks(output_path, segments, 0, on_chunk)
+        return self._generate(prepare, sink, prefix_video_path, callback, save_tensors, progress, saver,
+                              control=control)  # fmt: skip
 
     def resume(
         self,
@@ -684,6 +592,9 @@ class MagiPipeline:
         save_state: str | Path | None = None,
         save_every: int = 1,
         save_tensors: str | Path | None = None,
+        segments: str | Path | None = None,
+        control: Control | None = None,
+        on_chunk: Callable[[VideoChunk], None] | None = None,
     ) -> GenerationResult:
         """Continue a run from a saved state, bit for bit as if it had never stopped.
 
@@ -696,6 +607,11 @@ class MagiPipeline:
             save_state: keep saving states (default: the file resumed from, when given as a path).
             save_every: chunks between state saves.
             save_tensors: as for :meth:`generate`, for the chunks this call generates.
+            segments: the segment folder the interrupted run wrote (``generate(segments=...)``):
+                its segments of the chunks the state covers are kept (later ones, written after
+                the last save, are removed), the new chunks join them, and ``output_path`` is
+                joined from them all, so one playable mp4 comes out even after ``kill -9``.
+            control, on_chunk: as for :meth:`generate`.
 
         Raises:
             StateError: a damaged or edited state, one from another magi version, config,
@@ -703,11 +619,14 @@ class MagiPipeline:
                 the state's frames (resumed twice into the same output).
         """
         loaded, where = open_state(state, self.identity(), finished=False)
-        earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
+        earlier = None
+        if segments is None:
+            earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
         target = save_state if save_state is not None else (None if isinstance(state, GenerationState) else state)
         saver = None if target is None else StateSaver(target, save_every, True)
-        return self._generate(lambda: self._from_state(loaded), output_path, None, callback, save_tensors,
-                              progress, saver, append_to=earlier)  # fmt: skip
+        sink = _Sinks(output_path, segments, loaded.meta["chunks_done"], on_chunk)
+        return self._generate(lambda: self._from_state(loaded), sink, None, callback, save_tensors,
+                              progress, saver, append_to=earlier, control=control)  # fmt: skip
 
     def extend(
         self,
@@ -722,6 +641,9 @@ class MagiPipeline:
         save_state: str | Path | None = None,
         save_every: int = 1,
         save_tensors: str | Path | None = None,
+        segments: str | Path | None = None,
+        control: Control | None = None,
+        on_chunk: Callable[[VideoChunk], None] | None = None,
     ) -> GenerationResult:
         """Continue a finished video by ``num_frames`` frames with new prompts.
 
@@ -735,6 +657,8 @@ class MagiPipeline:
                 as for :meth:`generate` (seed defaults to the config's).
             output_path: the new frames' mp4. When it holds the finished video (exactly its
                 frames), the continuation is appended to it (stream copy).
+            segments, control, on_chunk: as for :meth:`generate` (the segments are the new
+                chunks only; an output holding the finished video is joined with them).
 
         Raises:
             StateError: a damaged state, another model / compat mode, or an unfinished run
@@ -750,50 +674,64 @@ class MagiPipeline:
             earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
         saver = None if save_state is None else StateSaver(save_state, save_every, True)
 
-        def prepare() -> _Run:
+        def prepare() -> Run:
             return self._prepare("v2v", prompt, None, None, seed, num_frames, None, prefix_latent=prefix)
 
-        return self._generate(prepare, output_path, None, callback, save_tensors, progress, saver,
-                              append_to=earlier)  # fmt: skip
+        sink = _Sinks(output_path, segments, 0, on_chunk)
+        return self._generate(prepare, sink, None, callback, save_tensors, progress, saver,
+                              append_to=earlier, control=control)  # fmt: skip
 
-    def _generate(self, prepare: Callable[[], "_Run"], output_path: str | Path | None,
-                  prefix_video_path: str | Path | None, callback: Callable[[StepInfo], None] | None,
-                  save_tensors: str | Path | None, progress: bool, saver: "StateSaver | None",
-                  append_to: Path | None = None) -> GenerationResult:  # fmt: skip
-        """Run a prepared request into the mp4 / tensors / state sinks."""
+    def _generate(self, prepare: Callable[[], Run], sink: "_Sinks", prefix_video_path: str | Path | None,
+                  callback: Callable[[StepInfo], None] | None, save_tensors: str | Path | None,
+                  progress: bool, saver: StateSaver | None, append_to: Path | None = None,
+                  control: Control | None = None) -> GenerationResult:  # fmt: skip
+        """Run a prepared request into the mp4 / segments / tensors / state sinks."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         rt = self.config.runtime
-        _check_save_path(save_tensors)
-        _check_not_the_input(output_path, prefix_video_path)
+        output_path = sink.output_path
+        check_save_path(save_tensors)
+        check_not_the_input(output_path, prefix_video_path)
         writer_rank = self._is_writer()
         # Built first so a bad output path fails before any model work; nothing is written yet.
-        target = output_path
-        if append_to is not None:  # the new chunks go to a part file, appended at the end
-            target = append_to.parent / f".{append_to.name[:150]}.magi-resume-{os.getpid()}.mp4"
-        writer = video_io.Mp4Writer(target, rt.fps) if output_path and writer_rank else None
-        out = _Output(writer, GenerationResult(Path(output_path) if writer else None, fps=rt.fps,
-                                               size=(rt.video_size_w, rt.video_size_h)))  # fmt: skip
+        segments = None
+        if sink.segments is not None and writer_rank:
+            segments = SegmentSink(sink.segments, rt.fps, keep=sink.keep_segments)
+        writer = None
+        if output_path and writer_rank:
+            target = output_path
+            if append_to is not None:  # the new chunks go to a part file, appended at the end
+                target = append_to.parent / f".{append_to.name[:150]}.magi-resume-{os.getpid()}.mp4"
+            writer = video_io.Mp4Writer(target, rt.fps)
+            if segments is not None:  # checked only: the mp4 is joined from the segments
+                writer.abort()
+                writer = None
+        result = GenerationResult(Path(output_path) if output_path and writer_rank else None, fps=rt.fps,
+                                  size=(rt.video_size_w, rt.video_size_h))  # fmt: skip
+        out = Outputs(writer, result, segments=segments, on_chunk=sink.on_chunk,
+                      joined=Path(output_path) if output_path and segments is not None else None)  # fmt: skip
         out.keep_tensors = save_tensors is not None and writer_rank
         stop = _Stop()
-        bar = _NoBar()
+        bar = progress_bar(0, False)
         saver = saver if writer_rank else None
         try:
             run = prepare()
+            if control is not None:
+                control._bind(self, run)
             out.result.chunks_total = len(run.plan.generated_chunks)
             out.result.chunks_done, out.result.frames_written = run.chunks_done, run.frames_done
-            bar = _progress_bar(out.result.chunks_total, progress and writer_rank)
+            bar = progress_bar(out.result.chunks_total, progress and writer_rank)
             bar.update(run.chunks_done)
             # The stop is taken in the step hook, before the next step: the last state saved
             # then matches the chunks in the mp4.
-            hook = _stop_aware(callback, stop, self.mesh)
+            hook = _stop_aware(callback, stop, self.mesh, control)
             with _graceful_stop(stop), closing(self._run(run, hook, saver)) as chunks:
                 for chunk in chunks:
                     out.add(chunk)
                     bar.update(1)
         except (_StopRequested, KeyboardInterrupt):
             out.result.interrupted = True
-            out.result.stop_signal = stop.signum or signal.SIGINT
+            out.result.stop_signal = stop.signum or (None if control is not None and control.stopping else signal.SIGINT)
             if saver is not None:
                 saver.save()
         except BaseException:
@@ -825,7 +763,7 @@ class MagiPipeline:
         noise: torch.Tensor | None,
         per_chunk_noise: bool = False,
         prefix_latent: torch.Tensor | None = None,
-    ) -> "_Run":
+    ) -> Run:
         """Check the request, encode the prefix and the prompts, plan the chunks (noise: ``_run``).
 
         ``prefix_latent`` (v2v only): the clean latents [1, C, P, H, W] to continue, instead of
@@ -835,10 +773,10 @@ class MagiPipeline:
         if prefix_latent is None:
             _check_mode(mode, image_path, prefix_video_path)
         prompts = _prompt_list(prompt)
-        frames = rt.num_frames if num_frames is None else _whole_number("num_frames", num_frames)
+        frames = rt.num_frames if num_frames is None else whole_number("num_frames", num_frames)
         if frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {frames}")
-        seed = rt.seed if seed is None else _whole_number("seed", seed)
+        seed = rt.seed if seed is None else whole_number("seed", seed)
         if not -(2**63) <= seed < 2**64:
             raise ValueError(f"seed {seed} does not fit in 64 bits, as torch.manual_seed needs")
         from magi import budget
@@ -865,9 +803,9 @@ class MagiPipeline:
             raise ValueError(f"noise must have shape {shape} for this request, got {tuple(noise.shape)}")
         captions = self._captions(prompts, plan)
         limit = None if self.compat == "official" else frames
-        return _Run(mode, plan, settings, captions, shape, seed, noise, per_chunk_noise, prefix, limit)
+        return Run(mode, plan, settings, captions, shape, seed, noise, per_chunk_noise, prefix, limit)
 
-    def _run(self, run: "_Run", callback: Callable[[StepInfo], None] | None,
+    def _run(self, run: Run, callback: Callable[[StepInfo], None] | None,
              saver: "StateSaver | None" = None) -> Iterator[VideoChunk]:  # fmt: skip
         """Draw the noise, denoise (from run.start_step), decode each clean chunk, trim to the
         frame budget; ``saver`` sees every resume point."""
@@ -903,7 +841,7 @@ class MagiPipeline:
         """What a saved state must share with this pipeline to be resumed here."""
         return state_identity(self.config, self.compat)
 
-    def _snapshot(self, run: "_Run", next_step: int, window: dict[int, torch.Tensor]) -> "GenerationState":
+    def _snapshot(self, run: Run, next_step: int, window: dict[int, torch.Tensor]) -> "GenerationState":
         """The state after step next_step - 1 (copies of the live window's latents, on CPU)."""
         from magi.state import GenerationState
 
@@ -923,7 +861,7 @@ class MagiPipeline:
         tail = {f"clean.{c}": t for c, t in run.tail}  # what extend continues from
         return GenerationState(meta, window, prefix, caps.emb.cpu(), caps.mask.cpu(), tail)
 
-    def _from_state(self, state: "GenerationState") -> "_Run":
+    def _from_state(self, state: "GenerationState") -> Run:
         """The prepared run that continues ``state`` (no T5, no VAE encode)."""
         m = state.meta
         settings = SamplerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["settings"].items()})
@@ -935,7 +873,7 @@ class MagiPipeline:
                                  options, m["chunk_prompts"], plan.offset, m["prompts"])  # fmt: skip
         prefix = None if state.prefix is None else state.prefix.to(self.device)
         window = {c: t.to(self.device) for c, t in state.window.items()}
-        return _Run(m["mode"], plan, settings, captions, tuple(m["noise_shape"]), m["seed"], None,
+        return Run(m["mode"], plan, settings, captions, tuple(m["noise_shape"]), m["seed"], None,
                     m["per_chunk_noise"], prefix, m["limit"], start_step=m["next_step"], window=window,
                     frames_done=m["frames_done"], chunks_done=m["chunks_done"], tail=_state_tail(state))  # fmt: skip
 
@@ -953,7 +891,7 @@ class MagiPipeline:
         cfg = self.config.model
         return cfg.in_channels // 2 if cfg.half_channel_vae else cfg.in_channels
 
-    def _initial_noise(self, run: "_Run") -> InitialNoise:
+    def _initial_noise(self, run: Run) -> InitialNoise:
         """The only random draw: randn(shape) from a generator seeded with ``seed`` on the device.
 
         Held in host memory, or above ``noise_spill_bytes`` in a temporary file, and read chunk
@@ -1060,154 +998,14 @@ class MagiPipeline:
         return pair
 
 
-class Generation:
-    """A running ``MagiPipeline.stream`` request: iterate it for the chunks, steer it with
-    ``set_prompt`` (see ``MagiPipeline.stream`` for the rule)."""
+@dataclass(frozen=True)
+class _Sinks:
+    """Where a generate / resume / extend call sends its chunks (see ``magi.sinks.Outputs``)."""
 
-    def __init__(self, pipe: MagiPipeline, run: "_Run", callback: Callable[[StepInfo], None] | None) -> None:
-        self._pipe, self._run, self._callback = pipe, run, callback
-        plan = run.plan
-        # first absolute chunk that has not entered the window yet
-        self._frontier = next((s.entering for s in plan.steps() if s.index >= run.start_step
-                               and s.entering is not None), plan.chunk_num)  # fmt: skip
-        self._lock = threading.Lock()
-        self._pending: list[tuple[int, str]] = []
-        self._chunks = pipe._run(run, self._at_step)
-
-    @property
-    def chunk_num(self) -> int:
-        """Chunks of the video (absolute indices 0 .. chunk_num - 1, v2v prefix chunks first)."""
-        return self._run.plan.chunk_num
-
-    def set_prompt(self, from_chunk: int, text: str) -> None:
-        """Use ``text`` for absolute chunks >= from_chunk that have not entered the window yet.
-
-        Safe to call from another thread; applied at the next step boundary. Raises ValueError
-        for an empty or non-string text, or a from_chunk outside 0 .. chunk_num - 1.
-        """
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"set_prompt needs a non-empty string, got {text!r}")
-        if isinstance(from_chunk, bool) or not isinstance(from_chunk, numbers.Integral):
-            raise ValueError(f"from_chunk must be a whole number, got {from_chunk!r}")
-        if not 0 <= from_chunk < self.chunk_num:
-            raise ValueError(f"from_chunk {from_chunk} is outside this video's chunks 0 .. {self.chunk_num - 1}")
-        with self._lock:
-            self._pending.append((int(from_chunk), text))
-
-    def _apply(self) -> None:
-        """Apply the queued edits (generating thread, between steps)."""
-        with self._lock:
-            edits, self._pending = self._pending, []
-        captions = self._run.captions
-        for first, text in edits:
-            first = max(first, self._frontier)
-            if first >= self.chunk_num:
-                continue
-            emb, mask = (None, None) if text in captions.texts else self._pipe._encode([text])
-            captions.assign_prompt(text, emb, mask, first)
-
-    def _at_step(self, info: StepInfo) -> None:
-        if self._callback is not None:
-            self._callback(info)
-        self._frontier = max(self._frontier, max(info.chunks) + 1)
-        if self._pending:
-            self._apply()
-
-    def __iter__(self) -> "Generation":
-        return self
-
-    def __next__(self) -> VideoChunk:
-        if self._pending:
-            self._apply()
-        return next(self._chunks)
-
-    def close(self) -> None:
-        """Stop the generation (frees its noise); further iteration ends at once."""
-        self._chunks.close()
-
-
-class _Output:
-    """Where the chunks of one ``generate`` call go: the mp4, the saved tensors, the timings."""
-
-    def __init__(self, writer: video_io.Mp4Writer | None, result: GenerationResult) -> None:
-        self.writer, self.result = writer, result
-        self.keep_tensors = False
-        self.latents: list[torch.Tensor] = []
-        self.frames: list[torch.Tensor] = []
-        self.started = time.perf_counter()
-        self.chunk_times: list[float] = []
-
-    def add(self, chunk: VideoChunk) -> None:
-        self.chunk_times.append(time.perf_counter())
-        if self.writer is not None and len(chunk.frames):
-            try:
-                self.writer.append(chunk.frames)
-            except RuntimeError as err:  # ffmpeg stopped; the writer removed its temporary file
-                raise VideoWriteError(str(err)) from None
-        self.result.frames_written += len(chunk.frames)
-        self.result.chunks_done += 1
-        if self.keep_tensors:
-            self.latents.append(chunk.latent.float().cpu())
-            self.frames.append(chunk.frames)
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-
-    def finish(self, save_tensors: str | Path | None, device: torch.device,
-               append_to: Path | None = None) -> GenerationResult:  # fmt: skip
-        """Save tensors, close the mp4 (drop it when no frame exists), fill the timings.
-
-        The tensors go first: if they cannot be written the video is dropped too, so a failed
-        run leaves nothing at the output path.
-        """
-        if self.keep_tensors and self.latents:
-            tensors = {"final_latent": torch.cat(self.latents, dim=2).contiguous(),
-                       "video_tchw_uint8": torch.cat(self.frames).contiguous()}  # fmt: skip
-            try:
-                _save_tensors_file(tensors, Path(save_tensors))
-            except OSError:
-                self.abort()
-                raise
-        if self.writer is not None and self.writer.frames_written:
-            try:
-                self.writer.close()
-            except RuntimeError as err:
-                raise VideoWriteError(str(err)) from None
-            if append_to is not None:
-                _append_mp4(append_to, self.writer.path)
-        elif self.writer is not None:
-            self.writer.abort()
-            if append_to is None:
-                self.result.output_path = None
-        times = self.chunk_times
-        if times:
-            self.result.time_to_first_chunk = times[0] - self.started
-            steady = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
-            self.result.seconds_per_chunk = self.result.time_to_first_chunk if steady is None else steady
-        self.result.peak_memory_bytes = _peak_memory(device)
-        return self.result
-
-
-@dataclass
-class _Run:
-    """One prepared request."""
-
-    mode: str
-    plan: ChunkPlan
-    settings: SamplerSettings
-    captions: ChunkCaptions
-    noise_shape: tuple[int, ...]  # [1, C, T, H, W] of the whole video
-    seed: int
-    noise: torch.Tensor | None  # given noise, or None to draw it from seed
-    per_chunk_noise: bool  # chunk k drawn alone from seed + k (not the official noise)
-    prefix: torch.Tensor | None
-    limit: int | None  # frames to keep (magi), None = every frame (official)
-    start_step: int = 0  # > 0: resumed from a GenerationState with this window
-    window: dict[int, torch.Tensor] | None = None
-    frames_done: int = 0  # frames / chunks already emitted (counting those of a resumed state)
-    chunks_done: int = 0
-    tail: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # last clean chunks
+    output_path: str | Path | None
+    segments: str | Path | None = None
+    keep_segments: int = 0  # segments already in the folder that belong to this run (resume)
+    on_chunk: Callable[[VideoChunk], None] | None = None
 
 
 def _check_mode(mode: str, image_path: str | Path | None, prefix_video_path: str | Path | None) -> None:
@@ -1261,52 +1059,6 @@ def _check_options(cfg: MagiConfig, device: torch.device, attention_backend: str
     attention.set_backend(attention_backend)
 
 
-def _check_save_path(path: str | Path | None) -> None:
-    if path is None:
-        return
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"save_tensors path must end in .safetensors, got {path}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"save_tensors folder does not exist: {path.parent} (create it first)")
-    if path.is_dir():
-        raise ValueError(f"save_tensors path is a folder: {path}; name a .safetensors file")
-
-
-class StateSaver:
-    """Writes the generation state at resume points: after every ``every``-th finished chunk,
-    and (``save()``) the last resume point when the run stops.
-
-    Args:
-        path: the state file (replaced atomically at each save).
-        every: chunks between saves (>= 1).
-        allowed: False when the request cannot be saved (given noise tensors are not kept).
-    """
-
-    def __init__(self, path: str | Path, every: int = 1, allowed: bool = True) -> None:
-        if not allowed:
-            raise ValueError("save_state needs noise drawn from the seed (drop noise=...)")
-        every = _whole_number("save_every", every)
-        if every < 1:
-            raise ValueError(f"save_every must be >= 1 (chunks between saves), got {every}")
-        self.path, self.every = Path(path), every
-        if self.path.is_dir() or not self.path.parent.is_dir():
-            raise ValueError(f"save_state {path}: name a file in an existing folder")
-        self.last: GenerationState | None = None
-        self._saved: GenerationState | None = None
-
-    def chunk_done(self, state: GenerationState) -> None:
-        self.last = state
-        if state.meta["finished"] or state.meta["chunks_done"] % self.every == 0:
-            self.save()
-
-    def save(self) -> None:
-        """Write the newest resume point, unless it is on disk already."""
-        if self.last is not None and self.last is not self._saved:
-            self.last.save(self.path)
-            self._saved = self.last
-
-
 def _state_tail(state: GenerationState) -> list[tuple[int, torch.Tensor]]:
     """The (chunk, clean latent) pairs a state keeps for extend, oldest first."""
     tail = [(int(k.split(".", 1)[1]), v) for k, v in state.extra.items() if k.startswith("clean.")]
@@ -1342,113 +1094,3 @@ def state_identity(cfg: MagiConfig, compat: str) -> dict:
             "checkpoint_hash": checkpoint_hash(cfg.runtime.load)}  # fmt: skip
 
 
-def check_earlier_video(output_path: str | Path | None, frames: int, where: object) -> Path | None:
-    """The earlier run's mp4 at output_path to append to (None: nothing to append).
-
-    Raises:
-        StateError: the file holds other than ``frames`` frames (resumed into already).
-    """
-    if output_path is None or frames == 0 or not Path(output_path).is_file():
-        if output_path is not None and frames:
-            print(f"warning: {output_path} does not hold the earlier {frames} frames (not written, "
-                  "or the run was killed before closing it); writing the remaining chunks only",
-                  file=sys.stderr, flush=True)  # fmt: skip
-        return None
-    import imageio_ffmpeg
-
-    have = imageio_ffmpeg.count_frames_and_secs(str(output_path))[0]
-    if have != frames:
-        raise StateError(f"{output_path} holds {have} frames but {where} continues after {frames}: "
-                         "it was resumed into this output already, or it is another video; "
-                         "choose another output_path")  # fmt: skip
-    return Path(output_path)
-
-
-def _append_mp4(earlier: Path, part: Path) -> None:
-    """earlier := earlier + part, by stream copy (no re-encode); atomic, removes ``part``."""
-    import subprocess
-
-    import imageio_ffmpeg
-
-    listing = part.with_suffix(".txt")
-    joined = part.with_name(part.stem + ".joined.mp4")
-    listing.write_text("".join(f"file '{p.resolve()}'\n" for p in (earlier, part)))
-    try:
-        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "concat",
-                               "-safe", "0", "-i", str(listing), "-c", "copy", "-f", "mp4", str(joined)],
-                              capture_output=True, text=True)  # fmt: skip
-        if done.returncode != 0:
-            raise VideoWriteError(f"ffmpeg could not append to {earlier}: "
-                                  f"{(done.stderr.strip().splitlines() or ['exit status ' + str(done.returncode)])[-1]}")
-        os.replace(joined, earlier)
-    finally:
-        for f in (listing, joined, part):
-            f.unlink(missing_ok=True)
-
-
-def _check_not_the_input(output_path: str | Path | None, prefix_video_path: str | Path | None) -> None:
-    """v2v writing onto its own prefix video would destroy the input: refuse before any work."""
-    if output_path is None or prefix_video_path is None:
-        return
-    out, src = Path(output_path), Path(prefix_video_path)
-    same = out.exists() and src.exists() and os.path.samefile(out, src)
-    if same or out.resolve() == src.resolve():
-        raise ValueError(f"output_path {output_path} is the prefix video: writing it would overwrite "
-                         "the input video; choose another output_path")  # fmt: skip
-
-
-def _save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write the tensors beside ``path`` and rename: a full disk leaves no half-written file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    tmp = path.parent / f".{path.name[:200]}.magi-partial-{os.getpid()}.safetensors"
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
-        tmp.unlink(missing_ok=True)
-        why = getattr(err, "strerror", None) or str(err).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
-        raise OSError(f"cannot write save_tensors {path}: {why}; nothing was written") from None
-
-
-def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callable[[Step], None]:
-    total = plan.total_steps
-
-    def hook(step: Step) -> None:
-        callback(StepInfo(step.index, total, step.chunks, step.finished))
-
-    return hook
-
-
-def _stop_aware(
-    callback: Callable[[StepInfo], None] | None, stop: _Stop, mesh: object | None = None
-) -> Callable[[StepInfo], None]:
-    def hook(info: StepInfo) -> None:
-        if callback is not None:
-            callback(info)
-        stopping = stop.is_set()
-        if mesh is not None:  # a Ctrl-C may reach the ranks at different steps: stop together
-            from magi.distributed import any_rank
-
-            stopping = any_rank(stopping, mesh)
-        if stopping:
-            raise _StopRequested
-
-    return hook
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool) -> object:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="chunk", desc="magi", dynamic_ncols=True)

@@ -397,9 +397,12 @@ class Mp4Writer:
         path: output file, must end in .mp4, its folder must exist. Overwritten on success.
         fps: frame rate of the output (the runtime fps).
         keep_partial: on an exception inside ``with``, keep what was appended.
+        fragmented: write a fragmented mp4 (an init segment, then a fragment per keyframe),
+            which MediaSource plays as it arrives; same frames.
     """
 
-    def __init__(self, path: str | Path, fps: float, *, keep_partial: bool = False) -> None:
+    def __init__(self, path: str | Path, fps: float, *, keep_partial: bool = False,
+                 fragmented: bool = False) -> None:  # fmt: skip
         self.path = Path(path)
         if self.path.suffix.lower() != ".mp4":
             raise ValueError(f"output path must end in .mp4, got {self.path}")
@@ -415,6 +418,7 @@ class Mp4Writer:
             raise ValueError(f"fps must be positive, got {fps}")
         self.fps = fps
         self.keep_partial = keep_partial
+        self.fragmented = fragmented
         self.frames_written = 0
         self.size: Size | None = None
         self.tmp_path = self.path.parent / _temp_name(self.path)
@@ -435,6 +439,8 @@ class Mp4Writer:
                "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an",
                "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error", "-f", "mp4",
                str(self.tmp_path)]
+        if self.fragmented:
+            cmd[-3:-3] = ["-movflags", "+frag_keyframe+empty_moov+default_base_moof"]
         self._log = tempfile.TemporaryFile()
         # own session: Ctrl-C reaches only Python, so keep_partial can still finalise the mp4
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,

@@ -1,4 +1,5 @@
-"""python -m magi.infer --save_state / --resume: SIGTERM and kill -9, then resume to the same result."""
+"""python -m magi.infer --save_state / --resume: SIGTERM and kill -9, then resume to the same result
+and one playable mp4 (joined from the per-chunk segments in STATE.chunks/)."""
 
 from __future__ import annotations
 
@@ -103,6 +104,10 @@ def test_kill_9_then_resume_from_the_last_saved_state(tiny: Path, tmp_path: Path
     got = load_file(str(tail))["final_latent"]
     cw = got.shape[2] // (8 - saved["chunks_done"])
     assert torch.equal(got, reference["final_latent"][:, :, saved["chunks_done"] * cw :])
-    # The killed run never closed its mp4: the resumed one holds the remaining chunks and says so.
-    assert "does not hold the earlier" in done.stderr
-    assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == FRAMES - saved["frames_done"]
+    # The killed run never closed an mp4, but its chunks are segments in run.state.chunks/: the
+    # resumed run joins the ones the state covers with the rest into one playable file.
+    assert "does not hold the earlier" not in done.stderr
+    assert sorted(p.name for p in (tmp_path / "run.state.chunks").iterdir()) == [f"{k:05d}.mp4" for k in range(8)]
+    assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == FRAMES
+    frames = [imageio_ffmpeg.count_frames_and_secs(str(p))[0] for p in sorted((tmp_path / "run.state.chunks").iterdir())]
+    assert frames == [24] * 8

@@ -19,7 +19,7 @@ def _latents(chunks) -> list[torch.Tensor]:
 
 def _entering(pipe: MagiPipeline) -> dict[int, int]:
     """Step index at which each chunk enters the window in this test's plan."""
-    plan = pipe.stream("t2v", "calm", num_frames=FRAMES)._run.plan
+    plan = pipe.stream("t2v", "calm", num_frames=FRAMES).plan
     return {s.entering: s.index for s in plan.steps() if s.entering is not None}
 
 

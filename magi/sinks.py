@@ -1,0 +1,326 @@
+"""Where a generation's chunks go: the mp4, per-chunk segments, saved tensors, the state.
+
+- ``Outputs``: the sinks of one ``generate`` / ``resume`` / ``extend`` call, fed chunk by chunk:
+  the output mp4 (one continuous encode, or joined from segments), the ``SegmentSink``, the
+  tensors kept for ``save_tensors``, the timings of the ``GenerationResult``.
+- ``SegmentSink``: every chunk as its own complete fragmented mp4 in a folder, written when the
+  chunk is clean. With a saved state it makes a run survive ``kill -9``: the segments of the
+  chunks the state covers stay valid, and resume joins them with the rest into one mp4. The
+  HTTP service streams them to browsers (MediaSource) as they appear.
+- ``StateSaver``: writes the generation state (``magi.state``) at resume points.
+- ``join_mp4``: stream-copy concatenation (no re-encode), atomic.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from magi import video_io
+from magi.generation import GenerationResult, VideoChunk, whole_number
+from magi.state import GenerationState, StateError
+
+SEGMENT = re.compile(r"^(\d{5,})\.mp4$")  # 00000.mp4, 00001.mp4, ...
+
+
+class VideoWriteError(RuntimeError):
+    """Writing the output mp4 failed (ffmpeg stopped, disk full); nothing is left at the output path."""
+
+
+class Outputs:
+    """Where the chunks of one ``generate`` call go: the mp4, the segments, the saved tensors,
+    the timings.
+
+    Args:
+        writer: the continuous mp4 encode (None: no mp4, or one joined from ``segments``).
+        result: the call's result, filled in as chunks come.
+        segments: the per-chunk segment folder, or None.
+        joined: with ``segments``, the mp4 to join them into at the end (also when stopped).
+        on_chunk: called with each chunk once every sink has it.
+    """
+
+    def __init__(self, writer: video_io.Mp4Writer | None, result: GenerationResult, *,
+                 segments: "SegmentSink | None" = None, joined: Path | None = None,
+                 on_chunk: Callable[[VideoChunk], None] | None = None) -> None:  # fmt: skip
+        self.writer, self.result = writer, result
+        self.segments, self.joined, self.on_chunk = segments, joined, on_chunk
+        self.keep_tensors = False
+        self.latents: list[torch.Tensor] = []
+        self.frames: list[torch.Tensor] = []
+        self.started = time.perf_counter()
+        self.chunk_times: list[float] = []
+
+    def add(self, chunk: VideoChunk) -> None:
+        self.chunk_times.append(time.perf_counter())
+        if self.writer is not None and len(chunk.frames):
+            try:
+                self.writer.append(chunk.frames)
+            except RuntimeError as err:  # ffmpeg stopped; the writer removed its temporary file
+                raise VideoWriteError(str(err)) from None
+        if self.segments is not None:
+            self.segments.add(chunk)
+        self.result.frames_written += len(chunk.frames)
+        self.result.chunks_done += 1
+        if self.keep_tensors:
+            self.latents.append(chunk.latent.float().cpu())
+            self.frames.append(chunk.frames)
+        if self.on_chunk is not None:
+            self.on_chunk(chunk)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    def finish(self, save_tensors: str | Path | None, device: torch.device,
+               append_to: Path | None = None) -> GenerationResult:  # fmt: skip
+        """Save tensors, close the mp4 (drop it when no frame exists), fill the timings.
+
+        The tensors go first: if they cannot be written the video is dropped too, so a failed
+        run leaves nothing at the output path.
+        """
+        if self.keep_tensors and self.latents:
+            tensors = {"final_latent": torch.cat(self.latents, dim=2).contiguous(),
+                       "video_tchw_uint8": torch.cat(self.frames).contiguous()}  # fmt: skip
+            try:
+                save_tensors_file(tensors, Path(save_tensors))
+            except OSError:
+                self.abort()
+                raise
+        if self.writer is not None and self.writer.frames_written:
+            try:
+                self.writer.close()
+            except RuntimeError as err:
+                raise VideoWriteError(str(err)) from None
+            if append_to is not None:
+                append_mp4(append_to, self.writer.path)
+        elif self.writer is not None:
+            self.writer.abort()
+            if append_to is None:
+                self.result.output_path = None
+        if self.segments is not None and self.joined is not None:
+            parts = ([append_to] if append_to is not None else []) + self.segments.paths()
+            if parts:
+                join_mp4(parts, self.joined)
+            else:
+                self.result.output_path = None
+        times = self.chunk_times
+        if times:
+            self.result.time_to_first_chunk = times[0] - self.started
+            steady = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+            self.result.seconds_per_chunk = self.result.time_to_first_chunk if steady is None else steady
+        self.result.peak_memory_bytes = peak_memory(device)
+        return self.result
+
+
+class SegmentSink:
+    """Each generated chunk (with frames) as its own mp4 in ``folder``: 00000.mp4, 00001.mp4, ...
+
+    A segment is a complete fragmented mp4 (libx264, yuv420p; its own init segment; timestamps
+    from 0) of one chunk's frames, written to a hidden temporary file and renamed, so a kill
+    leaves only whole segments. Played in order with MediaSource in "sequence" mode, or joined
+    by ``join_mp4`` into one file, they are the video.
+
+    Args:
+        folder: the segment folder (created when missing; its parent must exist).
+        fps: the video's frame rate.
+        keep: segments already in the folder that belong to this run (a resumed run: the chunks
+            its state covers); those numbered ``keep`` and above are stale and removed.
+    """
+
+    def __init__(self, folder: str | Path, fps: float, keep: int = 0) -> None:
+        self.folder, self.fps = Path(folder), fps
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"segments folder {self.folder} is a file; name a folder")
+        if not self.folder.parent.is_dir():
+            raise FileNotFoundError(f"segments folder's parent does not exist: {self.folder.parent} (create it first)")
+        self.folder.mkdir(exist_ok=True)
+        for f in self.folder.iterdir():
+            m = SEGMENT.match(f.name)
+            if m and int(m.group(1)) >= keep:
+                f.unlink()
+        self.next = len(self.paths())
+        if self.next < keep:
+            print(f"warning: {self.folder} holds {self.next} of the earlier {keep} segments; "
+                  "the joined video will lack the missing ones", file=sys.stderr, flush=True)  # fmt: skip
+
+    def path(self, k: int) -> Path:
+        return self.folder / f"{k:05d}.mp4"
+
+    def paths(self) -> list[Path]:
+        """The segments in order, up to the first gap."""
+        found: list[Path] = []
+        while self.path(len(found)).is_file():
+            found.append(self.path(len(found)))
+        return found
+
+    def add(self, chunk: VideoChunk) -> None:
+        if not len(chunk.frames):
+            return
+        try:
+            with video_io.Mp4Writer(self.path(self.next), self.fps, fragmented=True) as writer:
+                writer.append(chunk.frames)
+        except RuntimeError as err:
+            raise VideoWriteError(str(err)) from None
+        self.next += 1
+
+
+def join_mp4(parts: list[Path], out: Path) -> None:
+    """out := parts concatenated by stream copy (no re-encode), replaced atomically.
+
+    ``out`` may be one of the parts (append in place). Raises VideoWriteError when ffmpeg fails.
+    """
+    import imageio_ffmpeg
+
+    out = Path(out)
+    tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+    listing = out.parent / f".{out.name[:150]}.magi-join-{tag}.txt"
+    joined = out.parent / f".{out.name[:150]}.magi-join-{tag}.mp4"
+    listing.write_text("".join(f"file '{_concat_quote(p.resolve())}'\n" for p in parts))
+    try:
+        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "concat",
+                               "-safe", "0", "-i", str(listing), "-c", "copy", "-f", "mp4", str(joined)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise VideoWriteError(f"ffmpeg could not join {len(parts)} parts into {out}: {why}")
+        os.replace(joined, out)
+    finally:
+        listing.unlink(missing_ok=True)
+        joined.unlink(missing_ok=True)
+
+
+def _concat_quote(path: Path) -> str:
+    # the concat demuxer's quoting: a quote is written as '\''
+    return str(path).replace("'", "'\\''")
+
+
+def append_mp4(earlier: Path, part: Path) -> None:
+    """earlier := earlier + part, by stream copy (no re-encode); atomic, removes ``part``."""
+    try:
+        join_mp4([earlier, part], earlier)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+class StateSaver:
+    """Writes the generation state at resume points: after every ``every``-th finished chunk,
+    and (``save()``) the last resume point when the run stops.
+
+    Args:
+        path: the state file (replaced atomically at each save).
+        every: chunks between saves (>= 1).
+        allowed: False when the request cannot be saved (given noise tensors are not kept).
+    """
+
+    def __init__(self, path: str | Path, every: int = 1, allowed: bool = True) -> None:
+        if not allowed:
+            raise ValueError("save_state needs noise drawn from the seed (drop noise=...)")
+        every = whole_number("save_every", every)
+        if every < 1:
+            raise ValueError(f"save_every must be >= 1 (chunks between saves), got {every}")
+        self.path, self.every = Path(path), every
+        if self.path.is_dir() or not self.path.parent.is_dir():
+            raise ValueError(f"save_state {path}: name a file in an existing folder")
+        self.last: GenerationState | None = None
+        self._saved: GenerationState | None = None
+
+    def chunk_done(self, state: GenerationState) -> None:
+        self.last = state
+        if state.meta["finished"] or state.meta["chunks_done"] % self.every == 0:
+            self.save()
+
+    def save(self) -> None:
+        """Write the newest resume point, unless it is on disk already."""
+        if self.last is not None and self.last is not self._saved:
+            self.last.save(self.path)
+            self._saved = self.last
+
+
+def check_earlier_video(output_path: str | Path | None, frames: int, where: object) -> Path | None:
+    """The earlier run's mp4 at output_path to append to (None: nothing to append).
+
+    Raises:
+        StateError: the file holds other than ``frames`` frames (resumed into already).
+    """
+    if output_path is None or frames == 0 or not Path(output_path).is_file():
+        if output_path is not None and frames:
+            print(f"warning: {output_path} does not hold the earlier {frames} frames (not written, "
+                  "or the run was killed before closing it); writing the remaining chunks only",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return None
+    import imageio_ffmpeg
+
+    have = imageio_ffmpeg.count_frames_and_secs(str(output_path))[0]
+    if have != frames:
+        raise StateError(f"{output_path} holds {have} frames but {where} continues after {frames}: "
+                         "it was resumed into this output already, or it is another video; "
+                         "choose another output_path")  # fmt: skip
+    return Path(output_path)
+
+
+def check_save_path(path: str | Path | None) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_tensors path must end in .safetensors, got {path}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"save_tensors folder does not exist: {path.parent} (create it first)")
+    if path.is_dir():
+        raise ValueError(f"save_tensors path is a folder: {path}; name a .safetensors file")
+
+
+def check_not_the_input(output_path: str | Path | None, prefix_video_path: str | Path | None) -> None:
+    """v2v writing onto its own prefix video would destroy the input: refuse before any work."""
+    if output_path is None or prefix_video_path is None:
+        return
+    out, src = Path(output_path), Path(prefix_video_path)
+    same = out.exists() and src.exists() and os.path.samefile(out, src)
+    if same or out.resolve() == src.resolve():
+        raise ValueError(f"output_path {output_path} is the prefix video: writing it would overwrite "
+                         "the input video; choose another output_path")  # fmt: skip
+
+
+def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write the tensors beside ``path`` and rename: a full disk leaves no half-written file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tmp = path.parent / f".{path.name[:200]}.magi-partial-{os.getpid()}.safetensors"
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        tmp.unlink(missing_ok=True)
+        why = getattr(err, "strerror", None) or str(err).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
+        raise OSError(f"cannot write save_tensors {path}: {why}; nothing was written") from None
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, enabled: bool) -> object:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="chunk", desc="magi", dynamic_ncols=True)
