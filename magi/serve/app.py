@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from magi.config import ConfigError, MagiConfig, load_config
-from magi.serve.store import ENDED, JobFiles, JobStore, QueueFull
+from magi.serve.store import ENDED, JobFiles, JobStore, QueueFull, new_id
 
 MAX_FRAMES = 1440  # 60 s at 24 fps
 MAX_PIXELS = 1280 * 720
@@ -654,20 +654,19 @@ def _extend_params(body: dict, parent: dict, cfg: MagiConfig, limits: Limits) ->
 
 
 def _queue(store: JobStore, params: dict, staging: Path | None, data: Path, max_queued: int) -> dict:
-    """Create the job; its upload (validated in ``staging``) moves into the job's folder at once."""
-    try:
-        job = store.create(params, max_queued=max_queued)
-    except QueueFull as err:
-        raise ApiError(429, "queue_full", str(err)) from None
+    """Create the job; its upload (validated in ``staging``) is in the job's folder first, so the
+    worker never takes the job without its input."""
+    job_id = new_id()
+    files = JobFiles(data, job_id)
     if staging is not None:
-        # the worker may create the job's folder the moment the row exists: move the file in, one
-        # rename (whole or absent), right after the job is created. (A store.create taking the id,
-        # so the folder could be filled first, would close this last microseconds-wide window.)
-        files = JobFiles(data, job["id"])
         files.dir.mkdir(parents=True, exist_ok=True)
         for path in staging.iterdir():
             os.replace(path, files.dir / path.name)
-    return job
+    try:
+        return store.create(params, max_queued=max_queued, job_id=job_id)
+    except QueueFull as err:
+        shutil.rmtree(files.dir, ignore_errors=True)
+        raise ApiError(429, "queue_full", str(err)) from None
 
 
 def _ranged_file(path: Path, range_header: str | None) -> Response:

@@ -1,0 +1,214 @@
+"""The job table of ``magi serve``: one SQLite file under the data folder.
+
+The HTTP process and the worker process each open their own ``JobStore`` on the same file (WAL
+journal, so readers never wait for the writer). Jobs run in ``seq`` order; a job left
+``in_progress`` by a killed server is taken again first, and the worker resumes it from its saved
+generation state. Steering edits are rows of their own, applied by the worker in ``id`` order.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
+ENDED = ("completed", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    parent_id TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    first_chunk_at REAL,
+    last_chunk_at REAL,
+    finished_at REAL,
+    chunks_done INTEGER NOT NULL DEFAULT 0,
+    chunks_total INTEGER,
+    step INTEGER NOT NULL DEFAULT 0,
+    steps_total INTEGER,
+    frames_done INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS edits (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    from_chunk INTEGER NOT NULL,
+    prompt TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS edits_job ON edits (job_id, id);
+"""
+
+_FIELDS = ("status", "started_at", "first_chunk_at", "last_chunk_at", "finished_at", "chunks_done", "chunks_total",
+           "step", "steps_total", "frames_done", "error", "cancel_requested", "attempts")  # fmt: skip
+
+
+def new_id() -> str:
+    """A fresh job id, as the OpenAI videos API spells them (``video_`` + hex)."""
+    return "video_" + secrets.token_hex(12)
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than the server admits (HTTP 429)."""
+
+
+class JobStore:
+    """Jobs and steering edits in the SQLite file ``path`` (created with its tables if new).
+
+    Safe to share between the threads of one process; open one per process.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False,
+                                   isolation_level=None)  # fmt: skip
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- jobs -------------------------------------------------------------------------------
+    def create(self, params: dict, *, max_queued: int | None = None, parent_id: str | None = None,
+               job_id: str | None = None) -> dict:  # fmt: skip
+        """Queue a job; ``QueueFull`` when ``max_queued`` jobs are already waiting.
+
+        ``job_id``: an id from ``new_id()`` whose folder the caller filled first (uploads), so the
+        worker never sees the job without its input.
+        """
+        job_id = job_id or new_id()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if max_queued is not None:
+                    (waiting,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
+                    if waiting >= max_queued:
+                        raise QueueFull(f"{waiting} jobs are queued already (the limit is {max_queued}); retry later")
+                self._db.execute("INSERT INTO jobs (id, status, params, parent_id, created_at) VALUES (?, 'queued', ?, ?, ?)",
+                                 (job_id, json.dumps(params), parent_id, time.time()))  # fmt: skip
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
+
+    def list(self, limit: int = 100, after: str | None = None, order: str = "desc") -> list[dict]:
+        """Jobs newest first (``order="asc"``: oldest first), ``after`` a job id to page from."""
+        op, direction = ("<", "DESC") if order == "desc" else (">", "ASC")
+        sql, args = "SELECT * FROM jobs", []
+        if after is not None:
+            sql += f" WHERE seq {op} (SELECT seq FROM jobs WHERE id = ?)"
+            args.append(after)
+        sql += f" ORDER BY seq {direction} LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [_job(r) for r in rows]
+
+    def next_job(self) -> dict | None:
+        """The job the worker runs next: one left in progress (a killed server), else the oldest queued."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM jobs WHERE status IN ('in_progress', 'queued') "
+                "ORDER BY status = 'queued', seq LIMIT 1").fetchone()  # fmt: skip
+        return None if row is None else _job(row)
+
+    def update(self, job_id: str, **fields: object) -> None:
+        bad = set(fields) - set(_FIELDS)
+        if bad:
+            raise ValueError(f"unknown job fields {sorted(bad)}")
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"unknown status {fields['status']!r}")
+        if not fields:
+            return
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    def request_cancel(self, job_id: str) -> dict | None:
+        """Mark a job to be cancelled: a queued one ends now, a running one at its next step."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued'",
+                             (now, job_id))  # fmt: skip
+            self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'in_progress'", (job_id,))
+        return self.get(job_id)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """Jobs ahead of a queued one (0: it runs next), None when it is not queued."""
+        with self._lock:
+            row = self._db.execute("SELECT seq, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["status"] != "queued":
+                return None
+            (ahead,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE seq < ? AND status IN ('queued', 'in_progress')",
+                                        (row["seq"],)).fetchone()  # fmt: skip
+        return ahead
+
+    # ---- steering ---------------------------------------------------------------------------
+    def add_edit(self, job_id: str, from_chunk: int, prompt: str) -> int:
+        with self._lock:
+            cur = self._db.execute("INSERT INTO edits (job_id, from_chunk, prompt, created_at) VALUES (?, ?, ?, ?)",
+                                   (job_id, int(from_chunk), prompt, time.time()))  # fmt: skip
+        return int(cur.lastrowid)
+
+    def edits(self, job_id: str, after: int = 0) -> list[dict]:
+        """Steering edits of a job with id > ``after``, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM edits WHERE job_id = ? AND id > ? ORDER BY id",
+                                    (job_id, after)).fetchall()  # fmt: skip
+        return [dict(r) for r in rows]
+
+
+def _job(row: sqlite3.Row) -> dict:
+    job = dict(row)
+    job["params"] = json.loads(job["params"])
+    job["cancel_requested"] = bool(job["cancel_requested"])
+    return job
+
+
+class JobFiles:
+    """Where a job's files live: ``{data_dir}/jobs/{id}/``.
+
+    - ``input.<ext>``: the uploaded i2v image / v2v prefix video (name kept in params);
+    - ``chunks/NNNNN.mp4``: segment k = the k-th generated chunk's frames, a fragmented mp4
+      (MediaSource-ready), written atomically, numbered 0, 1, ... without gaps;
+    - ``state.safetensors``: the generation state (resume after a kill, extend when finished);
+    - ``video.mp4``: the whole video (an extend job: its parent's video + its own chunks), written
+      when the job completes or is cancelled.
+    """
+
+    def __init__(self, data_dir: str | Path, job_id: str) -> None:
+        self.dir = Path(data_dir) / "jobs" / job_id
+        self.chunks = self.dir / "chunks"
+        self.state = self.dir / "state.safetensors"
+        self.video = self.dir / "video.mp4"
+
+    def segment(self, k: int) -> Path:
+        return self.chunks / f"{k:05d}.mp4"
+
+    def segments(self) -> list[Path]:
+        """The segments written so far, in order (stops at the first gap)."""
+        found = []
+        while self.segment(len(found)).is_file():
+            found.append(self.segment(len(found)))
+        return found

@@ -1,0 +1,258 @@
+"""The worker of ``magi serve``: loads the pipeline once and runs the queued jobs one at a time.
+
+``python -m magi.serve.worker --config CONFIG --data_dir DIR [--device D]``, started by the HTTP
+process (``magi.serve.__main__``), which it never talks to directly: jobs, progress, steering
+edits and cancel requests go through the SQLite store (``magi.serve.store``), videos through the
+job folders (``JobFiles``).
+
+Each job runs with a generation state saved after every chunk and every chunk kept as its own
+segment, so a server killed at any moment resumes the job from its last state at the next start,
+to the same frames as an uninterrupted run (``MagiPipeline.resume``). SIGTERM stops the job after
+the current step, saves its state and exits 0 (the job stays ``in_progress``). The worker ends
+when its parent process does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+MAX_ATTEMPTS = 3  # runs of one job the worker starts before it calls the job failed
+
+
+class _Shutdown:
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (its type's name when it has none)."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def write_status(data_dir: Path, **status: object) -> None:
+    """Replace ``{data_dir}/worker.json`` atomically."""
+    path = data_dir / "worker.json"
+    tmp = data_dir / f".worker.json.{os.getpid()}"
+    tmp.write_text(json.dumps({"pid": os.getpid(), **status}))
+    os.replace(tmp, path)
+
+
+class Worker:
+    """Runs jobs from ``store`` with ``pipe``, one at a time, in queue order."""
+
+    def __init__(self, pipe: object, store: object, data_dir: Path, *, parent: int | None = None,
+                 poll_s: float = 0.2) -> None:  # fmt: skip
+        self.pipe, self.store, self.data_dir = pipe, store, Path(data_dir)
+        self.parent, self.poll_s = parent, poll_s
+        self.shutdown = _Shutdown()
+
+    def _orphaned(self) -> bool:
+        return self.parent is not None and os.getppid() != self.parent
+
+    def serve_forever(self) -> int:
+        """Take jobs until SIGTERM / SIGINT or the parent's death; returns the exit status."""
+        signal.signal(signal.SIGTERM, self.shutdown)
+        signal.signal(signal.SIGINT, self.shutdown)
+        while not self.shutdown.requested:
+            if self._orphaned():
+                return 1
+            job = self.store.next_job()
+            if job is None:
+                time.sleep(self.poll_s)
+                continue
+            self.run_job(job)
+        return 0
+
+    # ---- one job --------------------------------------------------------------------------------
+    def run_job(self, job: dict) -> None:
+        from magi.serve.store import JobFiles
+
+        job_id = job["id"]
+        files = JobFiles(self.data_dir, job_id)
+        files.dir.mkdir(parents=True, exist_ok=True)
+        attempts = job["attempts"] + 1
+        self.store.update(job_id, status="in_progress", attempts=attempts,
+                          started_at=job["started_at"] or time.time())  # fmt: skip
+        if job["cancel_requested"]:
+            return self._end(job, files, "cancelled")
+        if attempts > MAX_ATTEMPTS:
+            return self._fail(job_id, f"the worker stopped {MAX_ATTEMPTS} times while running this job "
+                                      "(killed, or out of memory); not trying again")  # fmt: skip
+        try:
+            stopped = self._generate(job, files)
+        except Exception as err:  # a bad request, a full disk, ...: this job fails, the server goes on
+            print(f"magi serve: job {job_id} failed: {one_line(err)}", file=sys.stderr, flush=True)
+            return self._fail(job_id, one_line(err))
+        if stopped == "shutdown":
+            return None  # stays in_progress: resumed from its state at the next start
+        return self._end(job, files, "cancelled" if stopped == "cancel" else "completed")
+
+    def _generate(self, job: dict, files: object) -> str | None:
+        """Run (or resume) the job into its segments and state; how it stopped, None if it finished."""
+        from magi.generation import Control
+        from magi.serve.store import JobFiles
+        from magi.state import GenerationState
+
+        job_id, params = job["id"], job["params"]
+        pipe = self._pipe_for(params)
+        control = Control()
+        why: list[str] = []
+        edits_seen = [0]
+        state = GenerationState.load(files.state) if files.state.is_file() else None
+        done = [0 if state is None else state.meta["chunks_done"]]
+        frames = [0 if state is None else state.meta["frames_done"]]
+        if state is not None and state.meta.get("finished"):
+            return None  # killed after the last chunk, before the job was marked done
+        last_write = [0.0]
+
+        def callback(info: object) -> None:
+            if self._orphaned():
+                os._exit(1)  # the server is gone; the last saved state is what a restart resumes
+            now = time.time()
+            fields: dict = {"step": info.step + 1, "steps_total": info.total_steps}
+            if control.plan is not None:
+                fields["chunks_total"] = len(control.plan.generated_chunks)
+            if now - last_write[0] > 0.1 or info.finished is not None:
+                self.store.update(job_id, **fields)
+                last_write[0] = now
+            row = self.store.get(job_id)
+            if row is not None and row["cancel_requested"]:
+                why.append("cancel")
+                control.stop()
+            if self.shutdown.requested:
+                why.append("shutdown")
+                control.stop()
+            for edit in self.store.edits(job_id, after=edits_seen[0]):
+                edits_seen[0] = edit["id"]
+                with contextlib.suppress(ValueError):  # checked by the HTTP layer; a stale one is dropped
+                    control.set_prompt(edit["from_chunk"], edit["prompt"])
+
+        def on_chunk(chunk: object) -> None:
+            done[0] += 1
+            frames[0] += len(chunk.frames)
+            now = time.time()
+            first = self.store.get(job_id)["first_chunk_at"] or now
+            self.store.update(job_id, chunks_done=done[0], frames_done=frames[0], first_chunk_at=first,
+                              last_chunk_at=now)  # fmt: skip
+
+        # Edits made while the job waited (or before a restart) apply from the first step;
+        # re-applying those a saved state already holds changes nothing.
+        for edit in self.store.edits(job_id):
+            edits_seen[0] = edit["id"]
+            with contextlib.suppress(ValueError):
+                control.set_prompt(edit["from_chunk"], edit["prompt"])
+        common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
+                      control=control, on_chunk=on_chunk)  # fmt: skip
+        if state is not None and not state.meta.get("finished"):
+            result = pipe.resume(state, None, **common)
+        elif params["mode"] == "extend":
+            parent = JobFiles(self.data_dir, job["parent_id"])
+            result = pipe.extend(parent.state, params["prompts"], params["num_frames"], None,
+                                 seed=params.get("seed"), **common)  # fmt: skip
+        else:
+            inputs = {}
+            if params.get("image"):
+                inputs["image_path"] = files.dir / params["image"]
+            if params.get("prefix_video"):
+                inputs["prefix_video_path"] = files.dir / params["prefix_video"]
+            result = pipe.generate(params["mode"], params["prompts"], seed=params.get("seed"),
+                                   num_frames=params["num_frames"], **inputs, **common)  # fmt: skip
+        self.store.update(job_id, chunks_total=result.chunks_total)
+        if result.interrupted:
+            return why[0] if why else "shutdown"
+        return None
+
+    def _pipe_for(self, params: dict) -> object:
+        """The loaded pipeline, or one sharing its models at the request's size."""
+        rt = self.pipe.config.runtime
+        width, height = params.get("size") or (rt.video_size_w, rt.video_size_h)
+        if (width, height) == (rt.video_size_w, rt.video_size_h):
+            return self.pipe
+        from magi.pipeline import MagiPipeline
+
+        cfg = self.pipe.config.replace(runtime=dataclasses.replace(rt, video_size_w=width, video_size_h=height))
+        sized = MagiPipeline(cfg, self.pipe.dit, self.pipe.vae, device=self.pipe.device, compat=self.pipe.compat,
+                             noise_spill_bytes=self.pipe.noise_spill_bytes)  # fmt: skip
+        sized._prompt_cache = self.pipe._prompt_cache  # one T5 cache for every size
+        return sized
+
+    def _end(self, job: dict, files: object, status: str) -> None:
+        """Join the segments into video.mp4 (an extension: after its parent's video); mark ``status``."""
+        from magi.serve.store import JobFiles
+        from magi.sinks import join_mp4
+
+        parts = files.segments()
+        if job["params"].get("mode") == "extend" and job.get("parent_id"):
+            parts = [JobFiles(self.data_dir, job["parent_id"]).video, *parts]
+        try:
+            if parts:
+                join_mp4(parts, files.video)
+        except Exception as err:
+            return self._fail(job["id"], one_line(err))
+        self.store.update(job["id"], status=status, finished_at=time.time())
+        return None
+
+    def _fail(self, job_id: str, message: str) -> None:
+        self.store.update(job_id, status="failed", error=message, finished_at=time.time())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m magi.serve.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the official-format JSON config")
+    parser.add_argument("--data_dir", required=True, help="the server's data folder (magi.db, jobs/)")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _die_with_parent()
+    parent = os.getppid()
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # One worker per data folder: a new one waits here until an old one (being killed) is gone.
+    lock = open(data_dir / "worker.lock", "w")  # noqa: SIM115 - held for the process's life
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    from magi.serve.store import JobStore
+
+    store = JobStore(data_dir / "magi.db")
+    write_status(data_dir, status="loading", error=None, model=Path(args.config).stem)
+    try:
+        from magi.pipeline import MagiPipeline
+
+        pipe = MagiPipeline.from_config(args.config, device=args.device)
+    except Exception as err:  # reported by /health; restarting cannot help
+        write_status(data_dir, status="failed", error=one_line(err), model=Path(args.config).stem)
+        print(f"magi serve worker: cannot load the model: {one_line(err)}", file=sys.stderr, flush=True)
+        return 0
+    write_status(data_dir, status="ready", error=None, model=Path(args.config).stem)
+    try:
+        return Worker(pipe, store, data_dir, parent=parent).serve_forever()
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
