@@ -194,7 +194,7 @@ class Control:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: list[tuple[int, str]] = []
+        self._pending: list[tuple[int, str, bool]] = []  # (from_chunk, text, generated)
         self._stop = threading.Event()
         self._pipe: MagiPipeline | None = None
         self._run: Run | None = None
@@ -214,22 +214,30 @@ class Control:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def set_prompt(self, from_chunk: int, text: str) -> None:
-        """Use ``text`` for absolute chunks >= from_chunk that have not entered the window yet.
+    def set_prompt(self, from_chunk: int, text: str, *, generated: bool = False) -> None:
+        """Use ``text`` for chunks >= from_chunk that have not entered the window yet.
+
+        ``from_chunk`` is an absolute chunk index (v2v: the prefix chunks come first, as in
+        ``VideoChunk.index``), or with ``generated=True`` a generated chunk's (0 = the first
+        chunk after a v2v prefix), as prompt lists, segment files, the CLI's ``--steer`` file
+        and the HTTP API count them. For t2v and i2v the two are the same.
 
         Raises ValueError for an empty or non-string text, or a from_chunk outside the video's
-        chunks (0 .. chunk_num - 1, checked once the run is known).
+        chunks (0 .. chunk_num - 1, or 0 .. generated chunks - 1; checked once the run is known).
         """
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"set_prompt needs a non-empty string, got {text!r}")
         if isinstance(from_chunk, bool) or not isinstance(from_chunk, numbers.Integral):
             raise ValueError(f"from_chunk must be a whole number, got {from_chunk!r}")
         n = self.chunk_num
+        if generated and self._run is not None:
+            n = len(self._run.plan.generated_chunks)
         if from_chunk < 0 or (n is not None and from_chunk >= n):
             top = "" if n is None else f" 0 .. {n - 1}"
-            raise ValueError(f"from_chunk {from_chunk} is outside this video's chunks{top}")
+            what = "generated chunks" if generated else "chunks"
+            raise ValueError(f"from_chunk {from_chunk} is outside this video's {what}{top}")
         with self._lock:
-            self._pending.append((int(from_chunk), text))
+            self._pending.append((int(from_chunk), text, generated))
 
     def stop(self) -> None:
         """Stop after the current step (safe from any thread and from the step callback)."""
@@ -251,7 +259,9 @@ class Control:
         if not edits or self._run is None:
             return
         captions, n = self._run.captions, self._run.plan.chunk_num
-        for first, text in edits:
+        for first, text, generated in edits:
+            if generated:  # (an edit queued before the run started is counted here)
+                first += self._run.plan.offset
             first = max(first, self._frontier)
             if first >= n:
                 continue
@@ -286,9 +296,9 @@ class Generation:
         """Chunks of the video (absolute indices 0 .. chunk_num - 1, v2v prefix chunks first)."""
         return self._plan.chunk_num
 
-    def set_prompt(self, from_chunk: int, text: str) -> None:
+    def set_prompt(self, from_chunk: int, text: str, *, generated: bool = False) -> None:
         """``Control.set_prompt``: steer the chunks that have not entered the window yet."""
-        self.control.set_prompt(from_chunk, text)
+        self.control.set_prompt(from_chunk, text, generated=generated)
 
     def stop(self) -> None:
         """End the iteration after the current step (the chunks yielded so far stand)."""

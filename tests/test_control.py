@@ -116,3 +116,30 @@ def test_stop_then_resume_from_an_older_state_joins_one_video(pipe: MagiPipeline
     assert _frames(out) == FRAMES
     pieces = torch.cat([_tensors(tmp_path / f"{n}.safetensors")["video_tchw_uint8"] for n in ("a", "b")])
     assert torch.equal(pieces, whole)
+
+
+def test_generated_chunk_indices_skip_the_v2v_prefix(pipe: MagiPipeline, tmp_path: Path) -> None:
+    """set_prompt(k, generated=True) (the CLI's --steer file and the HTTP API) counts the chunks
+    after the v2v prefix, as prompt lists do: it equals the timeline run, queued before the run
+    starts or made during it."""
+    prefix = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(5))  # one clean chunk
+    timeline = ["a red fox in the snow"] * 2 + ["a blue bird over the sea"]
+    pipe.generate("v2v", timeline, num_frames=4 * 24, prefix_latent=prefix,
+                  save_tensors=tmp_path / "timeline.safetensors")  # fmt: skip
+    before = Control()
+    before.set_prompt(2, "a blue bird over the sea", generated=True)  # queued: the plan is unknown yet
+    pipe.generate("v2v", "a red fox in the snow", num_frames=4 * 24, prefix_latent=prefix, control=before,
+                  save_tensors=tmp_path / "before.safetensors")  # fmt: skip
+    during = Control()
+
+    def callback(info: StepInfo) -> None:
+        if info.step == 0:
+            during.set_prompt(2, "a blue bird over the sea", generated=True)
+            with pytest.raises(ValueError, match=r"outside this video's generated chunks 0 \.\. 3"):
+                during.set_prompt(4, "x", generated=True)
+
+    pipe.generate("v2v", "a red fox in the snow", num_frames=4 * 24, prefix_latent=prefix, control=during,
+                  callback=callback, save_tensors=tmp_path / "during.safetensors")  # fmt: skip
+    want = _tensors(tmp_path / "timeline.safetensors")["final_latent"]
+    for name in ("before", "during"):
+        assert torch.equal(_tensors(tmp_path / f"{name}.safetensors")["final_latent"], want), name

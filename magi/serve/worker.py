@@ -147,7 +147,7 @@ class Worker:
             for edit in self.store.edits(job_id, after=edits_seen[0]):
                 edits_seen[0] = edit["id"]
                 with contextlib.suppress(ValueError):  # checked by the HTTP layer; a stale one is dropped
-                    control.set_prompt(edit["from_chunk"], edit["prompt"])
+                    control.set_prompt(edit["from_chunk"], edit["prompt"], generated=True)
 
         def on_chunk(chunk: object) -> None:
             done[0] += 1
@@ -162,7 +162,7 @@ class Worker:
         for edit in self.store.edits(job_id):
             edits_seen[0] = edit["id"]
             with contextlib.suppress(ValueError):
-                control.set_prompt(edit["from_chunk"], edit["prompt"])
+                control.set_prompt(edit["from_chunk"], edit["prompt"], generated=True)
         common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
                       control=control, on_chunk=on_chunk)  # fmt: skip
         if state is not None and not state.meta.get("finished"):
