@@ -11,6 +11,7 @@ torchrun for multi-GPU configs (pp_size * cp_size > 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the finished run saved in STATE by --num_frames frames with new "
                             "--prompt(s), from its exact clean latents (v2v conditioning); appended to "
                             "--output_path when it holds that run's video")
+    state.add_argument("--steer", metavar="FILE",
+                       help="steer the run while it goes on: each line appended to FILE, "
+                            '{"from_chunk": K, "prompt": "TEXT"}, gives the generated chunks >= K that '
+                            "have not started denoising the prompt TEXT (lines already there apply from "
+                            "the start; FILE need not exist yet; a bad line is reported and skipped)")
     perf = parser.add_argument_group("speed and memory (same video either way; docs/PERFORMANCE.md)")
     perf.add_argument("--attention_backend", choices=ATTENTION_BACKENDS, default="auto",
                       help="attention kernel: auto (flash-attn on CUDA for bf16/fp16 when installed, "
@@ -409,14 +415,35 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
     if args.offload and cfg.engine.pp_size * cfg.engine.cp_size > 1:
         raise UsageError("--offload works in a single process only; drop it for multi-GPU configs")
     # the video's chunk count bounds a --prompt_file timeline: prompts are read after the budget
-    prompt = _prompt(args, _budget(cfg, args.mode, args.compat))
+    video = _budget(cfg, args.mode, args.compat)
+    prompt = _prompt(args, video)
     request = Request(args.mode, prompt, args.output_path, image, prefix, args.save_tensors)
     _check_files(cfg)
     _check_inputs(request, cfg, args.compat)
     _check_output("--output_path", request.output_path, probe_mp4=True)
     _check_output("--save_tensors", request.save_tensors)
     _check_output("--save_state", args.save_state)
+    _check_steer(args, cfg, video[0])
     return cfg, request, args
+
+
+def _check_steer(args: argparse.Namespace, cfg: MagiConfig, chunks: int | None) -> None:
+    """--steer FILE: one process only (every rank would have to apply each edit at the same step),
+    a folder that exists, and the lines it already holds well formed."""
+    if args.steer is None:
+        return
+    from magi.steer_file import check_file
+
+    if cfg.engine.pp_size * cfg.engine.cp_size > 1:
+        raise UsageError("--steer works in a single process only; drop it for multi-GPU configs")
+    if Path(args.steer).is_dir():
+        raise UsageError(f"--steer {args.steer} is a folder; give a file (it need not exist yet)")
+    if not Path(args.steer).parent.resolve().is_dir():
+        raise UsageError(f"--steer {args.steer}: the folder {Path(args.steer).parent} does not exist")
+    try:
+        check_file(args.steer, chunks)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _open_state(args: argparse.Namespace, flag: str, path: str, finished: bool) -> tuple[MagiConfig, object]:
@@ -451,7 +478,9 @@ def _prepare_extend(args: argparse.Namespace) -> tuple[MagiConfig, Request, argp
                          "--image_path and --prefix_video_path")  # fmt: skip
     cfg, args.extend_state = _open_state(args, "--extend", args.extend, finished=True)
     args.mode = "v2v"
-    prompt = _prompt(args, _budget(cfg, args.mode, args.compat))
+    video = _budget(cfg, args.mode, args.compat)
+    prompt = _prompt(args, video)
+    _check_steer(args, cfg, video[0])
     return cfg, Request("v2v", prompt, args.output_path, save_tensors=args.save_tensors), args
 
 
@@ -462,6 +491,7 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argp
                          "--prompt, --prompt_file, --image_path and --prefix_video_path")  # fmt: skip
     cfg, state = _open_state(args, "--resume", args.resume, finished=False)
     args.mode, args.resume_state = state.meta["mode"], state
+    _check_steer(args, cfg, None)
     return cfg, Request(args.mode, state.meta["prompts"], args.output_path, save_tensors=args.save_tensors), args
 
 
@@ -470,7 +500,14 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
 
     MagiPipeline = _pipeline().MagiPipeline
     vae_offload = {"auto": None, "on": True, "off": False}[args.vae_offload]
-    with fail_fast():  # under torchrun: an error on one rank stops the other ranks at once
+    control = steer = None
+    if args.steer is not None:
+        from magi.generation import Control
+        from magi.steer_file import SteerFile
+
+        control = Control()
+        steer = SteerFile(args.steer, control)
+    with fail_fast(), (steer or contextlib.nullcontext()):  # an error on one rank stops the others at once
         pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat,
                                         attention_backend=args.attention_backend, offload_blocks=args.offload,
                                         compile=args.compile, vae_offload=vae_offload)  # fmt: skip
@@ -478,18 +515,18 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
         if args.extend is not None:
             result = pipe.extend(args.extend_state, request.prompt, cfg.runtime.num_frames, request.output_path,
                                  progress=True, save_state=args.save_state, save_every=args.save_every,
-                                 save_tensors=request.save_tensors)  # fmt: skip
+                                 save_tensors=request.save_tensors, control=control)  # fmt: skip
         elif args.resume is not None:
             earlier = segments_folder(args.resume)
             result = pipe.resume(args.resume_state, request.output_path, progress=True,
                                  save_state=args.save_state or args.resume, save_every=args.save_every,
                                  save_tensors=request.save_tensors,
-                                 segments=earlier if earlier.is_dir() else None)  # fmt: skip
+                                 segments=earlier if earlier.is_dir() else None, control=control)  # fmt: skip
         else:
             segments = None if args.save_state is None else segments_folder(args.save_state)
             result = pipe.generate(**dataclasses.asdict(request), progress=True,
                                    save_state=args.save_state, save_every=args.save_every,
-                                   segments=segments)  # fmt: skip
+                                   segments=segments, control=control)  # fmt: skip
     shutdown()  # ranks leave together (rank 0 may still be closing the mp4); no-op in one process
     return result.exit_status  # 128 + signal when stopped by Ctrl-C (130), SIGTERM (143), SIGHUP (129)
 

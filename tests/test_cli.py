@@ -171,6 +171,7 @@ def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline):
         "mode": "i2v", "prompt": ["a", "b"], "output_path": "out.mp4", "image_path": "img.ppm",
         "prefix_video_path": None, "save_tensors": "t.safetensors", "progress": True,
         "save_state": None, "save_every": 1, "segments": None,  # no --save_state: no segment folder
+        "control": None,  # no --steer
     }
 
 

@@ -1,0 +1,143 @@
+"""Steering a CLI run from a file: ``python -m magi.infer ... --steer FILE``.
+
+FILE holds one JSON object a line, ``{"from_chunk": K, "prompt": "TEXT"}``, appended while the run
+goes on (``echo '{"from_chunk": 5, "prompt": "it starts to rain"}' >> FILE``). A watcher thread
+reads each new complete line and hands it to ``Control.set_prompt``, so the generated chunks >= K
+(counted as --prompt_file counts them: 0 is the first chunk after a v2v prefix) that have not
+entered the denoising window take TEXT (the rule: ``magi.generation.Control``). Lines already
+in the file when the run starts apply from its first step; the file need not exist yet. A line
+that is not such an object, or names a chunk outside the video, is reported on stderr as one line
+and skipped: a typo never stops a long run. A line still being written (no newline yet) waits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+from magi.generation import Control
+
+POLL_SECONDS = 0.25
+
+
+def parse_line(raw: bytes) -> tuple[int, str]:
+    """(from_chunk, prompt) of one steer-file line; ValueError naming what is wrong."""
+    try:
+        entry = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f'not a JSON line ({err}); write {{"from_chunk": K, "prompt": "TEXT"}}') from None
+    if not isinstance(entry, dict) or set(entry) != {"from_chunk", "prompt"}:
+        shown = raw.decode("utf-8", "replace").strip()
+        raise ValueError(f'want {{"from_chunk": K, "prompt": "TEXT"}}, got {shown[:80]!r}')
+    from_chunk, text = entry["from_chunk"], entry["prompt"]
+    if isinstance(from_chunk, bool) or not isinstance(from_chunk, int) or from_chunk < 0:
+        raise ValueError(f"from_chunk must be a chunk index >= 0, got {from_chunk!r}")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"prompt must be a non-empty string, got {text!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("prompt is not valid UTF-8 text (a lone surrogate escape)") from None
+    return from_chunk, text
+
+
+def check_file(path: str | Path, chunks: int | None = None) -> None:
+    """Check the complete lines a steer file holds already (before a run starts).
+
+    chunks: the run's generated chunks, to refuse an edit beyond the video.
+
+    Raises:
+        ValueError: naming the file, the line and the problem.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise ValueError(f"--steer {path}: cannot read it ({err.strerror or type(err).__name__})") from None
+    for number, raw in enumerate(data.split(b"\n")[:-1], start=1):
+        if not raw.strip():
+            continue
+        try:
+            from_chunk, _ = parse_line(raw)
+        except ValueError as err:
+            raise ValueError(f"--steer {path} line {number}: {err}") from None
+        if chunks is not None and from_chunk >= chunks:
+            raise ValueError(f"--steer {path} line {number}: from_chunk {from_chunk} is beyond the video "
+                             f"(generated chunks 0 .. {chunks - 1})")  # fmt: skip
+
+
+class SteerFile:
+    """Watches ``path`` for new lines and steers ``control`` with them.
+
+    Use as a context manager around the run (``start`` / ``close``); ``poll`` reads what is new
+    once (the thread calls it every ``POLL_SECONDS``).
+    """
+
+    def __init__(self, path: str | Path, control: Control, warn: Callable[[str], None] | None = None) -> None:
+        self.path = Path(path)
+        self.control = control
+        self.applied: list[tuple[int, str]] = []
+        self._warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._offset = 0
+        self._line = 0
+        self._partial = b""
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> None:
+        """Apply the complete lines added since the last poll."""
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, 2)
+                if size < self._offset:  # truncated or replaced: read it again from the start
+                    self._warn(f"--steer {self.path}: the file got shorter; reading it again from the top")
+                    self._offset, self._partial = 0, b""
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            self._warn(f"--steer {self.path}: cannot read it ({err.strerror or err}); will retry")
+            return
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for raw in lines:
+            self._line += 1
+            self._take(raw)
+
+    def _take(self, raw: bytes) -> None:
+        if not raw.strip():
+            return
+        where = f"--steer {self.path} line {self._line}"
+        try:
+            from_chunk, text = parse_line(raw)
+            self.control.set_prompt(from_chunk, text, generated=True)
+        except ValueError as err:
+            self._warn(f"{where}: {err}; skipped")
+            return
+        self.applied.append((from_chunk, text))
+
+    def start(self) -> "SteerFile":
+        self.poll()  # what is there before the run applies from its first step
+        self._thread = threading.Thread(target=self._watch, name="magi-steer-file", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._done.wait(POLL_SECONDS):
+            self.poll()
+
+    def close(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> "SteerFile":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
