@@ -8,10 +8,8 @@ job. Skips with a reason where Debian's chromium or playwright's Python driver i
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests 
 
 from magi.config import load_config, save_config  # noqa: E402
 from magi.serve.store import JobStore  # noqa: E402
+from tests.test_serve_api import _free_port, _make_tiny  # noqa: E402  (tiny checkpoint, loopback port)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
@@ -38,19 +37,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--autoplay-policy=no-user-gesture-required"]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser (Debian: apt-get install chromium)")
-
-
-def _make_tiny(out: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", REPO / "scripts" / "make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny_checkpoint(out, TINY_CONFIG, seed=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
