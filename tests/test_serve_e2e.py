@@ -161,7 +161,9 @@ def test_t2v_i2v_v2v_submit_poll_download(server: Server, setup: dict, tmp_path:
 
 
 def test_two_queued_jobs_finish_in_order_and_stream_before_the_end(server: Server, tmp_path: Path) -> None:
-    first = server.submit(prompt="one", num_frames=3 * CHUNK, seed=1)
+    # 24 chunks: long enough that its end (at ~0.1 s a chunk here) comes well after the first
+    # segment reaches the stream (polled every 0.25 s); 3 chunks sometimes ended first
+    first = server.submit(prompt="one", num_frames=24 * CHUNK, seed=1)
     second = server.submit(prompt="two", num_frames=CHUNK, seed=2)
     assert server.job(second)["queue_position"] == 1 or server.job(second)["status"] == "queued"
     # the first chunk is readable from the live stream while the job still runs
@@ -195,20 +197,20 @@ def _data_dir(server: Server) -> Path:
 
 
 def test_cancel_keeps_the_chunks_done(server: Server, tmp_path: Path) -> None:
-    job_id = server.submit(prompt="long", num_frames=6 * CHUNK, seed=3)
+    job_id = server.submit(prompt="long", num_frames=30 * CHUNK, seed=3)  # long: the cancel lands mid-job
     server.wait(job_id, until=lambda j: j["chunks_done"] >= 1)
     r = server.client.post(f"/v1/videos/{job_id}/cancel")
     assert r.status_code == 200, r.text
     job = server.wait(job_id)
-    assert job["status"] == "cancelled" and 1 <= job["chunks_done"] < 6
+    assert job["status"] == "cancelled" and 1 <= job["chunks_done"] < 30
     assert len(server.frames(job_id, tmp_path)) == job["frames_done"] == job["chunks_done"] * CHUNK
 
 
 def test_steer_equals_a_run_started_with_that_timeline(server: Server, tmp_path: Path) -> None:
-    chunks = 6
+    chunks = 24  # long enough that chunk 12 has not entered the window when the edit lands
     job_id = server.submit(prompt="calm", num_frames=chunks * CHUNK, seed=11)
     server.wait(job_id, until=lambda j: j["status"] == "in_progress" and j["step"] >= 1)
-    r = server.client.post(f"/v1/videos/{job_id}/prompt", json={"from_chunk": 4, "prompt": "a storm"})
+    r = server.client.post(f"/v1/videos/{job_id}/prompt", json={"from_chunk": 12, "prompt": "a storm"})
     assert r.status_code == 200, r.text
     assert server.wait(job_id)["status"] == "completed"
     state = GenerationState.load(_data_dir(server) / "jobs" / job_id / "state.safetensors")
@@ -223,7 +225,7 @@ def test_kill_9_and_restart_resumes_to_the_same_frames(setup: dict, tmp_path: Pa
     data = tmp_path / "data"
     srv = Server(setup, data)
     try:
-        job_id = srv.submit(prompt="a long walk", num_frames=4 * CHUNK, seed=21)
+        job_id = srv.submit(prompt="a long walk", num_frames=16 * CHUNK, seed=21)
         srv.wait(job_id, until=lambda j: j["chunks_done"] >= 1)
         assert srv.job(job_id)["status"] == "in_progress"
     finally:
@@ -234,9 +236,9 @@ def test_kill_9_and_restart_resumes_to_the_same_frames(setup: dict, tmp_path: Pa
         assert job["status"] == "completed", job
         assert _times(srv, job_id)["attempts"] == 2
         resumed = srv.frames(job_id, tmp_path)
-        again = srv.submit(prompt="a long walk", num_frames=4 * CHUNK, seed=21)
+        again = srv.submit(prompt="a long walk", num_frames=16 * CHUNK, seed=21)
         assert srv.wait(again)["status"] == "completed"
-        assert len(resumed) == 4 * CHUNK
+        assert len(resumed) == 16 * CHUNK
         assert torch.equal(resumed, srv.frames(again, tmp_path))
     finally:
         srv.stop()
