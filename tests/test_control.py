@@ -3,9 +3,6 @@ continue it from a state older than its segments (what a kill -9 leaves) into on
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import os
 import shutil
 from pathlib import Path
 
@@ -14,29 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from magi.config import load_config, save_config
 from magi.generation import Control, StepInfo, VideoChunk
 from magi.pipeline import MagiPipeline
+from tests.test_state import pipe, tiny  # noqa: F401  (fixtures: tiny checkpoint, 8 steps per chunk)
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
 CHUNKS = 6
 FRAMES = 24 * CHUNKS  # 24 frames per chunk in the tiny config
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> MagiPipeline:
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", REPO / "scripts" / "make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    root = tmp_path_factory.mktemp("control")
-    ck = module.make_tiny_checkpoint(root / "checkpoints", TINY_CONFIG, seed=0)
-    cfg = load_config(TINY_CONFIG)
-    runtime = dataclasses.replace(cfg.runtime, load=str(ck / "magi" / "tiny"), t5_pretrained=str(ck / "t5"),
-                                  vae_pretrained=str(ck / "vae"), num_steps=8, window_size=4)  # fmt: skip
-    save_config(cfg.replace(runtime=runtime), root / "config.json")
-    os.environ["SPECIAL_TOKEN_PATH"] = str(ck / "special_tokens.npz")
-    return MagiPipeline.from_config(root / "config.json", device="cpu")
 
 
 def _frames(path: Path) -> int:
@@ -47,7 +27,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def test_control_steers_a_generate_call(pipe: MagiPipeline, tmp_path: Path) -> None:
+def test_control_steers_a_generate_call(pipe: MagiPipeline, tmp_path: Path) -> None:  # noqa: F811
     """set_prompt from the step callback, while chunk 3 has not entered: the latents equal a run
     started with that timeline, and differ from the unsteered run (the edit did something)."""
     control = Control()
@@ -73,7 +53,7 @@ def test_control_steers_a_generate_call(pipe: MagiPipeline, tmp_path: Path) -> N
         control.set_prompt(CHUNKS, "too late")
 
 
-def test_stop_then_resume_from_an_older_state_joins_one_video(pipe: MagiPipeline, tmp_path: Path) -> None:
+def test_stop_then_resume_from_an_older_state_joins_one_video(pipe: MagiPipeline, tmp_path: Path) -> None:  # noqa: F811
     """stop() from on_chunk keeps the chunks done (joined mp4, state); resuming from an older
     state (as after a kill -9 between saves) drops the segments it does not cover and ends with
     one mp4 whose frames equal the uninterrupted run's."""
@@ -118,7 +98,7 @@ def test_stop_then_resume_from_an_older_state_joins_one_video(pipe: MagiPipeline
     assert torch.equal(pieces, whole)
 
 
-def test_generated_chunk_indices_skip_the_v2v_prefix(pipe: MagiPipeline, tmp_path: Path) -> None:
+def test_generated_chunk_indices_skip_the_v2v_prefix(pipe: MagiPipeline, tmp_path: Path) -> None:  # noqa: F811
     """set_prompt(k, generated=True) (the CLI's --steer file and the HTTP API) counts the chunks
     after the v2v prefix, as prompt lists do: it equals the timeline run, queued before the run
     starts or made during it."""
