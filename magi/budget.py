@@ -1,6 +1,7 @@
 """What a request needs in memory and on disk, checked before any model loads.
 
-Pure arithmetic on the config: ``estimate`` sizes a request (the initial noise, one chunk's latent,
+Pure arithmetic on the config: ``chunk_count`` / ``decoded_frames`` are the frame budget the
+pipeline uses (chunks a request needs, frames a chunk decodes to), ``estimate`` sizes a request (the initial noise, one chunk's latent,
 decoded frames and DiT activations), ``check_budget`` compares those sizes with the free space of
 the temporary folder and the machine's memory, and ``check_request`` does both with this machine's
 numbers. A request that cannot fit (a 100000 px frame, ten million frames, a million-frame
@@ -45,6 +46,50 @@ class Estimate:
     chunk_activation_bytes: int  # float32 [chunk_tokens, max(hidden, ffn_hidden)]: one layer's widest
 
 
+def decoded_frames(latent_frames: int, tile_latents: int) -> int:
+    """Video frames the tiled VAE decode gives for n latent frames (a lone tile frame -> 1)."""
+    full, rest = divmod(latent_frames, tile_latents)
+    tail = 0 if rest == 0 else (1 if rest == 1 else 4 * rest)
+    return full * 4 * tile_latents + tail
+
+
+def chunk_count(
+    mode: str,
+    num_frames: int,
+    prefix_frames: int,
+    chunk_width: int,
+    *,
+    compat: str = "magi",
+    temporal_factor: int = 4,
+    tile_latents: int = 3,
+) -> int:
+    """How many latent chunks (prefix chunks included) a request needs.
+
+    Args:
+        mode: "t2v", "i2v" or "v2v".
+        num_frames: requested video frames.
+        prefix_frames: P, prefix latent frames (0, 1, or the encoded v2v length).
+        chunk_width: latent frames per chunk.
+        compat: "official" uses ceil((num_frames // 4 + P) / chunk_width); "magi" the fewest
+            chunks whose output covers num_frames exactly.
+        temporal_factor: VAE temporal compression (4).
+        tile_latents: latent frames per temporal VAE decode tile (fps // 2 // 4).
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if compat == "official":
+        return math.ceil((num_frames // temporal_factor + prefix_frames) / chunk_width)
+    if mode != "v2v":  # whole chunks from chunk 0 (i2v: the image is the first latent frame)
+        latents = max(math.ceil(num_frames / temporal_factor), prefix_frames)
+        return math.ceil(latents / chunk_width)
+    # v2v: the first generated chunk may be partly prefilled; its remainder decodes on its own.
+    offset = prefix_frames // chunk_width
+    first = (offset + 1) * chunk_width - prefix_frames
+    have = decoded_frames(first, tile_latents)
+    per_chunk = decoded_frames(chunk_width, tile_latents)
+    return offset + 1 + max(0, math.ceil((num_frames - have) / per_chunk))
+
+
 def prefix_frames_upper_bound(cfg: MagiConfig, mode: str, compat: str = "magi") -> int:
     """Most prefix latent frames a request can have: t2v 0, i2v 1 (the image), v2v the visible
     prefix (official: its first 32 frames) over the VAE's temporal factor, rounded up."""
@@ -76,7 +121,6 @@ def estimate(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bo
         noise_spill_bytes: the pipeline's threshold above which the noise is a temporary file
             (default magi.sampling.noise.SPILL_BYTES).
     """
-    from magi import pipeline  # chunk_count / decoded_frames: the pipeline's own frame budget
     from magi.models.vae import tile_spec_for_fps
 
     if noise_spill_bytes is None:
@@ -84,11 +128,11 @@ def estimate(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bo
     rt, m = cfg.runtime, cfg.model
     cw, tf = rt.chunk_width, rt.temporal_downsample_factor
     tile = tile_spec_for_fps(rt.fps, compat).frames // tf
-    chunks, generated = _chunk_bounds(pipeline.chunk_count, mode, num_frames, prefix_frames_upper_bound,
-                                      cw, compat=compat, temporal_factor=tf, tile_latents=tile)  # fmt: skip
+    chunks, generated = _chunk_bounds(mode, num_frames, prefix_frames_upper_bound, cw, compat=compat,
+                                      temporal_factor=tf, tile_latents=tile)  # fmt: skip
     c = m.in_channels // 2 if m.half_channel_vae else m.in_channels
     lat_h, lat_w = rt.video_size_h // 8, rt.video_size_w // 8
-    frames = pipeline.decoded_frames(cw, tile)
+    frames = decoded_frames(cw, tile)
     tokens = math.ceil(cw / m.t_patch_size) * math.ceil(lat_h / m.patch_size) * math.ceil(lat_w / m.patch_size)
     return Estimate(
         rt.video_size_h, rt.video_size_w, num_frames, cw, chunks, generated, c,
@@ -102,8 +146,7 @@ def estimate(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bo
     )  # fmt: skip
 
 
-def _chunk_bounds(chunk_count, mode: str, num_frames: int, p_max: int, cw: int,
-                  **kwargs) -> tuple[int, int]:  # fmt: skip
+def _chunk_bounds(mode: str, num_frames: int, p_max: int, cw: int, **kwargs) -> tuple[int, int]:
     """(chunks, generated chunks), exact for t2v / i2v, upper bounds over every v2v P <= p_max.
 
     v2v: generated chunks depend only on the partly prefilled first chunk, most with the longest

@@ -29,7 +29,9 @@ from magi.sampling.chunks import ChunkPlan, Step
 from magi.sampling.denoise import SamplerSettings
 
 if TYPE_CHECKING:
-    from magi.pipeline import ChunkCaptions, MagiPipeline
+    from magi.captions import ChunkCaptions
+    from magi.pipeline import MagiPipeline
+
 
 def whole_number(name: str, value: object) -> int:
     """``value`` as an int; a one-line ValueError for bools, floats and other non-integers."""

@@ -24,7 +24,6 @@ Legend: C latent channels, T latent frames, H W latent size, F video frames.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -37,20 +36,20 @@ import torch
 from torch import nn
 
 from magi import video_io
+from magi.budget import chunk_count, decoded_frames
+from magi.captions import ChunkCaptions, token_users, zero_tokens
 from magi.conditioning import (
     DEFAULT_SPECIAL_TOKEN_PATH,
-    MAX_DURATION_TOKEN,
     SPECIAL_TOKEN_ENV,
     SpecialTokenOptions,
     SpecialTokens,
-    build_caption_table,
     load_special_tokens,
 )
 from magi.config import MagiConfig, check_paths, load_config
 from magi.models.kv_cache import KVCache
 from magi.models.vae import ViTVAE, tile_spec_for_fps
 from magi.sampling.chunks import ChunkPlan, Step
-from magi.sampling.denoise import NULL, PROMPT, SamplerSettings, denoise
+from magi.sampling.denoise import SamplerSettings, denoise
 from magi.sampling.noise import SPILL_BYTES, InitialNoise
 from magi.generation import (
     STOP_SIGNALS,
@@ -179,7 +178,7 @@ def check_special_tokens(cfg: MagiConfig) -> Path | None:
         FileNotFoundError: one line naming what was looked for and which tokens need it.
     """
     options = SpecialTokenOptions.from_env()
-    users = _token_users(options)
+    users = token_users(options)
     if not users and not os.environ.get(SPECIAL_TOKEN_ENV):
         return None
     try:
@@ -209,137 +208,6 @@ def check_files(cfg: MagiConfig) -> None:
         check_t5_folder(cfg.runtime.t5_pretrained)
 
 
-# ------------------------------------------------------------------------------ frame budget
-def decoded_frames(latent_frames: int, tile_latents: int) -> int:
-    """Video frames the tiled VAE decode gives for n latent frames (a lone tile frame -> 1)."""
-    full, rest = divmod(latent_frames, tile_latents)
-    tail = 0 if rest == 0 else (1 if rest == 1 else 4 * rest)
-    return full * 4 * tile_latents + tail
-
-
-def chunk_count(
-    mode: str,
-    num_frames: int,
-    prefix_frames: int,
-    chunk_width: int,
-    *,
-    compat: str = "magi",
-    temporal_factor: int = 4,
-    tile_latents: int = 3,
-) -> int:
-    """How many latent chunks (prefix chunks included) a request needs.
-
-    Args:
-        mode: "t2v", "i2v" or "v2v".
-        num_frames: requested video frames.
-        prefix_frames: P, prefix latent frames (0, 1, or the encoded v2v length).
-        chunk_width: latent frames per chunk.
-        compat: "official" uses ceil((num_frames // 4 + P) / chunk_width); "magi" the fewest
-            chunks whose output covers num_frames exactly.
-        temporal_factor: VAE temporal compression (4).
-        tile_latents: latent frames per temporal VAE decode tile (fps // 2 // 4).
-    """
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if compat == "official":
-        return math.ceil((num_frames // temporal_factor + prefix_frames) / chunk_width)
-    if mode != "v2v":  # whole chunks from chunk 0 (i2v: the image is the first latent frame)
-        latents = max(math.ceil(num_frames / temporal_factor), prefix_frames)
-        return math.ceil(latents / chunk_width)
-    # v2v: the first generated chunk may be partly prefilled; its remainder decodes on its own.
-    offset = prefix_frames // chunk_width
-    first = (offset + 1) * chunk_width - prefix_frames
-    have = decoded_frames(first, tile_latents)
-    per_chunk = decoded_frames(chunk_width, tile_latents)
-    return offset + 1 + max(0, math.ceil((num_frames - have) / per_chunk))
-
-
-# ---------------------------------------------------------------------------------- captions
-class ChunkCaptions:
-    """Per-chunk caption rows built on demand (same values as ``build_caption_table``).
-
-    A chunk's prompt caption depends only on its prompt and its duration token (chunks remaining,
-    capped at 8), so rows are built once per (prompt, duration) and memory does not grow with
-    the number of chunks (the full table is 2 x chunk_num x 800 x 4096 floats).
-
-    Args:
-        emb, mask: T5 features [Pn, Lcap, Ccap] and masks [Pn, Lcap] of the distinct prompts.
-        null: the DiT's null caption table [Lcap, Ccap].
-        tokens, options: special tokens and switches (as for ``build_caption_table``).
-        chunk_prompts: prompt index of every generated chunk.
-        offset: whole prefix chunks (generated chunk i is absolute chunk offset + i).
-    """
-
-    def __init__(
-        self,
-        emb: torch.Tensor,
-        mask: torch.Tensor,
-        null: torch.Tensor,
-        tokens: SpecialTokens,
-        options: SpecialTokenOptions,
-        chunk_prompts: Sequence[int],
-        offset: int = 0,
-        texts: Sequence[str] = (),
-    ) -> None:
-        self.texts = list(texts)  # the distinct prompts' text (emb[k] encodes texts[k])
-        self.emb, self.mask, self.null = emb, mask, null.float()
-        self.tokens, self.options = tokens, options
-        self.chunk_prompts, self.offset = list(chunk_prompts), offset
-        self._rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        y, m = self._table(0, 1)
-        self._null_row = (y[NULL, 0], m[NULL, 0])
-
-    def _table(self, prompt: int, duration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # A video of `duration` chunks: its chunk 0 carries DURATION_TOKEN_<duration>.
-        return build_caption_table(
-            self.emb[prompt : prompt + 1], self.mask[prompt : prompt + 1], self.null, self.tokens,
-            chunk_num=duration, options=self.options,
-        )  # fmt: skip
-
-    def row(self, kind: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(y [Lcap, Ccap], mask [Lcap]) of absolute chunk ``chunk``, row kind PROMPT or NULL."""
-        i = chunk - self.offset
-        if kind == NULL:
-            return self._null_row
-        if i < 0:  # clean prefix chunks: nothing to read (the model never asks for these)
-            return self.null, torch.zeros_like(self._null_row[1])
-        remaining = len(self.chunk_prompts) - i
-        duration = min(remaining, MAX_DURATION_TOKEN) if self.options.duration else 1
-        key = (self.chunk_prompts[i], duration)
-        if key not in self._rows:
-            y, m = self._table(*key)
-            self._rows[key] = (y[PROMPT, 0], m[PROMPT, 0])
-        return self._rows[key]
-
-    def assign_prompt(self, text: str, emb: torch.Tensor, mask: torch.Tensor, first: int) -> int:
-        """Give absolute chunks ``first`` .. the last one the prompt ``text`` (steering).
-
-        The prompt is appended (emb [Lcap, Ccap] or [1, Lcap, Ccap], mask [Lcap] or [1, Lcap]:
-        its T5 features) unless ``texts`` already holds it; emb[k] keeps encoding texts[k], so a
-        saved state carries the steered timeline. Rows are keyed by (prompt, duration), so the
-        cached ones stay valid and the new rows equal those of a run started with this timeline.
-
-        Returns:
-            The prompt index the chunks now use.
-        """
-        if text in self.texts and len(self.texts) == self.emb.shape[0]:
-            k = self.texts.index(text)
-        else:
-            k = self.emb.shape[0]
-            emb = emb.reshape(1, *self.emb.shape[1:]).to(self.emb)
-            self.emb = torch.cat([self.emb, emb])
-            self.mask = torch.cat([self.mask, mask.reshape(1, -1).to(self.mask)])
-            self.texts.append(text)
-        for i in range(max(0, first - self.offset), len(self.chunk_prompts)):
-            self.chunk_prompts[i] = k
-        return k
-
-    def rows(self, kinds: Sequence[int], chunks: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked captions of chunks[j] from row kinds[j]: ([R, Lcap, Ccap], [R, Lcap])."""
-        pairs = [self.row(k, c) for k, c in zip(kinds, chunks)]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-
-
 def _prompt_list(prompt: str | Sequence[str]) -> list[str]:
     if not isinstance(prompt, (str, list, tuple)):
         raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
@@ -347,17 +215,6 @@ def _prompt_list(prompt: str | Sequence[str]) -> list[str]:
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("prompt must be a non-empty string or a non-empty list of non-empty strings")
     return prompts
-
-
-def _token_users(options: SpecialTokenOptions) -> list[str]:
-    """The switched-on special tokens that read special_tokens.npz (empty: the file is not needed)."""
-    return options.prompt_tokens() + (["NEG_PROMPT"] if options.negative_prompt else [])
-
-
-def _zero_tokens(width: int) -> SpecialTokens:
-    # No special token is switched on: the file is not needed, only its width.
-    zeros = torch.zeros(1, width)
-    return SpecialTokens(zeros, zeros, torch.zeros(17, width))
 
 
 # ---------------------------------------------------------------------------------- pipeline
@@ -941,8 +798,8 @@ class MagiPipeline:
                              chunk_prompts, plan.offset, distinct)  # fmt: skip
 
     def _tokens(self, options: SpecialTokenOptions, width: int) -> SpecialTokens:
-        if not _token_users(options):
-            return _zero_tokens(width)
+        if not token_users(options):
+            return zero_tokens(width)
         if self._special_tokens is None:
             self._special_tokens = load_special_tokens(find_special_tokens(self.config))
         return self._special_tokens
