@@ -1,13 +1,13 @@
 """magi: inference library for MAGI-1, Sand AI's autoregressive video diffusion model."""
 
 from magi.config import ConfigError, MagiConfig, check_paths, load_config
+from magi.version import __version__
 
-__all__ = ["ConfigError", "MagiConfig", "MagiPipeline", "check_paths", "load_config"]
-__version__ = "0.1.0"
+__all__ = ["ConfigError", "MagiConfig", "MagiPipeline", "__version__", "check_paths", "load_config"]
 
 
 def __getattr__(name: str):
-    # The pipeline pulls in the models; import it only when asked for.
+    # The pipeline pulls in torch and the models; import it only when asked for.
     if name == "MagiPipeline":
         from magi.pipeline import MagiPipeline
 

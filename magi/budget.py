@@ -18,9 +18,14 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from magi.config import MagiConfig
+
+TEMPORAL_FACTOR = 4  # VAE temporal compression
+OFFICIAL_PREFIX_FRAMES = 32  # the official v2v reads exactly this many frames from the start
+SPILL_BYTES = 64 * 2**20  # initial noise above this lives in a temporary file (~21 chunks at 720x720)
 
 GIB = 2**30
 FLOAT32 = 4  # bytes
@@ -44,6 +49,23 @@ class Estimate:
     chunk_frame_bytes: int  # float32 [3, frames_per_chunk, H, W] out of the VAE decode
     chunk_tokens: int  # DiT tokens of one chunk
     chunk_activation_bytes: int  # float32 [chunk_tokens, max(hidden, ffn_hidden)]: one layer's widest
+
+
+def tile_frames(fps: int, compat: str = "magi") -> int:
+    """Frames of one temporal VAE tile. The official tile is fps // 2 frames, which drops frames
+    when that is not a multiple of 4; magi rounds it down to a multiple of 4 (same at 24 fps)."""
+    frames = fps // 2
+    if compat == "magi":
+        return max(4, frames // 4 * 4)
+    if compat != "official":
+        raise ValueError(f"compat must be 'magi' or 'official', got {compat!r}")
+    return frames
+
+
+def visible_prefix_frames(noise2clean_kvrange: Sequence[int], chunk_width: int,
+                          temporal_factor: int = TEMPORAL_FACTOR) -> int:  # fmt: skip
+    """Pixel frames of history a new chunk can still attend to: (max(kv range) - 1) chunks."""
+    return (max(noise2clean_kvrange) - 1) * chunk_width * temporal_factor
 
 
 def decoded_frames(latent_frames: int, tile_latents: int) -> int:
@@ -97,13 +119,10 @@ def prefix_frames_upper_bound(cfg: MagiConfig, mode: str, compat: str = "magi") 
         return 0
     if mode == "i2v":
         return 1
-    from magi import video_io
-
     rt = cfg.runtime
-    frames = video_io.visible_prefix_frames(rt.noise2clean_kvrange or (8,), rt.chunk_width,
-                                            rt.temporal_downsample_factor)  # fmt: skip
+    frames = visible_prefix_frames(rt.noise2clean_kvrange or (8,), rt.chunk_width, rt.temporal_downsample_factor)
     if compat == "official":
-        frames = video_io.OFFICIAL_PREFIX_FRAMES
+        frames = OFFICIAL_PREFIX_FRAMES
     return math.ceil(frames / rt.temporal_downsample_factor)
 
 
@@ -119,15 +138,13 @@ def estimate(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bo
             (``prefix_frames_upper_bound()``); the exact P gives exact chunk counts.
         compat: "magi" or "official" (chunk count and VAE tile rules).
         noise_spill_bytes: the pipeline's threshold above which the noise is a temporary file
-            (default magi.sampling.noise.SPILL_BYTES).
+            (default SPILL_BYTES).
     """
-    from magi.models.vae import tile_spec_for_fps
-
     if noise_spill_bytes is None:
-        from magi.sampling.noise import SPILL_BYTES as noise_spill_bytes
+        noise_spill_bytes = SPILL_BYTES
     rt, m = cfg.runtime, cfg.model
     cw, tf = rt.chunk_width, rt.temporal_downsample_factor
-    tile = tile_spec_for_fps(rt.fps, compat).frames // tf
+    tile = tile_frames(rt.fps, compat) // tf
     chunks, generated = _chunk_bounds(mode, num_frames, prefix_frames_upper_bound, cw, compat=compat,
                                       temporal_factor=tf, tile_latents=tile)  # fmt: skip
     c = m.in_channels // 2 if m.half_channel_vae else m.in_channels

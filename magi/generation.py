@@ -1,180 +1,65 @@
-"""One generation in flight: what it reports, and how it is steered and stopped.
+"""The run loop: a prepared ``Run`` -> denoised, checked, decoded chunks -> the sinks.
 
-- ``StepInfo`` (per sampler step), ``VideoChunk`` (per clean chunk), ``GenerationResult`` (per
-  ``generate`` / ``resume`` / ``extend`` call): what callers receive.
-- ``Run``: one prepared request (plan, captions, noise identity, prefix; for a resumed state also
-  its window and step), built by ``MagiPipeline`` and consumed by its run loop.
+- ``chunks``: denoise the run step by step (from its start step), check each clean latent, decode
+  it, trim it to the frame budget, and yield ``VideoChunk``s; the state saver sees every resume
+  point.
+- ``execute``: one ``generate`` / ``resume`` / ``extend`` call: the run's chunks into the
+  ``Outputs`` (mp4, segments, tensors, state), stopped between steps by a ``Control`` or by
+  Ctrl-C (``KeyboardInterrupt``), returning the ``GenerationResult``.
 - ``Control``: steer (``set_prompt``) or stop a run from any thread; the run applies both at its
-  next step boundary. ``generate(control=...)`` and the ``Generation`` handle use it.
-- ``Generation``: the handle ``MagiPipeline.stream`` returns (iterate it for the chunks).
-- Stop signals: the first SIGINT / SIGTERM / SIGHUP stops after the current step.
+  next step boundary. ``Generation``: the iterable handle ``MagiPipeline.stream`` returns.
+
+The library installs no signal handler: an entry point (the CLI, the serve worker) turns its
+signals into ``Control.stop(signum)`` (``magi.cli.stop_on_signals``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import numbers
+import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from contextlib import closing
 
 import torch
 
+from magi.engine import Engine
+from magi.models.kv_cache import KVCache
+from magi.prepare import TAIL_CHUNKS, Run, snapshot
+from magi.prompts import PromptEncoder
+from magi.request import check_from_chunk, check_text
+from magi.results import GenerationResult, StepInfo, VideoChunk
 from magi.sampling.chunks import ChunkPlan, Step
-from magi.sampling.denoise import SamplerSettings
+from magi.sampling.denoise import denoise
+from magi.sampling.noise import InitialNoise
+from magi.sinks import Outputs, StateSaver, progress_bar
 
-if TYPE_CHECKING:
-    from magi.captions import ChunkCaptions
-    from magi.pipeline import MagiPipeline
+logger = logging.getLogger(__name__)
 
-
-def whole_number(name: str, value: object) -> int:
-    """``value`` as an int; a one-line ValueError for bools, floats and other non-integers."""
-    # bool is an int to Python but never a frame count or a seed; numpy integers are fine.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a whole number, got {value!r} ({type(value).__name__})")
-    return int(value)
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # an entry point stops after the current step on these
 
 
-@dataclass(frozen=True)
-class StepInfo:
-    """What the per-step callback receives after every sampler step."""
-
-    step: int  # 0-based global step
-    total_steps: int
-    chunks: tuple[int, ...]  # chunks denoised in this step (absolute indices)
-    finished: int | None  # chunk that became clean in this step
+class NonFiniteLatentError(ValueError):
+    """A chunk's latent came out of the sampler with NaN / Inf values; nothing is written."""
 
 
-@dataclass(frozen=True)
-class VideoChunk:
-    """One generated chunk, as ``MagiPipeline.stream`` yields it.
-
-    Attributes:
-        index: absolute chunk index (v2v: the prefix chunks come first and are never yielded).
-        frames: uint8 [F, 3, H, W] video frames of this chunk (after trimming to num_frames).
-        latent: float32 [1, C, chunk_width, H/8, W/8] clean latent of the whole chunk.
-    """
-
-    index: int
-    frames: torch.Tensor
-    latent: torch.Tensor
+class StopRequested(Exception):
+    """Raised from the step hook once a stop is asked for: the run ends after the current step."""
 
 
-@dataclass
-class GenerationResult:
-    """Summary of one ``generate`` call."""
-
-    output_path: Path | None
-    frames_written: int = 0
-    chunks_done: int = 0
-    chunks_total: int = 0
-    interrupted: bool = False
-    stop_signal: int | None = None  # the stop signal (SIGINT, SIGTERM, SIGHUP) when interrupted
-    time_to_first_chunk: float = float("nan")
-    seconds_per_chunk: float = float("nan")
-    peak_memory_bytes: int = 0
-    fps: int = 24
-    size: tuple[int, int] = (0, 0)
-
-    @property
-    def exit_status(self) -> int:
-        """The CLI's exit status: 0 when done, 128 + the signal's number when stopped by one."""
-        if not self.interrupted:
-            return 0
-        return 128 + int(self.stop_signal or signal.SIGINT)
-
-    def summary(self) -> str:
-        """One-paragraph report printed at the end of a CLI run."""
-        if self.interrupted and not self.chunks_done:
-            return "interrupted before the first chunk was done; nothing written"
-        where = f" to {self.output_path}" if self.output_path else ""
-        head = "interrupted: wrote the chunks done so far" if self.interrupted else "done"
-        return (
-            f"{head}: {self.frames_written} frames ({self.chunks_done}/{self.chunks_total} "
-            f"chunks, {self.size[0]}x{self.size[1]} @ {self.fps} fps){where}; time to first "
-            f"chunk {self.time_to_first_chunk:.1f} s, {self.seconds_per_chunk:.2f} s per chunk, "
-            f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB"
-        )
-
-
-class _StopRequested(Exception):
-    """Raised from the step callback after the first Ctrl-C: stop after the current step."""
-
-
-# ---------------------------------------------------------------------------------- signals
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # stop after the current step, keep the chunks done
-
-
-class _Stop:
-    """Set by the first stop signal; remembers which one (the CLI exits with 128 + its number)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.signum: int | None = None
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-    def set(self, signum: int = signal.SIGINT) -> None:
-        if self.signum is None:
-            self.signum = signum
-        self.event.set()
-
-
-@contextmanager
-def _graceful_stop(stop: _Stop) -> Iterator[None]:
-    """First Ctrl-C / SIGTERM / SIGHUP sets ``stop`` (finish the current step, keep the chunks
-    done, as docker stop, timeout and Slurm expect); a second one aborts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+def check_finite(latent: torch.Tensor, index: int, load: object) -> None:
+    """Fail on a non-finite clean latent (one reduction per chunk) instead of writing black frames."""
+    if bool(torch.isfinite(latent).all()):
         return
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set(signum)
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping after the current step and keeping the chunks done so far "
-              f"(send it again to abort)", file=sys.stderr, flush=True)
-
-    signums = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
-    previous = {s: signal.signal(s, handler) for s in signums}
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old)
+    bad = int((~torch.isfinite(latent)).sum())
+    raise NonFiniteLatentError(
+        f"chunk {index} came out of the sampler with {bad} NaN/Inf latent values: the DiT weights "
+        f"in {load} likely hold non-finite values (a corrupt or wrongly converted "
+        "checkpoint), or the model dtype overflowed; nothing was written"
+    )
 
 
-@dataclass
-class Run:
-    """One prepared request."""
-
-    mode: str
-    plan: ChunkPlan
-    settings: SamplerSettings
-    captions: "ChunkCaptions"
-    noise_shape: tuple[int, ...]  # [1, C, T, H, W] of the whole video
-    seed: int
-    noise: torch.Tensor | None  # given noise, or None to draw it from seed
-    per_chunk_noise: bool  # chunk k drawn alone from seed + k (not the official noise)
-    prefix: torch.Tensor | None
-    limit: int | None  # frames to keep (magi), None = every frame (official)
-    start_step: int = 0  # > 0: resumed from a GenerationState with this window
-    window: dict[int, torch.Tensor] | None = None
-    frames_done: int = 0  # frames / chunks already emitted (counting those of a resumed state)
-    chunks_done: int = 0
-    tail: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # last clean chunks
-
-
-
-
+# ---------------------------------------------------------------------------------- steering
 class Control:
     """Steer or stop one run from any thread (``generate`` / ``resume`` / ``extend`` with
     ``control=``, or the ``Generation`` handle of ``stream``).
@@ -188,8 +73,9 @@ class Control:
     captions then equal those of a run started with the final timeline (a prompt list), so the
     latents do too. Under torchrun every rank must make the same calls, at the same step.
 
-    ``stop()``: stop after the current step, as a first Ctrl-C does: the chunks done are kept
-    (written, joined), the state is saved, ``GenerationResult.interrupted`` is set.
+    ``stop(signum=None)``: stop after the current step, as a first Ctrl-C does: the chunks done
+    are kept (written, joined), the state is saved, ``GenerationResult.interrupted`` is set (and
+    ``stop_signal`` to ``signum`` when an entry point stops on a signal).
 
     A Control steers one run; edits made before the run starts apply from its first step.
     """
@@ -198,7 +84,8 @@ class Control:
         self._lock = threading.Lock()
         self._pending: list[tuple[int, str, bool]] = []  # (from_chunk, text, generated)
         self._stop = threading.Event()
-        self._pipe: MagiPipeline | None = None
+        self.stop_signal: int | None = None
+        self._encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._run: Run | None = None
         self._frontier = 0  # first absolute chunk that has not entered the window yet
 
@@ -216,6 +103,12 @@ class Control:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def pending(self) -> int:
+        """Edits queued and not yet applied."""
+        with self._lock:
+            return len(self._pending)
+
     def set_prompt(self, from_chunk: int, text: str, *, generated: bool = False) -> None:
         """Use ``text`` for chunks >= from_chunk that have not entered the window yet.
 
@@ -228,33 +121,32 @@ class Control:
         chunks (0 .. chunk_num - 1, or 0 .. generated chunks - 1; checked once the run is known).
         """
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"set_prompt needs a non-empty string, got {text!r}")
-        if isinstance(from_chunk, bool) or not isinstance(from_chunk, numbers.Integral):
-            raise ValueError(f"from_chunk must be a whole number, got {from_chunk!r}")
+            raise ValueError(f"set_prompt needs a non-empty string, got {text!r}"[:200])
+        check_text(text, "set_prompt's text")
         n = self.chunk_num
         if generated and self._run is not None:
             n = len(self._run.plan.generated_chunks)
-        if from_chunk < 0 or (n is not None and from_chunk >= n):
-            top = "" if n is None else f" 0 .. {n - 1}"
-            what = "generated chunks" if generated else "chunks"
-            raise ValueError(f"from_chunk {from_chunk} is outside this video's {what}{top}")
+        from_chunk = check_from_chunk(from_chunk, n, generated=generated)
         with self._lock:
-            self._pending.append((int(from_chunk), text, generated))
+            self._pending.append((from_chunk, text, generated))
 
-    def stop(self) -> None:
-        """Stop after the current step (safe from any thread and from the step callback)."""
+    def stop(self, signum: int | None = None) -> None:
+        """Stop after the current step (safe from any thread, a signal handler and the step callback)."""
+        if signum is not None and self.stop_signal is None:
+            self.stop_signal = signum
         self._stop.set()
 
     # ---- generating thread ------------------------------------------------------------------
-    def _bind(self, pipe: "MagiPipeline", run: Run) -> None:
+    def bind(self, run: Run, encode: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Attach to the run about to start (``encode``: T5 features of new prompt texts)."""
         if self._run is not None:
             raise ValueError("this Control already steers a run; make one per run")
-        self._pipe, self._run = pipe, run
+        self._encode, self._run = encode, run
         self._frontier = next((s.entering for s in run.plan.steps() if s.index >= run.start_step
                                and s.entering is not None), run.plan.chunk_num)  # fmt: skip
-        self._apply()
+        self.apply()
 
-    def _apply(self) -> None:
+    def apply(self) -> None:
         """Apply the queued edits (between steps)."""
         with self._lock:
             edits, self._pending = self._pending, []
@@ -267,26 +159,144 @@ class Control:
             first = max(first, self._frontier)
             if first >= n:
                 continue
-            emb, mask = (None, None) if text in captions.texts else self._pipe._encode([text])
+            emb, mask = (None, None) if text in captions.texts else self._encode([text])
             captions.assign_prompt(text, emb, mask, first)
 
-    def _at_step(self, info: StepInfo) -> None:
+    def at_step(self, info: StepInfo) -> None:
+        """The step boundary: chunks denoised so far have entered; apply what is queued."""
         self._frontier = max(self._frontier, max(info.chunks) + 1)
         if self._pending:
-            self._apply()
+            self.apply()
+
+
+# ---------------------------------------------------------------------------------- the loop
+def initial_noise(engine: Engine, run: Run) -> InitialNoise:
+    """The only random draw: randn(shape) from a generator seeded with ``seed`` on the device.
+
+    Held in host memory, or above ``noise_spill_bytes`` in a temporary file, and read chunk by
+    chunk as chunks enter the window (``magi.sampling.noise``); same values either way.
+    """
+    cw = engine.config.runtime.chunk_width
+    if run.noise is not None:
+        return InitialNoise.from_tensor(run.noise, cw)
+    if run.per_chunk_noise:
+        return InitialNoise.per_chunk(run.noise_shape, run.seed, cw)
+    return InitialNoise.draw(run.noise_shape, run.seed, cw, device=engine.device, spill_bytes=engine.noise_spill_bytes)
+
+
+def chunks(engine: Engine, run: Run, callback: Callable[[StepInfo], None] | None,
+           saver: StateSaver | None = None) -> Iterator[VideoChunk]:  # fmt: skip
+    """Draw the noise, denoise (from run.start_step), decode each clean chunk, trim it to the
+    frame budget; ``saver`` sees every resume point."""
+    plan = run.plan
+    cache = KVCache(plan.max_cached_chunks(), offload=engine.config.engine.kv_offload)
+    # Closed however the run ends (done, error, Ctrl-C, generator dropped): frees the noise's
+    # memory or temporary file.
+    with initial_noise(engine, run) as noise:
+        hook = None if callback is None else _step_hook(callback, plan)
+
+        def take_noise(chunk: int) -> torch.Tensor:
+            return noise.chunk(chunk).to(engine.device)
+
+        def at_step(step: Step, window: dict[int, torch.Tensor]) -> None:
+            if saver is not None and step.finished is not None:
+                saver.chunk_done(snapshot(engine, run, step.index + 1, window))
+
+        for index, latent in denoise(engine.dit, plan, run.settings, run.captions, take_noise, cache,
+                                     prefix=run.prefix, callback=hook, start_step=run.start_step,
+                                     window=run.window, on_window=at_step):  # fmt: skip
+            check_finite(latent, index, engine.config.runtime.load)
+            lo, hi = plan.emit_range(index, skip_prefix=run.mode == "v2v")
+            frames = engine.decode(latent[:, :, lo:hi])
+            if run.limit is not None:
+                frames = frames[: max(0, run.limit - run.frames_done)]
+            run.frames_done += len(frames)
+            run.chunks_done += 1
+            run.tail = [*run.tail, (index, latent.detach().float().cpu())][-TAIL_CHUNKS:]
+            yield VideoChunk(index, frames, latent)
+
+
+def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callable[[Step], None]:
+    total = plan.total_steps
+
+    def hook(step: Step) -> None:
+        callback(StepInfo(step.index, total, step.chunks, step.finished))
+
+    return hook
+
+
+def stop_aware(callback: Callable[[StepInfo], None] | None, control: Control,
+               mesh: object | None = None) -> Callable[[StepInfo], None]:  # fmt: skip
+    """The step hook of a run: the user's callback, then steering, then the stop."""
+
+    def hook(info: StepInfo) -> None:
+        if callback is not None:
+            callback(info)
+        control.at_step(info)
+        stopping = control.stopping
+        if mesh is not None:  # a stop may reach the ranks at different steps: stop together
+            from magi.distributed import any_rank
+
+            stopping = any_rank(stopping, mesh)
+        if stopping:
+            raise StopRequested
+
+    return hook
+
+
+def execute(engine: Engine, encoder: PromptEncoder, prepare: Callable[[], Run], out: Outputs, *,
+            callback: Callable[[StepInfo], None] | None = None, progress: bool = False,
+            saver: StateSaver | None = None, control: Control | None = None) -> GenerationResult:  # fmt: skip
+    """Run a request into its outputs; a stop (``control.stop()``, Ctrl-C) keeps the chunks done.
+
+    ``prepare`` is called here, after the outputs are opened, so a bad output path fails before
+    any model work.
+    """
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    control = control if control is not None else Control()
+    bar = progress_bar(0, False)
+    saver = saver if engine.is_writer else None
+    try:
+        run = prepare()
+        control.bind(run, encoder.encode)
+        out.result.chunks_total = len(run.plan.generated_chunks)
+        out.result.chunks_done, out.result.frames_written = run.chunks_done, run.frames_done
+        bar = progress_bar(out.result.chunks_total, progress and engine.is_writer)
+        bar.update(run.chunks_done)
+        # The stop is taken in the step hook, before the next step: the last state saved then
+        # matches the chunks in the mp4.
+        with closing(chunks(engine, run, stop_aware(callback, control, engine.mesh), saver)) as stream:
+            for chunk in stream:
+                out.add(chunk)
+                bar.update(1)
+    except (StopRequested, KeyboardInterrupt) as stop:
+        out.result.interrupted = True
+        plain_interrupt = isinstance(stop, KeyboardInterrupt) and control.stop_signal is None
+        out.result.stop_signal = signal.SIGINT if plain_interrupt else control.stop_signal
+        if saver is not None:
+            saver.save()
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        bar.close()
+    result = out.finish(engine.device)
+    if engine.is_writer and (progress or result.interrupted):  # (the CLI prints it itself)
+        (logger.warning if result.interrupted else logger.info)(result.summary())
+    return result
 
 
 class Generation:
     """A running ``MagiPipeline.stream`` request: iterate it for the chunks; ``set_prompt``
     steers it and ``stop`` ends it after the current step (see ``Control``)."""
 
-    def __init__(self, pipe: "MagiPipeline", run: Run, callback: Callable[[StepInfo], None] | None,
-                 control: Control | None = None) -> None:  # fmt: skip
-        self._callback = callback
+    def __init__(self, engine: Engine, encoder: PromptEncoder, run: Run,
+                 callback: Callable[[StepInfo], None] | None, control: Control | None = None) -> None:  # fmt: skip
         self.control = control if control is not None else Control()
-        self.control._bind(pipe, run)
+        self.control.bind(run, encoder.encode)
         self._run, self._plan = run, run.plan
-        self._chunks = pipe._run(run, self._at_step)
+        self._chunks = chunks(engine, run, stop_aware(callback, self.control))
 
     @property
     def plan(self) -> ChunkPlan:
@@ -298,6 +308,11 @@ class Generation:
         """Chunks of the video (absolute indices 0 .. chunk_num - 1, v2v prefix chunks first)."""
         return self._plan.chunk_num
 
+    @property
+    def prompts(self) -> list[str]:
+        """The distinct prompt texts of the run so far (steered ones appended)."""
+        return list(self._run.captions.texts)
+
     def set_prompt(self, from_chunk: int, text: str, *, generated: bool = False) -> None:
         """``Control.set_prompt``: steer the chunks that have not entered the window yet."""
         self.control.set_prompt(from_chunk, text, generated=generated)
@@ -306,56 +321,17 @@ class Generation:
         """End the iteration after the current step (the chunks yielded so far stand)."""
         self.control.stop()
 
-    def _at_step(self, info: StepInfo) -> None:
-        if self._callback is not None:
-            self._callback(info)
-        self.control._at_step(info)
-        if self.control.stopping:
-            raise _StopRequested
-
     def __iter__(self) -> "Generation":
         return self
 
     def __next__(self) -> VideoChunk:
-        self.control._apply()
+        self.control.apply()
         try:
             return next(self._chunks)
-        except _StopRequested:
+        except StopRequested:
             self._chunks.close()
             raise StopIteration from None
 
     def close(self) -> None:
         """Stop the generation (frees its noise); further iteration ends at once."""
         self._chunks.close()
-
-def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callable[[Step], None]:
-    total = plan.total_steps
-
-    def hook(step: Step) -> None:
-        callback(StepInfo(step.index, total, step.chunks, step.finished))
-
-    return hook
-
-
-def _stop_aware(
-    callback: Callable[[StepInfo], None] | None, stop: _Stop, mesh: object | None = None,
-    control: Control | None = None,
-) -> Callable[[StepInfo], None]:
-    """The step hook of a generate call: the user's callback, then steering, then the stop."""
-
-    def hook(info: StepInfo) -> None:
-        if callback is not None:
-            callback(info)
-        if control is not None:
-            control._at_step(info)
-        stopping = stop.is_set() or (control is not None and control.stopping)
-        if mesh is not None:  # a Ctrl-C may reach the ranks at different steps: stop together
-            from magi.distributed import any_rank
-
-            stopping = any_rank(stopping, mesh)
-        if stopping:
-            raise _StopRequested
-
-    return hook
-
-

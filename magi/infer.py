@@ -23,13 +23,13 @@ from types import ModuleType
 from typing import NoReturn, Sequence
 
 from magi.config import ConfigError, MagiConfig, check_paths, check_world_size, load_config
+from magi.request import MODES, RequestError, check_prompts_fit, check_text, read_prompt_file
 
-MODES = ("t2v", "i2v", "v2v")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")  # magi.attention.BACKEND_CHOICES
 
 
-class UsageError(Exception):
-    """A problem with the command line, its files or the config; printed as one line, exit 2."""
+# A problem with the command line, its files or the config (magi.request's rules): one line, exit 2.
+UsageError = RequestError
 
 
 class _PipelineMissing(Exception):
@@ -138,98 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _shown(entry: object) -> str:
-    """An entry for a message: at most 200 characters (a deeply nested one is not worth showing)."""
-    try:
-        text = json.dumps(entry)
-    except RecursionError:
-        text = "(nested too deeply to show)"
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _timeline_prompts(entries: list, where: str, video: tuple[int, int] | None = None) -> list[str]:
-    """Expand [{"chunk": k, "prompt": p}, ...] to one prompt per chunk up to the last entry.
-
-    video: (generated chunks, num_frames); an entry starting beyond the video is refused before
-    anything is expanded, so the list never grows past the video.
-    """
-    starts: list[tuple[int, str]] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) != {"chunk", "prompt"}:
-            raise UsageError(f'{where}: entry {i} must be {{"chunk": <int>, "prompt": "<text>"}}, got {_shown(entry)}')
-        chunk, text = entry["chunk"], entry["prompt"]
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0 or not isinstance(text, str) or not text.strip():
-            raise UsageError(f"{where}: entry {i} needs a chunk index >= 0 and a non-empty prompt, got {_shown(entry)}")
-        if starts and chunk <= starts[-1][0]:
-            raise UsageError(f"{where}: chunk indices must increase, but entry {i} has chunk {chunk} after {starts[-1][0]}")
-        if video is not None and chunk >= video[0]:
-            raise UsageError(f"{where}: entry {i} starts at chunk {chunk} but the video has only {video[0]} chunks "
-                             f"(num_frames {video[1]}); lower it or raise --num_frames")  # fmt: skip
-        _check_utf8(text, f"{where}: entry {i}")
-        starts.append((chunk, text))
-    if starts[0][0] != 0:
-        raise UsageError(f"{where}: the first entry must be chunk 0 (got chunk {starts[0][0]}); every chunk needs a prompt")
-    prompts: list[str] = []
-    for (chunk, text), nxt in zip(starts, starts[1:] + [(starts[-1][0] + 1, "")]):
-        prompts += [text] * (nxt[0] - chunk)
-    return prompts
-
-
-def read_prompt_file(path: str, video: tuple[int, int] | None = None) -> list[str]:
-    """Per-chunk prompts from a UTF-8 JSON list of strings or a {"chunk", "prompt"} timeline.
-
-    video: (generated chunks, num_frames) to refuse timeline entries beyond the video.
-    """
-    where = f"--prompt_file {path}"
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as err:
-        raise UsageError(f"{where}: cannot read it ({err.strerror or type(err).__name__})") from None
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))  # utf-8-sig: a leading BOM (Windows editors) is dropped
-    except UnicodeDecodeError as err:
-        raise UsageError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-                         "save it as UTF-8") from None  # fmt: skip
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except RecursionError:
-        raise UsageError(f"{where}: JSON nested too deeply; expected a flat list of prompts or "
-                         "timeline entries") from None  # fmt: skip
-    if not isinstance(data, list) or not data:
-        raise UsageError(f"{where}: expected a non-empty JSON list of prompts or timeline entries")
-    if all(isinstance(p, str) for p in data):
-        if not all(p.strip() for p in data):
-            raise UsageError(f"{where}: prompts must not be empty")
-        for i, text in enumerate(data):
-            _check_utf8(text, f"{where}: prompt {i}")
-        return data
-    return _timeline_prompts(data, where, video)
-
-
-def _check_utf8(text: str, where: str) -> None:
-    """Refuse a prompt the tokenizer cannot take: lone surrogates, which is how Python hands over
-    command-line bytes that are not UTF-8 (and how JSON decodes an unpaired \\ud800 escape)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        code = ord(text[err.start])
-        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
-        raise UsageError(f"{where} is not valid UTF-8 text ({what} at character {err.start}); "
-                         "pass UTF-8 text (check the terminal's or file's encoding)") from None  # fmt: skip
-
-
 def _prompt(args: argparse.Namespace, video: tuple[int, int] | None = None) -> str | list[str]:
     if args.prompt and args.prompt_file:
         raise UsageError("give either --prompt or --prompt_file, not both")
     if args.prompt_file:
-        return read_prompt_file(args.prompt_file, video)
-    if not args.prompt:
+        prompts = read_prompt_file(args.prompt_file, video)
+    elif not args.prompt:
         raise UsageError("--prompt is required (or --prompt_file for per-chunk prompts)")
-    if not all(p.strip() for p in args.prompt):
+    elif not all(p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
-    for i, text in enumerate(args.prompt):
-        _check_utf8(text, "--prompt" if len(args.prompt) == 1 else f"--prompt {i + 1}")
-    return args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
+    else:
+        prompts = [check_text(text, "--prompt" if len(args.prompt) == 1 else f"--prompt {i + 1}", "--prompt")
+                   for i, text in enumerate(args.prompt)]  # fmt: skip
+    if video is not None:
+        check_prompts_fit(len(prompts), video[0], video[1], "--prompt_file" if args.prompt_file else "--prompt")
+    return prompts[0] if not args.prompt_file and len(prompts) == 1 else prompts
 
 
 def _existing_file(flag: str, path: str | None, mode: str) -> str:
@@ -498,37 +421,53 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argp
 def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> int:
     from magi.distributed import fail_fast, shutdown
 
+    from magi.cli import show_log, stop_on_signals
+    from magi.generation import Control
+
     MagiPipeline = _pipeline().MagiPipeline
     vae_offload = {"auto": None, "on": True, "off": False}[args.vae_offload]
-    control = steer = None
+    show_log()
+    control, steer = Control(), contextlib.nullcontext()
     if args.steer is not None:
-        from magi.generation import Control
         from magi.steer_file import SteerFile
 
-        control = Control()
-        steer = SteerFile(args.steer, control)
-    with fail_fast(), (steer or contextlib.nullcontext()):  # an error on one rank stops the others at once
+        steer = SteerFile(args.steer, control, warn=_warn)
+    with fail_fast(), steer:  # an error on one rank stops the others at once
         pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat,
                                         attention_backend=args.attention_backend, offload_blocks=args.offload,
                                         compile=args.compile, vae_offload=vae_offload)  # fmt: skip
-        # progress=True prints a per-chunk bar and a summary line naming the output (rank 0 only).
-        if args.extend is not None:
-            result = pipe.extend(args.extend_state, request.prompt, cfg.runtime.num_frames, request.output_path,
-                                 progress=True, save_state=args.save_state, save_every=args.save_every,
-                                 save_tensors=request.save_tensors, control=control)  # fmt: skip
-        elif args.resume is not None:
-            earlier = segments_folder(args.resume)
-            result = pipe.resume(args.resume_state, request.output_path, progress=True,
-                                 save_state=args.save_state or args.resume, save_every=args.save_every,
-                                 save_tensors=request.save_tensors,
-                                 segments=earlier if earlier.is_dir() else None, control=control)  # fmt: skip
-        else:
-            segments = None if args.save_state is None else segments_folder(args.save_state)
-            result = pipe.generate(**dataclasses.asdict(request), progress=True,
-                                   save_state=args.save_state, save_every=args.save_every,
-                                   segments=segments, control=control)  # fmt: skip
+        with stop_on_signals(control):  # the first stop signal ends the run after the current step
+            result = _run(pipe, cfg, request, args, control)
+    if _writes_here():
+        print(result.summary(), file=sys.stderr if result.interrupted else sys.stdout, flush=True)
     shutdown()  # ranks leave together (rank 0 may still be closing the mp4); no-op in one process
     return result.exit_status  # 128 + signal when stopped by Ctrl-C (130), SIGTERM (143), SIGHUP (129)
+
+
+def _run(pipe: object, cfg: MagiConfig, request: Request, args: argparse.Namespace, control: object) -> object:
+    """The generate / resume / extend call the flags ask for (progress=True: a bar on rank 0)."""
+    if args.extend is not None:
+        return pipe.extend(args.extend_state, request.prompt, cfg.runtime.num_frames, request.output_path,
+                           progress=True, save_state=args.save_state, save_every=args.save_every,
+                           save_tensors=request.save_tensors, control=control)  # fmt: skip
+    if args.resume is not None:
+        earlier = segments_folder(args.resume)
+        return pipe.resume(args.resume_state, request.output_path, progress=True,
+                           save_state=args.save_state or args.resume, save_every=args.save_every,
+                           save_tensors=request.save_tensors,
+                           segments=earlier if earlier.is_dir() else None, control=control)  # fmt: skip
+    segments = None if args.save_state is None else segments_folder(args.save_state)
+    return pipe.generate(**dataclasses.asdict(request), progress=True, save_state=args.save_state,
+                         save_every=args.save_every, segments=segments, control=control)  # fmt: skip
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _writes_here() -> bool:
+    """Rank 0 (or the only process) reports the run."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def segments_folder(state_path: str | Path) -> Path:
@@ -543,11 +482,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default sys.argv[1:]).
     """
     try:
-        cfg, request, args = prepare(argv)
+        try:
+            cfg, request, args = prepare(argv)
+        except UsageError as err:  # (only the checks before any model loads are usage errors)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         return _generate(cfg, request, args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except _PipelineMissing as err:
         print(f"error: generation is not available in this build of magi (module {err} is missing)",
               file=sys.stderr)  # fmt: skip

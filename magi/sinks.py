@@ -13,20 +13,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import resource
 import subprocess
-import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from magi import video_io
-from magi.generation import GenerationResult, VideoChunk, whole_number
+from magi.request import whole_number
+from magi.results import GenerationResult, VideoChunk
 from magi.state import GenerationState, StateError
+
+logger = logging.getLogger(__name__)
 
 SEGMENT = re.compile(r"^(\d{5,})\.mp4$")  # 00000.mp4, 00001.mp4, ...
 
@@ -45,14 +49,18 @@ class Outputs:
         segments: the per-chunk segment folder, or None.
         joined: with ``segments``, the mp4 to join them into at the end (also when stopped).
         on_chunk: called with each chunk once every sink has it.
+        save_tensors: the .safetensors file the latents and frames go to at the end (None: none).
+        append_to: the earlier run's mp4 the new chunks are appended to (resume / extend).
     """
 
     def __init__(self, writer: video_io.Mp4Writer | None, result: GenerationResult, *,
                  segments: "SegmentSink | None" = None, joined: Path | None = None,
-                 on_chunk: Callable[[VideoChunk], None] | None = None) -> None:  # fmt: skip
+                 on_chunk: Callable[[VideoChunk], None] | None = None, save_tensors: str | Path | None = None,
+                 append_to: Path | None = None) -> None:  # fmt: skip
         self.writer, self.result = writer, result
         self.segments, self.joined, self.on_chunk = segments, joined, on_chunk
-        self.keep_tensors = False
+        self.save_tensors, self.append_to = save_tensors, append_to
+        self.keep_tensors = save_tensors is not None
         self.latents: list[torch.Tensor] = []
         self.frames: list[torch.Tensor] = []
         self.started = time.perf_counter()
@@ -79,13 +87,13 @@ class Outputs:
         if self.writer is not None:
             self.writer.abort()
 
-    def finish(self, save_tensors: str | Path | None, device: torch.device,
-               append_to: Path | None = None) -> GenerationResult:  # fmt: skip
+    def finish(self, device: torch.device) -> GenerationResult:
         """Save tensors, close the mp4 (drop it when no frame exists), fill the timings.
 
         The tensors go first: if they cannot be written the video is dropped too, so a failed
         run leaves nothing at the output path.
         """
+        save_tensors, append_to = self.save_tensors, self.append_to
         if self.keep_tensors and self.latents:
             tensors = {"final_latent": torch.cat(self.latents, dim=2).contiguous(),
                        "video_tchw_uint8": torch.cat(self.frames).contiguous()}  # fmt: skip
@@ -148,8 +156,8 @@ class SegmentSink:
                 f.unlink()
         self.next = len(self.paths())
         if self.next < keep:
-            print(f"warning: {self.folder} holds {self.next} of the earlier {keep} segments; "
-                  "the joined video will lack the missing ones", file=sys.stderr, flush=True)  # fmt: skip
+            logger.warning("%s holds %d of the earlier %d segments; the joined video will lack the missing ones",
+                           self.folder, self.next, keep)  # fmt: skip
 
     def path(self, k: int) -> Path:
         return self.folder / f"{k:05d}.mp4"
@@ -252,9 +260,8 @@ def check_earlier_video(output_path: str | Path | None, frames: int, where: obje
     """
     if output_path is None or frames == 0 or not Path(output_path).is_file():
         if output_path is not None and frames:
-            print(f"warning: {output_path} does not hold the earlier {frames} frames (not written, "
-                  "or the run was killed before closing it); writing the remaining chunks only",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            logger.warning("%s does not hold the earlier %d frames (not written, or the run was killed "
+                           "before closing it); writing the remaining chunks only", output_path, frames)  # fmt: skip
         return None
     import imageio_ffmpeg
 
@@ -324,3 +331,42 @@ def progress_bar(total: int, enabled: bool) -> object:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="chunk", desc="magi", dynamic_ncols=True)
+
+
+@dataclass(frozen=True)
+class Destinations:
+    """Where a generate / resume / extend call sends its chunks."""
+
+    output_path: str | Path | None
+    segments: str | Path | None = None
+    keep_segments: int = 0  # segments already in the folder that belong to this run (resume)
+    on_chunk: Callable[[VideoChunk], None] | None = None
+    save_tensors: str | Path | None = None
+    append_to: Path | None = None  # the earlier run's mp4 the new chunks are appended to
+
+
+def open_outputs(dest: Destinations, fps: int, size: tuple[int, int], writer_rank: bool,
+                 prefix_video_path: str | Path | None = None) -> Outputs:  # fmt: skip
+    """The sinks of one call, opened before any model work so a bad path fails first.
+
+    Only the writer rank writes; the others get an ``Outputs`` that counts chunks.
+    """
+    output_path = dest.output_path
+    check_save_path(dest.save_tensors)
+    check_not_the_input(output_path, prefix_video_path)
+    segments = None
+    if dest.segments is not None and writer_rank:
+        segments = SegmentSink(dest.segments, fps, keep=dest.keep_segments)
+    writer = None
+    if output_path and writer_rank:
+        target, append_to = output_path, dest.append_to
+        if append_to is not None:  # the new chunks go to a part file, appended at the end
+            target = append_to.parent / f".{append_to.name[:150]}.magi-resume-{os.getpid()}.mp4"
+        writer = video_io.Mp4Writer(target, fps)
+        if segments is not None:  # checked only: the mp4 is joined from the segments
+            writer.abort()
+            writer = None
+    result = GenerationResult(Path(output_path) if output_path and writer_rank else None, fps=fps, size=size)
+    joined = Path(output_path) if output_path and segments is not None else None
+    return Outputs(writer, result, segments=segments, on_chunk=dest.on_chunk, joined=joined,
+                   save_tensors=dest.save_tensors if writer_rank else None, append_to=dest.append_to)  # fmt: skip

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from magi.version import __version__
+
 FORMAT = "magi-generation-state/1"
 
 
@@ -164,3 +166,35 @@ def checkpoint_hash(folder: str | Path) -> str:
             if f.suffix == ".json":
                 h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def state_identity(cfg: object, compat: str) -> dict:
+    """What a saved state must share with a run of ``cfg`` to be resumed by it (no model loaded)."""
+    return {"magi_version": __version__, "compat": compat, "config_hash": config_hash(cfg),
+            "checkpoint_hash": checkpoint_hash(cfg.runtime.load)}  # fmt: skip
+
+
+def open_state(state: str | Path | GenerationState, identity: dict, *,
+               finished: bool) -> tuple[GenerationState, object]:  # fmt: skip
+    """Load (when a path) and check a state for resume (``finished=False``) or extend (True).
+
+    Returns:
+        (the state, how errors name it).
+
+    Raises:
+        StateError: damaged, from another setup, or finished / unfinished against ``finished``.
+    """
+    loaded = state if isinstance(state, GenerationState) else GenerationState.load(state)
+    where = "the state" if isinstance(state, GenerationState) else state
+    loaded.check_compatible(identity, where)
+    if finished and not loaded.meta.get("finished"):
+        raise StateError(f"{where} is not a finished run; resume it first, then extend it")
+    if not finished and loaded.meta.get("finished"):
+        raise StateError(f"{where} is a finished run: nothing left to resume")
+    return loaded, where
+
+
+def state_tail(state: GenerationState) -> list[tuple[int, torch.Tensor]]:
+    """The (chunk, clean latent) pairs a state keeps for extend, oldest first."""
+    tail = [(int(k.split(".", 1)[1]), v) for k, v in state.extra.items() if k.startswith("clean.")]
+    return sorted(tail, key=lambda pair: pair[0])

@@ -12,36 +12,20 @@ and skipped: a typo never stops a long run. A line still being written (no newli
 
 from __future__ import annotations
 
-import json
-import sys
+import logging
 import threading
 from pathlib import Path
 from typing import Callable
 
 from magi.generation import Control
+from magi.request import parse_steer_line
+
+logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
 
 
-def parse_line(raw: bytes) -> tuple[int, str]:
-    """(from_chunk, prompt) of one steer-file line; ValueError naming what is wrong."""
-    try:
-        entry = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f'not a JSON line ({err}); write {{"from_chunk": K, "prompt": "TEXT"}}') from None
-    if not isinstance(entry, dict) or set(entry) != {"from_chunk", "prompt"}:
-        shown = raw.decode("utf-8", "replace").strip()
-        raise ValueError(f'want {{"from_chunk": K, "prompt": "TEXT"}}, got {shown[:80]!r}')
-    from_chunk, text = entry["from_chunk"], entry["prompt"]
-    if isinstance(from_chunk, bool) or not isinstance(from_chunk, int) or from_chunk < 0:
-        raise ValueError(f"from_chunk must be a chunk index >= 0, got {from_chunk!r}")
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"prompt must be a non-empty string, got {text!r}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("prompt is not valid UTF-8 text (a lone surrogate escape)") from None
-    return from_chunk, text
+parse_line = parse_steer_line  # (from_chunk, prompt) of one line; RequestError naming what is wrong
 
 
 def check_file(path: str | Path, chunks: int | None = None) -> None:
@@ -81,7 +65,7 @@ class SteerFile:
         self.path = Path(path)
         self.control = control
         self.applied: list[tuple[int, str]] = []
-        self._warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._warn = warn or logger.warning
         self._offset = 0
         self._line = 0
         self._partial = b""

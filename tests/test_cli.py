@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from magi import infer
+from magi.generation import Control
 from magi import pipeline as real_pipeline
 from magi.config import preset_dict
 from magi.video_io import Mp4Writer
@@ -34,7 +35,7 @@ class _Recorder:
 
     def generate(self, **kwargs):
         self.calls.append(("generate", kwargs))
-        return types.SimpleNamespace(interrupted=False, exit_status=0)
+        return types.SimpleNamespace(interrupted=False, exit_status=0, summary=lambda: "done")
 
 
 @pytest.fixture
@@ -167,11 +168,12 @@ def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline):
     assert build["device"] == "cpu" and build["compat"] == "official"
     assert build["cfg"].runtime.seed == 7 and build["cfg"].runtime.num_steps == 16
     assert build["cfg"].runtime.num_frames == 96  # untouched
+    control = gen.pop("control")  # the CLI's own: its stop signals stop the run through it
+    assert isinstance(control, Control) and not control.stopping and control.pending == 0  # no --steer
     assert gen == {
         "mode": "i2v", "prompt": ["a", "b"], "output_path": "out.mp4", "image_path": "img.ppm",
         "prefix_video_path": None, "save_tensors": "t.safetensors", "progress": True,
         "save_state": None, "save_every": 1, "segments": None,  # no --save_state: no segment folder
-        "control": None,  # no --steer
     }
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from magi.conditioning import SpecialTokenOptions, build_caption_table, load_special_tokens
 from magi.config import load_config, save_config
 from magi.pipeline import ChunkCaptions, MagiPipeline, chunk_count, decoded_frames
+from magi.prepare import Request, prepare
 from magi.sampling.denoise import NULL, PROMPT
 from tests.conftest import load_fixture, rel_l2
 
@@ -159,11 +160,11 @@ def test_stream_reproducibility_and_per_chunk_prompts(tiny_pipe: MagiPipeline) -
 
 
 def test_prompt_list_maps_to_chunks(tiny_pipe: MagiPipeline) -> None:
-    run = tiny_pipe._prepare("t2v", ["a cat", "a dog"], None, None, 1, 96, None)
+    run = prepare(tiny_pipe.engine, tiny_pipe.prompts, Request("t2v", ["a cat", "a dog"], seed=1, num_frames=96))
     assert run.plan.chunk_num == 4 and run.captions.chunk_prompts == [0, 1, 1, 1]
     cat0, _ = run.captions.row(PROMPT, 0)
     dog1, _ = run.captions.row(PROMPT, 1)
-    single = tiny_pipe._prepare("t2v", "a cat", None, None, 1, 96, None)
+    single = prepare(tiny_pipe.engine, tiny_pipe.prompts, Request("t2v", "a cat", seed=1, num_frames=96))
     assert torch.equal(single.captions.row(PROMPT, 0)[0], cat0)
     assert not torch.equal(single.captions.row(PROMPT, 1)[0], dog1)
 
@@ -285,7 +286,7 @@ def test_options_give_the_plain_final_latent(tiny_pipe: MagiPipeline, tiny_confi
     for a, b in zip(got, plain):
         assert torch.equal(a, b) if tolerance == 0 else rel_l2(a, b) <= tolerance
     if options.get("offload_blocks"):
-        assert pipe._vae_host is not None and pipe._vae_host.loads == 2  # one decode per chunk
+        assert pipe.vae_host is not None and pipe.vae_host.loads == 2  # one decode per chunk
 
 
 def test_unavailable_attention_backend_fails_before_loading(tiny_config: Path, monkeypatch) -> None:
@@ -301,12 +302,12 @@ def test_unavailable_attention_backend_fails_before_loading(tiny_config: Path, m
 
 
 def test_kv_offload_reaches_the_cache_and_t5_is_freed(tiny_pipe: MagiPipeline, monkeypatch) -> None:
-    import magi.pipeline
+    import magi.generation
     from magi.models import text_encoder
 
     caches, t5_events = [], []
 
-    class RecordingCache(magi.pipeline.KVCache):
+    class RecordingCache(magi.generation.KVCache):
         def __init__(self, max_chunks: int, offload: bool = False) -> None:
             super().__init__(max_chunks, offload)
             caches.append(self)
@@ -321,7 +322,7 @@ def test_kv_offload_reaches_the_cache_and_t5_is_freed(tiny_pipe: MagiPipeline, m
         t5_events.append(("free",))
         free(self)
 
-    monkeypatch.setattr(magi.pipeline, "KVCache", RecordingCache)
+    monkeypatch.setattr(magi.generation, "KVCache", RecordingCache)
     monkeypatch.setattr(text_encoder.T5Encoder, "from_pretrained", classmethod(recording_loader))
     monkeypatch.setattr(text_encoder.T5Encoder, "free", recording_free)
     plain = _latents(tiny_pipe)
@@ -363,7 +364,7 @@ def test_all_memory_options_together_on_i2v(tiny_pipe: MagiPipeline, tiny_config
     low = list(pipe.stream("i2v", "a cat", image_path=image, num_frames=30, seed=2))
     assert len(low) == len(plain) == 2
     assert all(torch.equal(a.latent, b.latent) and torch.equal(a.frames, b.frames) for a, b in zip(low, plain))
-    assert pipe._vae_host.loads == 3  # 1 encode + 2 decodes, weights back on the host in between
+    assert pipe.vae_host.loads == 3  # 1 encode + 2 decodes, weights back on the host in between
 
 
 def test_per_chunk_noise_is_seed_plus_chunk_and_documented_as_different(tiny_pipe: MagiPipeline) -> None:

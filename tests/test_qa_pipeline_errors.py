@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import magi.checkpoint
-from magi import pipeline as pipeline_module
+from magi import video_io
 from magi.config import CheckpointNotFoundError, load_config
 from magi.pipeline import MagiPipeline, VideoWriteError, find_special_tokens, resolve_device
+from magi.prepare import Request, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
@@ -73,7 +74,7 @@ def _one_line(err: BaseException) -> str:
 
 # ------------------------------------------------------------------ #5 interrupted before chunk 0
 def test_interrupt_before_the_first_chunk_says_nothing_written(tiny_pipe: MagiPipeline, tmp_path: Path,
-                                                               clean_env: Path, capsys) -> None:  # fmt: skip
+                                                               clean_env: Path, caplog) -> None:  # fmt: skip
     def ctrl_c(info) -> None:
         raise KeyboardInterrupt  # a second Ctrl-C during the first step
 
@@ -82,7 +83,9 @@ def test_interrupt_before_the_first_chunk_says_nothing_written(tiny_pipe: MagiPi
                                 save_tensors=tmp_path / "t.safetensors")  # fmt: skip
     assert result.interrupted and result.chunks_done == 0 and result.output_path is None
     assert result.summary() == "interrupted before the first chunk was done; nothing written"
-    assert capsys.readouterr().err == "interrupted before the first chunk was done; nothing written\n"
+    # the library logs it (never prints): one warning line
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("magi") and r.levelname == "WARNING"]
+    assert said == ["interrupted before the first chunk was done; nothing written"]
     assert list(tmp_path.iterdir()) == [clean_env]  # no mp4, no partial file, no tensors
 
 
@@ -140,7 +143,7 @@ def test_bad_request_types_are_one_value_error(tiny_pipe: MagiPipeline, tmp_path
 
 def test_numpy_integers_are_whole_numbers(tiny_pipe: MagiPipeline) -> None:
     np = pytest.importorskip("numpy")
-    run = tiny_pipe._prepare("t2v", ("a",), None, None, np.int64(7), np.int32(24), None)
+    run = prepare(tiny_pipe.engine, tiny_pipe.prompts, Request("t2v", ("a",), seed=np.int64(7), num_frames=np.int32(24)))
     assert run.seed == 7 and type(run.seed) is int and run.plan.chunk_num == 1
 
 
@@ -154,7 +157,7 @@ def test_api_finds_special_tokens_next_to_the_config(tiny_dir: Path, tiny_pipe: 
     beside = list(pipe.stream("t2v", "a", num_frames=24, seed=1))
     # the same tokens named by the variable give the same video: the file was really read
     monkeypatch.setenv("SPECIAL_TOKEN_PATH", str(tiny_dir / "checkpoints" / "special_tokens.npz"))
-    pipe._special_tokens = None
+    pipe.prompts.forget()  # the special tokens are looked up again
     named = list(pipe.stream("t2v", "a", num_frames=24, seed=1))
     assert len(beside) == 1 and torch.equal(beside[0].latent, named[0].latent)
     monkeypatch.setenv("PAD_HQ", "0")
@@ -203,7 +206,7 @@ def test_writer_failure_is_a_video_write_error_and_leaves_nothing(tiny_pipe: Mag
         self.abort()
         raise RuntimeError(f"ffmpeg failed while writing {self.path}: [Errno 28] No space left on device")
 
-    monkeypatch.setattr(pipeline_module.video_io.Mp4Writer, "append", broken)
+    monkeypatch.setattr(video_io.Mp4Writer, "append", broken)
     with pytest.raises(VideoWriteError, match="No space left on device") as info:
         tiny_pipe.generate("t2v", "a", output_path=tmp_path / "v.mp4", num_frames=24)
     assert isinstance(info.value, RuntimeError)  # callers catching RuntimeError still do

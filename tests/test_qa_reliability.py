@@ -84,13 +84,17 @@ def _frames(path: Path) -> int:
 DRIVER = textwrap.dedent(
     """
     import sys
+    from magi.cli import stop_on_signals
+    from magi.generation import Control
     from magi.pipeline import MagiPipeline
     pipe = MagiPipeline.from_config(sys.argv[1], device="cpu")
     def report(info):
         if info.finished is not None:
             print("FINISHED", info.finished, flush=True)
-    result = pipe.generate("t2v", "a long walk", output_path=sys.argv[2], num_frames=24 * 30,
-                           callback=report)
+    control = Control()  # the script owns its signals; the library installs no handler
+    with stop_on_signals(control):
+        result = pipe.generate("t2v", "a long walk", output_path=sys.argv[2], num_frames=24 * 30,
+                               callback=report, control=control)
     print(result.summary(), flush=True)
     sys.exit(result.exit_status)
     """
@@ -196,11 +200,11 @@ def test_v2v_output_onto_its_prefix_video_is_refused(pipe: MagiPipeline, tmp_pat
 def test_more_prompts_than_the_cache_holds(pipe: MagiPipeline) -> None:
     n = PROMPT_CACHE_SIZE + 3
     prompts = [f"scene number {k}" for k in range(n)]
-    pipe._prompt_cache.clear()
+    pipe.prompts.forget()
     chunks = list(pipe.stream("t2v", prompts, num_frames=24 * n))
     assert [c.index for c in chunks] == list(range(n))
-    assert len(pipe._prompt_cache) == PROMPT_CACHE_SIZE  # the LRU still bounds reuse across requests
-    assert list(pipe._prompt_cache) == prompts[-PROMPT_CACHE_SIZE:]
+    assert len(pipe.prompts.cached) == PROMPT_CACHE_SIZE  # the LRU still bounds reuse across requests
+    assert pipe.prompts.cached == prompts[-PROMPT_CACHE_SIZE:]
 
 
 def test_only_prompts_of_generated_chunks_are_encoded(pipe: MagiPipeline, monkeypatch) -> None:
@@ -214,8 +218,12 @@ def test_only_prompts_of_generated_chunks_are_encoded(pipe: MagiPipeline, monkey
         return real(self, prompts, *args, **kwargs)
 
     monkeypatch.setattr(T5Encoder, "encode", spy)
-    pipe._prompt_cache.clear()
-    list(pipe.stream("t2v", ["first", "second", "never reached", "nor this"], num_frames=48))
+    pipe.prompts.forget()
+    list(pipe.stream("t2v", ["first", "second", "first", "second"], num_frames=96))
+    assert seen == [["first", "second"]]  # each distinct prompt once
+    # more prompts than generated chunks is refused (the HTTP API's rule), before T5 runs
+    with pytest.raises(ValueError, match="4 prompts but the video has only 2 chunks"):
+        pipe.stream("t2v", ["first", "second", "never reached", "nor this"], num_frames=48)
     assert seen == [["first", "second"]]
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -29,6 +30,8 @@ import torch
 import torch.distributed as dist
 
 from magi.config import EngineConfig, MagiConfig
+
+logger = logging.getLogger(__name__)
 
 _ABORT_KEY = "abort"
 _ACK_KEY = "abort_ack"
@@ -358,8 +361,9 @@ class _Watchdog:
 
 
 def _die(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    logger.error(message)  # (logging's last-resort handler shows it where none is set up)
     sys.stdout.flush()
+    sys.stderr.flush()
     # os._exit: the main thread may be blocked inside a collective that would never return.
     os._exit(1)
 
@@ -385,10 +389,9 @@ def _start_watchdog(rank: int, world_size: int) -> None:
         return
     store = _open_store()
     if store is None:
-        print(
+        logger.warning(
             "[magi] MASTER_ADDR/MASTER_PORT not set: no fail-fast watchdog; a failing rank will "
-            "stop its peers only through collective errors or distributed_timeout_minutes",
-            file=sys.stderr,
+            "stop its peers only through collective errors or distributed_timeout_minutes"
         )
         return
     _watchdog = _Watchdog(store, rank, world_size)
@@ -429,11 +432,11 @@ def report_failure(message: str) -> str:
 
 def _announce(rank: int, message: str) -> None:
     """Print this rank's failure, publish it, and name the root cause if another rank failed first."""
-    print(f"[magi rank {rank}] {message}", file=sys.stderr, flush=True)
+    logger.error("[magi rank %d] %s", rank, message)
     if _current_mesh is not None and _current_mesh.is_distributed:
         first = report_failure(message)
         if first != message:
-            print(f"[magi rank {rank}] stopping because {first}", file=sys.stderr, flush=True)
+            logger.error("[magi rank %d] stopping because %s", rank, first)
 
 
 @contextmanager

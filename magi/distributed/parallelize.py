@@ -17,7 +17,7 @@ velocity, so the sampler loop runs unchanged (and redundantly) on every rank.
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Any, Callable
 
 import torch
@@ -39,6 +39,8 @@ from magi.distributed.pipeline_parallel import (
 )
 from magi.models.dit import DiT, DiTContext
 
+logger = logging.getLogger(__name__)
+
 _MARK = "_magi_parallelized"
 
 
@@ -59,10 +61,7 @@ def parallelize(model: DiT, mesh: Mesh, engine_config: EngineConfig) -> DiT:
             f"do not match the mesh ({mesh.cp_size} / {mesh.pp_size}); build the mesh from this config"
         )
     if engine_config.cp_strategy == "cp_shuffle_overlap" and mesh.cp_size > 1:
-        print(
-            "[magi] cp_strategy cp_shuffle_overlap runs as Ulysses (identical math, parallel.md §3)",
-            file=sys.stderr,
-        )
+        logger.warning("[magi] cp_strategy cp_shuffle_overlap runs as Ulysses (identical math, parallel.md §3)")
     if mesh.cp_size > 1:
         apply_context_parallel(model, mesh)
     if mesh.pp_size > 1:

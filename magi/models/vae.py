@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from magi.budget import tile_frames
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 NORM_EPS = 1e-5  # per-head attention norm: added to the std, not the variance
@@ -471,14 +473,8 @@ class TileSpec:
 
 
 def tile_spec_for_fps(fps: int, compat: str = "magi") -> TileSpec:
-    """The official temporal tile is fps // 2 frames, which drops frames when that is not a
-    multiple of 4; magi rounds it down to a multiple of 4 (identical at 24 fps)."""
-    frames = fps // 2
-    if compat == "magi":
-        frames = max(4, frames // 4 * 4)
-    elif compat != "official":
-        raise ValueError(f"compat must be 'magi' or 'official', got {compat!r}")
-    return TileSpec(frames=frames)
+    """The temporal tile at this fps (the rule: ``magi.budget.tile_frames``)."""
+    return TileSpec(frames=tile_frames(fps, compat))
 
 
 def _ramp(n: int, ref: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SPILL_BYTES = 64 * 2**20  # larger noise lives in a temporary file (~21 chunks at 720x720)
+from magi.budget import SPILL_BYTES
+
 PIECE_ELEMENTS = 2**20  # CPU draw / copy granularity: 4 MiB of float32, a multiple of 16
 _GROUP = 16  # CPU randn turns uniforms into normals 16 at a time
 

@@ -142,15 +142,12 @@ def _number(param: str, value: Any) -> float:
 
 
 def _check_text(param: str, text: Any) -> str:
-    from magi.infer import UsageError, _check_utf8
+    from magi.request import RequestError, check_text
 
-    if not isinstance(text, str) or not text.strip():
-        raise _bad(param, f"{param} must be a non-empty string")
     try:
-        _check_utf8(text, param)
-    except UsageError as err:
+        return check_text(text, param)
+    except RequestError as err:
         raise _bad(param, str(err)) from None
-    return text
 
 
 def _prompts(fields: dict) -> list[str]:

@@ -190,13 +190,7 @@ class Worker:
         width, height = params.get("size") or (rt.video_size_w, rt.video_size_h)
         if (width, height) == (rt.video_size_w, rt.video_size_h):
             return self.pipe
-        from magi.pipeline import MagiPipeline
-
-        cfg = self.pipe.config.replace(runtime=dataclasses.replace(rt, video_size_w=width, video_size_h=height))
-        sized = MagiPipeline(cfg, self.pipe.dit, self.pipe.vae, device=self.pipe.device, compat=self.pipe.compat,
-                             noise_spill_bytes=self.pipe.noise_spill_bytes)  # fmt: skip
-        sized._prompt_cache = self.pipe._prompt_cache  # one T5 cache for every size
-        return sized
+        return self.pipe.resized(width, height)  # shares the models and the prompt encodings
 
     def _end(self, job: dict, files: object, status: str) -> None:
         """Join the segments into video.mp4 (an extension: after its parent's video); mark ``status``."""
