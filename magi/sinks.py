@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,13 +25,10 @@ import torch
 
 from magi import video_io
 from magi.generation import GenerationResult, VideoChunk, whole_number
+from magi.media.mp4 import VideoWriteError, append_mp4, join_mp4
 from magi.state import GenerationState, StateError
 
 SEGMENT = re.compile(r"^(\d{5,})\.mp4$")  # 00000.mp4, 00001.mp4, ...
-
-
-class VideoWriteError(RuntimeError):
-    """Writing the output mp4 failed (ffmpeg stopped, disk full); nothing is left at the output path."""
 
 
 class Outputs:
@@ -170,44 +166,6 @@ class SegmentSink:
         except RuntimeError as err:
             raise VideoWriteError(str(err)) from None
         self.next += 1
-
-
-def join_mp4(parts: list[Path], out: Path) -> None:
-    """out := parts concatenated by stream copy (no re-encode), replaced atomically.
-
-    ``out`` may be one of the parts (append in place). Raises VideoWriteError when ffmpeg fails.
-    """
-    import imageio_ffmpeg
-
-    out = Path(out)
-    tag = f"{os.getpid()}-{os.urandom(4).hex()}"
-    listing = out.parent / f".{out.name[:150]}.magi-join-{tag}.txt"
-    joined = out.parent / f".{out.name[:150]}.magi-join-{tag}.mp4"
-    listing.write_text("".join(f"file '{_concat_quote(p.resolve())}'\n" for p in parts))
-    try:
-        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "concat",
-                               "-safe", "0", "-i", str(listing), "-c", "copy", "-f", "mp4", str(joined)],
-                              capture_output=True, text=True)  # fmt: skip
-        if done.returncode != 0:
-            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-            raise VideoWriteError(f"ffmpeg could not join {len(parts)} parts into {out}: {why}")
-        os.replace(joined, out)
-    finally:
-        listing.unlink(missing_ok=True)
-        joined.unlink(missing_ok=True)
-
-
-def _concat_quote(path: Path) -> str:
-    # the concat demuxer's quoting: a quote is written as '\''
-    return str(path).replace("'", "'\\''")
-
-
-def append_mp4(earlier: Path, part: Path) -> None:
-    """earlier := earlier + part, by stream copy (no re-encode); atomic, removes ``part``."""
-    try:
-        join_mp4([earlier, part], earlier)
-    finally:
-        part.unlink(missing_ok=True)
 
 
 class StateSaver:
