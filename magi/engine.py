@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from magi import video_io
+from magi.media import latents, read
 from magi.budget import SPILL_BYTES, visible_prefix_frames
 from magi.config import MagiConfig
 from magi.models.vae import ViTVAE
@@ -178,7 +178,7 @@ class Engine:
         if self.mesh is not None:
             from magi.distributed.vae_parallel import decode_to_uint8
         else:
-            decode_to_uint8 = video_io.decode_to_uint8
+            decode_to_uint8 = latents.decode_to_uint8
         with self.vae_on_device():
             return decode_to_uint8(self.vae, latent, **kwargs)
 
@@ -188,12 +188,12 @@ class Engine:
         rt = self.config.runtime
         size = (rt.video_size_w, rt.video_size_h)
         if mode == "i2v":
-            frames = video_io.load_image(image_path, size, compat=self.compat)
+            frames = read.load_image(image_path, size, compat=self.compat)
         elif mode == "v2v":
             visible = visible_prefix_frames(rt.noise2clean_kvrange or (8,), rt.chunk_width, rt.temporal_downsample_factor)
-            frames = video_io.load_prefix_video(prefix_video_path, rt.fps, size, visible, compat=self.compat)
+            frames = read.load_prefix_video(prefix_video_path, rt.fps, size, visible, compat=self.compat)
         else:
             return None
         with self.vae_on_device():
-            return video_io.encode_prefix(self.vae, frames, fps=rt.fps, scale_factor=rt.scale_factor,
+            return latents.encode_prefix(self.vae, frames, fps=rt.fps, scale_factor=rt.scale_factor,
                                           compat=self.compat).to(self.device)  # fmt: skip

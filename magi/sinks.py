@@ -8,7 +8,6 @@
   chunks the state covers stay valid, and resume joins them with the rest into one mp4. The
   HTTP service streams them to browsers (MediaSource) as they appear.
 - ``StateSaver``: writes the generation state (``magi.state``) at resume points.
-- ``join_mp4``: stream-copy concatenation (no re-encode), atomic.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import logging
 import os
 import re
 import resource
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from magi import video_io
+from magi.media.mp4 import Mp4Writer, VideoWriteError, append_mp4, join_mp4
 from magi.request import whole_number
 from magi.results import GenerationResult, VideoChunk
 from magi.state import GenerationState, StateError
@@ -33,10 +31,6 @@ from magi.state import GenerationState, StateError
 logger = logging.getLogger(__name__)
 
 SEGMENT = re.compile(r"^(\d{5,})\.mp4$")  # 00000.mp4, 00001.mp4, ...
-
-
-class VideoWriteError(RuntimeError):
-    """Writing the output mp4 failed (ffmpeg stopped, disk full); nothing is left at the output path."""
 
 
 class Outputs:
@@ -53,7 +47,7 @@ class Outputs:
         append_to: the earlier run's mp4 the new chunks are appended to (resume / extend).
     """
 
-    def __init__(self, writer: video_io.Mp4Writer | None, result: GenerationResult, *,
+    def __init__(self, writer: Mp4Writer | None, result: GenerationResult, *,
                  segments: "SegmentSink | None" = None, joined: Path | None = None,
                  on_chunk: Callable[[VideoChunk], None] | None = None, save_tensors: str | Path | None = None,
                  append_to: Path | None = None) -> None:  # fmt: skip
@@ -173,49 +167,11 @@ class SegmentSink:
         if not len(chunk.frames):
             return
         try:
-            with video_io.Mp4Writer(self.path(self.next), self.fps, fragmented=True) as writer:
+            with Mp4Writer(self.path(self.next), self.fps, fragmented=True) as writer:
                 writer.append(chunk.frames)
         except RuntimeError as err:
             raise VideoWriteError(str(err)) from None
         self.next += 1
-
-
-def join_mp4(parts: list[Path], out: Path) -> None:
-    """out := parts concatenated by stream copy (no re-encode), replaced atomically.
-
-    ``out`` may be one of the parts (append in place). Raises VideoWriteError when ffmpeg fails.
-    """
-    import imageio_ffmpeg
-
-    out = Path(out)
-    tag = f"{os.getpid()}-{os.urandom(4).hex()}"
-    listing = out.parent / f".{out.name[:150]}.magi-join-{tag}.txt"
-    joined = out.parent / f".{out.name[:150]}.magi-join-{tag}.mp4"
-    listing.write_text("".join(f"file '{_concat_quote(p.resolve())}'\n" for p in parts))
-    try:
-        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "concat",
-                               "-safe", "0", "-i", str(listing), "-c", "copy", "-f", "mp4", str(joined)],
-                              capture_output=True, text=True)  # fmt: skip
-        if done.returncode != 0:
-            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-            raise VideoWriteError(f"ffmpeg could not join {len(parts)} parts into {out}: {why}")
-        os.replace(joined, out)
-    finally:
-        listing.unlink(missing_ok=True)
-        joined.unlink(missing_ok=True)
-
-
-def _concat_quote(path: Path) -> str:
-    # the concat demuxer's quoting: a quote is written as '\''
-    return str(path).replace("'", "'\\''")
-
-
-def append_mp4(earlier: Path, part: Path) -> None:
-    """earlier := earlier + part, by stream copy (no re-encode); atomic, removes ``part``."""
-    try:
-        join_mp4([earlier, part], earlier)
-    finally:
-        part.unlink(missing_ok=True)
 
 
 class StateSaver:
@@ -362,7 +318,7 @@ def open_outputs(dest: Destinations, fps: int, size: tuple[int, int], writer_ran
         target, append_to = output_path, dest.append_to
         if append_to is not None:  # the new chunks go to a part file, appended at the end
             target = append_to.parent / f".{append_to.name[:150]}.magi-resume-{os.getpid()}.mp4"
-        writer = video_io.Mp4Writer(target, fps)
+        writer = Mp4Writer(target, fps)
         if segments is not None:  # checked only: the mp4 is joined from the segments
             writer.abort()
             writer = None

@@ -17,7 +17,8 @@ import imageio_ffmpeg
 import pytest
 import torch
 
-from magi import video_io as vio
+from magi.media.mp4 import Mp4Writer
+from magi.media.read import load_image, load_video
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 
@@ -28,7 +29,7 @@ def _frames(n: int, w: int = 64, h: int = 48, seed: int = 0) -> torch.Tensor:
 
 
 def _good_mp4(path: Path) -> bytes:
-    with vio.Mp4Writer(path, fps=24) as writer:
+    with Mp4Writer(path, fps=24) as writer:
         writer.append(_frames(2, seed=1))
     return path.read_bytes()
 
@@ -52,7 +53,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_disk_full_keeps_the_previous_output(small_disk: Path) -> None:
     out = small_disk / "out.mp4"
     good = _good_mp4(out)
-    writer = vio.Mp4Writer(out, fps=24)
+    writer = Mp4Writer(out, fps=24)
     with pytest.raises(RuntimeError) as info:
         for seed in range(12):  # 12 x 4 noise frames of 128x128: ~600 KiB of h264
             writer.append(_frames(4, 128, 128, seed))
@@ -61,7 +62,7 @@ def test_disk_full_keeps_the_previous_output(small_disk: Path) -> None:
     assert "\n" not in message and str(out) in message and "no space left on device" in message
     assert out.read_bytes() == good  # the earlier result survives
     assert sorted(p.name for p in small_disk.iterdir()) == ["out.mp4"]  # no temp file left
-    assert vio.load_video(out, 24).shape == (2, 48, 64, 3)
+    assert load_video(out, 24).shape == (2, 48, 64, 3)
 
 
 # ---------------------------------------------------------------------------- failing ffmpeg
@@ -80,7 +81,7 @@ def test_ffmpeg_failing_at_the_end_writes_nothing(tmp_path: Path,
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(_fake_ffmpeg(tmp_path, encode)))
     out = tmp_path / "out" / "video.mp4"
     out.parent.mkdir()
-    writer = vio.Mp4Writer(out, fps=24)
+    writer = Mp4Writer(out, fps=24)
     writer.append(_frames(3))
     with pytest.raises(RuntimeError, match=r"^cannot write .*video\.mp4: .*exit status 3: "
                                            r"encoder exploded\)") as info:
@@ -96,7 +97,7 @@ def test_ffmpeg_exit_zero_with_a_broken_file_is_caught(tmp_path: Path,
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(_fake_ffmpeg(tmp_path, encode)))
     out = tmp_path / "video.mp4"
     out.write_bytes(b"previous result")
-    writer = vio.Mp4Writer(out, fps=24)
+    writer = Mp4Writer(out, fps=24)
     writer.append(_frames(3))
     with pytest.raises(RuntimeError, match="written file is unreadable, 3 were appended"):
         writer.close()
@@ -108,7 +109,7 @@ def test_ffmpeg_dying_mid_video_is_reported(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     encode = 'head -c 1000 > /dev/null\necho "Conversion failed!" >&2\nexit 1'
     monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(_fake_ffmpeg(tmp_path, encode)))
-    writer = vio.Mp4Writer(tmp_path / "video.mp4", fps=24)
+    writer = Mp4Writer(tmp_path / "video.mp4", fps=24)
     with pytest.raises(RuntimeError, match=r"failed while writing the mp4 \(exit status 1: "
                                            r"Conversion failed!\)"):
         for _ in range(200):  # the pipe fills, then breaks
@@ -120,12 +121,12 @@ def test_ffmpeg_dying_mid_video_is_reported(tmp_path: Path,
 def test_output_name_near_name_max(tmp_path: Path) -> None:
     out = tmp_path / ("x" * 125 + "é" * 60 + "y.mp4")  # 250 bytes; the cut falls inside an é
     assert len(out.name.encode()) == 250
-    with vio.Mp4Writer(out, fps=24) as writer:
+    with Mp4Writer(out, fps=24) as writer:
         writer.append(_frames(2))
         temp = writer.tmp_path.name
         assert len(temp.encode()) <= 255 and temp.startswith("." + "x" * 125 + "é")
         assert f"é.magi-partial-{os.getpid()}-" in temp and temp.endswith(".mp4")
-    assert vio.load_video(out, 24).shape == (2, 48, 64, 3)
+    assert load_video(out, 24).shape == (2, 48, 64, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
@@ -138,7 +139,7 @@ def test_stale_temp_files_of_dead_runs_are_removed(tmp_path: Path) -> None:
              "not ours": ".out.magi-partial-notes.txt"}
     for name in names.values():
         (tmp_path / name).write_bytes(b"half a video")
-    writer = vio.Mp4Writer(tmp_path / "out.mp4", fps=24)
+    writer = Mp4Writer(tmp_path / "out.mp4", fps=24)
     assert not (tmp_path / names["stale"]).exists()
     assert all((tmp_path / names[k]).exists() for k in ("live", "other output", "not ours"))
     writer.abort()
@@ -165,7 +166,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
     assert bomb.stat().st_size < 100_000
     before = _children_peak_rss_mb()
     with pytest.raises(ValueError) as info:
-        vio.load_image(bomb, (64, 64))
+        load_image(bomb, (64, 64))
     assert str(info.value) == (
         f"cannot use image {bomb}: image is 16000x16000 (256 megapixels), above magi's limit of "
         "67 megapixels (MAX_IMAGE_PIXELS); downscale it")
@@ -188,6 +189,6 @@ def test_accepted_image_is_decoded_once(tmp_path: Path, monkeypatch: pytest.Monk
         return popen(cmd, *args, **kwargs)
 
     monkeypatch.setattr(subprocess, "Popen", counting_popen)
-    frame = vio.load_image(image, (64, 64))
+    frame = load_image(image, (64, 64))
     assert frame.shape == (64, 64, 3) and int(frame.min()) == 0 == int(frame.max())  # black
     assert len([cmd for cmd in runs if str(image) in cmd]) == 1
