@@ -123,3 +123,22 @@ def test_start_up_check_names_a_damaged_side_file(
     assert expected in message and str(folder) in message and "\n" not in message
     with pytest.raises(ValueError):  # the load itself refuses the same file
         T5Encoder.from_pretrained(tmp_path)
+
+
+def test_free_releases_the_weights_without_a_garbage_collection(t5_root: Path, monkeypatch) -> None:
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    t5 = T5Encoder.from_pretrained(t5_root)
+    t5.encode(["Good Boy"])
+    storages = [StorageWeakRef(p.untyped_storage()) for p in t5.model.parameters()]
+    assert storages and not any(s.expired() for s in storages)
+    monkeypatch.setattr(gc, "collect", lambda *a: pytest.fail("free() ran a full garbage collection"))
+    gc.disable()  # the weights must go by reference counting alone
+    try:
+        t5.free()
+        assert all(s.expired() for s in storages)
+    finally:
+        gc.enable()
+    assert t5.model is None

@@ -13,7 +13,6 @@ Shapes: n prompts, Lcap caption slots (800), Ccap caption width (4096 for T5-XXL
 
 from __future__ import annotations
 
-import gc
 import html
 import json
 import pickle
@@ -434,10 +433,16 @@ class T5Encoder:
         return torch.cat(rows), mask
 
     def free(self) -> None:
-        """Drop the encoder weights now (they are ~19 GB for T5-XXL in float32)."""
+        """Drop the encoder weights now (they are ~19 GB for T5-XXL in float32).
+
+        transformers' T5 modules form reference cycles, so dropping the model frees nothing
+        until a full garbage collection (about a second once transformers is imported); moving it
+        to the meta device releases every weight at once, and the small module skeleton left is
+        collected later."""
         on_cuda = self.device.type == "cuda"
+        if self.model is not None:
+            self.model.to("meta")
         self.model = None
-        gc.collect()
         if on_cuda and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
