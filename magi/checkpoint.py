@@ -198,7 +198,7 @@ def _fp8_linear(prefix: str, rows: int, cols: int, *, per_channel: bool) -> Mani
     return out | {f"{prefix}.input_scale": ((1,), f32), f"{prefix}.smooth_scale": ((1, cols), f32)}
 
 
-def _refuse_stacked(shards: "_Shards", key_to_shard: dict[str, str]) -> None:
+def _refuse_stacked(shards: _Shards, key_to_shard: dict[str, str]) -> None:
     """Refuse a MAGI-1.1 checkpoint (``videodit_blocks.layers.<name>`` tensors with a leading
     layer dimension) from its keys, before any tensor is read: its fused projections' packing is
     not public, so loading it as MAGI-1 would give garbage weights."""
