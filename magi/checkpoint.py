@@ -211,8 +211,9 @@ def _refuse_stacked(shards: _Shards, key_to_shard: dict[str, str]) -> None:
         with shards.open(shard) as f:
             shape = f.get_slice(stacked[0]).get_shape()
         layers = f", {shape[0]} layers" if shape else ""
-    raise ValueError(f"{shards.folder.name}: a MAGI-1.1 checkpoint (stacked {stacked[0]}{layers}); MAGI-1.1 "
-                     "is not supported yet: use MAGI-1 (v1.0) weights")
+    where = f"{shards.folder.parent.name}/{shards.folder.name}"  # short: the message stays one line
+    raise ValueError(f"{where} is a MAGI-1.1 checkpoint ({len(stacked)} stacked videodit_blocks.layers.<name> "
+                     f"tensors{layers}); MAGI-1.1 is not supported yet: use MAGI-1 (v1.0) weights")
 
 
 def _meta_model(cfg: MagiConfig, layer_numbers: list[int]) -> DiT:
