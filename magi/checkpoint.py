@@ -6,6 +6,11 @@ single ``model.safetensors``. A ``<shard>.zst`` next to a shard's path takes pre
 decompressed with the ``zstd`` command-line tool. Keys are the DiT's parameter names; nothing is
 renamed except the layer index of a pipeline stage (global -> local).
 
+The start-up check (:func:`check_dit_checkpoint`) builds nothing: the expected keys and shapes come
+from :func:`dit_manifest`, a pure function of the config, compared with the safetensors headers.
+MAGI-1.1 checkpoints (layers stacked as ``videodit_blocks.layers.<name>``) are refused from the
+keys alone, before any tensor is read.
+
 The model is built on the meta device (no memory, no init), the fp8 swap is applied when
 ``engine.fp8_quant``, each needed tensor is read from its memory-mapped shard straight to its final
 device and dtype (the official construction dtypes with the promoted modules in float32), and the
@@ -27,13 +32,15 @@ from pathlib import Path, PureWindowsPath
 import torch
 from safetensors import SafetensorError, safe_open
 
-from magi.config import MagiConfig
-from magi.fp8 import swap_fp8_linears
-from magi.models.dit import DiT
+from magi.config import MagiConfig, ModelConfig
+from magi.fp8 import FP8, PER_CHANNEL_NAMES, PER_TENSOR_NAMES, is_fp8_layer, swap_fp8_linears
+from magi.models.dit import FREQ_EMBED_DIM, DiT
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _LAYER_KEY = re.compile(r"^videodit_blocks\.layers\.(\d+)\.(.+)$")
+# MAGI-1.1 stacks its layers: ``videodit_blocks.layers.<name>`` with a leading layer dimension.
+_STACKED_KEY = re.compile(r"^videodit_blocks\.layers\.(?!\d+\.)[^.]")
 _FP8_SUFFIXES = (".weight_scale", ".input_scale", ".smooth_scale")
 _MAX_LISTED = 8
 
@@ -44,6 +51,9 @@ def weight_folder(cfg: MagiConfig) -> Path:
         raise ValueError("runtime_config.load is not set: point it at the DiT checkpoint root")
     suffix = (".fp8" if cfg.engine.fp8_quant else "") + (".distill" if cfg.engine.distill else "")
     return Path(cfg.runtime.load) / f"inference_weight{suffix}"
+
+
+Manifest = dict[str, tuple[tuple[int, ...], torch.dtype]]  # key -> (shape, dtype), state_dict order
 
 
 def load_dit(cfg: MagiConfig, device: torch.device | str, *, layers: Sequence[int] | None = None) -> DiT:
@@ -58,29 +68,26 @@ def load_dit(cfg: MagiConfig, device: torch.device | str, *, layers: Sequence[in
     Returns:
         The model in eval mode, parameters on ``device``, promoted modules in float32.
     """
-    layer_numbers, model, expected = _planned(cfg, layers)
+    layer_numbers = _check_layers(layers, cfg.model.num_layers)
+    model = _meta_model(cfg, layer_numbers)  # the one meta build of a start
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     with _Shards(weight_folder(cfg)) as shards:
         key_to_shard = shards.layout()
+        _refuse_stacked(shards, key_to_shard)
         wanted = _match_keys(cfg, shards.folder, key_to_shard, expected, layer_numbers)
         state = _read_tensors(cfg, shards, key_to_shard, wanted, expected, torch.device(device))
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).eval()
 
 
-def _planned(cfg: MagiConfig, layers: Sequence[int] | None):
-    """(layer numbers, meta-built model, expected key -> (shape, dtype)) of a load or a check."""
-    layer_numbers = _check_layers(layers, cfg.model.num_layers)
-    model = _meta_model(cfg, layer_numbers)
-    return layer_numbers, model, {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-
-
 def check_dit_checkpoint(cfg: MagiConfig, *, layers: Sequence[int] | None = None) -> Path:
     """Start-up check of the DiT checkpoint without reading any weights (headers only; seconds).
 
     Finds the same faults as :func:`load_dit` would after minutes of loading: missing folder,
-    damaged index or shard names outside the folder, missing / unexpected / mis-shaped keys,
-    keys the index places in a shard that lacks them, non-floating tensors. zstd-compressed
-    shards are not decompressed here (their headers are checked by the load itself).
+    damaged index or shard names outside the folder, a MAGI-1.1 (stacked-layer) checkpoint,
+    missing / unexpected / mis-shaped keys, keys the index places in a shard that lacks them,
+    non-floating tensors. Builds no model: the expected keys come from :func:`dit_manifest`.
+    zstd-compressed shards are not decompressed here (their headers are checked by the load).
 
     Args:
         cfg: full config, as for :func:`load_dit`.
@@ -89,9 +96,11 @@ def check_dit_checkpoint(cfg: MagiConfig, *, layers: Sequence[int] | None = None
     Returns:
         The checked weight folder.
     """
-    layer_numbers, model, expected = _planned(cfg, layers)
+    layer_numbers = _check_layers(layers, cfg.model.num_layers)
+    expected = dit_manifest(cfg.model, fp8=cfg.engine.fp8_quant, layer_numbers=layer_numbers)
     with _Shards(weight_folder(cfg)) as shards:
         key_to_shard = shards.layout()
+        _refuse_stacked(shards, key_to_shard)
         wanted = _match_keys(cfg, shards.folder, key_to_shard, expected, layer_numbers)
         by_shard: dict[str, dict[str, str]] = defaultdict(dict)
         for key, ckpt_key in wanted.items():
@@ -105,6 +114,106 @@ def check_dit_checkpoint(cfg: MagiConfig, *, layers: Sequence[int] | None = None
         if mis_shaped:
             raise ValueError(_mismatch_message(cfg, shards.folder, key_to_shard, [], [], mis_shaped))
         return shards.folder
+
+
+def dit_manifest(model: ModelConfig, *, fp8: bool = False, layer_numbers: Sequence[int] | None = None) -> Manifest:
+    """Every tensor :func:`load_dit` expects, as key -> (shape, dtype), without building the DiT.
+
+    The dtypes are those of the built model (promoted modules float32, fp8 weights e4m3 with
+    float32 scales); the order is ``DiT.state_dict()``'s. Layers are numbered locally 0.. and
+    quantised by their global number, as in :func:`load_dit`.
+
+    Args:
+        model: the architecture (official ``model_config``).
+        fp8: ``engine_config.fp8_quant``.
+        layer_numbers: global indices of the layers (one pipeline stage); None: all layers.
+    """
+    f32, h = torch.float32, model.hidden_size
+    cond, xattn = int(h * model.cond_hidden_ratio), int(h * model.xattn_cond_hidden_ratio)
+    ps, tps = model.patch_size, model.t_patch_size
+    out: Manifest = {"x_embedder.weight": ((h, model.in_channels, tps, ps, ps), f32)}
+    out |= _linear("t_embedder.mlp.0", cond, FREQ_EMBED_DIM, f32, bias=True)  # mlp.1 is the SiLU
+    out |= _linear("t_embedder.mlp.2", cond, cond, f32, bias=True)
+    out["y_embedder.null_caption_embedding"] = ((model.caption_max_length, model.caption_channels), f32)
+    out |= _linear("y_embedder.y_proj_xattn.0", xattn, model.caption_channels, f32, bias=True)
+    out |= _linear("y_embedder.y_proj_adaln.0", cond, model.caption_channels, f32, bias=True)
+    out["rope.bands"] = ((model.kv_channels // 8,), f32)
+    numbers = list(range(model.num_layers)) if layer_numbers is None else list(layer_numbers)
+    for local, number in enumerate(numbers):
+        quantised = fp8 and is_fp8_layer(number, model.num_layers)
+        out |= _layer_manifest(model, f"videodit_blocks.layers.{local}", quantised)
+    out |= _norm("videodit_blocks.final_layernorm", h, f32)
+    out["final_linear.linear.weight"] = ((ps * ps * tps * model.out_channels, h), f32)
+    return out
+
+
+def _layer_manifest(model: ModelConfig, prefix: str, quantised: bool) -> Manifest:
+    """One TransformerLayer's tensors (state_dict order), fp8 linears when ``quantised``."""
+    f32, dt, h, hd = torch.float32, model.dtype, model.hidden_size, model.kv_channels
+    q, kv = model.num_attention_heads * hd, model.num_query_groups * hd
+    ffn = model.ffn_hidden_size
+    cond, gate = int(h * model.cond_hidden_ratio), int(h * model.cond_gating_ratio)
+    xattn = int(h * model.xattn_cond_hidden_ratio)
+    linears = {  # name -> (out, in) of the bias-free params_dtype linears
+        "self_attention.linear_qkv.q": (q, h), "self_attention.linear_qkv.qx": (q, h),
+        "self_attention.linear_qkv.k": (kv, h), "self_attention.linear_qkv.v": (kv, h),
+        "self_attention.linear_kv_xattn": (2 * kv, xattn), "self_attention.linear_proj": (h, 2 * q),
+        "mlp.linear_fc1": (2 * ffn if model.gated_linear_unit else ffn, h), "mlp.linear_fc2": (h, ffn),
+    }  # fmt: skip
+
+    def lin(name: str) -> Manifest:
+        rows, cols = linears[name]
+        if quantised and name in PER_TENSOR_NAMES + PER_CHANNEL_NAMES:
+            return _fp8_linear(f"{prefix}.{name}", rows, cols, per_channel=name in PER_CHANNEL_NAMES)
+        return _linear(f"{prefix}.{name}", rows, cols, dt, bias=False)
+
+    out = _linear(f"{prefix}.ada_modulate_layer.proj.0", 2 * gate, cond, dt, bias=True)
+    out |= _norm(f"{prefix}.self_attention.linear_qkv.layer_norm", h, dt)
+    for name in list(linears)[:6]:
+        out |= lin(name)
+    for norm, dtype in (("q_layernorm", f32), ("q_layernorm_xattn", dt), ("k_layernorm", f32),
+                        ("k_layernorm_xattn", dt)):  # fmt: skip
+        out |= _norm(f"{prefix}.self_attention.{norm}", hd, dtype)
+    out |= _norm(f"{prefix}.self_attn_post_norm", h, f32) | _norm(f"{prefix}.mlp.layer_norm", h, dt)
+    out |= lin("mlp.linear_fc1") | lin("mlp.linear_fc2")
+    return out | _norm(f"{prefix}.mlp_post_norm", h, f32)
+
+
+def _linear(prefix: str, rows: int, cols: int, dtype: torch.dtype, *, bias: bool) -> Manifest:
+    out: Manifest = {f"{prefix}.weight": ((rows, cols), dtype)}
+    return out | ({f"{prefix}.bias": ((rows,), dtype)} if bias else {})
+
+
+def _norm(prefix: str, dim: int, dtype: torch.dtype) -> Manifest:
+    return {f"{prefix}.weight": ((dim,), dtype), f"{prefix}.bias": ((dim,), dtype)}
+
+
+def _fp8_linear(prefix: str, rows: int, cols: int, *, per_channel: bool) -> Manifest:
+    """magi.fp8's storage: weight [1, O, K] e4m3, weight_scale [1], input_scale [K] or [1]
+    (+ smooth_scale [1, K] per channel), scales float32."""
+    f32 = torch.float32
+    out: Manifest = {f"{prefix}.weight": ((1, rows, cols), FP8), f"{prefix}.weight_scale": ((1,), f32)}
+    if not per_channel:
+        return out | {f"{prefix}.input_scale": ((cols,), f32)}
+    return out | {f"{prefix}.input_scale": ((1,), f32), f"{prefix}.smooth_scale": ((1, cols), f32)}
+
+
+def _refuse_stacked(shards: _Shards, key_to_shard: dict[str, str]) -> None:
+    """Refuse a MAGI-1.1 checkpoint (``videodit_blocks.layers.<name>`` tensors with a leading
+    layer dimension) from its keys, before any tensor is read: its fused projections' packing is
+    not public, so loading it as MAGI-1 would give garbage weights."""
+    stacked = sorted(k for k in key_to_shard if _STACKED_KEY.match(k))
+    if not stacked:
+        return
+    layers = ""
+    shard = key_to_shard[stacked[0]]
+    if not (shards.folder / f"{shard}.zst").is_file():  # a header read only; never decompress here
+        with shards.open(shard) as f:
+            shape = f.get_slice(stacked[0]).get_shape()
+        layers = f", {shape[0]} layers" if shape else ""
+    where = f"{shards.folder.parent.name}/{shards.folder.name}"  # short: the message stays one line
+    raise ValueError(f"{where} is a MAGI-1.1 checkpoint ({len(stacked)} stacked videodit_blocks.layers.<name> "
+                     f"tensors{layers}); MAGI-1.1 is not supported yet: use MAGI-1 (v1.0) weights")
 
 
 def _meta_model(cfg: MagiConfig, layer_numbers: list[int]) -> DiT:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from magi.models.text_encoder import CAPTION_MAX_LENGTH, T5Encoder
+from magi.models.text_encoder import CAPTION_MAX_LENGTH, T5Encoder, check_t5_folder
 from tests.conftest import load_fixture, rel_l2
 
 TOL = 1e-5  # float32 exact-math fixture: only accumulation order may differ
@@ -91,3 +93,52 @@ def test_safetensors_preferred_and_equal(tmp_path: Path, t5_root: Path) -> None:
 def test_single_string_rejected(t5_root: Path) -> None:
     with T5Encoder.from_pretrained(t5_root) as t5, pytest.raises(ValueError, match="list"):
         t5.encode("Good Boy")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- start-up check (no transformers)
+
+
+def test_start_up_check_does_not_import_transformers(t5_root: Path) -> None:
+    code = ("import sys; from magi.models.text_encoder import check_t5_folder; "
+            f"print(check_t5_folder({str(t5_root)!r})); print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(t5_root / "t5-v1_1-xxl"), "False"]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), [
+    ("config.json", b"{", "config.json is not a readable T5 config"),
+    ("config.json", b"[1, 2]", "config.json is not a readable T5 config"),
+    ("tokenizer_config.json", b"\xff\xfe{", "tokenizer_config.json is damaged"),
+    ("spiece.model", b"garbage", "spiece.model or tokenizer_config.json is damaged"),
+])  # fmt: skip
+def test_start_up_check_names_a_damaged_side_file(
+    tmp_path: Path, t5_root: Path, name: str, content: bytes, expected: str
+) -> None:
+    folder = tmp_path / "t5-v1_1-xxl"
+    shutil.copytree(t5_root / "t5-v1_1-xxl", folder)
+    (folder / name).write_bytes(content)
+    with pytest.raises(ValueError) as excinfo:
+        check_t5_folder(tmp_path)
+    message = str(excinfo.value)
+    assert expected in message and str(folder) in message and "\n" not in message
+    with pytest.raises(ValueError):  # the load itself refuses the same file
+        T5Encoder.from_pretrained(tmp_path)
+
+
+def test_free_releases_the_weights_without_a_garbage_collection(t5_root: Path, monkeypatch) -> None:
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    t5 = T5Encoder.from_pretrained(t5_root)
+    t5.encode(["Good Boy"])
+    storages = [StorageWeakRef(p.untyped_storage()) for p in t5.model.parameters()]
+    assert storages and not any(s.expired() for s in storages)
+    monkeypatch.setattr(gc, "collect", lambda *a: pytest.fail("free() ran a full garbage collection"))
+    gc.disable()  # the weights must go by reference counting alone
+    try:
+        t5.free()
+        assert all(s.expired() for s in storages)
+    finally:
+        gc.enable()
+    assert t5.model is None

@@ -13,7 +13,6 @@ Shapes: n prompts, Lcap caption slots (800), Ccap caption width (4096 for T5-XXL
 
 from __future__ import annotations
 
-import gc
 import html
 import json
 import pickle
@@ -178,7 +177,7 @@ def _read_tokenizer_and_config(folder: Path, tokenizer_cls: type, config_cls: ty
     """T5 tokenizer and config of a HF folder; a damaged file is one error naming it."""
     try:
         config = config_cls.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:  # transformers reports bad JSON as OSError
+    except (OSError, ValueError, TypeError) as err:  # bad JSON: OSError; a JSON array: TypeError
         raise ValueError(f"{folder / 'config.json'} is not a readable T5 config "
                          f"({_first_line(err)}); download it again") from None
     try:
@@ -264,6 +263,8 @@ def _bad_bin_message(path: Path, err: BaseException) -> str:
 def check_t5_folder(t5_pretrained_root: str | Path) -> Path:
     """Start-up check of the T5 folder without loading the encoder (seconds, not minutes).
 
+    Does not import transformers (a second or more): the JSON files are parsed and
+    ``spiece.model`` is opened with sentencepiece, the library T5Tokenizer reads it with.
     Checks the folder, config.json, the tokenizer, the weight index and every weight file's
     header (safetensors) or pickle index (``.bin``, read weights-only and memory-mapped; a legacy
     non-zip ``.bin`` is only checked to exist).
@@ -275,15 +276,39 @@ def check_t5_folder(t5_pretrained_root: str | Path) -> Path:
         The checked ``t5-v1_1-xxl`` folder.
     """
     folder = _resolve_folder(Path(t5_pretrained_root))
-    from transformers import T5Config, T5Tokenizer
-
-    _read_tokenizer_and_config(folder, T5Tokenizer, T5Config)
+    _check_side_files(folder)
     for path in _weight_files(folder):
         if path.suffix == ".safetensors":
             _check_safetensors_header(path)
         elif _bin_kind(path) != "pickle":  # legacy pickles are read whole: left to the load
             _read_shard(path)  # memory-mapped: reads the pickle, not the tensor bytes
     return folder
+
+
+def _check_side_files(folder: Path) -> None:
+    """config.json / tokenizer JSONs parse to objects and spiece.model loads; one error naming
+    the damaged file (the same messages as a failed ``from_pretrained``)."""
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if name != "config.json" and not path.is_file():
+            continue  # optional: transformers falls back to defaults
+        try:
+            ok = isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if not ok and name == "config.json":
+            raise ValueError(f"{path} is not a readable T5 config (not a JSON object); download it again")
+        if not ok:
+            raise ValueError(f"cannot load the T5 tokenizer from {folder}: {name} is damaged; download it again")
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ModuleNotFoundError("the T5 tokenizer needs the sentencepiece package: pip install sentencepiece") from None
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+    except (OSError, RuntimeError, ValueError, TypeError):
+        raise ValueError(f"cannot load the T5 tokenizer from {folder}: spiece.model or "
+                         "tokenizer_config.json is damaged; download them again") from None
 
 
 def _check_safetensors_header(path: Path) -> None:
@@ -408,10 +433,16 @@ class T5Encoder:
         return torch.cat(rows), mask
 
     def free(self) -> None:
-        """Drop the encoder weights now (they are ~19 GB for T5-XXL in float32)."""
+        """Drop the encoder weights now (they are ~19 GB for T5-XXL in float32).
+
+        transformers' T5 modules form reference cycles, so dropping the model frees nothing
+        until a full garbage collection (about a second once transformers is imported); moving it
+        to the meta device releases every weight at once, and the small module skeleton left is
+        collected later."""
         on_cuda = self.device.type == "cuda"
+        if self.model is not None:
+            self.model.to("meta")
         self.model = None
-        gc.collect()
         if on_cuda and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
