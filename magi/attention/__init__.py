@@ -6,7 +6,9 @@
 expressed as such ranges (built by :mod:`magi.attention.masks`), so the math never depends on the
 backend. Backends are modules exposing a function ``attention(q, k, v, q_ranges, k_ranges)`` with
 this contract; they are imported lazily by name, so optional ones (which need extra packages or a
-GPU) cost nothing until chosen.
+GPU) cost nothing until chosen. The default, "sdpa", is imported with this package, and the others
+when chosen (``set_backend`` / ``check_backend``): an import inside a ``torch.compile``d forward
+would break its graph.
 
 Ranges are an int tensor [S, 2] or Python int pairs (``magi.attention.masks.Pairs``); with
 pairs the call reads nothing back from the device, so it traces into one ``torch.compile`` graph.
@@ -200,3 +202,6 @@ def _ranges_shape(ranges: Ranges) -> tuple[int, ...]:
         return tuple(ranges.shape)
     widths = {len(r) for r in ranges}
     return (len(ranges), *widths) if len(widths) <= 1 else (len(ranges), -1)
+
+
+_backend_fn(_default_backend)  # plain PyTorch, always importable; see the module docstring
