@@ -295,6 +295,7 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
+            del gate, up  # views of fc1's output: free it before fc2 (the activation peak)
         else:
             x = F.gelu(x)
         return self.linear_fc2(x)
