@@ -34,7 +34,7 @@ def _cache_after_first_window(model: DiT) -> KVCache:
     return cache
 
 
-def _explain(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - thin wrapper over dynamo's report
+def _explain(fn, *args, **kwargs):  # thin wrapper over dynamo's report
     torch._dynamo.reset()
     return torch._dynamo.explain(fn)(*args, **kwargs)
 

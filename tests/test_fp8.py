@@ -122,7 +122,7 @@ def test_scaled_mm_matches_emulation_on_gpu(rows: int) -> None:
 # ---------------------------------------------------------------- memory (no float32 input copies)
 
 
-def _fp8_memory_script():  # noqa: ANN202 - the module object of scripts/fp8_memory.py
+def _fp8_memory_script():  # the module object of scripts/fp8_memory.py
     spec = importlib.util.spec_from_file_location("fp8_memory", REPO_ROOT / "scripts" / "fp8_memory.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -66,7 +66,7 @@ def attention(
     qb = rearrange(q, "l n d -> 1 n l d")
     kb = rearrange(k, "l g d -> 1 g l d")
     vb = rearrange(v, "l g d -> 1 g l d")
-    kwargs = dict(block_mask=mask, scale=d**-0.5, enable_gqa=n != g)
+    kwargs = {"block_mask": mask, "scale": d**-0.5, "enable_gqa": n != g}
     if torch.compiler.is_compiling():  # traced by the caller's compile: the kernel is fused there
         out = flex_attention(qb, kb, vb, **kwargs)
     else:

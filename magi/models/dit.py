@@ -22,10 +22,8 @@ head in float32, the residual stream and the big matmuls in ``params_dtype``. ``
 allocates the official construction dtypes; ``promote_precision()`` casts the promoted modules to
 float32 as the official loader does. The forward computes in the right precision either way.
 
-Compile-clean: with ``kv_range`` given as Python int pairs and ``caption_counts`` as Python ints
-(both known on the host before the call, see ``host_call_args``), ``forward`` reads nothing back
-from the device, so ``torch.compile(fullgraph=True)`` traces it (and each layer) as one graph per
-window shape; every tensor shape of the call is fixed by those ints.
+Compile-clean: given ``host_call_args`` (kv_range pairs, caption counts: host ints), ``forward``
+reads nothing back from the device and traces as one ``torch.compile`` graph per window shape.
 
 Legend: B batch, C channels, T latent frames, H W latent size, R chunks per call, S tokens,
 N heads, G K/V groups, D width / head dim, Lcap caption slots, Ccap caption width.
@@ -531,12 +529,8 @@ class DiT(nn.Module):
 
 
 def host_call_args(kv_range: Ranges, y_mask: torch.Tensor) -> dict[str, tuple]:
-    """The host-side ``forward`` arguments of a call, read once outside any compiled region.
-
-    Returns:
-        {"kv_range": int pairs, "caption_counts": ints}; pass them to ``DiT.forward`` in place of
-        the tensors so the forward has no device-to-host reads.
-    """
+    """{"kv_range": int pairs, "caption_counts": ints} of a call, read once outside any compiled
+    region; passed to ``DiT.forward`` in place of the tensors, the forward reads nothing back."""
     mask = _squeeze_caption(y_mask, 2)
     return {"kv_range": range_pairs(kv_range), "caption_counts": tuple((mask > 0).sum(-1).tolist())}
 
@@ -555,11 +549,8 @@ def _caption_counts(valid: torch.Tensor, given: Sequence[int] | None) -> tuple[i
 
 
 def _select_captions(y: torch.Tensor, valid: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-    """y[valid] ([Ntok, Ccap], segment after segment) with shapes fixed by the host counts.
-
-    A stable sort moves each segment's valid slots first (in slot order), and the first counts[i]
-    of them are gathered, so no data-dependent boolean selection runs on the device.
-    """
+    """y[valid] ([Ntok, Ccap], segment after segment) without a data-dependent selection: a
+    stable sort puts each segment's valid slots first, then its first counts[i] are gathered."""
     segments, slots = valid.shape
     order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # [B*R, Lcap]
     flat = order + torch.arange(segments, device=valid.device)[:, None] * slots
