@@ -7,10 +7,13 @@ graph breaks, and fullgraph compilation must reproduce the eager numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
 from magi.attention import attention, check_backend
+from magi.compile import compile_blocks, uncompile_blocks
 from magi.models.dit import DiT, host_call_args
 from magi.models.kv_cache import KVCache
 from tests.test_dit import _inputs, small_config
@@ -106,3 +109,34 @@ def test_attention_backends_compile_without_breaks(backend: str) -> None:
     out = torch.compile(call, fullgraph=True, backend="aot_eager")(q, k, v)
     ref = attention(q, k, v, torch.tensor(q_pairs), torch.tensor(k_pairs), backend="sdpa")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+
+def _windows(model: DiT, count: int, after_each: Callable[[int], None] = lambda sp: None) -> list[torch.Tensor]:
+    """``count`` consecutive calls of two chunks each, every chunk seeing up to two chunks back."""
+    x, t, y, mask = _inputs()
+    cache, outs = KVCache(max_chunks=4), []
+    for sp in range(count):
+        kv = torch.tensor([[max(0, sp - 2) * 8, (sp + 1) * 8], [max(0, sp - 1) * 8, (sp + 2) * 8]])
+        outs.append(model(x, t, y, mask, DROP, kv, slice_point=sp, kv_cache=cache, cache_write_chunks=1))
+        after_each(sp)
+    return outs
+
+
+def test_regional_compile_stops_recompiling_once_windows_repeat(model: DiT) -> None:
+    """compile_blocks keeps the cache I/O eager, so steady-state windows reuse their graphs (with
+    the cache inside the graph every window would recompile, up to dynamo's limit of 8)."""
+    from torch._dynamo.utils import counters
+
+    expected = _windows(model, 7)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[int] = []
+    compile_blocks(model, backend="eager")
+    try:
+        got = _windows(model, 7, lambda sp: graphs.append(counters["stats"]["unique_graphs"]))
+    finally:
+        uncompile_blocks(model)
+    assert graphs[0] > 0 and graphs[3:] == [graphs[3]] * 4, graphs  # nothing new after the fourth window
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
