@@ -6,9 +6,14 @@ GEMMs) at a fraction of the compile time, and the layers' code is shared so the 
 reused across layers. Only ``forward`` is replaced, so module hooks (``magi.offload`` block
 streaming) keep running eagerly around it and parameter names / state-dict keys are unchanged.
 
-The attention entry point reads its ranges on the host (``.tolist()``) and the KV cache is a
-Python dict, so the layer graph breaks around self-attention: the pieces before and after it are
-compiled, the attention kernel runs as it is (FlexAttention compiles its own kernel on CUDA).
+The layers trace without graph breaks (the DiT hands attention its ranges as host ints), but the
+KV-cache reads and writes index a Python dict by absolute chunk, which would make every window a
+new graph (and hit dynamo's recompile limit after 8 windows). ``compile_blocks`` therefore leaves
+the cache I/O of each ``SelfAttentionCore`` eager (``torch.compiler.disable``): a cached call breaks
+the graph there, while the attention itself, whose ranges are relative to the history and repeat
+from window to window, stays compiled. To trace one whole window into a single graph (e.g. for
+CUDA graphs), compile the model itself with ``fullgraph=True`` and the host arguments of
+``magi.models.dit.host_call_args``; that graph is specialised to the window (tests/test_compile.py).
 
 CUDA graphs (``mode="reduce-overhead"``) are not recommended: every sampler step changes the
 token count (window growing / shrinking, the extra clean chunk, the nearly-clean copy), block
@@ -22,6 +27,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from magi.models.dit import SelfAttentionCore
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
@@ -38,6 +45,10 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     for layer in model.videodit_blocks.layers:
         if is_compiled(layer):
             continue
+        for core in _cache_cores(layer):
+            # Instance attributes shadow the class's methods (undone by uncompile_blocks).
+            core._history = torch.compiler.disable(core._history)
+            core._write = torch.compiler.disable(core._write)
         # An instance attribute shadows the class's forward; nn.Module.__call__ looks it up.
         layer.forward = torch.compile(layer.forward, **compile_kwargs)
     return model
@@ -48,7 +59,13 @@ def uncompile_blocks(model: nn.Module) -> nn.Module:
     for layer in model.videodit_blocks.layers:
         if is_compiled(layer):
             del layer.forward
+            for core in _cache_cores(layer):
+                del core._history, core._write
     return model
+
+
+def _cache_cores(layer: nn.Module) -> list[SelfAttentionCore]:
+    return [m for m in layer.modules() if isinstance(m, SelfAttentionCore)]
 
 
 def is_compiled(layer: nn.Module) -> bool:

@@ -16,6 +16,12 @@ accumulate in float32 and return ``out_dtype`` (params_dtype). The float32 path 
 official fp8 reference run bit for bit; CPU ``torch._scaled_mm`` (available in torch 2.13) rounds
 differently (~2e-3 on the fixture's output), so it is used on CUDA only.
 
+Memory: neither path holds a float32 copy of the whole GEMM input or output. Quantisation and
+the float32 fallback GEMM run over blocks of rows whose float32 temporaries stay within
+BLOCK_ELEMENTS elements, writing into one preallocated e4m3 / ``out_dtype`` result, so the extra
+memory of an fp8 Linear is its e4m3 input copy (1 byte per element) plus the output. Rows are
+independent in both, so the blocking changes no number.
+
 Legend: M rows (tokens), K in features, O out features.
 """
 
@@ -27,6 +33,8 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
+# float32 elements held at once by a block of quantisation / fallback GEMM (16 MiB).
+BLOCK_ELEMENTS = 1 << 22
 
 PER_TENSOR_NAMES = (
     "self_attention.linear_qkv.q",
@@ -39,19 +47,49 @@ PER_CHANNEL_NAMES = ("self_attention.linear_proj", "mlp.linear_fc2")
 
 
 def quantize_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale (broadcast on the last dim), clamped, rounded to bf16 then to e4m3."""
-    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.bfloat16).to(FP8)
+    """x / scale (broadcast on the last dim) in float32, clamped, rounded to bf16 then to e4m3.
+
+    Computed over blocks of rows into one e4m3 result, so at most BLOCK_ELEMENTS float32 values
+    exist at a time (the official arithmetic, without float32 copies of the whole input).
+    """
+    inv = scale.float().reshape(-1)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape, dtype=FP8, device=x.device)
+    for block, dst in zip(_row_blocks(rows), _row_blocks(out)):
+        q = block.to(torch.float32, copy=True).div_(inv).clamp_(-FP8_MAX, FP8_MAX)  # one float32 block, updated in place
+        dst.copy_(q.to(torch.bfloat16))  # bf16 rounding, then e4m3 rounding by the copy
+        del q  # else it lives on while the next block is built
+    return out.reshape(x.shape)
+
+
+def _row_blocks(x: torch.Tensor) -> list[torch.Tensor]:
+    """x [M, K] split along M into views of at most BLOCK_ELEMENTS elements each."""
+    step = max(1, BLOCK_ELEMENTS // max(1, x.shape[-1]))
+    return list(x.split(step, dim=0)) if x.shape[0] else [x]
 
 
 def fp8_matmul(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """(a @ w^T) * scale with fp8 operands. a [M, K] e4m3, w [O, K] e4m3, scale scalar float32."""
     if _scaled_mm_ok(a, w):
         rows = a.shape[0]
-        a = F.pad(a.view(torch.uint8), (0, 0, 0, -rows % 16)).view(FP8)  # cuBLASLt wants M % 16 == 0
+        if rows % 16:  # cuBLASLt wants M % 16 == 0 (padding copies the input, so only when needed)
+            a = F.pad(a.view(torch.uint8), (0, 0, 0, -rows % 16)).view(FP8)
         one = torch.ones((), device=a.device, dtype=torch.float32)
         scale_a = scale.reshape(()).float()
         return torch._scaled_mm(a, w.t(), scale_a=scale_a, scale_b=one, out_dtype=out_dtype)[:rows]
-    return ((a.float() @ w.float().t()) * scale.float()).to(out_dtype)
+    return _fallback_matmul(a, w, scale, out_dtype)
+
+
+def _fallback_matmul(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Exact float32 GEMM on the dequantised operands, over row blocks into one out_dtype result."""
+    wt, s = w.float().t(), scale.float()  # the weight's float32 copy: parameter-sized, not per token
+    out = torch.empty(a.shape[0], w.shape[0], dtype=out_dtype, device=a.device)
+    step = max(1, BLOCK_ELEMENTS // max(1, a.shape[1], w.shape[0]))
+    for start in range(0, a.shape[0], step):
+        block = a[start : start + step].float() @ wt
+        out[start : start + step] = block.mul_(s)
+        del block  # else it lives on while the next block is multiplied
+    return out
 
 
 def _scaled_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:

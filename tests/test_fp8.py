@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
+from magi import fp8
 from magi.config import ModelConfig
 from magi.fp8 import (
     FP8,
+    FP8_MAX,
     PerChannelFp8Linear,
     PerTensorFp8Linear,
     fp8_matmul,
@@ -16,7 +20,7 @@ from magi.fp8 import (
     swap_fp8_linears,
 )
 from magi.models.dit import DiT
-from tests.conftest import rel_l2
+from tests.conftest import REPO_ROOT, rel_l2
 
 
 def test_quantize_rounds_to_bf16_first() -> None:
@@ -113,3 +117,44 @@ def test_scaled_mm_matches_emulation_on_gpu(rows: int) -> None:
     exact = ((a.float() @ w.float().t()) * scale).bfloat16()
     assert fast.shape == (rows, 96) and fast.dtype == torch.bfloat16
     assert rel_l2(fast.float(), exact.float()) < 1e-2
+
+
+# ---------------------------------------------------------------- memory (no float32 input copies)
+
+
+def _fp8_memory_script():  # the module object of scripts/fp8_memory.py
+    spec = importlib.util.spec_from_file_location("fp8_memory", REPO_ROOT / "scripts" / "fp8_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_blocked_quantisation_and_gemm_change_no_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    lin = PerChannelFp8Linear(32, 24, torch.bfloat16)
+    lin.set_from_weight(_random_linear().weight)
+    lin.smooth_scale.data = torch.linspace(0.01, 0.2, 32)[None]  # large quotients: the clamp is hit
+    x = torch.randn(3, 37, 32).bfloat16() * 10
+    whole, codes = lin(x), quantize_input(x, lin.smooth_scale).view(torch.uint8)
+    monkeypatch.setattr(fp8, "BLOCK_ELEMENTS", 64)  # two rows per block, a ragged last block
+    assert torch.equal(lin(x), whole)
+    assert torch.equal(quantize_input(x, lin.smooth_scale).view(torch.uint8), codes)
+    assert (codes == torch.tensor(FP8_MAX).to(FP8).view(torch.uint8)).any()  # the clamp was hit
+
+
+def test_fp8_mlp_activation_peak_is_at_most_bf16s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fp8, "BLOCK_ELEMENTS", 1 << 14)  # blocks small next to the 4096-token input
+    script = _fp8_memory_script()
+    tokens, hidden, ffn = 4096, 96, 256
+    bf16_mlp, fp8_mlp = script.build_mlps(hidden, ffn)
+    assert isinstance(fp8_mlp.linear_fc2, PerChannelFp8Linear)
+    h = torch.randn(tokens, 1, hidden).bfloat16()
+    with torch.inference_mode():
+        bf16_peak = script.peak_extra_bytes(bf16_mlp, h)
+        fp8_peak = script.peak_extra_bytes(fp8_mlp, h)
+        fc2_in = torch.randn(tokens, ffn).bfloat16()
+        quant_peak = script.peak_extra_bytes(quantize_input, fc2_in, fp8_mlp.linear_fc2.smooth_scale)
+    assert bf16_peak >= 8 * tokens * ffn  # fc1's output + SwiGLU's two temporaries (bf16): the tracker counts
+    assert fp8_peak <= bf16_peak
+    # Quantising holds the e4m3 result plus one float32 block (and its bf16 rounding), never a
+    # float32 copy of the input (4 bytes per element).
+    assert quant_peak <= tokens * ffn + 6 * fp8.BLOCK_ELEMENTS

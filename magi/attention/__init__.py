@@ -6,7 +6,12 @@
 expressed as such ranges (built by :mod:`magi.attention.masks`), so the math never depends on the
 backend. Backends are modules exposing a function ``attention(q, k, v, q_ranges, k_ranges)`` with
 this contract; they are imported lazily by name, so optional ones (which need extra packages or a
-GPU) cost nothing until chosen.
+GPU) cost nothing until chosen. The default, "sdpa", is imported with this package, and the others
+when chosen (``set_backend`` / ``check_backend``): an import inside a ``torch.compile``d forward
+would break its graph.
+
+Ranges are an int tensor [S, 2] or Python int pairs (``magi.attention.masks.Pairs``); with
+pairs the call reads nothing back from the device, so it traces into one ``torch.compile`` graph.
 
 ``"auto"`` is a name too: it picks, per call, from the query's device and dtype (flash-attn on CUDA
 for bf16 / fp16 when installed, else FlexAttention on CUDA, else SDPA), so one model can run its
@@ -23,6 +28,8 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
+
+from magi.attention.masks import Ranges
 
 __all__ = [
     "AUTO", "BACKENDS", "BACKEND_CHOICES", "attention", "check_backend", "get_backend",
@@ -126,8 +133,8 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_ranges: torch.Tensor,
-    k_ranges: torch.Tensor,
+    q_ranges: Ranges,
+    k_ranges: Ranges,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -137,8 +144,8 @@ def attention(
         q: [Lq, N, D] queries.
         k: [Lk, G, D] keys; N % G == 0, query head h reads K/V head h // (N // G).
         v: [Lk, G, D] values.
-        q_ranges: [S, 2] int; disjoint query segments covering [0, Lq).
-        k_ranges: [S, 2] int; segment i attends fully to keys [k0, k1) (an empty range gives 0).
+        q_ranges: [S, 2] int tensor or S int pairs; disjoint query segments covering [0, Lq).
+        k_ranges: same form; segment i attends fully to keys [k0, k1) (an empty range gives 0).
         backend: backend name for this call ("auto" picks from q's device and dtype); None
             uses ``get_backend()``.
 
@@ -174,9 +181,7 @@ def _backend_fn(name: str) -> Callable[..., torch.Tensor]:
     return _loaded[name].attention
 
 
-def _check_shapes(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor, k_ranges: torch.Tensor
-) -> None:
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: Ranges, k_ranges: Ranges) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(
             f"attention expects q [L, N, D] and k = v [L, G, D], got q {tuple(q.shape)}, "
@@ -187,8 +192,16 @@ def _check_shapes(
             f"attention: head dims {q.shape[-1]} vs {k.shape[-1]} must match and query heads "
             f"{q.shape[1]} must be a multiple of K/V heads {k.shape[1]}"
         )
-    if q_ranges.shape != k_ranges.shape or q_ranges.dim() != 2 or q_ranges.shape[-1] != 2:
-        raise ValueError(
-            f"attention: q_ranges and k_ranges must both be [S, 2], got {tuple(q_ranges.shape)} "
-            f"and {tuple(k_ranges.shape)}"
-        )
+    q_shape, k_shape = _ranges_shape(q_ranges), _ranges_shape(k_ranges)
+    if q_shape != k_shape or len(q_shape) != 2 or q_shape[-1] != 2:
+        raise ValueError(f"attention: q_ranges and k_ranges must both be [S, 2], got {q_shape} and {k_shape}")
+
+
+def _ranges_shape(ranges: Ranges) -> tuple[int, ...]:
+    if isinstance(ranges, torch.Tensor):
+        return tuple(ranges.shape)
+    widths = {len(r) for r in ranges}
+    return (len(ranges), *widths) if len(widths) <= 1 else (len(ranges), -1)
+
+
+_backend_fn(_default_backend)  # plain PyTorch, always importable; see the module docstring

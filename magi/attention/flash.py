@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from magi.attention.masks import Ranges, range_pairs
+
 _INSTALL_HINT = (
     "the 'flash' attention backend needs the flash-attn package (pip install flash-attn "
     "--no-build-isolation, CUDA only); use backend='flex' or 'sdpa' instead"
@@ -37,8 +39,8 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_ranges: torch.Tensor,
-    k_ranges: torch.Tensor,
+    q_ranges: Ranges,
+    k_ranges: Ranges,
 ) -> torch.Tensor:
     """Range-masked attention with flash-attn varlen (same contract as ``magi.attention.attention``).
 
@@ -66,8 +68,8 @@ def run_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_ranges: torch.Tensor,
-    k_ranges: torch.Tensor,
+    q_ranges: Ranges,
+    k_ranges: Ranges,
 ) -> torch.Tensor:
     """Pack the call for a flash-attn-style varlen kernel and run it (kernel passed in for tests)."""
     if q.shape[1] % k.shape[1] != 0:
@@ -99,12 +101,12 @@ def _varlen_fn() -> Callable[..., torch.Tensor]:
 
 
 def _sorted_segments(
-    q_ranges: torch.Tensor, k_ranges: torch.Tensor, lq: int
+    q_ranges: Ranges, k_ranges: Ranges, lq: int
 ) -> list[tuple[int, int, int, int]]:
     """(q0, q1, k0, k1) sorted by q0; ValueError unless the query segments tile [0, lq)."""
     rows = sorted(
         (q0, q1, k0, k1)
-        for (q0, q1), (k0, k1) in zip(q_ranges.tolist(), k_ranges.tolist(), strict=True)
+        for (q0, q1), (k0, k1) in zip(range_pairs(q_ranges), range_pairs(k_ranges), strict=True)
     )
     ends = [0] + [q1 for _, q1, _, _ in rows]
     if [q0 for q0, _, _, _ in rows] != ends[:-1] or ends[-1] != lq:

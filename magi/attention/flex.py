@@ -11,6 +11,8 @@ The mask is handed to ``torch.nn.attention.flex_attention`` twice over:
   at 720p (5e9 to 2e10 pairs per call) is far too slow without compilation.
 
 The block mask of a call is cached by its ranges, so the layers of one DiT forward share it.
+Inside a ``torch.compile``d caller (ranges given as Python pairs) the mask is built in the traced
+code instead, without the cache: its tables then depend only on the static ranges.
 On CUDA the kernel is ``torch.compile``d (eager FlexAttention materialises the full score matrix);
 on CPU the eager path is used, which evaluates ``mask_mod`` densely and is meant for tests.
 
@@ -27,6 +29,8 @@ import torch
 from einops import rearrange
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from magi.attention.masks import Ranges, range_pairs
+
 # Tile edge of the FlexAttention kernels (their default); tables are built for this size.
 BLOCK_SIZE = 128
 _CACHE_SIZE = 16
@@ -39,8 +43,8 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_ranges: torch.Tensor,
-    k_ranges: torch.Tensor,
+    q_ranges: Ranges,
+    k_ranges: Ranges,
 ) -> torch.Tensor:
     """Range-masked attention with FlexAttention (same contract as ``magi.attention.attention``).
 
@@ -48,8 +52,8 @@ def attention(
         q: [Lq, N, D] queries.
         k: [Lk, G, D] keys, N % G == 0 (query head h reads K/V head h // (N // G)).
         v: [Lk, G, D] values.
-        q_ranges: [S, 2] int, disjoint query segments covering [0, Lq).
-        k_ranges: [S, 2] int, the key range each query segment attends to (no mask inside).
+        q_ranges: [S, 2] int tensor or int pairs, disjoint query segments covering [0, Lq).
+        k_ranges: same form, the key range each query segment attends to (no mask inside).
 
     Returns:
         [Lq, N, D] attention output in q's dtype, softmax scale 1/sqrt(D).
@@ -62,10 +66,14 @@ def attention(
     qb = rearrange(q, "l n d -> 1 n l d")
     kb = rearrange(k, "l g d -> 1 g l d")
     vb = rearrange(v, "l g d -> 1 g l d")
-    with warnings.catch_warnings():
-        # The eager (CPU) path warns that it is unfused; that is the intended test path.
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = _flex_fn(q.device)(qb, kb, vb, block_mask=mask, scale=d**-0.5, enable_gqa=n != g)
+    kwargs = {"block_mask": mask, "scale": d**-0.5, "enable_gqa": n != g}
+    if torch.compiler.is_compiling():  # traced by the caller's compile: the kernel is fused there
+        out = flex_attention(qb, kb, vb, **kwargs)
+    else:
+        with warnings.catch_warnings():
+            # The eager (CPU) path warns that it is unfused; that is the intended test path.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = _flex_fn(q.device)(qb, kb, vb, **kwargs)
     return rearrange(out, "1 n l d -> l n d").to(q.dtype)
 
 
@@ -82,8 +90,8 @@ def _flex_fn(device: torch.device) -> Callable[..., torch.Tensor]:
 
 
 def block_mask_from_ranges(
-    q_ranges: torch.Tensor,
-    k_ranges: torch.Tensor,
+    q_ranges: Ranges,
+    k_ranges: Ranges,
     lq: int,
     lk: int,
     device: torch.device | str,
@@ -92,14 +100,16 @@ def block_mask_from_ranges(
     """BlockMask of "segment [q0, q1) sees keys [k0, k1)", cached by its ranges.
 
     Args:
-        q_ranges: [S, 2] int, disjoint query segments covering [0, lq).
-        k_ranges: [S, 2] int, key range of each segment, within [0, lk].
+        q_ranges: [S, 2] int tensor or int pairs, disjoint query segments covering [0, lq).
+        k_ranges: same form, key range of each segment, within [0, lk].
         lq: number of queries.
         lk: number of keys.
         device: where the tables and the lookup tensors live (the attention's device).
         block_size: tile edge of the kernel.
     """
     segments = _validated_segments(q_ranges, k_ranges, lq, lk)
+    if torch.compiler.is_compiling():
+        return _build_block_mask(segments, lq, lk, torch.device(device), block_size)
     key = (segments, lq, lk, str(device), block_size)
     mask = _mask_cache.get(key)
     if mask is None:
@@ -113,18 +123,13 @@ def block_mask_from_ranges(
 
 
 def _validated_segments(
-    q_ranges: torch.Tensor, k_ranges: torch.Tensor, lq: int, lk: int
+    q_ranges: Ranges, k_ranges: Ranges, lq: int, lk: int
 ) -> tuple[tuple[int, int, int, int], ...]:
     """(q0, q1, k0, k1) per segment sorted by q0; ValueError unless they tile [0, lq)."""
-    if q_ranges.shape != k_ranges.shape or q_ranges.ndim != 2 or q_ranges.shape[-1] != 2:
-        raise ValueError(
-            f"q_ranges and k_ranges must both be [S, 2], got {tuple(q_ranges.shape)} "
-            f"and {tuple(k_ranges.shape)}"
-        )
-    rows = sorted(
-        (q0, q1, k0, k1)
-        for (q0, q1), (k0, k1) in zip(q_ranges.tolist(), k_ranges.tolist(), strict=True)
-    )
+    q_pairs, k_pairs = range_pairs(q_ranges), range_pairs(k_ranges)
+    if len(q_pairs) != len(k_pairs):
+        raise ValueError(f"q_ranges and k_ranges must both be [S, 2], got {len(q_pairs)} and {len(k_pairs)} rows")
+    rows = sorted((q0, q1, k0, k1) for (q0, q1), (k0, k1) in zip(q_pairs, k_pairs))
     expected_start = 0
     for q0, q1, k0, k1 in rows:
         if q0 != expected_start or q1 <= q0:

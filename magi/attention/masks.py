@@ -9,6 +9,11 @@ A range table has one row per query segment: segment i is the query tokens [q0, 
 * cross-attention: query segment i (a chunk) attends only to its own caption tokens, which are
   packed segment after segment.
 
+Range tables come in two forms that every backend accepts: an int tensor [S, 2], or Python int
+pairs (``Pairs``). The pair form is what the DiT uses: its ranges are known on the host before a
+forward (the chunk plan), so the forward never reads a tensor back to Python (no device sync, no
+``torch.compile`` graph break). ``range_pairs`` turns either form into pairs.
+
 Legend: S segments (chunks x batch), c tokens per chunk.
 """
 
@@ -17,6 +22,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+Pairs = tuple[tuple[int, int], ...]  # one (start, end) per segment, Python ints
+Ranges = torch.Tensor | Sequence[Sequence[int]]  # [S, 2] int tensor or int pairs
+
+
+def range_pairs(ranges: Ranges) -> Pairs:
+    """Ranges as Python int pairs. A tensor is read back to the host here (a device sync, and a
+    graph break under ``torch.compile``), so compiled code should be handed pairs."""
+    if isinstance(ranges, torch.Tensor):
+        if ranges.dim() != 2 or ranges.shape[-1] != 2:
+            raise ValueError(f"ranges must be [S, 2], got shape {tuple(ranges.shape)}")
+        ranges = ranges.tolist()
+    if any(len(r) != 2 for r in ranges):
+        raise ValueError(f"ranges must be (start, end) pairs, got {list(ranges)}")
+    return tuple((int(r[0]), int(r[1])) for r in ranges)
+
+
+def chunk_query_pairs(num_segments: int, chunk_tokens: int) -> Pairs:
+    """``chunk_query_ranges`` as Python pairs: row i = (i*c, (i+1)*c)."""
+    return tuple((i * chunk_tokens, (i + 1) * chunk_tokens) for i in range(num_segments))
+
+
+def cross_attention_pairs(caption_counts: Sequence[int], chunk_tokens: int) -> tuple[Pairs, Pairs]:
+    """``cross_attention_ranges`` as Python pairs, from host-side caption counts."""
+    k_pairs, end = [], 0
+    for count in caption_counts:
+        k_pairs.append((end, end + int(count)))
+        end += int(count)
+    return chunk_query_pairs(len(k_pairs), chunk_tokens), tuple(k_pairs)
 
 
 def chunk_query_ranges(num_segments: int, chunk_tokens: int) -> torch.Tensor:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from magi.attention.masks import Ranges, range_pairs
+
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 # Score elements held at once by the flash-rounding path (float32 scores + probabilities).
 SCORE_BUDGET = 1 << 24
@@ -31,13 +33,13 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_ranges: torch.Tensor,
-    k_ranges: torch.Tensor,
+    q_ranges: Ranges,
+    k_ranges: Ranges,
 ) -> torch.Tensor:
     """Range-masked attention (contract: ``magi.attention.attention``).
 
     Args:
-        q: [Lq, N, D]; k, v: [Lk, G, D]; q_ranges, k_ranges: [S, 2] int.
+        q: [Lq, N, D]; k, v: [Lk, G, D]; q_ranges, k_ranges: [S, 2] int tensors or int pairs.
 
     Returns:
         [Lq, N, D] in q's dtype.
@@ -45,7 +47,7 @@ def attention(
     out = torch.zeros_like(q)
     gqa = q.shape[1] != k.shape[1]
     flash_rounding = q.dtype in REDUCED_DTYPES and q.device.type == "cpu"
-    for (q0, q1), (k0, k1) in zip(q_ranges.tolist(), k_ranges.tolist()):
+    for (q0, q1), (k0, k1) in zip(range_pairs(q_ranges), range_pairs(k_ranges)):
         if q1 <= q0 or k1 <= k0:
             continue
         qs = rearrange(q[q0:q1], "l n d -> n l d")

@@ -159,12 +159,14 @@ def shard_call(
 
 
 def _local_query_ranges(
-    q_ranges: torch.Tensor, k_ranges: torch.Tensor, seq: int, start: int, end: int
+    q_ranges: Any, k_ranges: Any, seq: int, start: int, end: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-express "(b s)" query ranges over the local "(b s_local)" tokens; drop empty segments.
 
     Each local token keeps attending to the key range of the segment (chunk) it belongs to.
     """
+    q_ranges = torch.as_tensor(q_ranges, dtype=torch.int64).reshape(-1, 2)  # pairs from DiT.embed
+    k_ranges = torch.as_tensor(k_ranges, dtype=torch.int64).reshape(-1, 2)
     local = end - start
     batch = q_ranges[:, 0] // seq
     lo = (q_ranges[:, 0] - batch * seq).clamp(start, end) - start

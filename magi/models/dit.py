@@ -22,6 +22,9 @@ head in float32, the residual stream and the big matmuls in ``params_dtype``. ``
 allocates the official construction dtypes; ``promote_precision()`` casts the promoted modules to
 float32 as the official loader does. The forward computes in the right precision either way.
 
+Compile-clean: given ``host_call_args`` (kv_range pairs, caption counts: host ints), ``forward``
+reads nothing back from the device and traces as one ``torch.compile`` graph per window shape.
+
 Legend: B batch, C channels, T latent frames, H W latent size, R chunks per call, S tokens,
 N heads, G K/V groups, D width / head dim, Lcap caption slots, Ccap caption width.
 """
@@ -29,6 +32,7 @@ N heads, G K/V groups, D width / head dim, Lcap caption slots, Ccap caption widt
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +41,7 @@ from einops import rearrange
 from torch import nn
 
 from magi.attention import attention
-from magi.attention.masks import cross_attention_ranges, self_attention_ranges
+from magi.attention.masks import Pairs, Ranges, chunk_query_pairs, cross_attention_pairs, range_pairs
 from magi.config import ModelConfig
 from magi.models.kv_cache import KVCache
 
@@ -59,11 +63,11 @@ class DiTContext:
     condition: torch.Tensor  # [B*R, Dc] params_dtype, row b*R + j = chunk j of batch b
     condition_map: torch.Tensor  # [S, B] int64 row of `condition` for every token
     y_xattn: torch.Tensor  # [Ntok, Dx] valid caption tokens, packed segment after segment
-    caption_counts: torch.Tensor  # [B*R] caption tokens per segment
-    xattn_q_ranges: torch.Tensor  # [B*R, 2] over the batch-major "(b s)" query tokens
-    xattn_k_ranges: torch.Tensor  # [B*R, 2] over y_xattn rows
-    self_q_ranges: torch.Tensor  # [B*R, 2] over "(b s)" query tokens
-    self_k_ranges: torch.Tensor  # [B*R, 2] absolute: [cache rows < slice_point*c ; this call]
+    caption_counts: tuple[int, ...]  # [B*R] caption tokens per segment
+    xattn_q_ranges: Ranges  # B*R pairs over the batch-major "(b s)" query tokens
+    xattn_k_ranges: Ranges  # B*R pairs over y_xattn rows
+    self_q_ranges: Pairs  # B*R pairs over "(b s)" query tokens
+    self_k_ranges: Pairs  # B*R pairs, absolute: [cache rows < slice_point*c ; this call]
     chunk_tokens: int  # c, tokens per chunk
     batch: int  # B
     slice_point: int  # absolute chunk index of the call's first chunk
@@ -186,21 +190,25 @@ class SelfAttentionCore(nn.Module):
         kv = torch.cat([k, v], dim=-1)  # [B*S, G, 2D]: the official cache row layout [K | V]
         history, k_ranges = self._history(kv, ctx)  # read before writing: a write may evict
         if ctx.cache_write_chunks > 0:
-            rows = kv[: ctx.cache_write_chunks * ctx.chunk_tokens]
-            ctx.kv_cache.write(self.layer_index, ctx.slice_point, rows, ctx.chunk_tokens)
+            self._write(kv, ctx)
         if history is not None:
             kv = torch.cat([history, kv], dim=0)
         k, v = kv.chunk(2, dim=-1)
         return attention(q, k.contiguous(), v.contiguous(), ctx.self_q_ranges, k_ranges)
 
-    def _history(self, kv: torch.Tensor, ctx: DiTContext) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _write(self, kv: torch.Tensor, ctx: DiTContext) -> None:
+        """Store the K/V rows of the call's first cache_write_chunks chunks (absolute indices)."""
+        rows = kv[: ctx.cache_write_chunks * ctx.chunk_tokens]
+        ctx.kv_cache.write(self.layer_index, ctx.slice_point, rows, ctx.chunk_tokens)
+
+    def _history(self, kv: torch.Tensor, ctx: DiTContext) -> tuple[torch.Tensor | None, Pairs]:
         """Cached rows of the chunks the kv ranges reach before slice_point (None if none), and
         the kv ranges translated from absolute coordinates to rows of [history ; this call]."""
         c, sp = ctx.chunk_tokens, ctx.slice_point
         if sp == 0:
             return None, ctx.self_k_ranges
-        first = min(int(ctx.self_k_ranges[:, 0].min()) // c, sp)
-        k_ranges = ctx.self_k_ranges - first * c
+        first = min(min(k0 for k0, _ in ctx.self_k_ranges) // c, sp)  # host ints: no device read
+        k_ranges = tuple((k0 - first * c, k1 - first * c) for k0, k1 in ctx.self_k_ranges)
         if first == sp:
             return None, k_ranges
         if ctx.kv_cache is None:
@@ -289,6 +297,7 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
+            del gate, up  # views of fc1's output: free it before fc2 (the activation peak)
         else:
             x = F.gelu(x)
         return self.linear_fc2(x)
@@ -406,11 +415,12 @@ class DiT(nn.Module):
         y: torch.Tensor,
         y_mask: torch.Tensor,
         text_dropped: torch.Tensor,
-        kv_range: torch.Tensor,
+        kv_range: Ranges,
         slice_point: int = 0,
         kv_cache: KVCache | None = None,
         cache_write_chunks: int = 0,
         distill_step: float | None = None,
+        caption_counts: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """One official DiT pass.
 
@@ -421,18 +431,22 @@ class DiT(nn.Module):
             y_mask: [B*R, Lcap] (or [B*R, 1, Lcap]) 1 = valid caption token.
             text_dropped: [B] or [1] bool, adaLN null row 799 (True) or 798 (False).
             kv_range: [B*R, 2] int key-token range per chunk over [cached rows of chunks
-                < slice_point ; this call's tokens, batch-major].
+                < slice_point ; this call's tokens, batch-major]: a tensor (read on the host) or
+                Python int pairs (nothing read back: compile-clean).
             slice_point: absolute chunk index of x's first chunk (RoPE time, cache rows).
             kv_cache: cache read for chunks < slice_point and written by cache_write_chunks.
             cache_write_chunks: write K/V of this call's first n chunks at slice_point.. (B == 1).
             distill_step: step size d of distilled models (adds TE(d) to the time embedding).
+            caption_counts: valid caption tokens per segment (``y_mask.sum(-1)``) as Python ints;
+                None reads them from y_mask on the host. Given, they must match y_mask.
 
         Returns:
             velocity [B, C, T, H, W] float32.
         """
         h, ctx = self.embed(
-            x, t, y, y_mask, text_dropped, kv_range, slice_point, kv_cache, cache_write_chunks, distill_step
-        )
+            x, t, y, y_mask, text_dropped, kv_range, slice_point, kv_cache, cache_write_chunks, distill_step,
+            caption_counts,
+        )  # fmt: skip
         for layer in self.videodit_blocks.layers:
             h = layer(h, ctx)
         return self.head(h, ctx, x.shape)
@@ -444,11 +458,12 @@ class DiT(nn.Module):
         y: torch.Tensor,
         y_mask: torch.Tensor,
         text_dropped: torch.Tensor,
-        kv_range: torch.Tensor,
+        kv_range: Ranges,
         slice_point: int = 0,
         kv_cache: KVCache | None = None,
         cache_write_chunks: int = 0,
         distill_step: float | None = None,
+        caption_counts: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, DiTContext]:
         """Patch-embed x and build the per-call context (arguments as in ``forward``).
 
@@ -458,7 +473,7 @@ class DiT(nn.Module):
         cfg = self.config
         y, y_mask = _squeeze_caption(y, 3), _squeeze_caption(y_mask, 2)
         b, r = t.shape
-        _check_call(cfg, x, t, y, y_mask, text_dropped, kv_range, kv_cache, cache_write_chunks)
+        kv_pairs = _check_call(cfg, x, t, y, y_mask, text_dropped, kv_range, kv_cache, cache_write_chunks)
         h = self.patch_embed(x)  # [B, D, T', Hp, Wp] float32
         frames, hp, wp = h.shape[2:]
         chunk_tokens = frames // r * hp * wp
@@ -466,10 +481,10 @@ class DiT(nn.Module):
         cos, sin = self.rope(frames, hp, wp, frame_offset=slice_point * (frames // r))
         condition = self.condition(t, text_dropped.to(x.device).bool().reshape(-1), distill_step)
         valid = y_mask.to(y.device) > 0
-        counts = valid.sum(dim=1)
-        y_xattn = self.y_embedder.xattn(y[valid]).to(cfg.dtype)
-        xq, xk = cross_attention_ranges(counts.cpu(), chunk_tokens)
-        sq, sk = self_attention_ranges(kv_range.cpu(), chunk_tokens)
+        counts = _caption_counts(valid, caption_counts)
+        y_xattn = self.y_embedder.xattn(_select_captions(y, valid, counts)).to(cfg.dtype)
+        xq, xk = cross_attention_pairs(counts, chunk_tokens)
+        sq, sk = chunk_query_pairs(len(kv_pairs), chunk_tokens), kv_pairs
         token_chunk = torch.arange(frames * hp * wp, device=x.device) // chunk_tokens  # [S]
         cond_map = token_chunk[:, None] + torch.arange(b, device=x.device)[None] * r  # [S, B]
         ctx = DiTContext(
@@ -513,6 +528,36 @@ class DiT(nn.Module):
         return v / cfg.x_rescale_factor
 
 
+def host_call_args(kv_range: Ranges, y_mask: torch.Tensor) -> dict[str, tuple]:
+    """{"kv_range": int pairs, "caption_counts": ints} of a call, read once outside any compiled
+    region; passed to ``DiT.forward`` in place of the tensors, the forward reads nothing back."""
+    mask = _squeeze_caption(y_mask, 2)
+    return {"kv_range": range_pairs(kv_range), "caption_counts": tuple((mask > 0).sum(-1).tolist())}
+
+
+def _caption_counts(valid: torch.Tensor, given: Sequence[int] | None) -> tuple[int, ...]:
+    """Valid caption tokens per segment as Python ints (read from the mask when not given)."""
+    if given is None:
+        return tuple(valid.sum(dim=1).tolist())
+    counts = tuple(int(n) for n in given)
+    if len(counts) != valid.shape[0] or not all(0 <= n <= valid.shape[1] for n in counts):
+        raise ValueError(
+            f"caption_counts must give 0..{valid.shape[1]} tokens for each of the {valid.shape[0]} "
+            f"segments, got {list(counts)}; use y_mask.sum(-1).tolist()"
+        )
+    return counts
+
+
+def _select_captions(y: torch.Tensor, valid: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+    """y[valid] ([Ntok, Ccap], segment after segment) without a data-dependent selection: a
+    stable sort puts each segment's valid slots first, then its first counts[i] are gathered."""
+    segments, slots = valid.shape
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # [B*R, Lcap]
+    flat = order + torch.arange(segments, device=valid.device)[:, None] * slots
+    index = torch.cat([flat[i, :n] for i, n in enumerate(counts)])  # [Ntok]
+    return y.reshape(segments * slots, -1).index_select(0, index)
+
+
 def _squeeze_caption(y: torch.Tensor, dims: int) -> torch.Tensor:
     # The official layout carries a singleton axis: y [B*R, 1, Lcap, Ccap], mask [B*R, 1, Lcap].
     return y[:, 0] if y.dim() == dims + 1 and y.shape[1] == 1 else y
@@ -525,11 +570,12 @@ def _check_call(
     y: torch.Tensor,
     y_mask: torch.Tensor,
     text_dropped: torch.Tensor,
-    kv_range: torch.Tensor,
+    kv_range: Ranges,
     kv_cache: KVCache | None,
     cache_write_chunks: int,
-) -> None:
-    """One-line errors for inputs that would otherwise fail deep inside the layers."""
+) -> Pairs:
+    """One-line errors for inputs that would otherwise fail deep inside the layers; returns
+    kv_range as int pairs."""
     channels = cfg.in_channels // 2 if cfg.half_channel_vae else cfg.in_channels
     if x.dim() != 5 or x.shape[1] != channels:
         raise ValueError(f"DiT expects x [B, {channels}, T, H, W], got {tuple(x.shape)}")
@@ -546,7 +592,9 @@ def _check_call(
         )
     if text_dropped.numel() not in (1, b):
         raise ValueError(f"text_dropped must have 1 or B={b} flags, got shape {tuple(text_dropped.shape)}")
-    if tuple(kv_range.shape) != (segments, 2):
-        raise ValueError(f"kv_range must be [B*R={segments}, 2], got {tuple(kv_range.shape)}")
+    shape = tuple(kv_range.shape) if isinstance(kv_range, torch.Tensor) else (len(kv_range), 2)
+    if shape != (segments, 2) or (not isinstance(kv_range, torch.Tensor) and any(len(r) != 2 for r in kv_range)):
+        raise ValueError(f"kv_range must be [B*R={segments}, 2] (tensor or int pairs), got {shape}")
     if cache_write_chunks and (kv_cache is None or b != 1):
         raise ValueError("cache_write_chunks needs a kv_cache and batch size 1")
+    return range_pairs(kv_range)
