@@ -26,7 +26,8 @@ import argparse
 import json
 import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -36,7 +37,6 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from magi.config import MagiConfig, load_config
-
 
 GIB = 2**30
 PLAN_BACKEND = "plan"
@@ -163,7 +163,7 @@ class _PlanCache:
         return self._template.new_empty((rows, self._heads, 2 * self._head_dim))
 
 
-class _Captions:
+class FullCaptions:
     """All-valid captions (the cross-attention upper bound), one real table per call width."""
 
     def __init__(self, length: int, channels: int) -> None:
@@ -241,7 +241,9 @@ def _promote(dit: nn.Module) -> None:
 
 
 @dataclass(frozen=True)
-class _Run:
+class Simulation:
+    """What ``simulate`` measured for one config on one GPU (no cp, settings as configured)."""
+
     weights_bytes: int
     activation_peak_bytes: int
     flops_per_window_step: int
@@ -252,20 +254,32 @@ class _Run:
     chunk_tokens: int
 
 
-def _simulate(cfg: MagiConfig) -> _Run:
-    """Build the DiT on fake tensors and run the whole denoise loop of cfg's video through it."""
+@contextmanager
+def planning_attention() -> Iterator[None]:
+    """Make this module's ``attention`` the default ``magi.attention`` backend while inside."""
+    from magi import attention as attn
+
+    attn.BACKENDS.setdefault(PLAN_BACKEND, __name__)
+    before = attn.get_backend()
+    attn.set_backend(PLAN_BACKEND)
+    try:
+        yield
+    finally:
+        attn.set_backend(before)
+
+
+def _fake_model(cfg: MagiConfig) -> tuple[_FakeDiT, torch.Tensor]:
+    """The DiT of cfg on fake tensors, wrapped for measuring, and a fake K/V dtype template.
+
+    Layers 0 (never fp8) and 1 (fp8 when quantised) stand for all: every layer has the same
+    shapes, so the activation peak is theirs and the FLOPs of the others are the last one's.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from magi import attention as attn
-    from magi.budget import chunk_count
     from magi.fp8 import swap_fp8_linears
     from magi.models.dit import DiT
-    from magi.sampling.denoise import SamplerSettings, denoise
 
     m, rt = cfg.model, cfg.runtime
-    weights = _weights_bytes(cfg)
-    # Layers 0 (never fp8) and 1 (fp8 when quantised) stand for all: every layer has the same
-    # shapes, so the activation peak is theirs and the FLOPs of the others are the last one's.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
         dit = DiT(m, layer_numbers=list(range(min(m.num_layers, 2))))
@@ -273,32 +287,35 @@ def _simulate(cfg: MagiConfig) -> _Run:
             swap_fp8_linears(dit, m.num_layers)
         _promote(dit)
         template = torch.empty(0, dtype=m.dtype)
-    lat_h, lat_w = rt.video_size_h // 8, rt.video_size_w // 8
-    c = rt.chunk_width // m.t_patch_size * (lat_h // m.patch_size) * (lat_w // m.patch_size)
+    c = rt.chunk_width // m.t_patch_size * (rt.video_size_h // 8 // m.patch_size) * (rt.video_size_w // 8 // m.patch_size)
+    return _FakeDiT(dit, fake_mode, c, m.num_layers), template
+
+
+def simulate(cfg: MagiConfig) -> Simulation:
+    """Build the DiT on fake tensors and run the whole denoise loop of cfg's video through it."""
+    from magi.budget import chunk_count
+    from magi.sampling.denoise import SamplerSettings, denoise
+
+    m, rt = cfg.model, cfg.runtime
+    model, template = _fake_model(cfg)
     settings = SamplerSettings.from_config(cfg, prev_chunks_scale_value=0.7)
     plan = settings.plan(chunk_count("t2v", rt.num_frames, 0, rt.chunk_width))
-    model = _FakeDiT(dit, fake_mode, c, m.num_layers)
     cache = _PlanCache(plan.max_cached_chunks(), template, m.num_query_groups, m.kv_channels)
     channels = m.in_channels // 2 if m.half_channel_vae else m.in_channels
+    shape = (1, channels, rt.chunk_width, rt.video_size_h // 8, rt.video_size_w // 8)
     per_step: list[int] = []
 
     def close_step(step) -> None:
         per_step.append(model.step_flops)
         model.step_flops = 0
 
-    attn.BACKENDS.setdefault(PLAN_BACKEND, __name__)
-    before = attn.get_backend()
-    attn.set_backend(PLAN_BACKEND)
-    try:
-        noise = lambda k: torch.zeros(1, channels, rt.chunk_width, lat_h, lat_w)
-        caps = _Captions(m.caption_max_length, m.caption_channels)
-        for _ in denoise(model, plan, settings, caps, noise, cache, callback=close_step):
+    caps = FullCaptions(m.caption_max_length, m.caption_channels)
+    with planning_attention():
+        for _ in denoise(model, plan, settings, caps, lambda k: torch.zeros(shape), cache, callback=close_step):
             pass
-    finally:
-        attn.set_backend(before)
     peak = max(p for p, _ in model.seen.values())
-    return _Run(weights, peak, max(per_step), sum(per_step), model.passes, plan.chunk_num,
-                plan.max_cached_chunks(), c)  # fmt: skip
+    return Simulation(_weights_bytes(cfg), peak, max(per_step), sum(per_step), model.passes, plan.chunk_num,
+                plan.max_cached_chunks(), model.chunk_tokens)  # fmt: skip
 
 
 # ---- the public estimate -----------------------------------------------------------------------
@@ -324,21 +341,23 @@ def estimate(cfg: MagiConfig, *, num_frames: int | None = None, video_size_h: in
         t5_on_gpu: T5 on the GPU (runtime.t5_device). cp_size: context-parallel GPUs.
         gpu_memory_bytes: one GPU's memory; sets ``fits``.
     """
-    cfg = _video_cfg(cfg, num_frames, video_size_h, video_size_w)
+    cfg = with_video(cfg, num_frames, video_size_h, video_size_w)
     en = replace(cfg.engine, fp8_quant=cfg.engine.fp8_quant if fp8 is None else fp8)
     cfg = replace(cfg, engine=en)
-    run = _simulate(cfg)
-    return _assemble(cfg, run, cfg.runtime, en.fp8_quant, en.kv_offload if kv_offload is None else kv_offload,
-                     _t5_on_gpu(cfg) if t5_on_gpu is None else t5_on_gpu, cp_size or en.cp_size,
+    run = simulate(cfg)
+    return assemble(cfg, run, cfg.runtime, en.fp8_quant, en.kv_offload if kv_offload is None else kv_offload,
+                     t5_on_gpu_of(cfg) if t5_on_gpu is None else t5_on_gpu, cp_size or en.cp_size,
                      gpu_memory_bytes)  # fmt: skip
 
 
-def _t5_on_gpu(cfg: MagiConfig) -> bool:
+def t5_on_gpu_of(cfg: MagiConfig) -> bool:
     return torch.device(cfg.runtime.t5_device).type != "cpu"
 
 
-def _assemble(cfg: MagiConfig, run: _Run, rt, fp8: bool, kv_offload: bool, t5_on_gpu: bool, cp: int,
-              gpu_memory_bytes: int | None) -> Plan:  # fmt: skip
+def assemble(cfg: MagiConfig, run: Simulation, rt, fp8: bool, kv_offload: bool, t5_on_gpu: bool, cp: int,
+             gpu_memory_bytes: int | None) -> Plan:  # fmt: skip
+    """The per-GPU plan of a simulation under settings that need no new simulation (KV place,
+    T5 place, cp size: activations, KV rows and FLOPs split evenly over cp GPUs)."""
     m = cfg.model
     kv = run.max_cached_chunks * m.num_layers * run.chunk_tokens * m.num_query_groups * 2 * m.kv_channels
     kv = kv * m.dtype.itemsize // cp
@@ -356,15 +375,16 @@ def options(cfg: MagiConfig, gpu_memory_bytes: int, *, max_cp: int | None = None
     fastest first: least DiT time per GPU, then device-resident KV, then T5 on the GPU."""
     en = cfg.engine
     cps = [c for c in (1, 2, 4, 8) if c <= (max_cp or max(en.cp_size, 1)) and cfg.model.num_attention_heads % c == 0]
-    cfg = _video_cfg(cfg, **video)
-    run, rt = _simulate(cfg), cfg.runtime
-    plans = [_assemble(cfg, run, rt, en.fp8_quant, off, t5, cp, gpu_memory_bytes)
+    cfg = with_video(cfg, **video)
+    run, rt = simulate(cfg), cfg.runtime
+    plans = [assemble(cfg, run, rt, en.fp8_quant, off, t5, cp, gpu_memory_bytes)
              for cp in cps for off in (False, True) for t5 in (True, False)]  # fmt: skip
     return sorted(plans, key=lambda p: (p.flops_total, p.kv_offload, not p.t5_on_gpu))
 
 
-def _video_cfg(cfg: MagiConfig, num_frames: int | None = None, video_size_h: int | None = None,
+def with_video(cfg: MagiConfig, num_frames: int | None = None, video_size_h: int | None = None,
                video_size_w: int | None = None) -> MagiConfig:  # fmt: skip
+    """cfg with the video's frames and size replaced (None keeps the config's)."""
     rt = cfg.runtime
     rt = replace(rt, num_frames=num_frames or rt.num_frames, video_size_h=video_size_h or rt.video_size_h,
                  video_size_w=video_size_w or rt.video_size_w)  # fmt: skip
@@ -399,7 +419,7 @@ def configured(cfg: MagiConfig, plans: list[Plan]) -> Plan:
     """The plan among ``options`` that has cfg's own cp size, KV place and T5 place."""
     en = cfg.engine
     return next(p for p in plans if p.cp_size == en.cp_size and p.kv_offload == en.kv_offload
-                and p.t5_on_gpu == _t5_on_gpu(cfg))  # fmt: skip
+                and p.t5_on_gpu == t5_on_gpu_of(cfg))  # fmt: skip
 
 
 def describe(p: Plan) -> str:
@@ -408,39 +428,22 @@ def describe(p: Plan) -> str:
     return f"cp_size {p.cp_size}, kv_offload {str(p.kv_offload).lower()}, t5_device {t5}, fp8_quant {str(p.fp8).lower()}"
 
 
-def pass_cost(cfg: MagiConfig, chunks: int, history_chunks: int = 0, caption_tokens: int | None = None) -> tuple[int, int]:
+def pass_cost(cfg: MagiConfig, chunks: int, history_chunks: int = 0, caption_tokens: int | None = None
+              ) -> tuple[int, int]:  # fmt: skip
     """(activation peak bytes, FLOPs) of one DiT pass over ``chunks`` chunks of cfg's video size
     that all see ``history_chunks`` cached chunks and themselves (block-causal), B = 1."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from magi import attention as attn
-    from magi.models.dit import DiT
-
     m, rt = cfg.model, cfg.runtime
-    lat_h, lat_w = rt.video_size_h // 8, rt.video_size_w // 8
-    c = rt.chunk_width // m.t_patch_size * (lat_h // m.patch_size) * (lat_w // m.patch_size)
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_mode:
-        dit = DiT(m, layer_numbers=list(range(min(m.num_layers, 2))))
-        _promote(dit)
-        template = torch.empty(0, dtype=m.dtype)
-    model = _FakeDiT(dit, fake_mode, c, m.num_layers)
-    cache = _PlanCache(max(1, history_chunks), template, m.num_query_groups, m.kv_channels)
+    model, template = _fake_model(cfg)
+    c, sp = model.chunk_tokens, history_chunks
+    cache = _PlanCache(max(1, sp), template, m.num_query_groups, m.kv_channels)
     cache.write(0, 0, template, c)
     channels = m.in_channels // 2 if m.half_channel_vae else m.in_channels
-    x = torch.zeros(1, channels, chunks * rt.chunk_width, lat_h, lat_w)
-    length = m.caption_max_length if caption_tokens is None else caption_tokens
+    x = torch.zeros(1, channels, chunks * rt.chunk_width, rt.video_size_h // 8, rt.video_size_w // 8)
     y, mask = torch.zeros(chunks, m.caption_max_length, m.caption_channels), torch.zeros(chunks, m.caption_max_length)
-    mask[:, :length] = 1
-    sp = history_chunks
+    mask[:, : m.caption_max_length if caption_tokens is None else caption_tokens] = 1
     kv = torch.tensor([[0, (sp + j + 1) * c] for j in range(chunks)])
-    attn.BACKENDS.setdefault(PLAN_BACKEND, __name__)
-    before = attn.get_backend()
-    attn.set_backend(PLAN_BACKEND)
-    try:
+    with planning_attention():
         model(x, torch.full((1, chunks), 0.5), y, mask, torch.tensor([False]), kv, sp, cache)
-    finally:
-        attn.set_backend(before)
     return next(iter(model.seen.values()))
 
 

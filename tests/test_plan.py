@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from magi import attention as attn
 from magi import plan as magi_plan
 from magi.attention import sdpa
 from magi.config import load_config
@@ -67,14 +66,9 @@ def test_activation_peak_matches_a_real_cpu_run_within_5_percent(cfg, tiny_plan)
     plan = settings.plan(tiny_plan.chunks)
     h, w = rt.video_size_h // 8, rt.video_size_w // 8
     noise = torch.randn(1, m.in_channels, plan.chunk_num * rt.chunk_width, h, w)
-    caps = magi_plan._Captions(m.caption_max_length, m.caption_channels)
-    attn.BACKENDS.setdefault(magi_plan.PLAN_BACKEND, "magi.plan")
-    before = attn.get_backend()
-    attn.set_backend(magi_plan.PLAN_BACKEND)  # the fused-kernel path the plan simulates
-    try:
+    caps = magi_plan.FullCaptions(m.caption_max_length, m.caption_channels)
+    with magi_plan.planning_attention():  # the fused-kernel path the plan simulates
         chunks = [c for c, _ in denoise(model, plan, settings, caps, noise)]
-    finally:
-        attn.set_backend(before)
     assert chunks == list(range(plan.chunk_num))
     assert model.peak > 0
     assert abs(tiny_plan.activation_peak_bytes - model.peak) / model.peak < 0.05
