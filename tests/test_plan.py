@@ -1,0 +1,131 @@
+"""magi.plan: the fake-tensor simulation against a real CPU run and a hand count (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from magi import plan as magi_plan
+from magi.attention import sdpa
+from magi.config import load_config
+from magi.models.dit import DiT
+from magi.sampling.denoise import SamplerSettings, denoise
+
+TINY = "example/tiny/config.json"
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(cfg):
+    return magi_plan.estimate(cfg, kv_offload=False, t5_on_gpu=False, cp_size=1)
+
+
+class _Measured(nn.Module):
+    """The real tiny DiT; each call's new-storage peak measured with the same byte tracker."""
+
+    def __init__(self, dit: DiT) -> None:
+        super().__init__()
+        self.dit, self.config, self.peak = dit, dit.config, 0
+
+    def forward(self, *args, **kwargs):
+        with magi_plan.LiveBytes() as live:
+            out = self.dit(*args, **kwargs)
+        self.peak = max(self.peak, live.peak)
+        return out
+
+
+def test_planning_attention_equals_the_sdpa_backend():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(40, 4, 8), torch.randn(30, 2, 8), torch.randn(30, 2, 8)
+    qr = torch.tensor([[0, 10], [10, 25], [25, 40], [40, 40]])
+    kr = torch.tensor([[0, 10], [0, 30], [10, 20], [0, 5]])
+    torch.testing.assert_close(magi_plan.attention(q, k, v, qr, kr), sdpa.attention(q, k, v, qr, kr))
+
+
+def test_weights_are_the_real_models_bytes(cfg, tiny_plan):
+    dit = DiT(cfg.model).promote_precision()
+    real = sum(p.nbytes for p in dit.parameters()) + sum(b.nbytes for b in dit.buffers())
+    assert tiny_plan.weights_bytes == real
+
+
+def test_activation_peak_matches_a_real_cpu_run_within_5_percent(cfg, tiny_plan):
+    torch.manual_seed(0)
+    m, rt = cfg.model, cfg.runtime
+    model = _Measured(DiT(m).promote_precision().eval())
+    settings = SamplerSettings.from_config(cfg, prev_chunks_scale_value=0.7)
+    plan = settings.plan(tiny_plan.chunks)
+    h, w = rt.video_size_h // 8, rt.video_size_w // 8
+    noise = torch.randn(1, m.in_channels, plan.chunk_num * rt.chunk_width, h, w)
+    caps = magi_plan.FullCaptions(m.caption_max_length, m.caption_channels)
+    with magi_plan.planning_attention():  # the fused-kernel path the plan simulates
+        chunks = [c for c, _ in denoise(model, plan, settings, caps, noise)]
+    assert chunks == list(range(plan.chunk_num))
+    assert model.peak > 0
+    assert abs(tiny_plan.activation_peak_bytes - model.peak) / model.peak < 0.05
+
+
+def _hand_count(cfg, r: int, keys: list[int], caption: int) -> int:
+    """FLOPs of one tiny pass, every GEMM written out (docs/PERFORMANCE.md, "magi.plan")."""
+    m, rt = cfg.model, cfg.runtime
+    d, f, hd, n, g = m.hidden_size, m.ffn_hidden_size, m.kv_channels, m.num_attention_heads, m.num_query_groups
+    dc, dx = int(d * m.cond_hidden_ratio), int(d * m.xattn_cond_hidden_ratio)
+    patch = m.t_patch_size * m.patch_size**2
+    c = rt.chunk_width // m.t_patch_size * (rt.video_size_h // 8 // m.patch_size) * (rt.video_size_w // 8 // m.patch_size)
+    s, ntok = r * c, r * caption
+    fc1 = 2 * f if m.gated_linear_unit else f
+    layer = 2 * s * (2 * d * n * hd + 2 * d * g * hd + 2 * n * hd * d + d * fc1 + f * d)
+    layer += 2 * ntok * dx * 2 * g * hd + 2 * r * dc * 2 * d  # linear_kv_xattn, adaLN gates
+    layer += 4 * c * (sum(keys) + ntok) * n * hd  # self + cross attention
+    total = m.num_layers * layer + 2 * s * m.in_channels * patch * d + 2 * s * d * patch * m.out_channels
+    total += 2 * r * (256 * dc + dc * dc) + 2 * ntok * m.caption_channels * dx + 2 * m.caption_channels * dc
+    return total
+
+
+@pytest.mark.parametrize("chunks, history", [(1, 0), (4, 0), (3, 2)])
+def test_pass_flops_match_the_hand_count_within_1_percent(cfg, chunks, history):
+    _, flops = magi_plan.pass_cost(cfg, chunks, history, caption_tokens=40)
+    c = 6 * 4 * 4  # tiny 64x64: 8x8 latents, 2x2 patches, 6 frames
+    keys = [(history + j + 1) * c for j in range(chunks)]
+    expected = _hand_count(cfg, chunks, keys, 40)
+    assert abs(flops - expected) / expected < 0.01
+
+
+def test_totals_kv_and_fit(cfg, tiny_plan):
+    assert tiny_plan.dit_passes > 0 and tiny_plan.flops_total >= tiny_plan.flops_per_window_step > 0
+    m = cfg.model
+    row = 96 * m.num_query_groups * 2 * m.kv_channels * 4  # one chunk, one layer, float32
+    assert tiny_plan.kv_cache_device_bytes == m.num_layers * row  # 1 cached chunk
+    off = magi_plan.estimate(cfg, kv_offload=True, t5_on_gpu=False, cp_size=1)
+    assert off.kv_cache_device_bytes == 0 and off.kv_cache_host_bytes == tiny_plan.kv_cache_device_bytes
+    assert tiny_plan.peak_bytes == tiny_plan.weights_bytes + tiny_plan.kv_cache_device_bytes + tiny_plan.activation_peak_bytes
+    fit = magi_plan.estimate(cfg, gpu_memory_bytes=tiny_plan.peak_bytes)
+    assert fit.fits
+
+
+def test_check_fits_refuses_in_one_line_naming_a_setting(cfg):
+    small = replace(cfg, engine=replace(cfg.engine, kv_offload=False), runtime=replace(cfg.runtime, t5_device="cuda"))
+    t5 = magi_plan.t5_bytes(True)
+    with pytest.raises(ValueError) as err:
+        magi_plan.check_fits(small, t5)  # T5 alone fills it; T5 on the CPU fits
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) <= 200 and "t5_device cpu" in msg
+    assert magi_plan.check_fits(cfg, 10 * 2**30).fits
+
+
+def test_cli_json(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "magi.plan", "--config_file", TINY, "--gpu_mem", "1GiB", "--json"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    got = json.loads(out)
+    for key in ("weights_bytes", "peak_bytes", "flops_per_window_step", "flops_total", "fits"):
+        assert key in got
+    assert got["fits"] is True
