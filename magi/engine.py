@@ -66,6 +66,17 @@ def check_files(cfg: MagiConfig) -> None:
         check_t5_folder(cfg.runtime.t5_pretrained)
 
 
+def check_memory(cfg: MagiConfig, device: torch.device, offload_blocks: bool = False) -> None:
+    """On a CUDA device, refuse before loading a run whose DiT cannot fit the GPU's memory, in one
+    line naming the settings that would (``magi.plan.check_fits``: the model run on fake tensors).
+    Streamed layers (``offload_blocks``) are not modelled there, so they skip the check."""
+    if device.type != "cuda" or offload_blocks:
+        return
+    from magi.plan import check_fits
+
+    check_fits(cfg, torch.cuda.get_device_properties(device).total_memory)
+
+
 def is_distributed(cfg: MagiConfig) -> bool:
     return cfg.engine.pp_size * cfg.engine.cp_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -120,12 +131,15 @@ class Engine:
     @classmethod
     def load(cls, cfg: MagiConfig, device: torch.device, compat: str, *, attention_backend: str = "auto",
              offload_blocks: bool = False, compile: bool | dict = False, vae_offload: bool | None = None,
-             noise_spill_bytes: int = SPILL_BYTES) -> "Engine":  # fmt: skip
-        """Check the options and files, then load the DiT and the VAE (see ``MagiPipeline.from_config``)."""
+             noise_spill_bytes: int = SPILL_BYTES, memory_check: bool = True) -> "Engine":  # fmt: skip
+        """Check the options, files and (CUDA) memory, then load the DiT and the VAE (see
+        ``MagiPipeline.from_config``)."""
         from magi.models.vae import load_vae
 
         check_options(cfg, device, attention_backend, offload_blocks, compile)
         check_files(cfg)
+        if memory_check:
+            check_memory(cfg, device, offload_blocks)
         dit, mesh, device = build_dit(cfg, device, offload_blocks)
         if compile:
             from magi.compile import compile_blocks

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--vae_offload", choices=("auto", "on", "off"), default="auto",
                       help="keep the VAE in host memory except while it encodes/decodes "
                            "(auto: on with --offload)")
+    perf.add_argument("--skip_memory_check", action="store_true",
+                      help="on CUDA, load even when the memory estimate (python -m magi.plan) says the run "
+                           "does not fit the GPU")
     perf.add_argument("--compile", action="store_true",
                       help="torch.compile each transformer layer (compiles on the first chunk)")
     return parser
@@ -435,7 +438,8 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
     with fail_fast(), steer:  # an error on one rank stops the others at once
         pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat,
                                         attention_backend=args.attention_backend, offload_blocks=args.offload,
-                                        compile=args.compile, vae_offload=vae_offload)  # fmt: skip
+                                        compile=args.compile, vae_offload=vae_offload,
+                                        memory_check=not args.skip_memory_check)  # fmt: skip
         with stop_on_signals(control):  # the first stop signal ends the run after the current step
             result = _run(pipe, cfg, request, args, control)
     if _writes_here():

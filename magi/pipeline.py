@@ -98,7 +98,7 @@ class MagiPipeline:
     def from_config(cls, config: str | Path | MagiConfig, device: torch.device | str | None = None,
                     compat: str = "magi", *, attention_backend: str = "auto", offload_blocks: bool = False,
                     compile: bool | dict = False, vae_offload: bool | None = None,
-                    noise_spill_bytes: int = SPILL_BYTES) -> "MagiPipeline":  # fmt: skip
+                    noise_spill_bytes: int = SPILL_BYTES, memory_check: bool = True) -> "MagiPipeline":  # fmt: skip
         """Load the DiT and the VAE named by a config (T5 is loaded per new prompt, then freed).
 
         Memory and speed options (docs/PERFORMANCE.md §5); none changes the result.
@@ -117,13 +117,15 @@ class MagiPipeline:
             vae_offload: keep the VAE in host memory except while it encodes / decodes
                 (default: on with ``offload_blocks``).
             noise_spill_bytes: initial noise above this size lives in a temporary file.
+            memory_check: on CUDA, refuse before loading a run that cannot fit the GPU (the
+                estimate of ``python -m magi.plan``); False skips it.
         """
         cfg = config if isinstance(config, MagiConfig) else load_config(config)
         check_compat(compat)
         check_paths(cfg)  # every missing checkpoint at once, before minutes of loading
         engine = Engine.load(cfg, resolve_device(device), compat, attention_backend=attention_backend,
                              offload_blocks=offload_blocks, compile=compile, vae_offload=vae_offload,
-                             noise_spill_bytes=noise_spill_bytes)  # fmt: skip
+                             noise_spill_bytes=noise_spill_bytes, memory_check=memory_check)  # fmt: skip
         return cls._over(engine, PromptEncoder(cfg, engine.mesh))
 
     @classmethod

@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from magi.attention.masks import Ranges, range_pairs
 from magi.config import MagiConfig, load_config
 
 GIB = 2**30
@@ -116,8 +117,8 @@ def _has_storage(t: object) -> bool:
     return isinstance(t, torch.Tensor) and t.layout == torch.strided
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch.Tensor,
-              k_ranges: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: Ranges,
+              k_ranges: Ranges) -> torch.Tensor:  # fmt: skip
     """Planning backend (``magi.attention`` contract): PyTorch's fused CPU flash kernel per query
     segment and K/V head, so real and fake runs allocate what a GPU flash kernel does (the output
     and its row statistics, no score matrix, no K/V copies per query head). Works on real CPU
@@ -125,7 +126,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: torch
     out = torch.zeros_like(q)
     rep = q.shape[1] // k.shape[1]
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    for (q0, q1), (k0, k1) in zip(q_ranges.tolist(), k_ranges.tolist()):
+    for (q0, q1), (k0, k1) in zip(range_pairs(q_ranges), range_pairs(k_ranges)):
         if q1 <= q0 or k1 <= k0:
             continue
         for g in range(k.shape[1]):
