@@ -88,7 +88,7 @@ class InitialNoise:
         device: torch.device | str = "cpu",
         spill_bytes: int = SPILL_BYTES,
         directory: str | Path | None = None,
-    ) -> "InitialNoise":
+    ) -> InitialNoise:
         """The official draw ``randn(shape)`` from a generator on ``device`` seeded with ``seed``.
 
         Args:
@@ -114,14 +114,14 @@ class InitialNoise:
         return noise
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor, chunk_width: int) -> "InitialNoise":
+    def from_tensor(cls, tensor: torch.Tensor, chunk_width: int) -> InitialNoise:
         """Given noise (kept by reference; slices are copied to float32 when read)."""
         noise = cls(tuple(tensor.shape), chunk_width)
         noise._tensor = tensor
         return noise
 
     @classmethod
-    def per_chunk(cls, shape: tuple[int, ...], seed: int, chunk_width: int) -> "InitialNoise":
+    def per_chunk(cls, shape: tuple[int, ...], seed: int, chunk_width: int) -> InitialNoise:
         """Each chunk drawn alone on CPU with seed ``seed + k``: NOT the official noise.
 
         Memory never depends on the length; ``shape[2]`` only bounds the chunk index.
@@ -158,7 +158,7 @@ class InitialNoise:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "InitialNoise":
+    def __enter__(self) -> InitialNoise:
         return self
 
     def __exit__(self, *exc: object) -> None:
