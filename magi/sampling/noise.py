@@ -13,7 +13,7 @@ Drawing without ever holding the whole tensor: CPU ``torch.randn`` (float32) fil
 with one uniform per element and turns each group of 16 into normals; a length that is not a
 multiple of 16 redoes its last 16 elements with 16 fresh uniforms. So consecutive draws of
 multiples of 16 elements, the last one at least 16 long, consume the generator exactly as one
-draw and give the same values bit for bit (``tests/test_denoise.py`` checks this over several
+draw and give the same values bit for bit (``tests/sampling/test_denoise.py`` checks this over several
 sizes). CUDA draws depend on the kernel's launch geometry, so on CUDA the noise is drawn in one
 call (exact official values) and then moved to the file piece by piece.
 

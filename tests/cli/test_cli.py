@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from magi import infer
-from magi import pipeline as real_pipeline
+from magi import infer, pipeline as real_pipeline
 from magi.video_io import Mp4Writer
 from tests.cli.fakes import Recorder
+from tests.helpers import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parents[2]
 BASE = ["--config", "cfg.json", "--output_path", "out.mp4", "--device", "cpu"]
 
 ERRORS = [

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO_ROOT as REPO
+
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "SPECIAL_TOKEN_PATH=${SPECIAL_TOKEN_PATH:-}"
 echo "PAD_HQ=${PAD_HQ:-} PAD_DURATION=${PAD_DURATION:-}"

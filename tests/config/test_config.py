@@ -24,10 +24,9 @@ from magi.config import (
     preset_dict,
     save_config,
 )
+from tests.helpers import REPO_ROOT as REPO, TINY_CONFIG
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_CONFIGS = sorted(REPO.glob("example/*/*_config.json"))
-TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
 
 
 def test_all_six_official_configs_ship_and_load():

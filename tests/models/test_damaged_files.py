@@ -17,10 +17,7 @@ from magi.checkpoint import load_dit
 from magi.config import load_config
 from magi.models.text_encoder import T5Encoder
 from magi.models.vae import load_vae
-from tests.helpers import tiny_script
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
+from tests.helpers import REPO_ROOT as REPO, TINY_CONFIG, tiny_script
 
 
 @pytest.fixture()
@@ -122,7 +119,7 @@ def test_writer_probe_leaves_no_file(tmp_path: Path) -> None:
     writer.abort()
 
 
-# ffmpeg dying while writing: tests/test_video_io_faults.py (a real failing ffmpeg process).
+# ffmpeg dying while writing: tests/media/test_video_io_faults.py (a real failing ffmpeg process).
 
 
 # ------------------------------------------------------------------------------------ inputs

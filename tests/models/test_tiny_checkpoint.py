@@ -11,10 +11,7 @@ import pytest
 import torch
 
 from magi.config import check_paths, load_config
-from tests.helpers import tiny_script
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
+from tests.helpers import TINY_CONFIG, tiny_script
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from magi import budget
 from magi.config import load_config
 from magi.pipeline import chunk_count
+from tests.helpers import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 
 

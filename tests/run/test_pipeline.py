@@ -18,10 +18,7 @@ from safetensors.torch import load_file
 from magi.conditioning import SpecialTokenOptions, build_caption_table, load_special_tokens
 from magi.pipeline import ChunkCaptions, MagiPipeline, chunk_count, decoded_frames
 from magi.sampling.denoise import NULL, PROMPT
-from tests.helpers import load_fixture, rel_l2, write_tiny_config
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
+from tests.helpers import REPO_ROOT as REPO, load_fixture, rel_l2, write_tiny_config
 
 
 # ------------------------------------------------------------------------------ pure helpers

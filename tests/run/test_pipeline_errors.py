@@ -17,9 +17,8 @@ import magi.checkpoint
 from magi import pipeline as pipeline_module
 from magi.config import CheckpointNotFoundError, load_config
 from magi.pipeline import MagiPipeline, VideoWriteError, find_special_tokens, resolve_device
+from tests.helpers import TINY_CONFIG
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
 TOKEN_FLAGS = ("PAD_HQ", "PAD_DURATION", "PAD_STATIC", "PAD_DYNAMIC", "PAD_BORDERNESS",
                "PAD_THREE_D_MODEL", "PAD_TWO_D_ANIME", "NEG_PROMPT")  # fmt: skip
 

@@ -24,9 +24,7 @@ from safetensors.torch import load_file, save_file
 from magi.config import load_config, save_config
 from magi.pipeline import PROMPT_CACHE_SIZE, MagiPipeline, NonFiniteLatentError
 from magi.sampling.noise import InitialNoise
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
+from tests.helpers import REPO_ROOT as REPO, TINY_CONFIG
 
 
 def _config(root: Path, ck: Path, load: Path | None = None) -> Path:

@@ -14,7 +14,7 @@ from magi.config import load_config
 from magi.models.dit import DiT
 from magi.models.kv_cache import KVCache
 from magi.sampling.denoise import CaptionTable, SamplerSettings, denoise
-from tests.helpers import load_fixture, rel_l2
+from tests.helpers import REPO_ROOT, load_fixture, rel_l2
 
 # case -> tolerance on the relative L2 of the final latents. float32 configs are exact math up to
 # accumulation order (measured ~4e-7); the fp8 run (bf16 activations, e4m3 inputs, emulated on CPU
@@ -226,7 +226,7 @@ def test_spilled_noise_bounds_host_memory() -> None:
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[2]
+    repo = REPO_ROOT
 
     def growth_mib(spill_bytes: int, chunks: int) -> float:
         """Peak RSS growth (MiB) of drawing the noise of ``chunks`` 720p chunks and reading each."""

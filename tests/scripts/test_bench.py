@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, TINY_CONFIG
 
 BENCH = REPO_ROOT / "scripts" / "bench.py"
 
@@ -151,7 +151,6 @@ def test_memory_mode_counts_the_released_parameters(bench) -> None:
     assert report["dit_streamed_resident_gib"] < report["dit_weights_gib"] / 10
 
 
-TINY_CONFIG = REPO_ROOT / "example" / "tiny" / "config.json"
 TINY_CHECKPOINTS = REPO_ROOT / "example" / "tiny" / "checkpoints"
 
 

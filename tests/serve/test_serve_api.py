@@ -29,8 +29,6 @@ from magi.serve.store import JobFiles, JobStore  # noqa: E402
 from magi.video_io import Mp4Writer  # noqa: E402
 from tests.helpers import free_port, write_tiny_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "example" / "tiny" / "config.json"
 KEY = "test-key-0123"
 MAX_FRAMES = 200
 MAX_PIXELS = 128 * 128

@@ -22,9 +22,8 @@ httpx = pytest.importorskip("httpx", reason="the browser tests use httpx: pip in
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (pip install playwright; the driver only)")  # fmt: skip
 
 from magi.serve.store import JobStore  # noqa: E402
-from tests.helpers import free_port, write_tiny_config  # noqa: E402
+from tests.helpers import REPO_ROOT as REPO, free_port, write_tiny_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else shutil.which("chromium")
 KEY = "browser-test-key"
 # 20 chunks of 24 frames at 64x64: a few seconds of work on CPU, long enough that the first
