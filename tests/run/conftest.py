@@ -10,6 +10,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Per mode, the generate() inputs of a seeded 64x64 start image and a 40-frame prefix video."""
     from magi.video_io import Mp4Writer
 
     root = tmp_path_factory.mktemp("media")
