@@ -250,7 +250,7 @@ class _Shards:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._unpacked: dict[str, Path] = {}
 
-    def __enter__(self) -> "_Shards":
+    def __enter__(self) -> _Shards:
         return self
 
     def __exit__(self, *exc: object) -> None:

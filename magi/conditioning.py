@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ class SpecialTokenOptions:
     negative_prompt: bool = False
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "SpecialTokenOptions":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SpecialTokenOptions:
         """Read the official env vars; a variable that is not set keeps the field default.
 
         Args:
@@ -177,7 +177,7 @@ class SpecialTokens:
         array, row = TOKEN_ROWS[name]
         return getattr(self, array)[row]
 
-    def to(self, device: torch.device | str) -> "SpecialTokens":
+    def to(self, device: torch.device | str) -> SpecialTokens:
         """The same tokens on another device."""
         return SpecialTokens(self.caption_token.to(device), self.logo_token.to(device),
                              self.other_tokens.to(device))

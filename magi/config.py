@@ -139,7 +139,7 @@ class MagiConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     source: str | None = None  # file the config was read from (for error messages)
 
-    def replace(self, **sections: Any) -> "MagiConfig":
+    def replace(self, **sections: Any) -> MagiConfig:
         """Copy with whole sections replaced, e.g. cfg.replace(runtime=new_runtime); re-validated."""
         return validate(dataclasses.replace(self, **sections))
 

@@ -20,8 +20,8 @@ import hashlib
 import os
 import sys
 import urllib.request
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from magi.config import PRESET_NAMES, check_paths, config_from_dict, preset, preset_dict, save_config
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from magi.media import latents, read
 from magi.budget import SPILL_BYTES, visible_prefix_frames
 from magi.config import MagiConfig
+from magi.media import latents, read
 from magi.models.vae import ViTVAE
 from magi.prompts import check_special_tokens
 
@@ -131,7 +131,7 @@ class Engine:
     @classmethod
     def load(cls, cfg: MagiConfig, device: torch.device, compat: str, *, attention_backend: str = "auto",
              offload_blocks: bool = False, compile: bool | dict = False, vae_offload: bool | None = None,
-             noise_spill_bytes: int = SPILL_BYTES, memory_check: bool = True) -> "Engine":  # fmt: skip
+             noise_spill_bytes: int = SPILL_BYTES, memory_check: bool = True) -> Engine:  # fmt: skip
         """Check the options, files and (CUDA) memory, then load the DiT and the VAE (see
         ``MagiPipeline.from_config``)."""
         from magi.models.vae import load_vae
@@ -152,7 +152,7 @@ class Engine:
 
     @classmethod
     def assemble(cls, cfg: MagiConfig, dit: nn.Module, vae: ViTVAE, device: torch.device | str, compat: str,
-                 mesh: object | None, vae_offload: bool, noise_spill_bytes: int) -> "Engine":  # fmt: skip
+                 mesh: object | None, vae_offload: bool, noise_spill_bytes: int) -> Engine:  # fmt: skip
         """An engine over models that are already loaded."""
         device = torch.device(device)
         host = None

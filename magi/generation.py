@@ -321,7 +321,7 @@ class Generation:
         """End the iteration after the current step (the chunks yielded so far stand)."""
         self.control.stop()
 
-    def __iter__(self) -> "Generation":
+    def __iter__(self) -> Generation:
         return self
 
     def __next__(self) -> VideoChunk:

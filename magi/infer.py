@@ -14,13 +14,13 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
-import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from magi.config import ConfigError, MagiConfig, check_paths, check_world_size, load_config
 from magi.request import MODES, RequestError, check_prompts_fit, check_text, read_prompt_file
@@ -422,9 +422,8 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argp
 
 
 def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> int:
-    from magi.distributed import fail_fast, shutdown
-
     from magi.cli import show_log, stop_on_signals
+    from magi.distributed import fail_fast, shutdown
     from magi.generation import Control
 
     MagiPipeline = _pipeline().MagiPipeline

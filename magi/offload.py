@@ -117,7 +117,7 @@ class BlockOffloader:
 
     def _drain(self) -> None:
         """Wait for and drop in-flight prefetches."""
-        for tensors, ready in self._pending.values():
+        for _tensors, ready in self._pending.values():
             ready.synchronize()
         self._pending.clear()
 
@@ -150,7 +150,7 @@ def offload_blocks(
     layers = list(model.videodit_blocks.layers)
     layer_ids = {id(t) for layer in layers for t in _tensor_slots(layer)}
     for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
+        for _name, param in module.named_parameters(recurse=False):
             if id(param) not in layer_ids:
                 param.data = param.data.to(device)
         for name, buf in module.named_buffers(recurse=False):

@@ -98,7 +98,7 @@ class MagiPipeline:
     def from_config(cls, config: str | Path | MagiConfig, device: torch.device | str | None = None,
                     compat: str = "magi", *, attention_backend: str = "auto", offload_blocks: bool = False,
                     compile: bool | dict = False, vae_offload: bool | None = None,
-                    noise_spill_bytes: int = SPILL_BYTES, memory_check: bool = True) -> "MagiPipeline":  # fmt: skip
+                    noise_spill_bytes: int = SPILL_BYTES, memory_check: bool = True) -> MagiPipeline:  # fmt: skip
         """Load the DiT and the VAE named by a config (T5 is loaded per new prompt, then freed).
 
         Memory and speed options (docs/PERFORMANCE.md §5); none changes the result.
@@ -129,12 +129,12 @@ class MagiPipeline:
         return cls._over(engine, PromptEncoder(cfg, engine.mesh))
 
     @classmethod
-    def _over(cls, engine: Engine, prompts: PromptEncoder) -> "MagiPipeline":
+    def _over(cls, engine: Engine, prompts: PromptEncoder) -> MagiPipeline:
         pipe = cls.__new__(cls)
         pipe.engine, pipe.prompts = engine, prompts
         return pipe
 
-    def resized(self, width: int, height: int) -> "MagiPipeline":
+    def resized(self, width: int, height: int) -> MagiPipeline:
         """A pipeline at another video size sharing this one's models and prompt encodings."""
         rt = self.config.runtime
         cfg = self.config.replace(runtime=dataclasses.replace(rt, video_size_w=width, video_size_h=height))

@@ -10,9 +10,9 @@ Legend: C latent channels, T latent frames, H W latent size, P prefix latent fra
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -48,7 +48,7 @@ class Outputs:
     """
 
     def __init__(self, writer: Mp4Writer | None, result: GenerationResult, *,
-                 segments: "SegmentSink | None" = None, joined: Path | None = None,
+                 segments: SegmentSink | None = None, joined: Path | None = None,
                  on_chunk: Callable[[VideoChunk], None] | None = None, save_tensors: str | Path | None = None,
                  append_to: Path | None = None) -> None:  # fmt: skip
         self.writer, self.result = writer, result

@@ -90,7 +90,7 @@ class GenerationState:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "GenerationState":
+    def load(cls, path: str | Path) -> GenerationState:
         """Read and verify a state file.
 
         Raises:

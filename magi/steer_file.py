@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from magi.generation import Control
 from magi.request import parse_steer_line
@@ -105,7 +105,7 @@ class SteerFile:
             return
         self.applied.append((from_chunk, text))
 
-    def start(self) -> "SteerFile":
+    def start(self) -> SteerFile:
         self.poll()  # what is there before the run applies from its first step
         self._thread = threading.Thread(target=self._watch, name="magi-steer-file", daemon=True)
         self._thread.start()
@@ -120,7 +120,7 @@ class SteerFile:
         if self._thread is not None:
             self._thread.join()
 
-    def __enter__(self) -> "SteerFile":
+    def __enter__(self) -> SteerFile:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

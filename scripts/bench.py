@@ -44,7 +44,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from magi.attention import BACKEND_CHOICES, check_backend, resolve_backend  # noqa: E402
-from magi.attention.masks import cross_attention_ranges  # noqa: E402
 from magi.config import ModelConfig, preset  # noqa: E402
 from magi.sampling.chunks import ChunkPlan, Step, nearly_clean, step_times  # noqa: E402
 from magi.sampling.schedule import distill_step_size, step_intervals, time_schedule  # noqa: E402
@@ -362,7 +361,7 @@ def bench_window(args: argparse.Namespace, device: torch.device) -> dict:
         for spec in steps[kind]:
             inputs = pass_inputs(mc, spec, latent_hw, runtime["chunk_width"], device, dstep, cache, chunk_tokens)
             with torch.inference_mode():
-                ms = timed_ms(lambda: model(**inputs), device, args.iters, args.warmup)
+                ms = timed_ms(lambda inputs=inputs: model(**inputs), device, args.iters, args.warmup)
             flops = spec_flops(bench_mc, spec, chunk_tokens)
             passes.append(_pass_report(spec, chunk_tokens, flops, ms))
         results[kind] = passes

@@ -1,31 +1,28 @@
-"""Shared test fixtures: where the official reference fixtures live, and a relative-error helper.
+"""Fixtures shared across the test folders, one copy each.
 
-The reference fixtures (official MAGI-1 code run on tiny random weights) are read in place from
-``../shared/reference`` next to the checkout, or from ``$MAGI_REFERENCE_DIR``. Tests that need them
-skip with a stated reason where the folder is absent (as in a user's clone).
+- ``reference_dir``: the official reference fixtures; skips where the folder is absent.
+- ``tiny_checkpoint``: scripts/make_tiny_checkpoint.py's tiny set (seed 0), written once per
+  session into ``<tmp>/tiny/checkpoints``. Shared read-only: tests that damage files copy it.
+- ``tiny`` / ``pipe``: the tiny config with 8 steps per chunk and window 4 (two steps per stage,
+  so resume points and mid-stage steps both occur) and a CPU pipeline on it, one per module.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
-import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(
-    os.environ.get("MAGI_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference")
-).resolve()
+# plain helper modules holding asserts: rewrite them as pytest does test modules (before import)
+pytest.register_assert_rewrite("tests.helpers", "tests.models.helpers", "tests.distributed.ranks")
+
+import torch  # noqa: E402
+
+from magi.pipeline import MagiPipeline  # noqa: E402
+from tests.helpers import REFERENCE_DIR, make_tiny, write_tiny_config  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative L2 error ||a - b|| / ||b|| in float64."""
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +36,22 @@ def reference_dir() -> Path:
     return REFERENCE_DIR
 
 
-def load_fixture(reference_dir: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load <name>.safetensors and <name>.json from the reference folder."""
-    from safetensors.torch import load_file
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint folder (official layout); do not modify it, copy it first."""
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "checkpoints")
 
-    tensors = load_file(str(reference_dir / f"{name}.safetensors"))
-    meta = json.loads((reference_dir / f"{name}.json").read_text())
-    return tensors, meta
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Config file of the tiny model with 8 steps per chunk, window 4, on the shared checkpoint;
+    sets SPECIAL_TOKEN_PATH to its special tokens."""
+    root = tmp_path_factory.mktemp("state")
+    os.environ["SPECIAL_TOKEN_PATH"] = str(tiny_checkpoint / "special_tokens.npz")
+    return write_tiny_config(root / "config.json", tiny_checkpoint, num_steps=8, window_size=4)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny: Path) -> MagiPipeline:
+    """A CPU pipeline on ``tiny`` (8 steps per chunk, window 4)."""
+    return MagiPipeline.from_config(tiny, device="cpu")

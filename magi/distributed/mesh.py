@@ -22,9 +22,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ _ACK_KEY = "abort_ack"
 _POLL_SECONDS = 0.25
 _ACK_WAIT_SECONDS = 10.0  # longest wait for every rank to read a failure report
 
-_current_mesh: "Mesh | None" = None
+_current_mesh: Mesh | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,7 +18,8 @@ velocity, so the sampler loop runs unchanged (and redundantly) on every rank.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

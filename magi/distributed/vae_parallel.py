@@ -13,7 +13,8 @@ Legend: B batch, C channels, T frames, H W height / width (latent or pixel, as s
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from magi.request import check_compat
 from magi.models.vae import ViTVAE, tile_spec_for_fps, tiled_decode, tiled_encode
+from magi.request import check_compat
 
 SCALE_FACTOR = 0.18215  # runtime_config.scale_factor of every released config
 

@@ -16,7 +16,7 @@ import collections
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +24,8 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
-from magi.budget import OFFICIAL_PREFIX_FRAMES, TEMPORAL_FACTOR, visible_prefix_frames
-from magi.request import COMPAT_MODES, check_compat
+from magi.budget import OFFICIAL_PREFIX_FRAMES, TEMPORAL_FACTOR
+from magi.request import check_compat
 
 MIN_SOURCE_SIDE = 8  # smaller sources are rejected: less than one VAE patch of real content
 # start images above this are refused before decoding (a small png can decode to gigabytes);

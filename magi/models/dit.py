@@ -402,7 +402,7 @@ class DiT(nn.Module):
             mods += [attn.q_layernorm, attn.k_layernorm, layer.self_attn_post_norm, layer.mlp_post_norm]
         return mods
 
-    def promote_precision(self) -> "DiT":
+    def promote_precision(self) -> DiT:
         """Cast the promoted modules to float32, as the official loader does after loading."""
         for module in self.promoted_modules():
             module.float()

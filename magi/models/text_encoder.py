@@ -19,9 +19,9 @@ import pickle
 import re
 import urllib.parse
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path, PureWindowsPath
 from types import TracebackType
-from typing import Sequence
 
 import torch
 
@@ -376,7 +376,7 @@ class T5Encoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         max_length: int = CAPTION_MAX_LENGTH,
-    ) -> "T5Encoder":
+    ) -> T5Encoder:
         """Load ``<t5_pretrained_root>/t5-v1_1-xxl/`` (official layout, Hugging Face files).
 
         Args:
@@ -446,7 +446,7 @@ class T5Encoder:
         if on_cuda and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def __enter__(self) -> "T5Encoder":
+    def __enter__(self) -> T5Encoder:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

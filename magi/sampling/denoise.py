@@ -72,7 +72,7 @@ class SamplerSettings:
     @classmethod
     def from_config(
         cls, cfg: MagiConfig, prev_chunks_scale_value: float | None = None
-    ) -> "SamplerSettings":
+    ) -> SamplerSettings:
         """Settings of ``cfg``; the distill blend weight defaults to env ``prev_chunks_scale``."""
         rt, en = cfg.runtime, cfg.engine
         scale = prev_chunks_scale() if prev_chunks_scale_value is None else prev_chunks_scale_value

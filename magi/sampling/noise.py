@@ -13,7 +13,7 @@ Drawing without ever holding the whole tensor: CPU ``torch.randn`` (float32) fil
 with one uniform per element and turns each group of 16 into normals; a length that is not a
 multiple of 16 redoes its last 16 elements with 16 fresh uniforms. So consecutive draws of
 multiples of 16 elements, the last one at least 16 long, consume the generator exactly as one
-draw and give the same values bit for bit (``tests/test_denoise.py`` checks this over several
+draw and give the same values bit for bit (``tests/sampling/test_denoise.py`` checks this over several
 sizes). CUDA draws depend on the kernel's launch geometry, so on CUDA the noise is drawn in one
 call (exact official values) and then moved to the file piece by piece.
 
@@ -89,7 +89,7 @@ class InitialNoise:
         device: torch.device | str = "cpu",
         spill_bytes: int = SPILL_BYTES,
         directory: str | Path | None = None,
-    ) -> "InitialNoise":
+    ) -> InitialNoise:
         """The official draw ``randn(shape)`` from a generator on ``device`` seeded with ``seed``.
 
         Args:
@@ -115,14 +115,14 @@ class InitialNoise:
         return noise
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor, chunk_width: int) -> "InitialNoise":
+    def from_tensor(cls, tensor: torch.Tensor, chunk_width: int) -> InitialNoise:
         """Given noise (kept by reference; slices are copied to float32 when read)."""
         noise = cls(tuple(tensor.shape), chunk_width)
         noise._tensor = tensor
         return noise
 
     @classmethod
-    def per_chunk(cls, shape: tuple[int, ...], seed: int, chunk_width: int) -> "InitialNoise":
+    def per_chunk(cls, shape: tuple[int, ...], seed: int, chunk_width: int) -> InitialNoise:
         """Each chunk drawn alone on CPU with seed ``seed + k``: NOT the official noise.
 
         Memory never depends on the length; ``shape[2]`` only bounds the chunk index.
@@ -159,7 +159,7 @@ class InitialNoise:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "InitialNoise":
+    def __enter__(self) -> InitialNoise:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,9 +16,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from magi.serve.app import MAX_FRAMES, MAX_PIXELS, MAX_QUEUED, MAX_UPLOAD_BYTES
 
@@ -69,7 +69,7 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not args.max_upload_mb > 0:
         raise UsageError(f"--max_upload_mb must be > 0, got {args.max_upload_mb}")
-    if args.device is not None and not args.device.split(":")[0] in ("cpu", "cuda"):
+    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     try:
         check_paths(load_config(args.config))

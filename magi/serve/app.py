@@ -15,8 +15,8 @@ import json
 import math
 import os
 import re
-import shutil
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
