@@ -463,7 +463,10 @@ class MagiPipeline:
             callback, progress: as for :meth:`generate`.
             save_state: keep saving states (default: the file resumed from, when given as a path).
             save_every: chunks between state saves.
-            save_tensors: as for :meth:`generate`, for the chunks this call generates.
+            save_tensors: as for :meth:`generate`. When the file there is the one the interrupted
+                run wrote (exactly the state's chunks and frames, ending in its clean chunks), it
+                is continued, so it holds the whole video; otherwise it holds only the chunks this
+                call generates (a warning says so; e.g. after ``kill -9`` no file was written).
             segments: the segment folder the interrupted run wrote (``generate(segments=...)``):
                 its segments of the chunks the state covers are kept (later ones, written after
                 the last save, are removed), the new chunks join them, and ``output_path`` is
@@ -577,6 +580,8 @@ class MagiPipeline:
                 control._bind(self, run)
             out.result.chunks_total = len(run.plan.generated_chunks)
             out.result.chunks_done, out.result.frames_written = run.chunks_done, run.frames_done
+            if out.keep_tensors and run.chunks_done:  # resumed: the earlier chunks' tensors first
+                out.prepend_tensors(Path(save_tensors), run.tail, run.plan.offset, run.chunks_done, run.frames_done)
             bar = progress_bar(out.result.chunks_total, progress and writer_rank)
             bar.update(run.chunks_done)
             # The stop is taken in the step hook, before the next step: the last state saved
