@@ -65,7 +65,7 @@ def _measure(pipe: MagiPipeline, tmp_path: Path, steer: bool, **kwargs: object) 
 
     def on_chunk(chunk: object) -> None:
         done[0] += 1
-        if control is not None:  # a steering edit per chunk, alternating two prompts
+        if control is not None and done[0] + 4 < CHUNKS:  # a steering edit per chunk, alternating two prompts
             control.set_prompt(done[0] + 4, "a red fox" if done[0] % 2 else "a quiet street")
         if done[0] in (FIRST, LAST):
             seen[done[0]] = live_bytes()
