@@ -14,6 +14,10 @@ import torch
 from magi.conditioning import MAX_DURATION_TOKEN, SpecialTokenOptions, SpecialTokens, build_caption_table
 from magi.sampling.denoise import NULL, PROMPT
 
+# (prompt, duration) rows kept: more than one call's chunks ever need (window + 2), so a row is
+# built once per run; bounded, so steering to ever new prompts does not grow memory
+ROW_CACHE = 16
+
 
 class ChunkCaptions:
     """Per-chunk caption rows built on demand (same values as ``build_caption_table``).
@@ -47,7 +51,7 @@ class ChunkCaptions:
         self.chunk_prompts, self.offset = list(chunk_prompts), offset
         self._rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         y, m = self._table(0, 1)
-        self._null_row = (y[NULL, 0], m[NULL, 0])
+        self._null_row = (y[NULL, 0].clone(), m[NULL, 0].clone())
 
     def _table(self, prompt: int, duration: int) -> tuple[torch.Tensor, torch.Tensor]:
         # A video of `duration` chunks: its chunk 0 carries DURATION_TOKEN_<duration>.
@@ -66,10 +70,15 @@ class ChunkCaptions:
         remaining = len(self.chunk_prompts) - i
         duration = min(remaining, MAX_DURATION_TOKEN) if self.options.duration else 1
         key = (self.chunk_prompts[i], duration)
-        if key not in self._rows:
+        row = self._rows.pop(key, None)
+        if row is None:
             y, m = self._table(*key)
-            self._rows[key] = (y[PROMPT, 0], m[PROMPT, 0])
-        return self._rows[key]
+            # copies: a view would keep the whole [2, duration, Lcap, Ccap] table alive
+            row = (y[PROMPT, 0].clone(), m[PROMPT, 0].clone())
+        self._rows[key] = row  # most recently used last; a steered run's old prompts age out
+        while len(self._rows) > ROW_CACHE:
+            self._rows.pop(next(iter(self._rows)))
+        return row
 
     def assign_prompt(self, text: str, emb: torch.Tensor, mask: torch.Tensor, first: int) -> int:
         """Give absolute chunks ``first`` .. the last one the prompt ``text`` (steering).

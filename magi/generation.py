@@ -20,6 +20,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from pathlib import Path
 
 import torch
 
@@ -262,6 +263,8 @@ def execute(engine: Engine, encoder: PromptEncoder, prepare: Callable[[], Run], 
         control.bind(run, encoder.encode)
         out.result.chunks_total = len(run.plan.generated_chunks)
         out.result.chunks_done, out.result.frames_written = run.chunks_done, run.frames_done
+        if out.keep_tensors and run.chunks_done:  # resumed: the earlier chunks' tensors first
+            out.prepend_tensors(Path(out.save_tensors), run.tail, run.plan.offset, run.chunks_done, run.frames_done)
         bar = progress_bar(out.result.chunks_total, progress and engine.is_writer)
         bar.update(run.chunks_done)
         # The stop is taken in the step hook, before the next step: the last state saved then

@@ -236,7 +236,10 @@ class MagiPipeline:
             segments: the segment folder the interrupted run wrote: its segments of the chunks
                 the state covers are kept, the new chunks join them, and ``output_path`` is
                 joined from them all (one playable mp4 even after ``kill -9``).
-            callback, progress, save_every, save_tensors, control, on_chunk: as for :meth:`generate`.
+            save_tensors: as for :meth:`generate`; a file the interrupted run wrote there (exactly
+                the state's chunks) is continued, so it holds the whole video; otherwise it holds
+                only this call's chunks (one warning says so).
+            callback, progress, save_every, control, on_chunk: as for :meth:`generate`.
 
         Raises:
             StateError: a damaged or edited state, one from another magi version, config,

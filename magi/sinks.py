@@ -29,7 +29,6 @@ from magi.results import GenerationResult, VideoChunk
 from magi.state import GenerationState, StateError
 
 logger = logging.getLogger(__name__)
-
 SEGMENT = re.compile(r"^(\d{5,})\.mp4$")  # 00000.mp4, 00001.mp4, ...
 
 
@@ -58,10 +57,13 @@ class Outputs:
         self.latents: list[torch.Tensor] = []
         self.frames: list[torch.Tensor] = []
         self.started = time.perf_counter()
-        self.chunk_times: list[float] = []
+        # first and last chunk times and the count: nothing kept per chunk (bounded memory)
+        self.first_at, self.last_at, self.timed = 0.0, 0.0, 0
 
     def add(self, chunk: VideoChunk) -> None:
-        self.chunk_times.append(time.perf_counter())
+        self.last_at = time.perf_counter()
+        self.first_at = self.first_at if self.timed else self.last_at
+        self.timed += 1
         if self.writer is not None and len(chunk.frames):
             try:
                 self.writer.append(chunk.frames)
@@ -76,6 +78,19 @@ class Outputs:
             self.frames.append(chunk.frames)
         if self.on_chunk is not None:
             self.on_chunk(chunk)
+
+    def prepend_tensors(self, path: Path, tail: list[tuple[int, torch.Tensor]], offset: int,
+                        chunks: int, frames: int) -> None:  # fmt: skip
+        """A resumed run's save_tensors start with the interrupted run's file at ``path`` when it
+        holds exactly the state's ``chunks`` chunks and ``frames`` frames and ends in the state's
+        clean chunks ``tail`` (absolute index, latent; ``offset`` prefix chunks); else a warning."""
+        earlier = earlier_tensors(path, tail, offset, chunks, frames)
+        if earlier is None:
+            logger.warning("save_tensors %s does not hold the earlier %d chunks of this run: it will hold "
+                        "only the chunks generated after the resume", path, chunks)  # fmt: skip
+            return
+        self.latents.append(earlier[0])
+        self.frames.append(earlier[1])
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -113,10 +128,9 @@ class Outputs:
                 join_mp4(parts, self.joined)
             else:
                 self.result.output_path = None
-        times = self.chunk_times
-        if times:
-            self.result.time_to_first_chunk = times[0] - self.started
-            steady = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+        if self.timed:
+            self.result.time_to_first_chunk = self.first_at - self.started
+            steady = (self.last_at - self.first_at) / (self.timed - 1) if self.timed > 1 else None
             self.result.seconds_per_chunk = self.result.time_to_first_chunk if steady is None else steady
         self.result.peak_memory_bytes = peak_memory(device)
         return self.result
@@ -265,6 +279,33 @@ def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
         tmp.unlink(missing_ok=True)
         why = getattr(err, "strerror", None) or str(err).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
         raise OSError(f"cannot write save_tensors {path}: {why}; nothing was written") from None
+
+
+def earlier_tensors(path: Path, tail: list[tuple[int, torch.Tensor]], offset: int, chunks: int,
+                    frames: int) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """(final_latent, video_tchw_uint8) of a save_tensors file that holds exactly ``chunks``
+    generated chunks and ``frames`` frames, whose chunks in ``tail`` equal those latents bit for
+    bit (so it is this run's file); None otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not tail or not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError):
+        return None
+    latent, video = tensors.get("final_latent"), tensors.get("video_tchw_uint8")
+    cw = tail[0][1].shape[2]  # latent frames per chunk
+    if latent is None or video is None or len(video) != frames or latent.dim() != 5:
+        return None
+    if latent.shape[2] != chunks * cw or latent.shape[3:] != tail[0][1].shape[3:]:
+        return None
+    for index, clean in tail:
+        j = index - offset  # generated chunk j = latent frames [j*cw, (j+1)*cw)
+        if not 0 <= j < chunks or not torch.equal(latent[:, :, j * cw : (j + 1) * cw], clean.float()):
+            return None
+    return latent, video
 
 
 def peak_memory(device: torch.device) -> int:
