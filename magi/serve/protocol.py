@@ -184,7 +184,7 @@ class _Video(BaseModel):
         return None if value is None else check_seed(http_int("seed", value))
 
     @property
-    def prompt_list(self) -> list[str]:
+    def chunk_prompts(self) -> list[str]:
         """Chunk i's prompt is entry i, the last repeating."""
         assert self.prompts is not None  # resolved by the model validator
         return self.prompts
@@ -224,11 +224,11 @@ class _Video(BaseModel):
             est = budget.check_request(run_cfg, budget_mode, frames, bound, compat="magi")
         except ValueError as err:
             raise RequestError(str(err), "size" if "one chunk" in str(err) else self._frames_param) from None
-        check_prompts_fit(len(self.prompt_list), est.generated_chunks, frames)
+        check_prompts_fit(len(self.chunk_prompts), est.generated_chunks, frames)
 
     def params(self, mode: str, size: tuple[int, int], upload: str | None = None) -> dict[str, Any]:
         """The job's params as the store keeps them (and the worker reads them)."""
-        return {"mode": mode, "prompts": self.prompt_list, "seed": self.seed, "num_frames": self.num_frames,
+        return {"mode": mode, "prompts": self.chunk_prompts, "seed": self.seed, "num_frames": self.num_frames,
                 "size": list(size), "image": upload if mode == "i2v" else None,
                 "prefix_video": upload if mode == "v2v" else None}  # fmt: skip
 
