@@ -4,6 +4,7 @@ The HTTP process and the worker process each open their own ``JobStore`` on the 
 journal, so readers never wait for the writer). Jobs run in ``seq`` order; a job left
 ``in_progress`` by a killed server is taken again first, and the worker resumes it from its saved
 generation state. Steering edits are rows of their own, applied by the worker in ``id`` order.
+Rows come back typed: ``Job`` and ``Edit`` (frozen dataclasses; ``job.status`` or ``job["status"]``).
 """
 
 from __future__ import annotations
