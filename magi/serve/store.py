@@ -4,16 +4,19 @@ The HTTP process and the worker process each open their own ``JobStore`` on the 
 journal, so readers never wait for the writer). Jobs run in ``seq`` order; a job left
 ``in_progress`` by a killed server is taken again first, and the worker resumes it from its saved
 generation state. Steering edits are rows of their own, applied by the worker in ``id`` order.
+Rows come back typed: ``Job`` and ``Edit`` (frozen dataclasses; ``job.status`` or ``job["status"]``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 ENDED = ("completed", "failed", "cancelled")
@@ -62,6 +65,55 @@ class QueueFull(Exception):
     """More jobs are waiting than the server admits (HTTP 429)."""
 
 
+class _Fields:
+    """Read access by column name too (``job["status"]``), for callers that treat rows as mappings."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
+            raise KeyError(name)
+        return getattr(self, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job(_Fields):
+    """One row of the job table. ``params``: the validated request (mode, prompts, seed,
+    num_frames, size [w, h], image / prefix_video file names), as the HTTP side wrote it."""
+
+    seq: int
+    id: str
+    status: str
+    params: dict[str, Any]
+    parent_id: str | None
+    created_at: float
+    started_at: float | None
+    first_chunk_at: float | None
+    last_chunk_at: float | None
+    finished_at: float | None
+    chunks_done: int
+    chunks_total: int | None
+    step: int
+    steps_total: int | None
+    frames_done: int
+    error: str | None
+    cancel_requested: bool
+    attempts: int
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit(_Fields):
+    """A steering edit: from chunk ``from_chunk`` on, the job's prompt is ``prompt``."""
+
+    id: int
+    job_id: str
+    from_chunk: int
+    prompt: str
+    created_at: float
+
+
 class JobStore:
     """Jobs and steering edits in the SQLite file ``path`` (created with its tables if new).
 
@@ -85,7 +137,7 @@ class JobStore:
 
     # ---- jobs -------------------------------------------------------------------------------
     def create(self, params: dict, *, max_queued: int | None = None, parent_id: str | None = None,
-               job_id: str | None = None) -> dict:  # fmt: skip
+               job_id: str | None = None) -> Job:  # fmt: skip
         """Queue a job; ``QueueFull`` when ``max_queued`` jobs are already waiting.
 
         ``job_id``: an id from ``new_id()`` whose folder the caller filled first (uploads), so the
@@ -105,14 +157,16 @@ class JobStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return self.get(job_id)
+        job = self.get(job_id)
+        assert job is not None  # just inserted; jobs are never deleted
+        return job
 
-    def get(self, job_id: str) -> dict | None:
+    def get(self, job_id: str) -> Job | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _job(row)
 
-    def list(self, limit: int = 100, after: str | None = None, order: str = "desc") -> list[dict]:
+    def list(self, limit: int = 100, after: str | None = None, order: str = "desc") -> list[Job]:
         """Jobs newest first (``order="asc"``: oldest first), ``after`` a job id to page from."""
         op, direction = ("<", "DESC") if order == "desc" else (">", "ASC")
         sql, args = "SELECT * FROM jobs", []
@@ -125,7 +179,7 @@ class JobStore:
             rows = self._db.execute(sql, args).fetchall()
         return [_job(r) for r in rows]
 
-    def next_job(self) -> dict | None:
+    def next_job(self) -> Job | None:
         """The job the worker runs next: one left in progress (a killed server), else the oldest queued."""
         with self._lock:
             row = self._db.execute(
@@ -145,7 +199,7 @@ class JobStore:
         with self._lock:
             self._db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
-    def request_cancel(self, job_id: str) -> dict | None:
+    def request_cancel(self, job_id: str) -> Job | None:
         """Mark a job to be cancelled: a queued one ends now, a running one at its next step."""
         now = time.time()
         with self._lock:
@@ -171,19 +225,19 @@ class JobStore:
                                    (job_id, int(from_chunk), prompt, time.time()))  # fmt: skip
         return int(cur.lastrowid)
 
-    def edits(self, job_id: str, after: int = 0) -> list[dict]:
+    def edits(self, job_id: str, after: int = 0) -> list[Edit]:
         """Steering edits of a job with id > ``after``, oldest first."""
         with self._lock:
             rows = self._db.execute("SELECT * FROM edits WHERE job_id = ? AND id > ? ORDER BY id",
                                     (job_id, after)).fetchall()  # fmt: skip
-        return [dict(r) for r in rows]
+        return [Edit(**dict(r)) for r in rows]
 
 
-def _job(row: sqlite3.Row) -> dict:
-    job = dict(row)
-    job["params"] = json.loads(job["params"])
-    job["cancel_requested"] = bool(job["cancel_requested"])
-    return job
+def _job(row: sqlite3.Row) -> Job:
+    fields = dict(row)
+    fields["params"] = json.loads(fields["params"])
+    fields["cancel_requested"] = bool(fields["cancel_requested"])
+    return Job(**fields)
 
 
 class JobFiles:

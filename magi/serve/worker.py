@@ -25,6 +25,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from magi.serve.store import Job, JobFiles, JobStore
 
 MAX_ATTEMPTS = 3  # runs of one job the worker starts before it calls the job failed
 
@@ -61,7 +65,7 @@ def write_status(data_dir: Path, **status: object) -> None:
 class Worker:
     """Runs jobs from ``store`` with ``pipe``, one at a time, in queue order."""
 
-    def __init__(self, pipe: object, store: object, data_dir: Path, *, parent: int | None = None,
+    def __init__(self, pipe: object, store: JobStore, data_dir: Path, *, parent: int | None = None,
                  poll_s: float = 0.2) -> None:  # fmt: skip
         self.pipe, self.store, self.data_dir = pipe, store, Path(data_dir)
         self.parent, self.poll_s = parent, poll_s
@@ -85,16 +89,16 @@ class Worker:
         return 0
 
     # ---- one job --------------------------------------------------------------------------------
-    def run_job(self, job: dict) -> None:
+    def run_job(self, job: Job) -> None:
         from magi.serve.store import JobFiles
 
-        job_id = job["id"]
+        job_id = job.id
         files = JobFiles(self.data_dir, job_id)
         files.dir.mkdir(parents=True, exist_ok=True)
-        attempts = job["attempts"] + 1
+        attempts = job.attempts + 1
         self.store.update(job_id, status="in_progress", attempts=attempts,
-                          started_at=job["started_at"] or time.time())  # fmt: skip
-        if job["cancel_requested"]:
+                          started_at=job.started_at or time.time())  # fmt: skip
+        if job.cancel_requested:
             return self._end(job, files, "cancelled")
         if attempts > MAX_ATTEMPTS:
             return self._fail(job_id, f"the worker stopped {MAX_ATTEMPTS} times while running this job "
@@ -108,13 +112,13 @@ class Worker:
             return None  # stays in_progress: resumed from its state at the next start
         return self._end(job, files, "cancelled" if stopped == "cancel" else "completed")
 
-    def _generate(self, job: dict, files: object) -> str | None:
+    def _generate(self, job: Job, files: JobFiles) -> str | None:
         """Run (or resume) the job into its segments and state; how it stopped, None if it finished."""
         from magi.generation import Control
         from magi.serve.store import JobFiles
         from magi.state import GenerationState
 
-        job_id, params = job["id"], job["params"]
+        job_id, params = job.id, job.params
         pipe = self._pipe_for(params)
         control = Control()
         why: list[str] = []
@@ -137,37 +141,37 @@ class Worker:
                 self.store.update(job_id, **fields)
                 last_write[0] = now
             row = self.store.get(job_id)
-            if row is not None and row["cancel_requested"]:
+            if row is not None and row.cancel_requested:
                 why.append("cancel")
                 control.stop()
             if self.shutdown.requested:
                 why.append("shutdown")
                 control.stop()
             for edit in self.store.edits(job_id, after=edits_seen[0]):
-                edits_seen[0] = edit["id"]
+                edits_seen[0] = edit.id
                 with contextlib.suppress(ValueError):  # checked by the HTTP layer; a stale one is dropped
-                    control.set_prompt(edit["from_chunk"], edit["prompt"], generated=True)
+                    control.set_prompt(edit.from_chunk, edit.prompt, generated=True)
 
         def on_chunk(chunk: object) -> None:
             done[0] += 1
             frames[0] += len(chunk.frames)
             now = time.time()
-            first = self.store.get(job_id)["first_chunk_at"] or now
+            first = self.store.get(job_id).first_chunk_at or now
             self.store.update(job_id, chunks_done=done[0], frames_done=frames[0], first_chunk_at=first,
                               last_chunk_at=now)  # fmt: skip
 
         # Edits made while the job waited (or before a restart) apply from the first step;
         # re-applying those a saved state already holds changes nothing.
         for edit in self.store.edits(job_id):
-            edits_seen[0] = edit["id"]
+            edits_seen[0] = edit.id
             with contextlib.suppress(ValueError):
-                control.set_prompt(edit["from_chunk"], edit["prompt"], generated=True)
+                control.set_prompt(edit.from_chunk, edit.prompt, generated=True)
         common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
                       control=control, on_chunk=on_chunk)  # fmt: skip
         if state is not None and not state.meta.get("finished"):
             result = pipe.resume(state, None, **common)
         elif params["mode"] == "extend":
-            parent = JobFiles(self.data_dir, job["parent_id"])
+            parent = JobFiles(self.data_dir, job.parent_id)
             result = pipe.extend(parent.state, params["prompts"], params["num_frames"], None,
                                  seed=params.get("seed"), **common)  # fmt: skip
         else:
@@ -191,20 +195,20 @@ class Worker:
             return self.pipe
         return self.pipe.resized(width, height)  # shares the models and the prompt encodings
 
-    def _end(self, job: dict, files: object, status: str) -> None:
+    def _end(self, job: Job, files: JobFiles, status: str) -> None:
         """Join the segments into video.mp4 (an extension: after its parent's video); mark ``status``."""
         from magi.serve.store import JobFiles
         from magi.sinks import join_mp4
 
         parts = files.segments()
-        if job["params"].get("mode") == "extend" and job.get("parent_id"):
-            parts = [JobFiles(self.data_dir, job["parent_id"]).video, *parts]
+        if job.params.get("mode") == "extend" and job.parent_id:
+            parts = [JobFiles(self.data_dir, job.parent_id).video, *parts]
         try:
             if parts:
                 join_mp4(parts, files.video)
         except Exception as err:
-            return self._fail(job["id"], one_line(err))
-        self.store.update(job["id"], status=status, finished_at=time.time())
+            return self._fail(job.id, one_line(err))
+        self.store.update(job.id, status=status, finished_at=time.time())
         return None
 
     def _fail(self, job_id: str, message: str) -> None:

@@ -448,3 +448,28 @@ def test_supervisor_restarts_a_crashed_worker(tmp_path: Path) -> None:
     start = time.monotonic()
     sup.stop()
     assert termed.read_text() == "saved" and time.monotonic() - start < 10
+
+
+# ---- the store's rows -----------------------------------------------------------------------
+def test_store_rows_are_typed(tmp_path: Path) -> None:
+    from magi.serve.store import Edit, Job
+
+    store = JobStore(tmp_path / "magi.db")
+    params = {"mode": "t2v", "prompts": ["a"], "seed": 3, "num_frames": 24, "size": [64, 64], "image": None,
+              "prefix_video": None}  # fmt: skip
+    job = store.create(params)
+    assert isinstance(job, Job) and job.status == "queued" and job["status"] == "queued" and not job.ended
+    assert job.params == params and job.cancel_requested is False and job.chunks_done == 0 and job.chunks_total is None
+    store.update(job.id, status="in_progress", chunks_total=2)
+    store.request_cancel(job.id)
+    again = store.get(job.id)
+    assert (again.status, again.chunks_total, again.cancel_requested) == ("in_progress", 2, True)
+    store.update(job.id, status="cancelled", finished_at=time.time())
+    assert store.get(job.id).ended and store.next_job() is None
+    with pytest.raises(KeyError):
+        job["no_such_column"]
+    edit_id = store.add_edit(job.id, 1, "rain")
+    (edit,) = store.edits(job.id)
+    assert isinstance(edit, Edit) and (edit.id, edit.job_id, edit.from_chunk, edit.prompt) == (edit_id, job.id, 1, "rain")
+    assert store.edits(job.id, after=edit_id) == []
+    store.close()

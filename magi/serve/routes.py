@@ -1,0 +1,318 @@
+"""The routes of ``magi serve``: ``/health`` and ``/v1/videos`` (create, list, get, content,
+stream, segment, events, prompt, cancel, extend), over the ``Service`` that ``create_app`` keeps
+in ``app.state.service``. Every route needs the API key when one is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from magi.serve.media import (
+    POLL_S,
+    RangedFile,
+    check_upload,
+    copy_limited,
+    follow_segments,
+    move_upload,
+    upload_suffix,
+)
+from magi.serve.protocol import (
+    MAX_JSON_BYTES,
+    ApiError,
+    PromptEdit,
+    Served,
+    Video,
+    VideoCreate,
+    VideoExtend,
+    bad,
+    parse,
+)
+from magi.serve.store import Job, JobFiles, JobStore, QueueFull, new_id
+
+_UPLOAD_FIELDS = {"image": "image", "input_reference": "image", "prefix_video": "prefix_video"}  # -> its param
+_FORM_SLACK = 64 * 2**10  # multipart boundaries and the small text fields around the file
+
+
+@dataclasses.dataclass(frozen=True)
+class Service:
+    """What the routes work on: the store, the data folder, the served config and limits."""
+
+    store: JobStore
+    data_dir: Path
+    served: Served
+    model: str  # the config's name, as the worker names it in worker.json
+    api_key: str | None = None
+
+    def job(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no video with id {job_id!r}", "id")
+        return job
+
+    def video(self, job: Job) -> dict[str, Any]:
+        """The job as the API shows it."""
+        return Video.of(job, model=self.model, fps=self.served.config.runtime.fps,
+                        segments=len(self.files(job.id).segments()),
+                        queue_position=self.store.queue_position(job.id) if job.status == "queued" else None,
+                        ).model_dump()  # fmt: skip
+
+    def files(self, job_id: str) -> JobFiles:
+        return JobFiles(self.data_dir, job_id)
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def require_key(request: Request) -> None:
+    """401 unless ``Authorization: Bearer KEY`` (compared in constant time) when a key is set."""
+    expected = get_service(request).api_key
+    if not expected:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY'")
+
+
+Svc = Annotated[Service, Depends(get_service)]
+router = APIRouter(dependencies=[Depends(require_key)])
+
+
+# ---- request bodies -------------------------------------------------------------------------
+class _TooLarge(Exception):
+    pass
+
+
+def _counting(request: Request, limit: int) -> Request:
+    """The request with a body that raises _TooLarge once more than ``limit`` bytes arrive."""
+    receive, seen = request.receive, [0]
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _TooLarge()
+
+    async def counted() -> dict:
+        message = await receive()
+        seen[0] += len(message.get("body", b""))
+        if seen[0] > limit:
+            raise _TooLarge()
+        return message
+
+    return Request(request.scope, counted)
+
+
+async def json_body(request: Request) -> dict:
+    """The JSON object of the body (an empty body: {}); 413 above MAX_JSON_BYTES."""
+    try:
+        raw = await _counting(request, MAX_JSON_BYTES).body()
+    except _TooLarge:
+        raise ApiError(413, "request_too_large", f"the JSON body is over {MAX_JSON_BYTES} bytes") from None
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, RecursionError):
+        raise bad(None, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise bad(None, "the body must be a JSON object")
+    return data
+
+
+async def form_body(request: Request, limit: int, staging: Path) -> tuple[dict, tuple[str, Path] | None]:
+    """Fields of a multipart form and its one upload (param, path), copied to ``staging`` within ``limit``."""
+    too_large = ApiError(413, "upload_too_large", f"the upload is over the limit of {limit} bytes "
+                                                  f"({limit / 2**20:g} MB)", "image")  # fmt: skip
+    try:
+        form = await _counting(request, limit + _FORM_SLACK).form(max_files=2, max_fields=100)
+    except _TooLarge:
+        raise too_large from None
+    except StarletteHTTPException as err:  # a malformed multipart body
+        raise bad(None, f"cannot read the form: {err.detail}") from None
+    fields: dict = {}
+    upload = None
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, str):  # a repeated field becomes a list
+                fields[key] = [*fields[key], value] if isinstance(fields.get(key), list) else (
+                    [fields[key], value] if key in fields else value)  # fmt: skip
+                continue
+            if key not in _UPLOAD_FIELDS:
+                raise bad(key, f"unexpected file field {key!r}; use image (i2v) or prefix_video (v2v)")
+            if upload is not None:
+                raise bad(key, "give one file: image (i2v) or prefix_video (v2v)")
+            param = _UPLOAD_FIELDS[key]
+            dest = staging / f"input{upload_suffix(value.filename, 'i2v' if param == 'image' else 'v2v')}"
+            await copy_limited(value, dest, limit, too_large, param)
+            upload = (param, dest)
+    finally:
+        await form.close()
+    if isinstance(fields.get("prompts"), str):  # a JSON list in one form field
+        try:
+            fields["prompts"] = json.loads(fields["prompts"])
+        except ValueError:
+            raise bad("prompts", "prompts must be a JSON list of strings in a form") from None
+    return fields, upload
+
+
+# ---- routes ---------------------------------------------------------------------------------
+@router.get("/health")
+async def health(svc: Svc) -> dict:
+    try:
+        worker = json.loads((svc.data_dir / "worker.json").read_text())
+    except (OSError, ValueError):
+        worker = None
+    return {"status": "ok", "worker": worker if isinstance(worker, dict) else {"status": "starting"}}
+
+
+@router.post("/v1/videos")
+async def create(request: Request, svc: Svc) -> dict:
+    staging = svc.data_dir / "uploads" / secrets.token_hex(8)
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            staging.mkdir(parents=True)
+            fields, upload = await form_body(request, svc.served.limits.max_upload_bytes, staging)
+        else:
+            fields, upload = await json_body(request), None
+        req = parse(VideoCreate, fields, svc.served, upload=upload[0] if upload else None)
+        if upload is not None:
+            await _check_upload(svc, req, *upload)
+        job_id = new_id()
+        if upload is not None:
+            move_upload(staging, svc.files(job_id))
+        params = req.params(req.mode, req.size, upload[1].name if upload else None)
+        job = _queue(svc, params, job_id=job_id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return svc.video(job)
+
+
+async def _check_upload(svc: Svc, req: VideoCreate, param: str, path: Path) -> None:
+    """Decode the upload in a thread; a file the CLI would refuse is a 422."""
+    try:
+        await run_in_threadpool(check_upload, svc.served.config, req.mode, req.size, path)
+    except (ValueError, OSError) as err:
+        text = str(err).replace(str(path.parent) + os.sep, "")  # the staging folder is no one's business
+        raise ApiError(422, "invalid_file", f"{param}: {text}", param) from None
+
+
+def _queue(svc: Service, params: dict, *, job_id: str | None = None, parent_id: str | None = None) -> Job:
+    try:
+        return svc.store.create(params, max_queued=svc.served.limits.max_queued, job_id=job_id, parent_id=parent_id)
+    except QueueFull as err:
+        if job_id is not None:
+            shutil.rmtree(svc.files(job_id).dir, ignore_errors=True)
+        raise ApiError(429, "queue_full", str(err)) from None
+
+
+@router.get("/v1/videos")
+async def list_videos(svc: Svc, limit: int = 20, after: str | None = None) -> dict:
+    if not 1 <= limit <= 100:
+        raise bad("limit", f"limit must be 1..100, got {limit}")
+    if after is not None:
+        svc.job(after)
+    jobs = svc.store.list(limit + 1, after)
+    return {"object": "list", "data": [svc.video(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+
+@router.get("/v1/videos/{job_id}")
+async def retrieve(job_id: str, svc: Svc) -> dict:
+    return svc.video(svc.job(job_id))
+
+
+@router.get("/v1/videos/{job_id}/content")
+async def content(job_id: str, svc: Svc) -> Response:
+    job = svc.job(job_id)
+    path = svc.files(job_id).video
+    if not path.is_file():
+        raise ApiError(409, "not_ready", f"video {job_id} has no mp4 yet (status {job.status}); "
+                                         "it is written when the job completes or is cancelled")  # fmt: skip
+    return RangedFile(path, media_type="video/mp4")
+
+
+@router.get("/v1/videos/{job_id}/stream")
+async def stream(job_id: str, svc: Svc) -> StreamingResponse:
+    svc.job(job_id)
+
+    async def body() -> AsyncIterator[bytes]:
+        async for _, path in follow_segments(svc.store, svc.files(job_id), job_id):
+            yield await run_in_threadpool(path.read_bytes)
+
+    return StreamingResponse(body(), media_type="video/mp4", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/videos/{job_id}/stream/{k}")
+async def segment(job_id: str, k: int, svc: Svc) -> FileResponse:
+    svc.job(job_id)
+    path = svc.files(job_id).segment(k) if k >= 0 else None
+    if path is None or not path.is_file():
+        raise ApiError(404, "not_found", f"video {job_id} has no segment {k} (yet)", "k")
+    return FileResponse(path, media_type="video/mp4")
+
+
+@router.get("/v1/videos/{job_id}/events")
+async def events(job_id: str, svc: Svc) -> EventSourceResponse:
+    svc.job(job_id)
+    return EventSourceResponse(_events(svc, job_id), headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def _events(svc: Service, job_id: str) -> AsyncIterator[dict]:
+    """``chunk`` per segment, ``progress`` when the video object changes, ``done`` when it ends."""
+    files, sent, shown = svc.files(job_id), 0, None
+    while True:
+        job = svc.store.get(job_id)
+        if job is None:  # removed under us
+            return
+        while files.segment(sent).is_file():
+            yield {"event": "chunk", "data": json.dumps({"index": sent, "url": f"/v1/videos/{job_id}/stream/{sent}"})}
+            sent += 1
+        current = svc.video(job)
+        if current != shown:
+            yield {"event": "progress", "data": json.dumps(current)}
+            shown = current
+        if job.ended:
+            yield {"event": "done", "data": json.dumps(current)}
+            return
+        await asyncio.sleep(POLL_S)
+
+
+@router.post("/v1/videos/{job_id}/prompt")
+async def steer(job_id: str, request: Request, svc: Svc) -> dict:
+    job = svc.job(job_id)
+    edit = parse(PromptEdit, await json_body(request), svc.served, chunks=job.chunks_total)
+    if job.status not in ("queued", "in_progress"):
+        raise ApiError(409, "job_ended", f"video {job_id} is {job.status}; only a queued or running job can be steered")
+    edit_id = svc.store.add_edit(job_id, edit.from_chunk, edit.prompt)
+    return {"id": job_id, "from_chunk": edit.from_chunk, "prompt": edit.prompt, "edit_id": edit_id}
+
+
+@router.post("/v1/videos/{job_id}/cancel")
+async def cancel(job_id: str, svc: Svc) -> dict:
+    job = svc.job(job_id)
+    if job.ended:
+        raise ApiError(409, "job_ended", f"video {job_id} is already {job.status}")
+    return svc.video(svc.store.request_cancel(job_id))
+
+
+@router.post("/v1/videos/{job_id}/extend")
+async def extend(job_id: str, request: Request, svc: Svc) -> dict:
+    parent = svc.job(job_id)
+    body = await json_body(request)
+    if parent.status != "completed":
+        raise ApiError(409, "not_completed", f"video {job_id} is {parent.status}; only a completed "
+                                             "video can be extended")  # fmt: skip
+    if not svc.files(job_id).state.is_file():
+        raise ApiError(409, "no_state", f"video {job_id} has no saved generation state to continue from")
+    req = parse(VideoExtend, body, svc.served, parent=parent)
+    return svc.video(_queue(svc, req.params("extend", req.size), parent_id=job_id))
