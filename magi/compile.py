@@ -47,8 +47,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
             continue
         for core in _cache_cores(layer):
             # Instance attributes shadow the class's methods (undone by uncompile_blocks).
-            core._history = torch.compiler.disable(core._history)
-            core._write = torch.compiler.disable(core._write)
+            core.cache_history = torch.compiler.disable(core.cache_history)
+            core.cache_write = torch.compiler.disable(core.cache_write)
         # An instance attribute shadows the class's forward; nn.Module.__call__ looks it up.
         layer.forward = torch.compile(layer.forward, **compile_kwargs)
     return model
@@ -60,7 +60,7 @@ def uncompile_blocks(model: nn.Module) -> nn.Module:
         if is_compiled(layer):
             del layer.forward
             for core in _cache_cores(layer):
-                del core._history, core._write
+                del core.cache_history, core.cache_write
     return model
 
 

@@ -188,20 +188,20 @@ class SelfAttentionCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: DiTContext) -> torch.Tensor:
         kv = torch.cat([k, v], dim=-1)  # [B*S, G, 2D]: the official cache row layout [K | V]
-        history, k_ranges = self._history(kv, ctx)  # read before writing: a write may evict
+        history, k_ranges = self.cache_history(kv, ctx)  # read before writing: a write may evict
         if ctx.cache_write_chunks > 0:
-            self._write(kv, ctx)
+            self.cache_write(kv, ctx)
         if history is not None:
             kv = torch.cat([history, kv], dim=0)
         k, v = kv.chunk(2, dim=-1)
         return attention(q, k.contiguous(), v.contiguous(), ctx.self_q_ranges, k_ranges)
 
-    def _write(self, kv: torch.Tensor, ctx: DiTContext) -> None:
+    def cache_write(self, kv: torch.Tensor, ctx: DiTContext) -> None:
         """Store the K/V rows of the call's first cache_write_chunks chunks (absolute indices)."""
         rows = kv[: ctx.cache_write_chunks * ctx.chunk_tokens]
         ctx.kv_cache.write(self.layer_index, ctx.slice_point, rows, ctx.chunk_tokens)
 
-    def _history(self, kv: torch.Tensor, ctx: DiTContext) -> tuple[torch.Tensor | None, Pairs]:
+    def cache_history(self, kv: torch.Tensor, ctx: DiTContext) -> tuple[torch.Tensor | None, Pairs]:
         """Cached rows of the chunks the kv ranges reach before slice_point (None if none), and
         the kv ranges translated from absolute coordinates to rows of [history ; this call]."""
         c, sp = ctx.chunk_tokens, ctx.slice_point
