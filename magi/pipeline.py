@@ -38,12 +38,12 @@ from magi.generation import STOP_SIGNALS, Control, Generation, NonFiniteLatentEr
 from magi.hub import DEFAULT_VARIANT, resolve_pretrained
 from magi.models.vae import ViTVAE
 from magi.output import OUTPUT_TYPES, check_output_type, export_to_video
-from magi.prepare import TAIL_CHUNKS, Request, check_request, extension_prefix, from_state, prepare
+from magi.prepare import TAIL_CHUNKS, Request, Run, check_request, extension_prefix, from_state, prepare
 from magi.prompts import PROMPT_CACHE_SIZE, PromptEncoder, check_special_tokens, find_special_tokens
 from magi.request import COMPAT_MODES, MODES, check_compat
 from magi.results import GenerationResult, StepInfo, VideoChunk
 from magi.sinks import Destinations, StateSaver, VideoWriteError, check_earlier_video, open_outputs
-from magi.state import GenerationState, open_state, state_identity
+from magi.state import GenerationState, open_state, state_identity, video_frames
 
 __all__ = [  # the public names; the steering / result / sink types live in magi.generation / results / sinks
     "MagiPipeline", "Control", "Generation", "GenerationResult", "StepInfo", "VideoChunk", "ChunkCaptions",
@@ -285,7 +285,7 @@ class MagiPipeline:
         loaded, where = open_state(state, self.identity(), finished=False)
         earlier = None
         if segments is None:
-            earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
+            earlier = check_earlier_video(output_path, video_frames(loaded), where)
         target = save_state if save_state is not None else (None if isinstance(state, GenerationState) else state)
         saver = None if target is None else StateSaver(target, save_every, True)
         dest = Destinations(output_path, segments, loaded.meta["chunks_done"], on_chunk, save_tensors, earlier,
@@ -319,11 +319,17 @@ class MagiPipeline:
         request = Request("v2v", prompt, seed=seed, num_frames=num_frames, prefix_latent=extension_prefix(loaded, where))
         earlier = None
         if output_path is not None and Path(output_path).is_file():
-            earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
+            earlier = check_earlier_video(output_path, video_frames(loaded), where)
         saver = None if save_state is None else StateSaver(save_state, save_every, True)
         dest = Destinations(output_path, segments, 0, on_chunk, save_tensors, earlier, check_output_type(output_type))
-        return self._execute(lambda: prepare(self.engine, self.prompts, request), dest, callback, progress,
-                             saver, control)  # fmt: skip
+        before = 0 if earlier is None else video_frames(loaded)  # its state then counts the video it extends
+
+        def make_run() -> Run:
+            run = prepare(self.engine, self.prompts, request)
+            run.earlier_frames = before
+            return run
+
+        return self._execute(make_run, dest, callback, progress, saver, control)
 
     def _execute(self, make_run: Callable, dest: Destinations, callback: StepCallback | None, progress: bool | None,
                  saver: StateSaver | None, control: Control | None,

@@ -615,7 +615,7 @@ async def _video_params(fields: dict, upload: tuple[str, Path] | None, cfg: Magi
         raise _bad("mode", f"mode must be t2v, i2v or v2v, got {json.dumps(mode)[:60]}")
     need = {"i2v": "image", "v2v": "prefix_video"}.get(mode)
     if need is not None and (upload is None or upload[0] != need):
-        raise _bad(need, f"mode {mode} needs a {need} file (multipart/form-data upload)")
+        raise _bad(need, f"mode {mode} needs {'an' if need[0] in 'aeiou' else 'a'} {need} file (multipart/form-data upload)")
     if need is None and upload is not None:
         raise _bad(upload[0], f"{upload[0]} is only used with mode {implied} (got mode {mode})")
     prompts = _prompts(fields)
