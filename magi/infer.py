@@ -196,6 +196,18 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _config_error(err: ConfigError) -> UsageError:
+    """The one-line (<= 200 characters) usage error of a config problem: a missing checkpoint names
+    its first missing part and how many more (the whole list: the library's exception, docs/CLI.md)."""
+    problems = getattr(err, "problems", ())
+    if not problems:
+        return UsageError(str(err))
+    where = Path(err.where).name
+    first = problems[0] if len(problems[0]) <= 110 else problems[0].split(" (")[0][:130]  # the parenthesis: docs
+    more = f" (+{len(problems) - 1} more missing)" if len(problems) > 1 else ""
+    return UsageError(f"{where}: {first}{more}; get them: python -m magi.download <model>"[:200])
+
+
 def _config(args: argparse.Namespace) -> MagiConfig:
     cfg = load_config(args.config_file)
     names = ("seed", "num_frames", "video_size_h", "video_size_w", "num_steps")
@@ -332,7 +344,7 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
         image, prefix = _inputs(args)
         cfg = _config(args)
     except ConfigError as err:  # includes CheckpointNotFoundError
-        raise UsageError(str(err)) from None
+        raise _config_error(err) from None
     args.device = _device(args.device)
     _check_attention(args.attention_backend, args.device, cfg)
     if args.offload and cfg.engine.pp_size * cfg.engine.cp_size > 1:
@@ -377,7 +389,7 @@ def _open_state(args: argparse.Namespace, flag: str, path: str, finished: bool) 
     try:
         cfg = _config(args)
     except ConfigError as err:
-        raise UsageError(str(err)) from None
+        raise _config_error(err) from None
     args.device = _device(args.device)
     _check_attention(args.attention_backend, args.device, cfg)
     _check_files(cfg)

@@ -175,3 +175,26 @@ def test_extend_of_an_extended_video(tiny: Path, tmp_path: Path) -> None:
                  "--output_path", str(alone))  # fmt: skip
     assert apart.returncode == 0 and _frames(alone) == 24
     assert "written alone to" in apart.stdout and "has 48 frames" in apart.stdout
+
+
+# ------------------------------------------------------------------------------ one-line errors
+def test_missing_files_errors_fit_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from magi.config import config_from_dict
+    from magi.prompts import check_special_tokens
+    from magi.tiny import tiny_config_dict
+
+    data = tiny_config_dict(tmp_path / ("a-long-folder-name" * 8))  # nothing there: all three missing
+    (tmp_path / "nock.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError) as err:
+        prepare(["--config", str(tmp_path / "nock.json"), "--mode", "t2v", "--prompt", "x",
+                 "--output_path", str(tmp_path / "o.mp4")])  # fmt: skip
+    text = str(err.value)
+    assert text.startswith("nock.json: 'runtime_config.load': no DiT weights in") and "(+2 more missing)" in text
+    assert "magi.download" in text and len(text) <= 200
+    monkeypatch.delenv("SPECIAL_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("PAD_HQ", "1")
+    monkeypatch.setenv("PAD_DURATION", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="special_tokens.npz not found") as err:
+        check_special_tokens(config_from_dict(data))
+    assert len(str(err.value)) <= 200 and str(err.value).endswith("are on unless set to 0)")
