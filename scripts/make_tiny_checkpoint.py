@@ -16,8 +16,17 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
 from magi.tiny import (  # noqa: E402  (re-exported: tests and tools reach them through this script)
-    MAX_DIT_PARAMS, TINY_CONFIG, TINY_VAE_DDCONFIG, dit_parameter_count, make_tiny_checkpoint, tiny_config_dict,
-    write_dit, write_special_tokens, write_t5, write_tokenizer, write_vae,
+    MAX_DIT_PARAMS,
+    TINY_CONFIG,
+    TINY_VAE_DDCONFIG,
+    dit_parameter_count,
+    make_tiny_checkpoint,
+    tiny_config_dict,
+    write_dit,
+    write_special_tokens,
+    write_t5,
+    write_tokenizer,
+    write_vae,
 )
 
 DEFAULT_CONFIG = REPO / "example" / "tiny" / "config.json"
