@@ -48,7 +48,10 @@ class ConfigError(ValueError):
 
 
 class CheckpointNotFoundError(ConfigError, FileNotFoundError):
-    """A checkpoint folder or file named by the config does not exist."""
+    """A checkpoint folder or file named by the config does not exist (``problems``: one text each)."""
+
+    problems: tuple[str, ...] = ()
+    where: str = "<config>"
 
 
 @dataclass(frozen=True)
@@ -502,11 +505,13 @@ def check_paths(cfg: MagiConfig, base_dir: str | Path | None = None) -> None:
     base = Path(base_dir) if base_dir is not None else None
     problems = [p for p in (_dit_problem(cfg, base), _t5_problem(cfg, base), _vae_problem(cfg, base)) if p]
     if problems:
-        raise CheckpointNotFoundError(
+        err = CheckpointNotFoundError(
             f"{_where(cfg.source)}: {'; '.join(problems)}. Relative paths are resolved against the "
             f"working directory ({base or Path.cwd()}); get the official weights with "
             f"`python -m magi.download <model> --dir downloads/` or fix the paths"
         )
+        err.problems, err.where = tuple(problems), _where(cfg.source)
+        raise err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def fetch_special_tokens(dest: Path) -> Path:
     return target
 
 
-def fetch_weights(name: str, dest: Path) -> None:
+def fetch_weights(name: str, dest: Path, repo_id: str = REPO_ID) -> None:
     """snapshot_download of the selected files into dest (resumes partial downloads)."""
     if _offline():
         wanted = [dest / dit_folder(name), dest / "ckpt" / "t5", dest / "ckpt" / "vae"]
@@ -104,7 +104,7 @@ def fetch_weights(name: str, dest: Path) -> None:
         return  # use what is already there; write_config checks the files
     from huggingface_hub import snapshot_download
 
-    snapshot_download(REPO_ID, local_dir=dest, allow_patterns=allow_patterns(name))
+    snapshot_download(repo_id, local_dir=dest, allow_patterns=allow_patterns(name))
 
 
 def write_config(name: str, dest: Path) -> Path:
@@ -123,13 +123,14 @@ def write_config(name: str, dest: Path) -> Path:
     return path
 
 
-def download(name: str, dest: str | Path = "downloads") -> Path:
+def download(name: str, dest: str | Path = "downloads", repo_id: str = REPO_ID) -> Path:
     """Fetch checkpoint `name`, T5, VAE and the special tokens into dest; return the written config.
 
     Args:
         name: one of 4.5B_base, 4.5B_distill, 4.5B_distill_quant, 24B_base, 24B_distill,
             24B_distill_quant.
         dest: target folder (created).
+        repo_id: the Hugging Face repo holding the official layout (a mirror of sand-ai/MAGI-1).
 
     Raises:
         DownloadError: offline or failed; one line saying what to download and where to put it.
@@ -141,7 +142,7 @@ def download(name: str, dest: str | Path = "downloads") -> Path:
         why = "a file is in the way" if isinstance(err, FileExistsError) else err.strerror or type(err).__name__
         raise DownloadError(f"cannot create the target folder {dest} ({why}); choose another --dir") from None
     try:
-        fetch_weights(name, dest)
+        fetch_weights(name, dest, repo_id)
         fetch_special_tokens(dest)
         return write_config(name, dest)
     except Exception as err:  # network, hub and missing-file errors all get the same advice

@@ -33,7 +33,7 @@ from magi.results import GenerationResult, StepInfo, VideoChunk
 from magi.sampling.chunks import ChunkPlan, Step
 from magi.sampling.denoise import denoise
 from magi.sampling.noise import InitialNoise
-from magi.sinks import Outputs, StateSaver, progress_bar
+from magi.sinks import Outputs, StateSaver, progress_bar, show_progress
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def stop_aware(callback: Callable[[StepInfo], None] | None, control: Control,
 
 
 def execute(engine: Engine, encoder: PromptEncoder, prepare: Callable[[], Run], out: Outputs, *,
-            callback: Callable[[StepInfo], None] | None = None, progress: bool = False,
+            callback: Callable[[StepInfo], None] | None = None, progress: bool | None = False,
             saver: StateSaver | None = None, control: Control | None = None) -> GenerationResult:  # fmt: skip
     """Run a request into its outputs; a stop (``control.stop()``, Ctrl-C) keeps the chunks done.
 
@@ -263,9 +263,9 @@ def execute(engine: Engine, encoder: PromptEncoder, prepare: Callable[[], Run], 
         control.bind(run, encoder.encode)
         out.result.chunks_total = len(run.plan.generated_chunks)
         out.result.chunks_done, out.result.frames_written = run.chunks_done, run.frames_done
-        if out.keep_tensors and run.chunks_done:  # resumed: the earlier chunks' tensors first
+        if out.save_tensors is not None and run.chunks_done:  # resumed: the earlier chunks' tensors first
             out.prepend_tensors(Path(out.save_tensors), run.tail, run.plan.offset, run.chunks_done, run.frames_done)
-        bar = progress_bar(out.result.chunks_total, progress and engine.is_writer)
+        bar = progress_bar(out.result.chunks_total, show_progress(progress) and engine.is_writer)
         bar.update(run.chunks_done)
         # The stop is taken in the step hook, before the next step: the last state saved then
         # matches the chunks in the mp4.

@@ -202,6 +202,18 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _config_error(err: ConfigError) -> UsageError:
+    """The one-line (<= 200 characters) usage error of a config problem: a missing checkpoint names
+    its first missing part and how many more (the whole list: the library's exception, docs/CLI.md)."""
+    problems = getattr(err, "problems", ())
+    if not problems:
+        return UsageError(str(err))
+    where = Path(err.where).name
+    first = problems[0] if len(problems[0]) <= 110 else problems[0].split(" (")[0][:130]  # the parenthesis: docs
+    more = f" (+{len(problems) - 1} more missing)" if len(problems) > 1 else ""
+    return UsageError(f"{where}: {first}{more}; get them: python -m magi.download <model>"[:200])
+
+
 def _config(args: argparse.Namespace) -> MagiConfig:
     cfg = load_config(args.config_file)
     names = ("seed", "num_frames", "video_size_h", "video_size_w", "num_steps")
@@ -338,7 +350,7 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[MagiConfig, Request, arg
         image, prefix = _inputs(args)
         cfg = _config(args)
     except ConfigError as err:  # includes CheckpointNotFoundError
-        raise UsageError(str(err)) from None
+        raise _config_error(err) from None
     args.device = _device(args.device)
     _check_attention(args.attention_backend, args.device, cfg)
     if args.offload and cfg.engine.pp_size * cfg.engine.cp_size > 1:
@@ -383,15 +395,19 @@ def _open_state(args: argparse.Namespace, flag: str, path: str, finished: bool) 
     try:
         cfg = _config(args)
     except ConfigError as err:
-        raise UsageError(str(err)) from None
+        raise _config_error(err) from None
     args.device = _device(args.device)
     _check_attention(args.attention_backend, args.device, cfg)
     _check_files(cfg)
     pipeline = _pipeline()
+    args.earlier_frames = 0  # frames of the video --output_path holds, continued by this run
     try:
         state, _ = pipeline.open_state(path, pipeline.state_identity(cfg, args.compat), finished=finished)
         if Path(args.output_path).is_file():  # (a missing one gets the new chunks only)
-            pipeline.check_earlier_video(args.output_path, state.meta["frames_done"], path)
+            from magi.state import video_frames
+
+            args.earlier_frames = video_frames(state)  # an extended video counts the one it extends
+            pipeline.check_earlier_video(args.output_path, args.earlier_frames, path)
     except ValueError as err:  # StateError is a ValueError
         raise UsageError(f"{flag}: {err}") from None
     for name, value in (("--save_state", args.save_state), ("--save_tensors", args.save_tensors)):
@@ -419,9 +435,35 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argp
         raise UsageError("--resume takes the mode, prompts and inputs from the state; drop --mode, "
                          "--prompt, --prompt_file, --image_path and --prefix_video_path")  # fmt: skip
     cfg, state = _open_state(args, "--resume", args.resume, finished=False)
+    _check_resume_flags(args, state.meta)
     args.mode, args.resume_state = state.meta["mode"], state
     _check_steer(args, cfg, None)
     return cfg, Request(args.mode, state.meta["prompts"], args.output_path, save_tensors=args.save_tensors), args
+
+
+def _check_resume_flags(args: argparse.Namespace, meta: dict) -> None:
+    """--seed / --num_frames cannot change on resume (the noise and the chunk plan are the state's):
+    the state's own value is fine, another one is an error naming the flag (size and steps are
+    config fields: the state's identity check names them)."""
+    if args.seed is not None and args.seed != meta["seed"]:
+        raise UsageError(f"--seed {args.seed}: a resumed run keeps its seed ({meta['seed']}); drop --seed")
+    if args.num_frames is not None and args.num_frames != meta["limit"]:
+        keeps = "every frame of its chunks" if meta["limit"] is None else f"{meta['limit']} frames"
+        raise UsageError(f"--num_frames {args.num_frames}: a resumed run keeps its length ({keeps}); "
+                         "drop it, and --extend the finished run for more frames")  # fmt: skip
+
+
+def _extended(result: object, args: argparse.Namespace) -> str:
+    """After --extend: the frames added and the video's total."""
+    from magi.state import video_frames
+
+    if not result.frames_written:
+        return "extend: no frames added"
+    if result.output_path is not None and args.earlier_frames:
+        total = args.earlier_frames + result.frames_written
+        return f"extended by {result.frames_written} frames: {result.output_path} now holds {total} frames"
+    return (f"extended by {result.frames_written} frames, written alone to {result.output_path} "
+            f"(the video it continues has {video_frames(args.extend_state)} frames)")
 
 
 def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> int:
@@ -446,6 +488,8 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
             result = _run(pipe, cfg, request, args, control)
     if _writes_here():
         print(result.summary(), file=sys.stderr if result.interrupted else sys.stdout, flush=True)
+        if args.extend is not None:
+            print(_extended(result, args), file=sys.stderr if result.interrupted else sys.stdout, flush=True)
     shutdown()  # ranks leave together (rank 0 may still be closing the mp4); no-op in one process
     return result.exit_status  # 128 + signal when stopped by Ctrl-C (130), SIGTERM (143), SIGHUP (129)
 

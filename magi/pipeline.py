@@ -35,19 +35,22 @@ from magi.captions import ChunkCaptions
 from magi.config import MagiConfig, check_paths, load_config
 from magi.engine import Engine, check_files, resolve_device
 from magi.generation import STOP_SIGNALS, Control, Generation, NonFiniteLatentError, execute
+from magi.hub import DEFAULT_VARIANT, resolve_pretrained
 from magi.models.vae import ViTVAE
-from magi.prepare import TAIL_CHUNKS, Request, check_request, extension_prefix, from_state, prepare
+from magi.output import OUTPUT_TYPES, check_output_type, export_to_video
+from magi.prepare import TAIL_CHUNKS, Request, Run, check_request, extension_prefix, from_state, prepare
 from magi.prompts import PROMPT_CACHE_SIZE, PromptEncoder, check_special_tokens, find_special_tokens
 from magi.request import COMPAT_MODES, MODES, check_compat
 from magi.results import GenerationResult, StepInfo, VideoChunk
 from magi.sinks import Destinations, StateSaver, VideoWriteError, check_earlier_video, open_outputs
-from magi.state import GenerationState, open_state, state_identity
+from magi.state import GenerationState, open_state, state_identity, video_frames
 
 __all__ = [  # the public names; the steering / result / sink types live in magi.generation / results / sinks
     "MagiPipeline", "Control", "Generation", "GenerationResult", "StepInfo", "VideoChunk", "ChunkCaptions",
     "VideoWriteError", "NonFiniteLatentError", "StateSaver", "STOP_SIGNALS", "MODES", "COMPAT_MODES",
     "PROMPT_CACHE_SIZE", "TAIL_CHUNKS", "check_files", "check_special_tokens", "chunk_count", "decoded_frames",
     "find_special_tokens", "open_state", "resolve_device", "state_identity", "check_earlier_video",
+    "OUTPUT_TYPES", "export_to_video",
 ]  # fmt: skip
 
 StepCallback = Callable[[StepInfo], None]
@@ -129,6 +132,39 @@ class MagiPipeline:
         return cls._over(engine, PromptEncoder(cfg, engine.mesh))
 
     @classmethod
+    def from_pretrained(cls, repo_or_dir: str | Path, variant: str = DEFAULT_VARIANT, *,
+                        cache_dir: str | Path | None = None, **kwargs: object) -> MagiPipeline:  # fmt: skip
+        """Load an official checkpoint by folder or Hub repo id, e.g. ``from_pretrained("sand-ai/MAGI-1")``.
+
+        Args:
+            repo_or_dir: a folder laid out as ``python -m magi.download`` writes it (its
+                ``<variant>_config.json``, or the ``ckpt/`` weights), a config .json, or a Hub repo
+                id, downloaded once into the user cache (``magi.hub.resolve_pretrained``).
+            variant: 4.5B_distill (default), 4.5B_base, 4.5B_distill_quant, 24B_base, ...
+            cache_dir: where a Hub download goes (default ~/.cache/magi/<owner>--<name>).
+            kwargs: as for :meth:`from_config` (device, compat, attention_backend, ...).
+        """
+        return cls.from_config(resolve_pretrained(repo_or_dir, variant, cache_dir), **kwargs)
+
+    def __call__(self, prompt: str | Sequence[str], num_frames: int | None = None, *,
+                 image: str | Path | None = None, video: str | Path | None = None, output_type: str | None = "np",
+                 output_path: str | Path | None = None, progress: bool | None = None,
+                 **kwargs: object) -> GenerationResult:  # fmt: skip
+        """Generate and return the frames, diffusers-style: ``pipe("a cat", num_frames=48).frames``.
+
+        t2v, or i2v from ``image`` (a file), or v2v continuing ``video`` (a file). The result's
+        ``frames`` are in the form ``output_type`` names ("np" uint8 (T, H, W, 3) by default,
+        "pil", "pt", "latent"); an mp4 is written only when ``output_path`` is given
+        (``magi.output.export_to_video`` writes the frames later). Other keywords (seed,
+        callback, noise, control, ...) are :meth:`generate`'s.
+        """
+        if image is not None and video is not None:
+            raise ValueError("pass image (i2v) or video (v2v), not both")
+        mode = "i2v" if image is not None else "v2v" if video is not None else "t2v"
+        return self.generate(mode, prompt, image, video, output_path, num_frames=num_frames,
+                             output_type=check_output_type(output_type), progress=progress, **kwargs)  # fmt: skip
+
+    @classmethod
     def _over(cls, engine: Engine, prompts: PromptEncoder) -> MagiPipeline:
         pipe = cls.__new__(cls)
         pipe.engine, pipe.prompts = engine, prompts
@@ -185,10 +221,10 @@ class MagiPipeline:
                  prefix_video_path: str | Path | None = None, output_path: str | Path | None = None,
                  seed: int | None = None, num_frames: int | None = None, callback: StepCallback | None = None,
                  save_tensors: str | Path | None = None, noise: torch.Tensor | None = None,
-                 progress: bool = False, per_chunk_noise: bool = False, save_state: str | Path | None = None,
+                 progress: bool | None = None, per_chunk_noise: bool = False, save_state: str | Path | None = None,
                  save_every: int = 1, prefix_latent: torch.Tensor | None = None,
                  segments: str | Path | None = None, control: Control | None = None,
-                 on_chunk: ChunkCallback | None = None) -> GenerationResult:  # fmt: skip
+                 on_chunk: ChunkCallback | None = None, output_type: str | None = None) -> GenerationResult:  # fmt: skip
         """Generate a video; write it to ``output_path`` chunk by chunk (mp4, runtime fps).
 
         The mp4 goes to a temporary file next to ``output_path``, renamed on success; a failed
@@ -202,7 +238,8 @@ class MagiPipeline:
             save_tensors: also save ``final_latent`` (float32 [1, C, T, H/8, W/8], the clean
                 latents of the generated chunks) and ``video_tchw_uint8`` (the written frames)
                 to this .safetensors file (keeps them in memory until the end).
-            progress: show a per-chunk progress bar (rank 0 only).
+            progress: a per-chunk progress bar (rank 0 only); None (default): shown when stderr
+                is a terminal or in a notebook.
             save_state: write the generation state (``magi.state``) to this file every
                 ``save_every`` finished chunks and when the run is stopped; continue it with
                 :meth:`resume`.
@@ -212,19 +249,22 @@ class MagiPipeline:
                 ``output_path`` is then joined from them at the end or when stopped, so with
                 ``save_state`` a run killed with ``kill -9`` keeps its video.
             on_chunk: called with each ``VideoChunk`` once it is written.
+            output_type: also return the frames as ``GenerationResult.frames``: "np", "pil", "pt"
+                or "latent" (``magi.output``; kept in memory until the end). None: no frames.
         """
         request = Request(mode, prompt, image_path, prefix_video_path, seed, num_frames, noise, per_chunk_noise,
                           prefix_latent)  # fmt: skip
         check_request(request)
         saver = None if save_state is None else StateSaver(save_state, save_every, noise is None)
-        dest = Destinations(output_path, segments, 0, on_chunk, save_tensors)
+        dest = Destinations(output_path, segments, 0, on_chunk, save_tensors, output_type=check_output_type(output_type))
         return self._execute(lambda: prepare(self.engine, self.prompts, request), dest, callback, progress,
                              saver, control, prefix_video_path)  # fmt: skip
 
     def resume(self, state: str | Path | GenerationState, output_path: str | Path | None = None, *,
-               callback: StepCallback | None = None, progress: bool = False, save_state: str | Path | None = None,
+               callback: StepCallback | None = None, progress: bool | None = None, save_state: str | Path | None = None,
                save_every: int = 1, save_tensors: str | Path | None = None, segments: str | Path | None = None,
-               control: Control | None = None, on_chunk: ChunkCallback | None = None) -> GenerationResult:  # fmt: skip
+               control: Control | None = None, on_chunk: ChunkCallback | None = None,
+               output_type: str | None = None) -> GenerationResult:  # fmt: skip
         """Continue a run from a saved state, bit for bit as if it had never stopped.
 
         Args:
@@ -239,7 +279,8 @@ class MagiPipeline:
             save_tensors: as for :meth:`generate`; a file the interrupted run wrote there (exactly
                 the state's chunks) is continued, so it holds the whole video; otherwise it holds
                 only this call's chunks (one warning says so).
-            callback, progress, save_every, control, on_chunk: as for :meth:`generate`.
+            callback, progress, save_every, control, on_chunk, output_type: as for
+                :meth:`generate` (the frames of this call only).
 
         Raises:
             StateError: a damaged or edited state, one from another magi version, config,
@@ -249,18 +290,20 @@ class MagiPipeline:
         loaded, where = open_state(state, self.identity(), finished=False)
         earlier = None
         if segments is None:
-            earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
+            earlier = check_earlier_video(output_path, video_frames(loaded), where)
         target = save_state if save_state is not None else (None if isinstance(state, GenerationState) else state)
         saver = None if target is None else StateSaver(target, save_every, True)
-        dest = Destinations(output_path, segments, loaded.meta["chunks_done"], on_chunk, save_tensors, earlier)
+        dest = Destinations(output_path, segments, loaded.meta["chunks_done"], on_chunk, save_tensors, earlier,
+                            check_output_type(output_type))  # fmt: skip
         return self._execute(lambda: from_state(self.engine, self.prompts, loaded), dest, callback, progress,
                              saver, control)  # fmt: skip
 
     def extend(self, state: str | Path | GenerationState, prompt: str | Sequence[str], num_frames: int,
                output_path: str | Path | None = None, *, seed: int | None = None,
-               callback: StepCallback | None = None, progress: bool = False, save_state: str | Path | None = None,
+               callback: StepCallback | None = None, progress: bool | None = None, save_state: str | Path | None = None,
                save_every: int = 1, save_tensors: str | Path | None = None, segments: str | Path | None = None,
-               control: Control | None = None, on_chunk: ChunkCallback | None = None) -> GenerationResult:  # fmt: skip
+               control: Control | None = None, on_chunk: ChunkCallback | None = None,
+               output_type: str | None = None) -> GenerationResult:  # fmt: skip
         """Continue a finished video by ``num_frames`` frames with new prompts.
 
         MAGI's own v2v conditioning, fed with the finished run's exact clean latents (its last
@@ -272,7 +315,7 @@ class MagiPipeline:
             output_path: the new frames' mp4; when it holds the finished video (exactly its
                 frames), the continuation is appended to it (stream copy).
             prompt, num_frames, seed, callback, progress, save_state, save_every, save_tensors,
-                segments, control, on_chunk: as for :meth:`generate` (segments: the new chunks).
+                segments, control, on_chunk, output_type: as for :meth:`generate` (segments: the new chunks).
 
         Raises:
             StateError: a damaged state, another model / compat mode, or an unfinished run.
@@ -281,13 +324,19 @@ class MagiPipeline:
         request = Request("v2v", prompt, seed=seed, num_frames=num_frames, prefix_latent=extension_prefix(loaded, where))
         earlier = None
         if output_path is not None and Path(output_path).is_file():
-            earlier = check_earlier_video(output_path, loaded.meta["frames_done"], where)
+            earlier = check_earlier_video(output_path, video_frames(loaded), where)
         saver = None if save_state is None else StateSaver(save_state, save_every, True)
-        dest = Destinations(output_path, segments, 0, on_chunk, save_tensors, earlier)
-        return self._execute(lambda: prepare(self.engine, self.prompts, request), dest, callback, progress,
-                             saver, control)  # fmt: skip
+        dest = Destinations(output_path, segments, 0, on_chunk, save_tensors, earlier, check_output_type(output_type))
+        before = 0 if earlier is None else video_frames(loaded)  # its state then counts the video it extends
 
-    def _execute(self, make_run: Callable, dest: Destinations, callback: StepCallback | None, progress: bool,
+        def make_run() -> Run:
+            run = prepare(self.engine, self.prompts, request)
+            run.earlier_frames = before
+            return run
+
+        return self._execute(make_run, dest, callback, progress, saver, control)
+
+    def _execute(self, make_run: Callable, dest: Destinations, callback: StepCallback | None, progress: bool | None,
                  saver: StateSaver | None, control: Control | None,
                  prefix_video_path: str | Path | None = None) -> GenerationResult:  # fmt: skip
         rt = self.config.runtime

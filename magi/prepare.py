@@ -50,6 +50,7 @@ class Run:
     frames_done: int = 0  # frames / chunks already emitted (counting those of a resumed state)
     chunks_done: int = 0
     tail: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # last clean chunks
+    earlier_frames: int = 0  # frames of the earlier video the output continues (an extension appended to it)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def from_state(engine: Engine, prompts: PromptEncoder, state: GenerationState) -
     window = {c: t.to(device) for c, t in state.window.items()}
     return Run(m["mode"], plan, settings, captions, tuple(m["noise_shape"]), m["seed"], None,
                m["per_chunk_noise"], prefix, m["limit"], start_step=m["next_step"], window=window,
-               frames_done=m["frames_done"], chunks_done=m["chunks_done"], tail=state_tail(state))  # fmt: skip
+               frames_done=m["frames_done"], chunks_done=m["chunks_done"], tail=state_tail(state),
+               earlier_frames=m.get("earlier_frames", 0))  # fmt: skip
 
 
 def extension_prefix(state: GenerationState, where: object) -> torch.Tensor:
@@ -142,7 +144,7 @@ def snapshot(engine: Engine, run: Run, next_step: int, window: dict[int, torch.T
         "mode": run.mode, "seed": run.seed, "per_chunk_noise": run.per_chunk_noise,
         "noise_shape": list(run.noise_shape), "limit": run.limit,
         "chunk_num": run.plan.chunk_num, "prefix_frames": run.plan.prefix_frames,
-        "frames_done": run.frames_done, "chunks_done": run.chunks_done,
+        "frames_done": run.frames_done, "chunks_done": run.chunks_done, "earlier_frames": run.earlier_frames,
         "prompts": caps.texts, "chunk_prompts": caps.chunk_prompts,
         "special_tokens": dataclasses.asdict(caps.options),
         "settings": dataclasses.asdict(run.settings), "identity": state_identity(engine.config, engine.compat),

@@ -51,11 +51,8 @@ def find_special_tokens(cfg: MagiConfig) -> Path:
         beside = Path(cfg.source).resolve().parent / "special_tokens.npz"
         if beside.is_file():
             return beside
-    raise FileNotFoundError(
-        f"special_tokens.npz not found: set {SPECIAL_TOKEN_ENV}, put it at {DEFAULT_SPECIAL_TOKEN_PATH} "
-        "under the working directory or next to the config file, or get it with "
-        "`python -m magi.download <model>`"
-    )
+    raise FileNotFoundError(f"special_tokens.npz not found: set {SPECIAL_TOKEN_ENV} or put it beside the config "
+                            "(magi.download fetches it)")  # fmt: skip
 
 
 def check_special_tokens(cfg: MagiConfig) -> Path | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,12 @@ class VideoChunk:
 
 @dataclass
 class GenerationResult:
-    """Summary of one ``generate`` / ``resume`` / ``extend`` call."""
+    """What one ``generate`` / ``resume`` / ``extend`` call (or ``pipe(...)``) returns.
+
+    ``frames`` holds the generated frames in the form ``output_type`` asked for (``magi.output``:
+    "np" uint8 (T, H, W, 3), "pil" images, "pt" uint8 (T, 3, H, W), "latent" the clean latents);
+    None when no output_type was given. ``output_path`` is the mp4 written, or None.
+    """
 
     output_path: Path | None
     frames_written: int = 0
@@ -49,6 +54,7 @@ class GenerationResult:
     peak_memory_bytes: int = 0
     fps: int = 24
     size: tuple[int, int] = (0, 0)
+    frames: object = field(default=None, repr=False)
 
     @property
     def exit_status(self) -> int:

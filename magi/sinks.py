@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from magi.media.mp4 import Mp4Writer, VideoWriteError, append_mp4, join_mp4
+from magi.output import check_output_type, convert_frames
 from magi.request import whole_number
 from magi.results import GenerationResult, VideoChunk
 from magi.state import GenerationState, StateError
@@ -44,16 +46,20 @@ class Outputs:
         on_chunk: called with each chunk once every sink has it.
         save_tensors: the .safetensors file the latents and frames go to at the end (None: none).
         append_to: the earlier run's mp4 the new chunks are appended to (resume / extend).
+        output_type: also return the frames in this form (``magi.output``; None: keep none).
     """
 
     def __init__(self, writer: Mp4Writer | None, result: GenerationResult, *,
                  segments: SegmentSink | None = None, joined: Path | None = None,
                  on_chunk: Callable[[VideoChunk], None] | None = None, save_tensors: str | Path | None = None,
-                 append_to: Path | None = None) -> None:  # fmt: skip
+                 append_to: Path | None = None, output_type: str | None = None) -> None:  # fmt: skip
         self.writer, self.result = writer, result
         self.segments, self.joined, self.on_chunk = segments, joined, on_chunk
         self.save_tensors, self.append_to = save_tensors, append_to
-        self.keep_tensors = save_tensors is not None
+        self.output_type = check_output_type(output_type)
+        # frames / latents are kept only when asked for: else memory stays bounded by a chunk
+        self.keep_latents = save_tensors is not None or output_type == "latent"
+        self.keep_frames = save_tensors is not None or output_type not in (None, "latent")
         self.latents: list[torch.Tensor] = []
         self.frames: list[torch.Tensor] = []
         self.started = time.perf_counter()
@@ -73,9 +79,10 @@ class Outputs:
             self.segments.add(chunk)
         self.result.frames_written += len(chunk.frames)
         self.result.chunks_done += 1
-        if self.keep_tensors:
+        if self.keep_latents:
             self.latents.append(chunk.latent.float().cpu())
-            self.frames.append(chunk.frames)
+        if self.keep_frames:
+            self.frames.append(chunk.frames.cpu())
         if self.on_chunk is not None:
             self.on_chunk(chunk)
 
@@ -92,6 +99,15 @@ class Outputs:
         self.latents.append(earlier[0])
         self.frames.append(earlier[1])
 
+    def returned_frames(self) -> None:
+        """Put the kept frames (or latents) on the result in the form ``output_type`` names."""
+        if self.output_type == "latent":
+            self.result.frames = torch.cat(self.latents, dim=2) if self.latents else None
+        elif self.output_type is not None:
+            w, h = self.result.size
+            frames = torch.cat(self.frames) if self.frames else torch.zeros(0, 3, h, w, dtype=torch.uint8)
+            self.result.frames = convert_frames(frames, self.output_type)
+
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
@@ -103,7 +119,8 @@ class Outputs:
         run leaves nothing at the output path.
         """
         save_tensors, append_to = self.save_tensors, self.append_to
-        if self.keep_tensors and self.latents:
+        self.returned_frames()
+        if self.save_tensors is not None and self.latents:
             tensors = {"final_latent": torch.cat(self.latents, dim=2).contiguous(),
                        "video_tchw_uint8": torch.cat(self.frames).contiguous()}  # fmt: skip
             try:
@@ -322,10 +339,30 @@ class _NoBar:
         pass
 
 
-def progress_bar(total: int, enabled: bool) -> object:
-    if not enabled:
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython's ZMQ shell)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def show_progress(progress: bool | None) -> bool:
+    """``progress`` itself when given; None ("auto"): on in a notebook or when stderr is a terminal."""
+    if progress is not None:
+        return bool(progress)
+    if in_notebook():
+        return True
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a replaced or closed stderr
+        return False
+
+
+def progress_bar(total: int, enabled: bool | None) -> object:
+    """A per-chunk tqdm bar (tqdm.auto: a widget in notebooks); ``enabled`` None = auto."""
+    if not show_progress(enabled):
         return _NoBar()
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="chunk", desc="magi", dynamic_ncols=True)
 
@@ -340,6 +377,7 @@ class Destinations:
     on_chunk: Callable[[VideoChunk], None] | None = None
     save_tensors: str | Path | None = None
     append_to: Path | None = None  # the earlier run's mp4 the new chunks are appended to
+    output_type: str | None = None  # return the frames in this form (magi.output; None: none)
 
 
 def open_outputs(dest: Destinations, fps: int, size: tuple[int, int], writer_rank: bool,
@@ -366,4 +404,5 @@ def open_outputs(dest: Destinations, fps: int, size: tuple[int, int], writer_ran
     result = GenerationResult(Path(output_path) if output_path and writer_rank else None, fps=fps, size=size)
     joined = Path(output_path) if output_path and segments is not None else None
     return Outputs(writer, result, segments=segments, on_chunk=dest.on_chunk, joined=joined,
-                   save_tensors=dest.save_tensors if writer_rank else None, append_to=dest.append_to)  # fmt: skip
+                   save_tensors=dest.save_tensors if writer_rank else None, append_to=dest.append_to,
+                   output_type=dest.output_type)  # fmt: skip

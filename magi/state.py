@@ -122,15 +122,21 @@ class GenerationState:
         """Refuse a state made by another magi version, config, checkpoint or compat mode.
 
         Raises:
-            StateError: one line naming the first field that differs.
+            StateError: one line (<= 200 characters) naming what differs: the config fields that
+                differ with both values (states from before the fields were recorded: "config").
         """
         mine = self.meta.get("identity", {})
-        labels = {"magi_version": "magi version", "compat": "compat mode", "config_hash": "config",
-                  "checkpoint_hash": "checkpoint"}  # fmt: skip
-        for key, label in labels.items():
-            if mine.get(key) != identity.get(key):
-                raise StateError(f"{path} was made with another {label} ({mine.get(key)!r}, this run: "
-                                 f"{identity.get(key)!r}); resume it with the same setup")  # fmt: skip
+        if mine.get("magi_version") != identity.get("magi_version"):
+            why = f"another magi version ({mine.get('magi_version')}, this is {identity.get('magi_version')})"
+        elif mine.get("compat") != identity.get("compat"):
+            why = f"another compat mode ({mine.get('compat')}, this run {identity.get('compat')})"
+        elif mine.get("config_hash") != identity.get("config_hash"):
+            why = _config_difference(mine.get("config"), identity.get("config"))
+        elif mine.get("checkpoint_hash") != identity.get("checkpoint_hash"):
+            why = "another checkpoint (the weight files in runtime_config.load changed since it was saved)"
+        else:
+            return
+        raise StateError(f"{path} was made with {why}; use the same setup"[:200])
 
 
 def _digest(text: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -168,10 +174,33 @@ def checkpoint_hash(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def config_fields(cfg: object) -> dict[str, object]:
+    """The config as flat ``section.field`` -> value (JSON-able), less the request's own fields:
+    kept in new states so a mismatch can name the fields that differ."""
+    fields = dataclasses.asdict(cfg)
+    fields.pop("source", None)
+    flat = {}
+    for section, values in fields.items():
+        for name, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            if not (section == "runtime" and name in REQUEST_FIELDS):
+                flat[f"{section}.{name}" if name else section] = json.loads(json.dumps(value, default=str))
+    return flat
+
+
+def _config_difference(saved: dict | None, current: dict | None) -> str:
+    """'another config (runtime.video_size_h 64, this run 128; ...)': the first fields that differ."""
+    if not saved or not current:
+        return "another config (a state from before magi named the fields; compare the config files)"
+    names = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    shown = "; ".join(f"{k} {saved.get(k)}, this run {current.get(k)}" for k in names[:3])
+    more = f"; {len(names) - 3} more" if len(names) > 3 else ""
+    return f"another config ({shown}{more})"
+
+
 def state_identity(cfg: object, compat: str) -> dict:
     """What a saved state must share with a run of ``cfg`` to be resumed by it (no model loaded)."""
     return {"magi_version": __version__, "compat": compat, "config_hash": config_hash(cfg),
-            "checkpoint_hash": checkpoint_hash(cfg.runtime.load)}  # fmt: skip
+            "checkpoint_hash": checkpoint_hash(cfg.runtime.load), "config": config_fields(cfg)}  # fmt: skip
 
 
 def open_state(state: str | Path | GenerationState, identity: dict, *,
@@ -192,6 +221,12 @@ def open_state(state: str | Path | GenerationState, identity: dict, *,
     if not finished and loaded.meta.get("finished"):
         raise StateError(f"{where} is a finished run: nothing left to resume")
     return loaded, where
+
+
+def video_frames(state: GenerationState) -> int:
+    """Frames the run's output video holds at this state: an earlier video it was appended to
+    (an extension written onto the video it extends; states before this field: none), plus its own."""
+    return int(state.meta.get("earlier_frames", 0)) + int(state.meta["frames_done"])
 
 
 def state_tail(state: GenerationState) -> list[tuple[int, torch.Tensor]]:

@@ -7,7 +7,9 @@ reads each new complete line and hands it to ``Control.set_prompt``, so the gene
 entered the denoising window take TEXT (the rule: ``magi.generation.Control``). Lines already
 in the file when the run starts apply from its first step; the file need not exist yet. A line
 that is not such an object, or names a chunk outside the video, is reported on stderr as one line
-and skipped: a typo never stops a long run. A line still being written (no newline yet) waits.
+and skipped: a typo never stops a long run (``check_file`` refuses one already there before the run
+starts, naming its line). The last line needs no newline: it is read once it is a whole JSON
+object (one still being written waits).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def check_file(path: str | Path, chunks: int | None = None) -> None:
         return
     except OSError as err:
         raise ValueError(f"--steer {path}: cannot read it ({err.strerror or type(err).__name__})") from None
-    for number, raw in enumerate(data.split(b"\n")[:-1], start=1):
+    for number, raw in enumerate(data.split(b"\n"), start=1):  # the last line too, newline or not
         if not raw.strip():
             continue
         try:
@@ -52,6 +54,17 @@ def check_file(path: str | Path, chunks: int | None = None) -> None:
         if chunks is not None and from_chunk >= chunks:
             raise ValueError(f"--steer {path} line {number}: from_chunk {from_chunk} is beyond the video "
                              f"(generated chunks 0 .. {chunks - 1})")  # fmt: skip
+
+
+def _whole(raw: bytes) -> bool:
+    """A line that is complete JSON (a line still being written is not, and waits)."""
+    import json
+
+    try:
+        json.loads(raw)
+    except ValueError:
+        return False
+    return True
 
 
 class SteerFile:
@@ -69,6 +82,7 @@ class SteerFile:
         self._offset = 0
         self._line = 0
         self._partial = b""
+        self._took_partial = False  # the last line was taken before its newline came
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -88,10 +102,20 @@ class SteerFile:
             self._warn(f"--steer {self.path}: cannot read it ({err.strerror or err}); will retry")
             return
         self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
+        *lines, partial = (self._partial + data).split(b"\n")
+        if self._took_partial and lines:  # that line has ended now: what followed it on the line
+            rest = lines.pop(0)
+            self._took_partial = False
+            if rest.strip():
+                self._take(rest)
         for raw in lines:
             self._line += 1
             self._take(raw)
+        self._partial = partial
+        if partial.strip() and _whole(partial):  # a last line without a newline
+            self._line += 1
+            self._take(partial)
+            self._partial, self._took_partial = b"", True
 
     def _take(self, raw: bytes) -> None:
         if not raw.strip():

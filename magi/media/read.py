@@ -60,7 +60,44 @@ def _check_input_file(path: str | Path, kind: str) -> Path:
         raise ValueError(f"{kind} is not readable (permissions): {p}")
     if p.stat().st_size == 0:
         raise ValueError(f"{kind} is empty (0 bytes): {p}")
+    check_not_text(p, kind)
     return p
+
+
+# Text formats ffmpeg reads as pictures (XPM, SVG, ASCII netpbm): not refused as text.
+_TEXT_PICTURES = (b"/* XPM */", b"<?xml", b"<svg", b"P1", b"P2", b"P3")
+
+
+def is_text(head: bytes) -> bool:
+    """The first bytes of a file look like plain text (UTF-8, no NUL or other control bytes)."""
+    if not head or b"\0" in head or head.lstrip().startswith(_TEXT_PICTURES):
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a multi-byte character cut at the end of the head is fine
+        if err.start < len(head) - 3:
+            return False
+        text = head[: err.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r\f\v\x1b" for c in text)  # ESC: ANSI colour codes
+
+
+def check_not_text(path: str | Path, kind: str = "image") -> None:
+    """Refuse a text file given as an image or a video, by its content (ffmpeg's "tty" demuxer
+    would render it as ANSI art and magi would generate from that picture).
+
+    Raises:
+        ValueError: one line naming the file and what to give instead.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if is_text(head):
+        raise ValueError(f"{kind} {path} is a text file, not an image or a video; give a picture "
+                         "(jpeg, png, webp, ...) or a video (mp4, webm, ...)")  # fmt: skip
+
+
+def _refuse_ansi(meta: dict, path: Path, kind: str) -> None:
+    if re.split(r"[\s,(]", meta.get("codec", "") or "")[0] == "ansi":  # the tty demuxer's ANSI-art decoder
+        raise ValueError(f"{kind} {path} is a text file (ffmpeg reads it as ANSI art), not an image or a video")
 
 
 def _quiet_ffmpeg_logger() -> logging.Logger:
@@ -90,6 +127,7 @@ def probe(path: str | Path, kind: str = "media file") -> MediaInfo:
         raise _open_error(err, p, kind) from None
     finally:
         gen.close()
+    _refuse_ansi(meta, p, kind)
     return _media_info(meta)
 
 
@@ -200,6 +238,7 @@ def _read_first_frame(path: Path, filters: list[str], alpha: bool) -> np.ndarray
             meta = next(gen)
         except _OPEN_ERRORS as err:
             raise _open_error(err, path, "image") from None
+        _refuse_ansi(meta, path, "image")
         info = _media_info(meta)
         _check_min_side(info, path, "image")
         if not alpha and info.pix_fmt.startswith(_ALPHA_PREFIXES):

@@ -167,7 +167,7 @@ class Worker:
             with contextlib.suppress(ValueError):
                 control.set_prompt(edit.from_chunk, edit.prompt, generated=True)
         common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
-                      control=control, on_chunk=on_chunk)  # fmt: skip
+                      control=control, on_chunk=on_chunk, progress=False)  # fmt: skip  (jobs report their own progress)
         if state is not None and not state.meta.get("finished"):
             result = pipe.resume(state, None, **common)
         elif params["mode"] == "extend":

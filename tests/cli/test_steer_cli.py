@@ -73,8 +73,9 @@ def test_check_file_names_the_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"line 2: from_chunk 8 is beyond the video \(generated chunks 0 \.\. 7\)"):
         check_file(path, chunks=8)
     check_file(path, chunks=9)
-    path.write_text(_line(0, FOX) + "half a li")  # an unfinished last line is not checked yet
-    check_file(path)
+    path.write_text(_line(0, FOX) + "half a li")  # the last line is read without its newline too (issue 21)
+    with pytest.raises(ValueError, match=rf"^--steer {path} line 2: not a JSON line"):
+        check_file(path)
 
 
 def test_cli_refuses_a_bad_steer_file_before_loading(tiny: Path, tmp_path: Path, capsys) -> None:
