@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from magi import checkpoint
 from magi.budget import SPILL_BYTES, visible_prefix_frames
+from magi.conditioning import check_special_tokens_file
 from magi.config import MagiConfig
 from magi.media import latents, read
-from magi.models.vae import ViTVAE
+from magi.models.text_encoder import check_t5_folder
+from magi.models.vae import ViTVAE, load_vae
 from magi.prompts import check_special_tokens
 
 
@@ -54,14 +57,10 @@ def check_files(cfg: MagiConfig) -> None:
     Special tokens (when switched on), the DiT checkpoint (index, keys, shapes, dtypes) and the
     T5 folder; each fault is one ``ValueError`` / ``FileNotFoundError`` line naming the file.
     """
-    from magi.checkpoint import check_dit_checkpoint
-    from magi.conditioning import check_special_tokens_file
-    from magi.models.text_encoder import check_t5_folder
-
     tokens = check_special_tokens(cfg)
     if tokens is not None:
         check_special_tokens_file(tokens)
-    check_dit_checkpoint(cfg)
+    checkpoint.check_dit_checkpoint(cfg)
     if cfg.runtime.t5_pretrained:
         check_t5_folder(cfg.runtime.t5_pretrained)
 
@@ -98,8 +97,6 @@ def check_options(cfg: MagiConfig, device: torch.device, attention_backend: str,
 def build_dit(cfg: MagiConfig, device: torch.device,
               offload_blocks: bool) -> tuple[nn.Module, object | None, torch.device]:  # fmt: skip
     """(DiT, mesh or None, compute device): parallel under torchrun, else whole or streamed."""
-    from magi.checkpoint import load_dit
-
     if is_distributed(cfg):
         from magi.distributed import init_from_env
         from magi.distributed.parallelize import build_parallel_dit
@@ -109,10 +106,10 @@ def build_dit(cfg: MagiConfig, device: torch.device,
     if offload_blocks:
         from magi.offload import offload_blocks as stream_blocks
 
-        dit = load_dit(cfg, torch.device("cpu"))  # the layer stack never sits on the device
+        dit = checkpoint.load_dit(cfg, torch.device("cpu"))  # the layer stack never sits on the device
         stream_blocks(dit, device)
         return dit, None, device
-    return load_dit(cfg, device), None, device
+    return checkpoint.load_dit(cfg, device), None, device
 
 
 @dataclass
@@ -134,8 +131,6 @@ class Engine:
              noise_spill_bytes: int = SPILL_BYTES, memory_check: bool = True) -> Engine:  # fmt: skip
         """Check the options, files and (CUDA) memory, then load the DiT and the VAE (see
         ``MagiPipeline.from_config``)."""
-        from magi.models.vae import load_vae
-
         check_options(cfg, device, attention_backend, offload_blocks, compile)
         check_files(cfg)
         if memory_check:

@@ -24,7 +24,7 @@ from magi.prompts import PromptEncoder
 from magi.request import check_frames, check_mode, check_prompts_fit, check_seed, prompt_list
 from magi.sampling.chunks import ChunkPlan
 from magi.sampling.denoise import SamplerSettings
-from magi.state import GenerationState, state_identity, state_tail
+from magi.state import GenerationState, StateError, state_identity, state_tail
 
 # Clean chunks a state keeps for extend: what a new chunk can still see (max(kv range) - 1 with
 # the shipped (5, 4, 3, 2)); the first generated chunks of an extension attend to them.
@@ -128,8 +128,6 @@ def from_state(engine: Engine, prompts: PromptEncoder, state: GenerationState) -
 
 def extension_prefix(state: GenerationState, where: object) -> torch.Tensor:
     """The clean latents [1, C, P, H, W] (float32) a finished state is continued from."""
-    from magi.state import StateError
-
     tail = state_tail(state)
     if not tail:
         raise StateError(f"{where} keeps no clean latents to continue from")
