@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from magi.budget import visible_prefix_frames
 from magi.media.latents import decode_to_uint8, encode_prefix
 from magi.media.mp4 import Mp4Writer
 from magi.media.read import (
@@ -20,7 +21,6 @@ from magi.media.read import (
     load_video,
     probe,
     select_prefix_frames,
-    visible_prefix_frames,
 )
 from magi.models.vae import ViTVAE, load_vae
 from tests.helpers import load_fixture, rel_l2
