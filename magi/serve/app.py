@@ -27,7 +27,7 @@ from magi.serve.protocol import (
     error_response,
 )
 from magi.serve.routes import Service, router
-from magi.serve.store import JobStore
+from magi.serve.store import open_store
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _NO_PAGE = ("<!doctype html><title>magi serve</title><p>magi serve is running; the page files "
@@ -36,7 +36,7 @@ _NO_PAGE = ("<!doctype html><title>magi serve</title><p>magi serve is running; t
 
 def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | None = None,
                max_frames: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS, max_queued: int = MAX_QUEUED,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:  # fmt: skip
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, db: str | None = None) -> FastAPI:  # fmt: skip
     """The ``magi serve`` HTTP app over the store in ``{data_dir}/magi.db``.
 
     Args:
@@ -46,11 +46,12 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
         max_frames, max_pixels: the largest video one request may ask for.
         max_queued: jobs waiting at most; more are refused with 429.
         max_upload_bytes: the largest i2v image / v2v prefix video upload (413 beyond).
+        db: the job store, a ``postgresql://`` URL or a SQLite file (default ``{data_dir}/magi.db``).
     """
     cfg = load_config(config_path)
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    store = JobStore(data / "magi.db")
+    store = open_store(db, data)
     limits = Limits(max_frames=max_frames, max_pixels=max_pixels, max_queued=max_queued,
                     max_upload_bytes=max_upload_bytes)  # fmt: skip
 
