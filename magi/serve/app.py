@@ -26,6 +26,7 @@ from magi.serve.protocol import (
     Served,
     error_response,
 )
+from magi.serve.realtime import router as realtime_router
 from magi.serve.routes import Service, router
 from magi.serve.store import open_store
 
@@ -60,6 +61,7 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
     app.state.service = Service(store, data, Served(cfg, limits), Path(config_path).stem, api_key)
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(realtime_router)  # WS /v1/realtime/video (checks the API key itself)
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
