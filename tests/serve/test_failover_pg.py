@@ -1,7 +1,8 @@
-"""Failover through the PostgreSQL store: two real workers (``python -m magi.serve.worker --db
+"""magi serve over the PostgreSQL store, and failover through it: two real workers (``python -m magi.serve.worker --db
 postgresql://...``, tiny checkpoint) share one data folder and one database the test starts; the
 worker running a job is killed with SIGKILL mid-job, the other claims it once its lease runs out,
-resumes it from the saved state, and the finished video equals an uninterrupted run's frames."""
+resumes it from the saved state, and the finished video equals an uninterrupted run's frames.
+Also: ``magi serve --db`` runs a job through HTTP, and an unreachable database is one error line."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import torch
 
 pytest.importorskip("psycopg", reason="the PostgreSQL store needs psycopg 3: pip install -e '.[postgres]'")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="decoding the videos needs imageio-ffmpeg")
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
 
 from magi.serve.store_pg import PgJobStore  # noqa: E402
-from tests.helpers import CHUNK, write_tiny_config  # noqa: E402
+from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
 from tests.serve.pg import pg_bin, postgres_server  # noqa: E402
 
 TIMEOUT = 300.0  # s for one job on a loaded 2-core machine
@@ -113,3 +115,42 @@ def test_serve_with_an_unreachable_db_is_one_error_line(tiny_checkpoint: Path, t
     assert run.returncode == 2, run.stderr
     line = run.stderr.strip()
     assert line.startswith("error: cannot connect to the job database") and "--db" in line and "\n" not in line
+
+
+def test_serve_with_db_runs_a_job_through_http(pg_url: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
+    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "magi.serve", "--config", str(config), "--data_dir", str(tmp_path / "d"),
+           "--db", pg_url, "--port", str(port), "--device", "cpu"]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    store = PgJobStore(pg_url)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+
+            def up() -> bool:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                try:
+                    return client.get("/health").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            _until(up, "the server", [log])
+            r = client.post("/v1/videos", json={"prompt": "a lake", "num_frames": 2 * CHUNK, "seed": 4})
+            assert r.status_code == 200, r.text
+            job_id = r.json()["id"]
+            assert store.get(job_id).params["prompts"] == ["a lake"]  # the row is in PostgreSQL
+            _until(lambda: client.get(f"/v1/videos/{job_id}").json()["status"] == "completed", "the job", [log])
+            assert len(_frames_of(client.get(f"/v1/videos/{job_id}/content").content, tmp_path)) == 2 * CHUNK
+            assert store.lease(job_id)[0].split(":")[1] != str(proc.pid)  # claimed by its worker process
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        store.close()
+
+
+def _frames_of(data: bytes, tmp: Path) -> torch.Tensor:
+    path = tmp / "content.mp4"
+    path.write_bytes(data)
+    return _frames(path)
