@@ -2,7 +2,8 @@
 postgresql://...``, tiny checkpoint) share one data folder and one database the test starts; the
 worker running a job is killed with SIGKILL mid-job, the other claims it once its lease runs out,
 resumes it from the saved state, and the finished video equals an uninterrupted run's frames.
-Also: ``magi serve --db`` runs a job through HTTP, and an unreachable database is one error line."""
+Also: ``magi serve --db`` runs a job through HTTP, an unreachable database is one error line, a
+worker whose lease was taken leaves that job, and SIGTERM releases the running job at once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("psycopg", reason="the PostgreSQL store needs psycopg 3: pip install -e '.[postgres]'")
+psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL store needs psycopg 3: pip install -e '.[postgres]'")
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="decoding the videos needs imageio-ffmpeg")
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
 
@@ -154,3 +155,39 @@ def _frames_of(data: bytes, tmp: Path) -> torch.Tensor:
     path = tmp / "content.mp4"
     path.write_bytes(data)
     return _frames(path)
+
+
+def test_a_worker_leaves_a_job_whose_lease_it_lost_and_releases_its_job_on_sigterm(
+    pg_url: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
+    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
+    data, logs = tmp_path / "shared", [tmp_path / "a.log"]
+    store = PgJobStore(pg_url)
+    while store.claim("drain", 3600) is not None:  # the module's earlier jobs out of the way
+        pass
+    long = {"mode": "t2v", "prompts": ["long"], "seed": 1, "num_frames": 30 * CHUNK, "size": None, "image": None,
+            "prefix_video": None}  # fmt: skip
+    a = _worker(config, data, pg_url, env, logs[0])
+    try:
+        _until(lambda: _ready(data, a), "the worker to load", logs)
+        stolen = store.create(long)
+        _until(lambda: store.get(stolen.id).chunks_done >= 1, "the first chunk", logs)
+        with psycopg.connect(pg_url, autocommit=True) as db:  # another worker took it (a's lease "ran out")
+            db.execute("UPDATE jobs SET claimed_by = 'thief', lease_until = extract(epoch from clock_timestamp()) "
+                       "+ 3600 WHERE id = %s", (stolen.id,))  # fmt: skip
+        short = store.create({**long, "num_frames": CHUNK})
+        _until(lambda: store.get(short.id).status == "completed", "the next job", logs)
+        left = store.get(stolen.id)
+        assert left.status == "in_progress" and left.chunks_done < 30 and store.lease(stolen.id)[0] == "thief", left
+        third = store.create(long)
+        _until(lambda: store.get(third.id).chunks_done >= 1, "the third job's first chunk", logs)
+        a.terminate()  # SIGTERM: save, release, exit 0
+        assert a.wait(120) == 0
+        assert store.get(third.id).status == "in_progress" and store.lease(third.id) == (None, None)
+        assert store.claim("next", 60).id == third.id  # claimable at once, no lease to wait for
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+        store.close()
