@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config in the official JSON format (the worker loads its model once)")
     p.add_argument("--data_dir", default="./magi-serve-data", metavar="DIR",
                    help="the job database (magi.db) and the jobs' files (default ./magi-serve-data)")
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="the job store: postgresql://... (shared by workers on many nodes; pip install "
+                        "'magi[postgres]') or a SQLite file (default DATA_DIR/magi.db)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api_key", default=os.environ.get("MAGI_API_KEY") or None, metavar="KEY",
@@ -158,12 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from magi.serve.app import create_app
 
-    app = create_app(args.config, args.data_dir, api_key=args.api_key, max_frames=args.max_frames,
-                     max_pixels=args.max_pixels, max_queued=args.max_queued,
-                     max_upload_bytes=int(args.max_upload_mb * 2**20))  # fmt: skip
+    try:
+        app = create_app(args.config, args.data_dir, api_key=args.api_key, max_frames=args.max_frames,
+                         max_pixels=args.max_pixels, max_queued=args.max_queued,
+                         max_upload_bytes=int(args.max_upload_mb * 2**20), db=args.db)  # fmt: skip
+    except (ConnectionError, ImportError) as err:  # --db: no server there, or no psycopg
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     supervisor = None
     if not args.no_worker:
         cmd = [sys.executable, "-m", "magi.serve.worker", "--config", args.config, "--data_dir", args.data_dir]
+        if args.db:
+            cmd += ["--db", args.db]
         if args.device:
             cmd += ["--device", args.device]
         supervisor = Supervisor(cmd)

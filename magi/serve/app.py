@@ -26,8 +26,9 @@ from magi.serve.protocol import (
     Served,
     error_response,
 )
+from magi.serve.realtime import router as realtime_router
 from magi.serve.routes import Service, router
-from magi.serve.store import JobStore
+from magi.serve.store import open_store
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _NO_PAGE = ("<!doctype html><title>magi serve</title><p>magi serve is running; the page files "
@@ -36,7 +37,7 @@ _NO_PAGE = ("<!doctype html><title>magi serve</title><p>magi serve is running; t
 
 def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | None = None,
                max_frames: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS, max_queued: int = MAX_QUEUED,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:  # fmt: skip
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, db: str | None = None) -> FastAPI:  # fmt: skip
     """The ``magi serve`` HTTP app over the store in ``{data_dir}/magi.db``.
 
     Args:
@@ -46,11 +47,12 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
         max_frames, max_pixels: the largest video one request may ask for.
         max_queued: jobs waiting at most; more are refused with 429.
         max_upload_bytes: the largest i2v image / v2v prefix video upload (413 beyond).
+        db: the job store, a ``postgresql://`` URL or a SQLite file (default ``{data_dir}/magi.db``).
     """
     cfg = load_config(config_path)
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
-    store = JobStore(data / "magi.db")
+    store = open_store(db, data)
     limits = Limits(max_frames=max_frames, max_pixels=max_pixels, max_queued=max_queued,
                     max_upload_bytes=max_upload_bytes)  # fmt: skip
 
@@ -59,6 +61,7 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
     app.state.service = Service(store, data, Served(cfg, limits), Path(config_path).stem, api_key)
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(realtime_router)  # WS /v1/realtime/video (checks the API key itself)
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:

@@ -240,6 +240,16 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(**fields)
 
 
+def open_store(db: str | Path | None, data_dir: str | Path) -> Any:
+    """The job store ``db`` names: a ``postgresql://`` URL (``PgJobStore``, shared by many workers)
+    or a SQLite file; None: the SQLite file ``{data_dir}/magi.db``."""
+    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
+        from magi.serve.store_pg import PgJobStore
+
+        return PgJobStore(db)
+    return JobStore(Path(db) if db else Path(data_dir) / "magi.db")
+
+
 class JobFiles:
     """Where a job's files live: ``{data_dir}/jobs/{id}/``.
 

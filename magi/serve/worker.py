@@ -3,7 +3,10 @@
 ``python -m magi.serve.worker --config CONFIG --data_dir DIR [--device D]``, started by the HTTP
 process (``magi.serve.__main__``), which it never talks to directly: jobs, progress, steering
 edits and cancel requests go through the SQLite store (``magi.serve.store``), videos through the
-job folders (``JobFiles``).
+job folders (``JobFiles``). With ``--db postgresql://...`` (``magi.serve.store_pg``) many workers,
+on many nodes sharing the data folder, take jobs from one table: each claims its job with a lease
+that a heartbeat thread renews; a job whose worker died is claimed again once its lease runs out
+and resumed from its saved state by another worker.
 
 Each job runs with a generation state saved after every chunk and every chunk kept as its own
 segment, so a server killed at any moment resumes the job from its last state at the next start,
@@ -21,9 +24,11 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     from magi.serve.store import Job, JobFiles, JobStore
 
 MAX_ATTEMPTS = 3  # runs of one job the worker starts before it calls the job failed
+LEASE_S = 30.0  # a shared (PostgreSQL) store: a dead worker's job is claimable again this long after
 
 
 class _Shutdown:
@@ -66,10 +72,13 @@ class Worker:
     """Runs jobs from ``store`` with ``pipe``, one at a time, in queue order."""
 
     def __init__(self, pipe: object, store: JobStore, data_dir: Path, *, parent: int | None = None,
-                 poll_s: float = 0.2) -> None:  # fmt: skip
+                 poll_s: float = 0.2, lease_s: float | None = None) -> None:  # fmt: skip
+        """``lease_s``: claim jobs with leases of that many s (a store with ``claim``: PostgreSQL)."""
         self.pipe, self.store, self.data_dir = pipe, store, Path(data_dir)
-        self.parent, self.poll_s = parent, poll_s
+        self.parent, self.poll_s, self.lease_s = parent, poll_s, lease_s
         self.shutdown = _Shutdown()
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.lost = threading.Event()  # the running job's lease was lost: stop it, it is another's now
 
     def _orphaned(self) -> bool:
         return self.parent is not None and os.getppid() != self.parent
@@ -81,7 +90,7 @@ class Worker:
         while not self.shutdown.requested:
             if self._orphaned():
                 return 1
-            job = self.store.next_job()
+            job = self.store.claim(self.name, self.lease_s) if self.lease_s else self.store.next_job()
             if job is None:
                 time.sleep(self.poll_s)
                 continue
@@ -104,11 +113,16 @@ class Worker:
             return self._fail(job_id, f"the worker stopped {MAX_ATTEMPTS} times while running this job "
                                       "(killed, or out of memory); not trying again")  # fmt: skip
         try:
-            stopped = self._generate(job, files)
+            with self._heartbeat(job_id):
+                stopped = self._generate(job, files)
         except Exception as err:  # a bad request, a full disk, ...: this job fails, the server goes on
             print(f"magi serve: job {job_id} failed: {one_line(err)}", file=sys.stderr, flush=True)
             return self._fail(job_id, one_line(err))
+        if stopped == "lost":
+            return None  # another worker claimed it (our lease ran out) and goes on from the saved state
         if stopped == "shutdown":
+            if self.lease_s:
+                self.store.release(job_id, self.name)  # another worker may resume it at once
             return None  # stays in_progress: resumed from its state at the next start
         return self._end(job, files, "cancelled" if stopped == "cancel" else "completed")
 
@@ -146,6 +160,9 @@ class Worker:
                 control.stop()
             if self.shutdown.requested:
                 why.append("shutdown")
+                control.stop()
+            if self.lost.is_set():
+                why.append("lost")
                 control.stop()
             for edit in self.store.edits(job_id, after=edits_seen[0]):
                 edits_seen[0] = edit.id
@@ -187,6 +204,32 @@ class Worker:
             return why[0] if why else "shutdown"
         return None
 
+    @contextlib.contextmanager
+    def _heartbeat(self, job_id: str) -> Iterator[None]:
+        """Renew the job's lease every third of ``lease_s`` while the block runs (no-op without leases)."""
+        self.lost.clear()
+        if not self.lease_s:
+            yield
+            return
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.lease_s / 3):
+                try:
+                    if not self.store.renew(job_id, self.name, self.lease_s):
+                        self.lost.set()
+                        return
+                except Exception as err:  # the database is away: keep trying until the lease is gone
+                    print(f"magi serve: cannot renew the lease of {job_id}: {one_line(err)}", file=sys.stderr)
+
+        thread = threading.Thread(target=beat, name="magi-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
     def _pipe_for(self, params: dict) -> object:
         """The loaded pipeline, or one sharing its models at the request's size."""
         rt = self.pipe.config.runtime
@@ -220,6 +263,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="the official-format JSON config")
     parser.add_argument("--data_dir", required=True, help="the server's data folder (magi.db, jobs/)")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--db", help="the job store: a postgresql:// URL (shared by many workers) or a SQLite "
+                                     "file (default DATA_DIR/magi.db)")  # fmt: skip
+    parser.add_argument("--lease_s", type=float, default=LEASE_S,
+                        help=f"with a postgresql:// --db: the job lease in s (default {LEASE_S:g})")
     return parser
 
 
@@ -229,12 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parent = os.getppid()
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    # One worker per data folder: a new one waits here until an old one (being killed) is gone.
-    lock = open(data_dir / "worker.lock", "w")  # noqa: SIM115 - held for the process's life
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    from magi.serve.store import JobStore
+    shared = bool(args.db) and args.db.startswith(("postgresql://", "postgres://"))
+    if not shared:
+        # One worker per data folder: a new one waits here until an old one (being killed) is gone.
+        lock = open(data_dir / "worker.lock", "w")  # noqa: SIM115 - held for the process's life
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    from magi.serve.store import open_store
 
-    store = JobStore(data_dir / "magi.db")
+    store = open_store(args.db, data_dir)
     write_status(data_dir, status="loading", error=None, model=Path(args.config).stem)
     try:
         from magi.pipeline import MagiPipeline
@@ -246,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     write_status(data_dir, status="ready", error=None, model=Path(args.config).stem)
     try:
-        return Worker(pipe, store, data_dir, parent=parent).serve_forever()
+        return Worker(pipe, store, data_dir, parent=parent, lease_s=args.lease_s if shared else None).serve_forever()
     finally:
         store.close()
 

@@ -1,0 +1,193 @@
+"""magi serve over the PostgreSQL store, and failover through it: two real workers (``python -m magi.serve.worker --db
+postgresql://...``, tiny checkpoint) share one data folder and one database the test starts; the
+worker running a job is killed with SIGKILL mid-job, the other claims it once its lease runs out,
+resumes it from the saved state, and the finished video equals an uninterrupted run's frames.
+Also: ``magi serve --db`` runs a job through HTTP, an unreachable database is one error line, a
+worker whose lease was taken leaves that job, and SIGTERM releases the running job at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL store needs psycopg 3: pip install -e '.[postgres]'")
+imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="decoding the videos needs imageio-ffmpeg")
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
+
+from magi.serve.store_pg import PgJobStore  # noqa: E402
+from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
+from tests.serve.pg import pg_bin, postgres_server  # noqa: E402
+
+TIMEOUT = 300.0  # s for one job on a loaded 2-core machine
+LEASE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    if pg_bin() is None:
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql)")
+    with postgres_server() as url:
+        yield url
+
+
+def _worker(config: Path, data: Path, url: str, env: dict, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "magi.serve.worker", "--config", str(config), "--data_dir", str(data),
+           "--db", url, "--lease_s", str(LEASE_S), "--device", "cpu"]  # fmt: skip
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _until(check: Callable[[], object], what: str, logs: list[Path]) -> object:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.1)
+    tails = "\n".join(p.read_text(errors="replace")[-1500:] for p in logs)
+    raise AssertionError(f"timed out waiting for {what}; worker logs:\n{tails}")
+
+
+def _ready(data: Path, proc: subprocess.Popen) -> bool:
+    try:
+        status = json.loads((data / "worker.json").read_text())
+    except (OSError, ValueError):
+        return False
+    assert proc.poll() is None, "a worker exited"
+    return status.get("pid") == proc.pid and status.get("status") == "ready"
+
+
+def _frames(path: Path) -> torch.Tensor:
+    reader = imageio_ffmpeg.read_frames(str(path))
+    w, h = next(reader)["size"]
+    return torch.stack([torch.frombuffer(bytearray(f), dtype=torch.uint8).reshape(h, w, 3) for f in reader])
+
+
+def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
+    pg_url: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
+    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
+    data, logs = tmp_path / "shared", [tmp_path / "a.log", tmp_path / "b.log"]
+    store = PgJobStore(pg_url)
+    params = {"mode": "t2v", "prompts": ["a long walk"], "seed": 21, "num_frames": 30 * CHUNK, "size": None,
+              "image": None, "prefix_video": None}  # fmt: skip
+    a = _worker(config, data, pg_url, env, logs[0])
+    b = None
+    try:
+        _until(lambda: _ready(data, a), "worker a to load", logs)
+        job = store.create(params)
+        _until(lambda: store.get(job.id).chunks_done >= 1, "the first chunk", logs)
+        assert store.lease(job.id)[0].split(":")[1] == str(a.pid)
+        b = _worker(config, data, pg_url, env, logs[1])
+        _until(lambda: _ready(data, b), "worker b to load", logs)
+        assert store.get(job.id).status == "in_progress", "the job ended before worker a could be killed"
+        a.kill()  # mid-job: its lease is left to run out
+        a.wait()
+        _until(lambda: store.lease(job.id)[0].split(":")[1] == str(b.pid), "worker b to claim the job", logs)
+        done = _until(lambda: (j := store.get(job.id)).ended and j, "the job to finish", logs)
+        assert done.status == "completed" and done.attempts == 2, done
+        again = store.create(params)  # the same request, run start to end by worker b
+        assert _until(lambda: (j := store.get(again.id)).ended and j, "the second job", logs).status == "completed"
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        store.close()
+    resumed = _frames(data / "jobs" / job.id / "video.mp4")
+    assert len(resumed) == 30 * CHUNK
+    assert torch.equal(resumed, _frames(data / "jobs" / again.id / "video.mp4"))
+
+
+def test_serve_with_an_unreachable_db_is_one_error_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint)
+    cmd = [sys.executable, "-m", "magi.serve", "--config", str(config), "--data_dir", str(tmp_path / "d"),
+           "--db", "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2", "--no_worker"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    line = run.stderr.strip()
+    assert line.startswith("error: cannot connect to the job database") and "--db" in line and "\n" not in line
+
+
+def test_serve_with_db_runs_a_job_through_http(pg_url: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
+    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
+    port, log = free_port(), tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "magi.serve", "--config", str(config), "--data_dir", str(tmp_path / "d"),
+           "--db", pg_url, "--port", str(port), "--device", "cpu"]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    store = PgJobStore(pg_url)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+
+            def up() -> bool:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                try:
+                    return client.get("/health").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            _until(up, "the server", [log])
+            r = client.post("/v1/videos", json={"prompt": "a lake", "num_frames": 2 * CHUNK, "seed": 4})
+            assert r.status_code == 200, r.text
+            job_id = r.json()["id"]
+            assert store.get(job_id).params["prompts"] == ["a lake"]  # the row is in PostgreSQL
+            _until(lambda: client.get(f"/v1/videos/{job_id}").json()["status"] == "completed", "the job", [log])
+            assert len(_frames_of(client.get(f"/v1/videos/{job_id}/content").content, tmp_path)) == 2 * CHUNK
+            assert store.lease(job_id)[0].split(":")[1] != str(proc.pid)  # claimed by its worker process
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        store.close()
+
+
+def _frames_of(data: bytes, tmp: Path) -> torch.Tensor:
+    path = tmp / "content.mp4"
+    path.write_bytes(data)
+    return _frames(path)
+
+
+def test_a_worker_leaves_a_job_whose_lease_it_lost_and_releases_its_job_on_sigterm(
+    pg_url: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
+    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
+    data, logs = tmp_path / "shared", [tmp_path / "a.log"]
+    store = PgJobStore(pg_url)
+    while store.claim("drain", 3600) is not None:  # the module's earlier jobs out of the way
+        pass
+    long = {"mode": "t2v", "prompts": ["long"], "seed": 1, "num_frames": 30 * CHUNK, "size": None, "image": None,
+            "prefix_video": None}  # fmt: skip
+    a = _worker(config, data, pg_url, env, logs[0])
+    try:
+        _until(lambda: _ready(data, a), "the worker to load", logs)
+        stolen = store.create(long)
+        _until(lambda: store.get(stolen.id).chunks_done >= 1, "the first chunk", logs)
+        with psycopg.connect(pg_url, autocommit=True) as db:  # another worker took it (a's lease "ran out")
+            db.execute("UPDATE jobs SET claimed_by = 'thief', lease_until = extract(epoch from clock_timestamp()) "
+                       "+ 3600 WHERE id = %s", (stolen.id,))  # fmt: skip
+        short = store.create({**long, "num_frames": CHUNK})
+        _until(lambda: store.get(short.id).status == "completed", "the next job", logs)
+        left = store.get(stolen.id)
+        assert left.status == "in_progress" and left.chunks_done < 30 and store.lease(stolen.id)[0] == "thief", left
+        third = store.create(long)
+        _until(lambda: store.get(third.id).chunks_done >= 1, "the third job's first chunk", logs)
+        a.terminate()  # SIGTERM: save, release, exit 0
+        assert a.wait(120) == 0
+        assert store.get(third.id).status == "in_progress" and store.lease(third.id) == (None, None)
+        assert store.claim("next", 60).id == third.id  # claimable at once, no lease to wait for
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
+        store.close()
