@@ -53,14 +53,23 @@ class _Lines(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test's capture, a redirected stream)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def show_log(verbose: bool = False) -> None:
-    """Show the library's log lines on stderr (warnings; info too when ``verbose``)."""
+    """Show the library's log lines on stderr (warnings; info too when ``verbose``), once."""
     log = logging.getLogger("magi")
-    if any(getattr(h, "_magi_cli", False) for h in log.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Lines())
-    handler._magi_cli = True  # type: ignore[attr-defined]
-    log.addHandler(handler)
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_Lines())
+        log.addHandler(handler)
     log.setLevel(logging.INFO if verbose else logging.WARNING)
-    log.propagate = False

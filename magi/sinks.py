@@ -93,8 +93,8 @@ class Outputs:
         clean chunks ``tail`` (absolute index, latent; ``offset`` prefix chunks); else a warning."""
         earlier = earlier_tensors(path, tail, offset, chunks, frames)
         if earlier is None:
-            logger.warning("save_tensors %s does not hold the earlier %d chunks of this run: it will hold "
-                        "only the chunks generated after the resume", path, chunks)  # fmt: skip
+            logger.warning("save_tensors %s is not the stopped run's file of its first %d chunks: it will hold "
+                           "only the chunks generated after the resume", path, chunks)  # fmt: skip
             return
         self.latents.append(earlier[0])
         self.frames.append(earlier[1])

@@ -62,7 +62,7 @@ def test_resume_with_another_file_warns_and_keeps_the_new_chunks(
     with caplog.at_level(logging.WARNING, logger="magi.sinks"):
         pipe.resume(state, save_tensors=tensors)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "magi.sinks"]
-    assert len(warnings) == 1 and f"does not hold the earlier {STOP} chunks" in warnings[0]
+    assert len(warnings) == 1 and f"is not the stopped run's file of its first {STOP} chunks" in warnings[0]
     assert len(warnings[0]) <= 200
     got = load_file(str(tensors))
     assert torch.equal(got["final_latent"], whole["final_latent"][:, :, STOP * CW :])
