@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,19 @@ def move_upload(staging: Path, files: JobFiles) -> None:
     files.dir.mkdir(parents=True, exist_ok=True)
     for path in staging.iterdir():
         os.replace(path, files.dir / path.name)
+
+
+# ---- thumbnails -----------------------------------------------------------------------------
+def thumbnail(video: Path, out: Path) -> None:
+    """The first frame of ``video`` as a PNG at ``out`` (written atomically)."""
+    import imageio_ffmpeg
+
+    temp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-i", str(video),
+           "-frames:v", "1", "-f", "image2", "-c:v", "png", str(temp)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+    if done.returncode != 0 or not temp.is_file():
+        temp.unlink(missing_ok=True)
+        cause = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no frame"]
+        raise ApiError(500, "thumbnail_failed", f"cannot read the video's first frame: {cause[0][:120]}")
+    os.replace(temp, out)

@@ -1,6 +1,8 @@
-"""The routes of ``magi serve``: ``/health`` and ``/v1/videos`` (create, list, get, content,
-stream, segment, events, prompt, cancel, extend), over the ``Service`` that ``create_app`` keeps
-in ``app.state.service``. Every route needs the API key when one is set.
+"""The routes of ``magi serve``: ``/health`` and ``/v1/videos`` (create, list, get, delete,
+content, stream, segment, events, prompt, cancel, extend, remix), over the ``Service`` that
+``create_app`` keeps in ``app.state.service``. Every route needs the API key when one is set.
+Bodies are read by hand (size limits, forms) and validated by the models of
+``magi.serve.protocol``, which ``openapi_extra`` documents in /openapi.json.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -29,6 +31,7 @@ from magi.serve.media import (
     copy_limited,
     follow_segments,
     move_upload,
+    thumbnail,
     upload_suffix,
 )
 from magi.serve.protocol import (
@@ -41,11 +44,14 @@ from magi.serve.protocol import (
     VideoExtend,
     bad,
     parse,
+    planned_chunks,
+    request_schema,
 )
 from magi.serve.store import Job, JobFiles, JobStore, QueueFull, new_id
 
 _UPLOAD_FIELDS = {"image": "image", "input_reference": "image", "prefix_video": "prefix_video"}  # -> its param
 _FORM_SLACK = 64 * 2**10  # multipart boundaries and the small text fields around the file
+RETRY_AFTER_S = 10  # a full queue's 429 asks the client to come back after this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +182,7 @@ async def health(svc: Svc) -> dict:
     return {"status": "ok", "worker": worker if isinstance(worker, dict) else {"status": "starting"}}
 
 
-@router.post("/v1/videos")
+@router.post("/v1/videos", openapi_extra=request_schema(VideoCreate, form=True))
 async def create(request: Request, svc: Svc) -> dict:
     staging = svc.data_dir / "uploads" / secrets.token_hex(8)
     try:
@@ -213,17 +219,21 @@ def _queue(svc: Service, params: dict, *, job_id: str | None = None, parent_id: 
     except QueueFull as err:
         if job_id is not None:
             shutil.rmtree(svc.files(job_id).dir, ignore_errors=True)
-        raise ApiError(429, "queue_full", str(err)) from None
+        raise ApiError(429, "queue_full", str(err), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
 
 @router.get("/v1/videos")
-async def list_videos(svc: Svc, limit: int = 20, after: str | None = None) -> dict:
+async def list_videos(svc: Svc, limit: int = 20, after: str | None = None,
+                      order: Literal["asc", "desc"] = "desc") -> dict:  # fmt: skip
+    """A page of jobs (newest first by default); ``last_id`` is the next page's ``after``."""
     if not 1 <= limit <= 100:
         raise bad("limit", f"limit must be 1..100, got {limit}")
     if after is not None:
         svc.job(after)
-    jobs = svc.store.list(limit + 1, after)
-    return {"object": "list", "data": [svc.video(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+    jobs = svc.store.list(limit + 1, after, order)
+    page = [svc.video(j) for j in jobs[:limit]]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(jobs) > limit}  # fmt: skip
 
 
 @router.get("/v1/videos/{job_id}")
@@ -231,13 +241,32 @@ async def retrieve(job_id: str, svc: Svc) -> dict:
     return svc.video(svc.job(job_id))
 
 
+@router.delete("/v1/videos/{job_id}")
+async def delete(job_id: str, svc: Svc) -> dict:
+    """Remove an ended job, its edits and its files (a queued or running one: cancel it first)."""
+    job = svc.job(job_id)
+    if not job.ended:
+        raise ApiError(409, "job_running", f"video {job_id} is {job.status}; cancel it first, then delete it")
+    if any(not j.ended and j.parent_id == job_id for j in svc.store.list(1000)):
+        raise ApiError(409, "job_in_use", f"a queued or running job extends video {job_id}; delete it afterwards")
+    svc.store.delete(job_id)
+    await run_in_threadpool(shutil.rmtree, svc.files(job_id).dir, True)
+    return {"id": job_id, "object": "video.deleted", "deleted": True}
+
+
 @router.get("/v1/videos/{job_id}/content")
-async def content(job_id: str, svc: Svc) -> Response:
+async def content(job_id: str, svc: Svc, variant: Literal["video", "thumbnail"] = Query("video")) -> Response:
+    """The finished mp4 (Range requests answered), or ``variant=thumbnail``: its first frame, a PNG."""
     job = svc.job(job_id)
     path = svc.files(job_id).video
     if not path.is_file():
         raise ApiError(409, "not_ready", f"video {job_id} has no mp4 yet (status {job.status}); "
                                          "it is written when the job completes or is cancelled")  # fmt: skip
+    if variant == "thumbnail":
+        image = svc.files(job_id).dir / "thumbnail.png"
+        if not image.is_file():
+            await run_in_threadpool(thumbnail, path, image)
+        return FileResponse(image, media_type="image/png")
     return RangedFile(path, media_type="video/mp4")
 
 
@@ -287,10 +316,11 @@ async def _events(svc: Service, job_id: str) -> AsyncIterator[dict]:
         await asyncio.sleep(POLL_S)
 
 
-@router.post("/v1/videos/{job_id}/prompt")
+@router.post("/v1/videos/{job_id}/prompt", openapi_extra=request_schema(PromptEdit))
 async def steer(job_id: str, request: Request, svc: Svc) -> dict:
     job = svc.job(job_id)
-    edit = parse(PromptEdit, await json_body(request), svc.served, chunks=job.chunks_total)
+    chunks = job.chunks_total if job.chunks_total is not None else planned_chunks(svc.served, job.params)
+    edit = parse(PromptEdit, await json_body(request), svc.served, chunks=chunks)
     if job.status not in ("queued", "in_progress"):
         raise ApiError(409, "job_ended", f"video {job_id} is {job.status}; only a queued or running job can be steered")
     edit_id = svc.store.add_edit(job_id, edit.from_chunk, edit.prompt)
@@ -305,8 +335,19 @@ async def cancel(job_id: str, svc: Svc) -> dict:
     return svc.video(svc.store.request_cancel(job_id))
 
 
-@router.post("/v1/videos/{job_id}/extend")
+@router.post("/v1/videos/{job_id}/extend", openapi_extra=request_schema(VideoExtend))
 async def extend(job_id: str, request: Request, svc: Svc) -> dict:
+    """A new job continuing the completed video ``job_id`` (its saved state) by num_frames more."""
+    return await _continue(job_id, request, svc, remix=False)
+
+
+@router.post("/v1/videos/{job_id}/remix", openapi_extra=request_schema(VideoExtend))
+async def remix(job_id: str, request: Request, svc: Svc) -> dict:
+    """OpenAI's remix: the extend path, the new prompt continuing the video (as long again by default)."""
+    return await _continue(job_id, request, svc, remix=True)
+
+
+async def _continue(job_id: str, request: Request, svc: Service, *, remix: bool) -> dict:
     parent = svc.job(job_id)
     body = await json_body(request)
     if parent.status != "completed":
@@ -314,5 +355,6 @@ async def extend(job_id: str, request: Request, svc: Svc) -> dict:
                                              "video can be extended")  # fmt: skip
     if not svc.files(job_id).state.is_file():
         raise ApiError(409, "no_state", f"video {job_id} has no saved generation state to continue from")
-    req = parse(VideoExtend, body, svc.served, parent=parent)
+    req = parse(VideoExtend, body, svc.served, parent=parent,
+                default_frames=parent.params["num_frames"] if remix else None)  # fmt: skip
     return svc.video(_queue(svc, req.params("extend", req.size), parent_id=job_id))
