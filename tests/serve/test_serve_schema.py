@@ -95,16 +95,20 @@ def test_openapi_documents_the_request_models(served) -> None:
     assert "delete" in spec["paths"]["/v1/videos/{job_id}"] and "/v1/videos/{job_id}/remix" in spec["paths"]
 
 
-def test_schemathesis_finds_no_server_error(served) -> None:
+def test_schemathesis_finds_no_server_error(served, tmp_path: Path) -> None:
     pytest.importorskip("schemathesis", reason="the fuzz test needs schemathesis: pip install -e '.[test]'")
-    url, _, data = served
+    url, client, data = served
     worker = FakeWorker(data)  # jobs complete, so content / extend / remix / delete answer too
     try:
-        cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{url}/openapi.json", "--checks", "not_a_server_error",
-               "--max-examples", "25", "--seed", "1", "--header", f"Authorization: Bearer {KEY}",
-               "--exclude-path-regex", "/(stream|events)", "--request-timeout", "20", "--no-color",
-               "--phases", "examples,coverage,fuzzing", "--workers", "1"]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=420, check=False)
+        job = client.post("/v1/videos", json={"prompt": "a fox", "num_frames": 24}).json()
+        config = tmp_path / "schemathesis.toml"  # the path operations are fuzzed on a real, completed job
+        config.write_text(f'[parameters]\n"path.job_id" = "{job["id"]}"\n')
+        cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{url}/openapi.json",
+               "--checks", "not_a_server_error", "--max-examples", "25", "--seed", "1",
+               "--header", f"Authorization: Bearer {KEY}", "--exclude-path-regex", "/(stream|events)",
+               "--request-timeout", "20", "--no-color", "--phases", "examples,coverage,fuzzing", "--workers", "1"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=420, check=False, cwd=tmp_path)
     finally:
         worker.close()
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "Tested: 10" in done.stdout, done.stdout[-3000:]  # every route but the two live streams
