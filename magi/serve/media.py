@@ -1,5 +1,6 @@
 """Files in and out of the HTTP side: uploads (staged, size-limited, decoded once), byte ranges of a
-finished video, and the segments of a job followed as the worker writes them.
+finished video, the segments of a job followed as the worker writes them (one CMAF stream: an
+init and continuous fragments; a live HLS playlist over them), and thumbnails.
 
 Live routes follow the store and the files by polling (``POLL_S``), so they survive a worker
 restart and see a resumed job's segments as any others.
@@ -8,6 +9,7 @@ restart and see a resumed job's segments as any others.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import subprocess
@@ -20,6 +22,7 @@ from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSati
 from starlette.types import Receive, Scope, Send
 
 from magi.config import MagiConfig
+from magi.media.mp4 import fragment_frames, split_fmp4
 from magi.serve.protocol import ApiError, error_response
 from magi.serve.store import JobFiles, JobStore
 
@@ -66,6 +69,25 @@ async def follow_segments(store: JobStore, files: JobFiles, job_id: str, start: 
         if ended:
             return
         await asyncio.sleep(POLL_S)
+
+
+def segment_pieces(path: Path) -> tuple[bytes, list[bytes]]:
+    """A segment's init (ftyp + moov) and fragments (moof + mdat), as ``SegmentSink`` retimed them."""
+    return split_fmp4(path.read_bytes())
+
+
+def hls_playlist(files: JobFiles, fps: float, ended: bool) -> str:
+    """A live HLS (fMP4) playlist over the segments written so far; ``#EXT-X-ENDLIST`` once ended."""
+    lengths = [sum(fragment_frames(f) for f in segment_pieces(p)[1]) / fps for p in files.segments()]
+    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{math.ceil(max(lengths, default=1.0))}",
+             "#EXT-X-MEDIA-SEQUENCE:0", "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-INDEPENDENT-SEGMENTS"]  # fmt: skip
+    if lengths:
+        lines.append('#EXT-X-MAP:URI="stream/init.mp4"')
+    for k, seconds in enumerate(lengths):
+        lines += [f"#EXTINF:{seconds:.6f},", f"stream/{k}.m4s"]
+    if ended:
+        lines.append("#EXT-X-ENDLIST")
+    return "\n".join(lines) + "\n"
 
 
 # ---- uploads --------------------------------------------------------------------------------

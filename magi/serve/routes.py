@@ -30,7 +30,9 @@ from magi.serve.media import (
     check_upload,
     copy_limited,
     follow_segments,
+    hls_playlist,
     move_upload,
+    segment_pieces,
     thumbnail,
     upload_suffix,
 )
@@ -272,13 +274,45 @@ async def content(job_id: str, svc: Svc, variant: Literal["video", "thumbnail"] 
 
 @router.get("/v1/videos/{job_id}/stream")
 async def stream(job_id: str, svc: Svc) -> StreamingResponse:
+    """The live video as one fragmented mp4: segment 0 whole, then each later segment's fragments."""
     svc.job(job_id)
 
     async def body() -> AsyncIterator[bytes]:
-        async for _, path in follow_segments(svc.store, svc.files(job_id), job_id):
-            yield await run_in_threadpool(path.read_bytes)
+        async for k, path in follow_segments(svc.store, svc.files(job_id), job_id):
+            if k == 0:
+                yield await run_in_threadpool(path.read_bytes)
+            else:
+                yield b"".join((await run_in_threadpool(segment_pieces, path))[1])
 
     return StreamingResponse(body(), media_type="video/mp4", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/videos/{job_id}/stream.m3u8")
+async def hls(job_id: str, svc: Svc) -> Response:
+    """A live HLS playlist (fMP4 segments) over the stream's fragments; ends with the job."""
+    job = svc.job(job_id)
+    text = await run_in_threadpool(hls_playlist, svc.files(job_id), svc.served.config.runtime.fps, job.ended)
+    return Response(text, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/videos/{job_id}/stream/init.mp4")
+async def stream_init(job_id: str, svc: Svc) -> Response:
+    """The stream's init segment (ftyp + moov, the same in every segment)."""
+    svc.job(job_id)
+    path = svc.files(job_id).segment(0)
+    if not path.is_file():
+        raise ApiError(404, "not_found", f"video {job_id} has no segment yet; its init comes with the first", "k")
+    return Response((await run_in_threadpool(segment_pieces, path))[0], media_type="video/mp4")
+
+
+@router.get("/v1/videos/{job_id}/stream/{k}.m4s")
+async def fragment(job_id: str, k: int, svc: Svc) -> Response:
+    """Segment k's fragments (moof + mdat), timed on from segment k - 1: append after the init."""
+    svc.job(job_id)
+    path = svc.files(job_id).segment(k) if k >= 0 else None
+    if path is None or not path.is_file():
+        raise ApiError(404, "not_found", f"video {job_id} has no segment {k} (yet)", "k")
+    return Response(b"".join((await run_in_threadpool(segment_pieces, path))[1]), media_type="video/iso.segment")
 
 
 @router.get("/v1/videos/{job_id}/stream/{k}")
