@@ -1,6 +1,7 @@
 // The magi serve page: submit a job, play its chunks as they are written, steer it, cancel it.
-// Plain JS, no build step. Segments play through MediaSource in "sequence" mode: each segment is
-// a complete fragmented mp4 whose timestamps start at 0, so the browser lays them end to end.
+// Plain JS, no build step. The video is one CMAF stream: the init segment (stream/init.mp4) is
+// appended once, then each chunk's fragments (stream/{k}.m4s), whose timestamps go on where the
+// chunk before ended, so MediaSource plays them in its default "segments" mode.
 // Progress comes from /v1/videos/{id}/events read with fetch() (EventSource cannot send the
 // Authorization header).
 "use strict";
@@ -70,11 +71,11 @@ class SegmentPlayer {
     this.appended = 0;
     this.finished = false; // the job ended: end the stream once everything is appended
     this.busy = false;
+    this.initAppended = false;
     this.source = new MediaSource();
     this.ready = new Promise((resolve) => {
       this.source.addEventListener("sourceopen", () => {
         this.buffer = this.source.addSourceBuffer(CODEC);
-        this.buffer.mode = "sequence";
         resolve();
       }, { once: true });
     });
@@ -98,8 +99,12 @@ class SegmentPlayer {
     this.busy = true;
     try {
       await this.ready;
+      if (!this.initAppended && this.wanted > 0) {
+        await this.append(await fetchBytes(`/v1/videos/${this.jobId}/stream/init.mp4`));
+        this.initAppended = true;
+      }
       while (this.appended < this.wanted) {
-        const bytes = await fetchBytes(`/v1/videos/${this.jobId}/stream/${this.appended}`);
+        const bytes = await fetchBytes(`/v1/videos/${this.jobId}/stream/${this.appended}.m4s`);
         await this.append(bytes);
         this.appended += 1;
         this.video.play().catch(() => {}); // muted autoplay; ignore a refused play()
