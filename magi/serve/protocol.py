@@ -386,6 +386,29 @@ class Timings(BaseModel):
     seconds_per_chunk: float | None
 
 
+class PromptSpan(BaseModel):
+    """One prompt of the timeline: the chunks it covers (``to_chunk`` None: to the end, not known
+    yet) and the steering edit that set it (None: the request's own prompts)."""
+
+    prompt: str
+    from_chunk: int
+    to_chunk: int | None
+    edit_id: int | None
+
+
+def prompt_timeline(prompts: list[str], edits: list[Any], chunks: int | None) -> list[PromptSpan]:
+    """The prompts over the chunks: entry i of ``prompts`` from chunk i (the last to the end), then
+    each edit (``from_chunk``, ``prompt``, ``id``; oldest first) from its chunk on."""
+    spans: list[tuple[int, str, int | None]] = [(i, text, None) for i, text in enumerate(prompts)]
+    for edit in edits:
+        spans = [span for span in spans if span[0] < edit.from_chunk] + [(edit.from_chunk, edit.prompt, edit.id)]
+    if chunks is not None:
+        spans = [span for span in spans if span[0] < chunks] or spans[:1]
+    ends = [start - 1 for start, _, _ in spans[1:]] + [None if chunks is None else chunks - 1]
+    return [PromptSpan(prompt=text, from_chunk=start, to_chunk=end, edit_id=eid)
+            for (start, text, eid), end in zip(spans, ends, strict=True)]  # fmt: skip
+
+
 class JobError(BaseModel):
     code: str
     message: str
@@ -401,6 +424,7 @@ class Video(BaseModel):
     mode: str
     prompt: str
     prompts: list[str]
+    prompt_timeline: list[PromptSpan]
     seed: int
     num_frames: int
     size: str
@@ -422,15 +446,19 @@ class Video(BaseModel):
     error: JobError | None
 
     @classmethod
-    def of(cls, job: Job, *, model: str, fps: float, segments: int, queue_position: int | None) -> Video:
+    def of(cls, job: Job, *, model: str, fps: float, segments: int, queue_position: int | None,
+           edits: list[Any] = (), chunks_total: int | None = None) -> Video:  # fmt: skip
+        """``chunks_total``: the planned chunks while the job has not reported its own."""
         p = job.params
         done = job.finished_at is not None and job.ended
+        total = job.chunks_total if job.chunks_total is not None else chunks_total
         return cls(
             id=job.id, model=model, status=job.status, mode=p["mode"], prompt=p["prompts"][0], prompts=p["prompts"],
+            prompt_timeline=prompt_timeline(p["prompts"], list(edits), total),
             seed=p["seed"], num_frames=p["num_frames"], size=f"{p['size'][0]}x{p['size'][1]}",
             seconds=f"{p['num_frames'] / fps:g}", created_at=int(job.created_at),
             completed_at=int(job.finished_at) if done else None, progress=_progress(job),
-            chunks_done=job.chunks_done, chunks_total=job.chunks_total, step=job.step, steps_total=job.steps_total,
+            chunks_done=job.chunks_done, chunks_total=total, step=job.step, steps_total=job.steps_total,
             frames_done=job.frames_done, segments=segments, queue_position=queue_position, parent_id=job.parent_id,
             remixed_from_video_id=job.parent_id,
             timings=_timings(job), error=JobError(code="generation_failed", message=job.error) if job.error else None,

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -53,6 +54,7 @@ from magi.serve.store import Job, JobFiles, JobStore, QueueFull, new_id
 
 _UPLOAD_FIELDS = {"image": "image", "input_reference": "image", "prefix_video": "prefix_video"}  # -> its param
 _FORM_SLACK = 64 * 2**10  # multipart boundaries and the small text fields around the file
+logger = logging.getLogger("magi.serve")
 RETRY_AFTER_S = 10  # a full queue's 429 asks the client to come back after this
 
 
@@ -74,10 +76,11 @@ class Service:
 
     def video(self, job: Job) -> dict[str, Any]:
         """The job as the API shows it."""
+        planned = None if job.chunks_total is not None else planned_chunks(self.served, job.params)
         return Video.of(job, model=self.model, fps=self.served.config.runtime.fps,
                         segments=len(self.files(job.id).segments()),
                         queue_position=self.store.queue_position(job.id) if job.status == "queued" else None,
-                        ).model_dump()  # fmt: skip
+                        edits=self.store.edits(job.id), chunks_total=planned).model_dump()  # fmt: skip
 
     def files(self, job_id: str) -> JobFiles:
         return JobFiles(self.data_dir, job_id)
@@ -201,6 +204,7 @@ async def create(request: Request, svc: Svc) -> dict:
             move_upload(staging, svc.files(job_id))
         params = req.params(req.mode, req.size, upload[1].name if upload else None)
         job = _queue(svc, params, job_id=job_id)
+        logger.info("job %s queued: %s, %d frames, %s", job.id, req.mode, req.num_frames, params["size"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return svc.video(job)
@@ -331,12 +335,17 @@ async def events(job_id: str, svc: Svc) -> EventSourceResponse:
 
 
 async def _events(svc: Service, job_id: str) -> AsyncIterator[dict]:
-    """``chunk`` per segment, ``progress`` when the video object changes, ``done`` when it ends."""
-    files, sent, shown = svc.files(job_id), 0, None
+    """``chunk`` per segment, ``steer`` per accepted edit (its prompt cut to 200 characters),
+    ``progress`` when the video object changes, ``done`` when it ends."""
+    files, sent, shown, edit_seen = svc.files(job_id), 0, None, 0
     while True:
         job = svc.store.get(job_id)
         if job is None:  # removed under us
             return
+        for edit in svc.store.edits(job_id, after=edit_seen):
+            edit_seen = edit.id
+            yield {"event": "steer", "data": json.dumps({"edit_id": edit.id, "applies_from": edit.from_chunk,
+                                                         "prompt": edit.prompt[:200]})}  # fmt: skip
         while files.segment(sent).is_file():
             yield {"event": "chunk", "data": json.dumps({"index": sent, "url": f"/v1/videos/{job_id}/stream/{sent}"})}
             sent += 1
@@ -357,8 +366,28 @@ async def steer(job_id: str, request: Request, svc: Svc) -> dict:
     edit = parse(PromptEdit, await json_body(request), svc.served, chunks=chunks)
     if job.status not in ("queued", "in_progress"):
         raise ApiError(409, "job_ended", f"video {job_id} is {job.status}; only a queued or running job can be steered")
-    edit_id = svc.store.add_edit(job_id, edit.from_chunk, edit.prompt)
-    return {"id": job_id, "from_chunk": edit.from_chunk, "prompt": edit.prompt, "edit_id": edit_id}
+    applies, moved = _applies_from(svc, job, edit.from_chunk)
+    if chunks is not None and applies >= chunks:
+        raise ApiError(409, "too_late", f"every chunk of video {job_id} has entered the denoising window; "
+                                        "an edit can no longer change it", "from_chunk")  # fmt: skip
+    edit_id = svc.store.add_edit(job_id, applies, edit.prompt)
+    logger.info("job %s steered: edit %d from chunk %d%s", job_id, edit_id, applies, f" ({moved})" if moved else "")
+    return {"object": "video.prompt_edit", "id": job_id, "edit_id": edit_id, "prompt": edit.prompt,
+            "from_chunk": edit.from_chunk, "applies_from": applies, "moved": moved}  # fmt: skip
+
+
+def _applies_from(svc: Service, job: Job, from_chunk: int) -> tuple[int, str | None]:
+    """The chunk an edit takes effect from and why, if later than asked: chunks that entered the
+    denoising window keep their prompt. A running job's window covers at most ``window_size``
+    chunks after those done; the worker moves an edit further only if the window moved on since."""
+    if job.status != "in_progress" or job.step == 0:
+        first = job.chunks_done  # not started yet, or resumed: nothing has entered past the done chunks
+    else:
+        first = job.chunks_done + svc.served.config.runtime.window_size
+    if from_chunk >= first:
+        return from_chunk, None
+    return first, (f"chunks {from_chunk}..{first - 1} are done or in the denoising window; "
+                   f"the edit applies from chunk {first}")  # fmt: skip
 
 
 @router.post("/v1/videos/{job_id}/cancel")
