@@ -152,6 +152,13 @@ function render(job) {
   const t = job.timings || {};
   $("timings").textContent = `queue wait ${seconds(t.queue_wait_s)} · first chunk after ` +
     `${seconds(t.time_to_first_chunk_s)} · ${seconds(t.seconds_per_chunk)} per chunk`;
+  $("timeline").replaceChildren(...(job.prompt_timeline || []).map((span) => {
+    const item = document.createElement("li");
+    const to = span.to_chunk == null ? "…" : span.to_chunk;
+    const by = span.edit_id == null ? "" : ` (edit ${span.edit_id})`;
+    item.textContent = `chunks ${span.from_chunk}–${to}: ${span.prompt}${by}`;
+    return item;
+  }));
   if (job.error) showMessage(`failed: ${job.error.message}`, true);
   const running = !ENDED.includes(job.status);
   $("steer").disabled = !running;
@@ -176,6 +183,7 @@ async function watch(jobId) {
     try {
       await readEvents(`/v1/videos/${jobId}/events`, signal, (name, data) => {
         if (name === "chunk") player.add(data.index);
+        else if (name === "steer") showMessage(`edit ${data.edit_id}: "${data.prompt}" from chunk ${data.applies_from}`);
         else if (name === "progress" || name === "done") { job = data; render(job); }
       });
     } catch (error) {
@@ -237,7 +245,8 @@ async function steer() {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ from_chunk: fromChunk, prompt }),
     });
-    $("steer-result").textContent = `edit ${edit.edit_id} accepted: "${edit.prompt}" from chunk ${edit.from_chunk}`;
+    const moved = edit.moved ? ` (asked for chunk ${edit.from_chunk}: ${edit.moved})` : "";
+    $("steer-result").textContent = `edit ${edit.edit_id} accepted: "${edit.prompt}" from chunk ${edit.applies_from}${moved}`;
     $("steer-result").className = "accepted";
   } catch (error) {
     $("steer-result").textContent = `steer: ${error.message}`;
