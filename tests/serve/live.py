@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from magi.serve.store import JobFiles, JobStore
 from magi.media.mp4 import Mp4Writer
+from magi.serve.store import JobFiles, JobStore
 from tests.helpers import free_port, write_tiny_config
 
 FRAMES = 8  # frames of each fake video

@@ -72,7 +72,11 @@ def test_remix_continues_the_video_as_a_new_job(served) -> None:
     assert remixed.id != parent.id and remixed.remixed_from_video_id == parent.id
     assert remixed.prompt == "the fox jumps" and remixed.status in ("queued", "completed")
     raw = remixed.model_dump()
-    assert raw["mode"] == "extend" and raw["parent_id"] == parent.id and raw["num_frames"] == parent.model_dump()["num_frames"]
+    assert (
+        raw["mode"] == "extend"
+        and raw["parent_id"] == parent.id
+        and raw["num_frames"] == parent.model_dump()["num_frames"]
+    )
     with pytest.raises(openai.NotFoundError):
         client.videos.remix("video_nope", prompt="x")
 

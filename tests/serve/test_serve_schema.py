@@ -80,7 +80,11 @@ def test_errors_have_the_openai_type(served) -> None:
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     r = client.get("/v1/videos/video_nope")
     assert r.status_code == 404 and r.json()["error"] == {
-        "message": "no video with id 'video_nope'", "type": "not_found_error", "param": "id", "code": "not_found"}
+        "message": "no video with id 'video_nope'",
+        "type": "not_found_error",
+        "param": "id",
+        "code": "not_found",
+    }
 
 
 def test_openapi_documents_the_request_models(served) -> None:

@@ -36,7 +36,10 @@ def _edit(i: int, first: int, text: str) -> Edit:
 def test_prompt_timeline_spans() -> None:
     spans = prompt_timeline(["a", "b"], [_edit(1, 3, "c"), _edit(2, 1, "d"), _edit(3, 2, "e")], 5)
     assert [(s.prompt, s.from_chunk, s.to_chunk, s.edit_id) for s in spans] == [
-        ("a", 0, 0, None), ("d", 1, 1, 2), ("e", 2, 4, 3)]
+        ("a", 0, 0, None),
+        ("d", 1, 1, 2),
+        ("e", 2, 4, 3),
+    ]
     assert [(s.prompt, s.to_chunk) for s in prompt_timeline(["a"], [], None)] == [("a", None)]
 
 
@@ -45,7 +48,9 @@ def test_steering_is_answered_shown_and_announced(served) -> None:
     job = client.post("/v1/videos", json={"prompts": ["a fox", "a cat"], "num_frames": 96}).json()
     assert job["chunks_total"] == 4 and job["status"] == "queued"  # planned, not "?"
     assert [(s["prompt"], s["from_chunk"], s["to_chunk"]) for s in job["prompt_timeline"]] == [
-        ("a fox", 0, 0), ("a cat", 1, 3)]
+        ("a fox", 0, 0),
+        ("a cat", 1, 3),
+    ]
     queued = client.post(f"/v1/videos/{job['id']}/prompt", json={"from_chunk": 0, "prompt": "a wolf"}).json()
     assert (queued["applies_from"], queued["moved"], queued["from_chunk"]) == (0, None, 0)
     store.update(job["id"], status="in_progress", started_at=time.time(), step=3, chunks_done=0, chunks_total=8)
@@ -59,14 +64,20 @@ def test_steering_is_answered_shown_and_announced(served) -> None:
     assert r.status_code == 409 and r.json()["error"]["code"] == "too_late"
     shown = client.get(f"/v1/videos/{job['id']}").json()
     assert [(s["prompt"], s["from_chunk"], s["to_chunk"], s["edit_id"]) for s in shown["prompt_timeline"]] == [
-        ("a wolf", 0, 3, queued["edit_id"]), ("a bear", 4, 6, late["edit_id"]), ("a hare", 7, 7, kept["edit_id"])]
+        ("a wolf", 0, 3, queued["edit_id"]),
+        ("a bear", 4, 6, late["edit_id"]),
+        ("a hare", 7, 7, kept["edit_id"]),
+    ]
     store.update(job["id"], status="completed", finished_at=time.time())
     with client.stream("GET", f"/v1/videos/{job['id']}/events") as events:
         text = "".join(events.iter_text()).replace("\r\n", "\n")
     steers = [json.loads(line[5:]) for block in text.split("\n\n") if "event: steer" in block
               for line in block.splitlines() if line.startswith("data:")]  # fmt: skip
     assert [(s["edit_id"], s["applies_from"], s["prompt"]) for s in steers] == [
-        (queued["edit_id"], 0, "a wolf"), (late["edit_id"], window, "a bear"), (kept["edit_id"], 7, "a hare")]
+        (queued["edit_id"], 0, "a wolf"),
+        (late["edit_id"], window, "a bear"),
+        (kept["edit_id"], 7, "a hare"),
+    ]
     lines = log.read_text()
     assert f"magi serve: job {job['id']} queued: t2v, 96 frames" in lines
     assert f"magi serve: job {job['id']} steered: edit {late['edit_id']} from chunk {window} (chunks 1..3" in lines

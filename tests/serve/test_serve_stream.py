@@ -105,7 +105,9 @@ def test_stream_and_hls_play_while_made(served, tmp_path: Path) -> None:
     assert live == _stream(sink.paths())
     (tmp_path / "saved.mp4").write_bytes(live)
     pts, grey = _decoded(tmp_path / "saved.mp4")
-    assert pts == list(range(sum(LENGTHS))) and all(abs(g - e) <= 2 for g, e in zip(grey, _expected_grey(), strict=True))
+    assert pts == list(range(sum(LENGTHS))) and all(
+        abs(g - e) <= 2 for g, e in zip(grey, _expected_grey(), strict=True)
+    )
     init = httpx.get(f"{url}/v1/videos/{job['id']}/stream/init.mp4", timeout=20).content
     pieces = [httpx.get(f"{url}/v1/videos/{job['id']}/stream/{k}.m4s", timeout=20) for k in range(3)]
     assert all(p.status_code == 200 for p in pieces) and init + b"".join(p.content for p in pieces) == live
