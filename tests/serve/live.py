@@ -27,12 +27,15 @@ FRAMES = 8  # frames of each fake video
 
 
 @contextlib.contextmanager
-def running_server(root: Path, ck: Path, *args: str) -> Iterator[tuple[str, Path, subprocess.Popen]]:
-    """(url, data_dir, process) of a server on the tiny config; stopped (and checked) on exit."""
-    write_tiny_config(root / "config.json", ck)
+def running_server(
+    root: Path, ck: Path, *args: str, worker: bool = False, **runtime: object
+) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """(url, data_dir, process) of a server on the tiny config (``runtime`` overrides; ``worker``:
+    with the real worker, else ``--no_worker``); its console goes to ``root/server.log``."""
+    write_tiny_config(root / "config.json", ck, **runtime)
     data, port, log = root / "data", free_port(), root / "server.log"
     cmd = [sys.executable, "-m", "magi.serve", "--config", str(root / "config.json"), "--data_dir", str(data),
-           "--port", str(port), "--no_worker", *args]  # fmt: skip
+           "--port", str(port), *([] if worker else ["--no_worker"]), *args]  # fmt: skip
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(ck / "special_tokens.npz")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)

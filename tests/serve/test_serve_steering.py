@@ -81,3 +81,24 @@ def test_steering_is_answered_shown_and_announced(served) -> None:
     lines = log.read_text()
     assert f"magi serve: job {job['id']} queued: t2v, 96 frames" in lines
     assert f"magi serve: job {job['id']} steered: edit {late['edit_id']} from chunk {window} (chunks 1..3" in lines
+
+
+def test_the_console_has_a_line_per_job_event(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with running_server(tmp_path, tiny_checkpoint, worker=True, num_steps=4, window_size=4) as (url, _, _):
+        job = httpx.post(url + "/v1/videos", json={"prompts": ["a fox", "a cat"], "num_frames": 48}, timeout=20).json()
+        r = httpx.post(f"{url}/v1/videos/{job['id']}/prompt", json={"from_chunk": 1, "prompt": "a hare"}, timeout=20)
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 240
+        while httpx.get(f"{url}/v1/videos/{job['id']}", timeout=20).json()["status"] != "completed":
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        done = httpx.get(f"{url}/v1/videos/{job['id']}", timeout=20).json()
+    lines = [line for line in (tmp_path / "server.log").read_text().splitlines() if job["id"] in line]
+    events = [line.split(job["id"], 1)[1].split(":")[0].split("(")[0].strip() for line in lines]
+    assert sorted(events) == ["chunk 0", "chunk 1", "ended", "queued", "started", "steered"], lines
+    assert events[0] == "queued" and events[-1] == "ended" and events.index("chunk 0") < events.index("chunk 1")
+    assert lines[-1].endswith("ended: completed")
+    assert [(s["prompt"], s["from_chunk"], s["to_chunk"]) for s in done["prompt_timeline"]] == [
+        ("a fox", 0, 0),
+        ("a hare", 1, 1),
+    ]
