@@ -159,6 +159,9 @@ function render(job) {
     item.textContent = `chunks ${span.from_chunk}–${to}: ${span.prompt}${by}`;
     return item;
   }));
+  if (job.status !== "queued" && $("message").textContent === `queued ${job.id}`) {
+    showMessage(`${job.status.replace("_", " ")} ${job.id}`); // not "queued" once it runs
+  }
   if (job.error) showMessage(`failed: ${job.error.message}`, true);
   const running = !ENDED.includes(job.status);
   $("steer").disabled = !running;
