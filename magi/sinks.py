@@ -24,7 +24,16 @@ from pathlib import Path
 
 import torch
 
-from magi.media.mp4 import Mp4Writer, VideoWriteError, append_mp4, join_mp4
+from magi.media.mp4 import (
+    Mp4Writer,
+    VideoWriteError,
+    append_mp4,
+    cmaf_timescale,
+    fragment_frames,
+    join_mp4,
+    retime_fmp4,
+    split_fmp4,
+)
 from magi.output import check_output_type, convert_frames
 from magi.request import whole_number
 from magi.results import GenerationResult, VideoChunk
@@ -156,10 +165,14 @@ class Outputs:
 class SegmentSink:
     """Each generated chunk (with frames) as its own mp4 in ``folder``: 00000.mp4, 00001.mp4, ...
 
-    A segment is a complete fragmented mp4 (libx264, yuv420p; its own init segment; timestamps
-    from 0) of one chunk's frames, written to a hidden temporary file and renamed, so a kill
-    leaves only whole segments. Played in order with MediaSource in "sequence" mode, or joined
-    by ``join_mp4`` into one file, they are the video.
+    A segment is a complete fragmented mp4 (libx264, yuv420p, no B-frames) of one chunk's
+    frames, written to a hidden temporary file and renamed, so a kill leaves only whole
+    segments. The segments are one CMAF stream: every segment's init (ftyp + moov) is the same,
+    and its fragments are retimed (``retime_fmp4``) to start where the segment before ended,
+    numbered on from its fragments. So segment 0 whole followed by the fragments (moof + mdat)
+    of 1, 2, ... is one valid mp4 of every frame with increasing timestamps, what a MediaSource
+    plays without "sequence" mode and HLS serves as fMP4 segments; ``join_mp4`` remuxes it into
+    the video. A resumed run (``keep``) goes on from the kept segments' end.
 
     Args:
         folder: the segment folder (created when missing; its parent must exist).
@@ -180,6 +193,12 @@ class SegmentSink:
             if m and int(m.group(1)) >= keep:
                 f.unlink()
         self.next = len(self.paths())
+        self._ticks = cmaf_timescale(fps)[1]
+        self.frames_done, self.fragments_done = 0, 0  # over the segments kept: where the timeline goes on
+        for path in self.paths():
+            for fragment in split_fmp4(path.read_bytes())[1]:
+                self.frames_done += fragment_frames(fragment)
+                self.fragments_done += 1
         if self.next < keep:
             logger.warning("%s holds %d of the earlier %d segments; the joined video will lack the missing ones",
                            self.folder, self.next, keep)  # fmt: skip
@@ -197,11 +216,27 @@ class SegmentSink:
     def add(self, chunk: VideoChunk) -> None:
         if not len(chunk.frames):
             return
+        encoded = self.folder / f".{self.next:05d}.encoded.mp4"
         try:
-            with Mp4Writer(self.path(self.next), self.fps, fragmented=True) as writer:
+            with Mp4Writer(encoded, self.fps, fragmented=True) as writer:
                 writer.append(chunk.frames)
+            init, fragments = split_fmp4(encoded.read_bytes())
         except RuntimeError as err:
             raise VideoWriteError(str(err)) from None
+        finally:
+            encoded.unlink(missing_ok=True)
+        retimed, frames = [], self.frames_done
+        for i, fragment in enumerate(fragments):
+            retimed.append(retime_fmp4(fragment, frames * self._ticks, self.fragments_done + i + 1))
+            frames += fragment_frames(fragment)
+        temp = self.folder / f".{self.next:05d}.retimed.mp4"
+        try:
+            temp.write_bytes(init + b"".join(retimed))
+            os.replace(temp, self.path(self.next))
+        except OSError as err:
+            temp.unlink(missing_ok=True)
+            raise VideoWriteError(f"cannot write segment {self.path(self.next)}: {err}") from None
+        self.frames_done, self.fragments_done = frames, self.fragments_done + len(fragments)
         self.next += 1
 
 

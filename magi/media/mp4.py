@@ -53,7 +53,9 @@ class Mp4Writer:
         fps: frame rate of the output (the runtime fps).
         keep_partial: on an exception inside ``with``, keep what was appended.
         fragmented: write a fragmented mp4 (an init segment, then a fragment per keyframe),
-            which MediaSource plays as it arrives; same frames.
+            which MediaSource plays as it arrives; same frames. No B-frames and the track
+            timescale of ``cmaf_timescale``, so segments retimed by ``retime_fmp4`` join into one
+            CMAF stream (one init, continuous fragments).
     """
 
     def __init__(self, path: str | Path, fps: float, *, keep_partial: bool = False,
@@ -94,8 +96,10 @@ class Mp4Writer:
                "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an",
                "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error", "-f", "mp4",
                str(self.tmp_path)]
-        if self.fragmented:
-            cmd[-3:-3] = ["-movflags", "+frag_keyframe+empty_moov+default_base_moof"]
+        if self.fragmented:  # CMAF-ready: no B-frames, a timescale where every frame lasts whole ticks
+            timescale, _ = cmaf_timescale(self.fps)
+            cmd[-3:-3] = ["-bf", "0", "-video_track_timescale", str(timescale),
+                          "-movflags", "+frag_keyframe+empty_moov+default_base_moof"]  # fmt: skip
         self._log = tempfile.TemporaryFile()
         # own session: Ctrl-C reaches only Python, so keep_partial can still finalise the mp4
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -290,17 +294,24 @@ def _ffmpeg_cause(log: str, status: int | None) -> str:
 def join_mp4(parts: list[Path], out: Path) -> None:
     """out := parts concatenated by stream copy (no re-encode), replaced atomically.
 
-    ``out`` may be one of the parts (append in place). Raises VideoWriteError when ffmpeg fails.
+    ``out`` may be one of the parts (append in place). Parts that are one CMAF stream (segments
+    of a ``SegmentSink``: one init, continuous fragments) are remuxed as that stream, so the
+    file holds the very fragments a live client was sent. Raises VideoWriteError when ffmpeg fails.
     """
     out = Path(out)
     tag = f"{os.getpid()}-{os.urandom(4).hex()}"
     listing = out.parent / f".{out.name[:150]}.magi-join-{tag}.txt"
     joined = out.parent / f".{out.name[:150]}.magi-join-{tag}.mp4"
-    listing.write_text("".join(f"file '{_concat_quote(p.resolve())}'\n" for p in parts))
+    stream = _cmaf_stream(parts)
+    if stream is not None:
+        listing.write_bytes(stream)
+        source = ["-f", "mp4", "-i", str(listing)]
+    else:
+        listing.write_text("".join(f"file '{_concat_quote(p.resolve())}'\n" for p in parts))
+        source = ["-f", "concat", "-safe", "0", "-i", str(listing)]
     try:
-        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "concat",
-                               "-safe", "0", "-i", str(listing), "-c", "copy", "-f", "mp4", str(joined)],
-                              capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *source, "-c", "copy",
+                               "-f", "mp4", str(joined)], capture_output=True, text=True)  # fmt: skip
         if done.returncode != 0:
             why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
             raise VideoWriteError(f"ffmpeg could not join {len(parts)} parts into {out}: {why}")
@@ -321,3 +332,103 @@ def append_mp4(earlier: Path, part: Path) -> None:
         join_mp4([earlier, part], earlier)
     finally:
         part.unlink(missing_ok=True)
+
+
+# ---- CMAF: one init segment, continuous fragments ---------------------------------------------
+def cmaf_timescale(fps: float) -> tuple[int, int]:
+    """(track timescale, ticks per frame) for ``fps``: every frame lasts a whole number of ticks."""
+    rate = Fraction(fps).limit_denominator(1001)
+    return 1000 * rate.numerator, 1000 * rate.denominator
+
+
+def _boxes(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[str, int, int]]:
+    """(type, offset, size) of the boxes in ``data[start:end]``; ValueError for a cut or bad box."""
+    end, found, at = len(data) if end is None else end, [], start
+    while at < end:
+        if at + 8 > end:
+            raise ValueError(f"mp4 box header cut at byte {at}")
+        size, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8].decode("latin-1")
+        if size == 1:
+            size = int.from_bytes(data[at + 8:at + 16], "big")
+        if size < 8 or at + size > end:
+            raise ValueError(f"mp4 box {kind!r} at byte {at} has a bad size {size}")
+        found.append((kind, at, size))
+        at += size
+    return found
+
+
+def split_fmp4(data: bytes) -> tuple[bytes, list[bytes]]:
+    """A fragmented mp4 as (init = ftyp + moov, [moof + mdat, ...]); other boxes (mfra) dropped."""
+    boxes = _boxes(data)
+    init = b"".join(data[o:o + n] for kind, o, n in boxes if kind in ("ftyp", "moov"))
+    if not any(kind == "moov" for kind, _, _ in boxes):
+        raise ValueError("not a fragmented mp4: no moov box")
+    fragments, current = [], b""
+    for kind, o, n in boxes:
+        if kind == "moof":
+            current = data[o:o + n]
+        elif kind == "mdat" and current:
+            fragments.append(current + data[o:o + n])
+            current = b""
+    return init, fragments
+
+
+def _child(data: bytes, box: tuple[str, int, int], kind: str, header: int = 8) -> tuple[str, int, int]:
+    for found in _boxes(data, box[1] + header, box[1] + box[2]):
+        if found[0] == kind:
+            return found
+    raise ValueError(f"mp4 box {box[0]!r} has no {kind!r}")
+
+
+def fragment_frames(fragment: bytes) -> int:
+    """The samples (frames) in one moof + mdat: the sum of its trun sample counts."""
+    moof = _boxes(fragment)[0]
+    traf = _child(fragment, moof, "traf")
+    return sum(int.from_bytes(fragment[o + 12:o + 16], "big")
+               for kind, o, _ in _boxes(fragment, traf[1] + 8, traf[1] + traf[2]) if kind == "trun")  # fmt: skip
+
+
+def retime_fmp4(fragment: bytes, decode_time: int, sequence: int) -> bytes:
+    """``fragment`` (moof + mdat) starting at ``decode_time`` ticks, numbered ``sequence``.
+
+    Rewrites the moof's mfhd sequence number and its traf's tfdt (written as version 1, 64 bits),
+    so fragments of separately encoded segments play as one timeline.
+    """
+    out = bytearray(fragment)
+    moof = _boxes(fragment)[0]
+    _, mfhd, _ = _child(fragment, moof, "mfhd")
+    out[mfhd + 12:mfhd + 16] = sequence.to_bytes(4, "big")
+    traf = _child(fragment, moof, "traf")
+    _, tfdt, size = _child(fragment, traf, "tfdt")
+    if fragment[tfdt + 8] == 1:
+        out[tfdt + 12:tfdt + 20] = decode_time.to_bytes(8, "big")
+        return bytes(out)
+    # version 0 (32 bits): grow the box to version 1, and every size and offset around it by 4
+    new_tfdt = (20).to_bytes(4, "big") + b"tfdt" + b"\x01\x00\x00\x00" + decode_time.to_bytes(8, "big")
+    out[tfdt:tfdt + size] = new_tfdt
+    for start in (moof[1], traf[1]):
+        out[start:start + 4] = (int.from_bytes(out[start:start + 4], "big") + 4).to_bytes(4, "big")
+    return _shift_trun_offsets(bytes(out), 4)
+
+
+def _shift_trun_offsets(fragment: bytes, by: int) -> bytes:
+    """trun data offsets (relative to the moof with default-base-is-moof) moved by ``by`` bytes."""
+    out = bytearray(fragment)
+    moof = _boxes(fragment)[0]
+    traf = _child(fragment, moof, "traf")
+    for kind, o, _ in _boxes(fragment, traf[1] + 8, traf[1] + traf[2]):
+        if kind == "trun" and int.from_bytes(fragment[o + 9:o + 12], "big") & 0x1:
+            offset = int.from_bytes(fragment[o + 16:o + 20], "big", signed=True) + by
+            out[o + 16:o + 20] = offset.to_bytes(4, "big", signed=True)
+    return bytes(out)
+
+
+def _cmaf_stream(parts: list[Path]) -> bytes | None:
+    """init + every fragment when ``parts`` are segments of one CMAF stream, else None."""
+    try:
+        pieces = [split_fmp4(Path(p).read_bytes()) for p in parts]
+    except (OSError, ValueError):
+        return None
+    if not pieces or any(init != pieces[0][0] or not frags for init, frags in pieces):
+        return None
+    return pieces[0][0] + b"".join(f for _, frags in pieces for f in frags)

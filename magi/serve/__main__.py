@@ -11,6 +11,7 @@ job's state; the job resumes at the next start) and up to 30 s to exit.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -147,6 +148,16 @@ def _serve(app: object, args: argparse.Namespace) -> None:
     Server(config).run()  # returns once the server has stopped
 
 
+def _console_log() -> None:
+    """One line per job event (queued, steered, ...) of the ``magi.serve`` logger on stderr."""
+    log = logging.getLogger("magi.serve")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("magi serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m magi.serve``; returns the exit status.
 
@@ -159,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    _console_log()
     from magi.serve.app import create_app
 
     try:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from magi.config import load_config
 from magi.serve.protocol import (
@@ -62,6 +64,7 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
     _install_error_handlers(app)
     app.include_router(router)
     app.include_router(realtime_router)  # WS /v1/realtime/video (checks the API key itself)
+    app.add_middleware(HeadAsGet)
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
@@ -78,7 +81,7 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
         return error_response(err.status, err.code, err.message, err.param, headers)
 
     @app.exception_handler(RequestValidationError)
@@ -91,3 +94,25 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         return error_response(err.status_code, code, str(err.detail))
+
+
+class HeadAsGet:
+    """HEAD on any GET route answers as GET does (status, headers, Content-Length), without the body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async with anyio.create_task_group() as group:  # a stream (/events) is stopped once headers are out
+
+            async def headers_only(message: Message) -> None:
+                if message["type"] == "http.response.body":
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    group.cancel_scope.cancel()
+                    return
+                await send(message)
+
+            await self.app({**scope, "method": "GET"}, receive, headers_only)

@@ -1,5 +1,6 @@
 """Files in and out of the HTTP side: uploads (staged, size-limited, decoded once), byte ranges of a
-finished video, and the segments of a job followed as the worker writes them.
+finished video, the segments of a job followed as the worker writes them (one CMAF stream: an
+init and continuous fragments; a live HLS playlist over them), and thumbnails.
 
 Live routes follow the store and the files by polling (``POLL_S``), so they survive a worker
 restart and see a resumed job's segments as any others.
@@ -8,8 +9,10 @@ restart and see a resumed job's segments as any others.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from starlette.responses import FileResponse, MalformedRangeHeader, RangeNotSati
 from starlette.types import Receive, Scope, Send
 
 from magi.config import MagiConfig
+from magi.media.mp4 import fragment_frames, split_fmp4
 from magi.serve.protocol import ApiError, error_response
 from magi.serve.store import JobFiles, JobStore
 
@@ -67,6 +71,25 @@ async def follow_segments(store: JobStore, files: JobFiles, job_id: str, start: 
         await asyncio.sleep(POLL_S)
 
 
+def segment_pieces(path: Path) -> tuple[bytes, list[bytes]]:
+    """A segment's init (ftyp + moov) and fragments (moof + mdat), as ``SegmentSink`` retimed them."""
+    return split_fmp4(path.read_bytes())
+
+
+def hls_playlist(files: JobFiles, fps: float, ended: bool) -> str:
+    """A live HLS (fMP4) playlist over the segments written so far; ``#EXT-X-ENDLIST`` once ended."""
+    lengths = [sum(fragment_frames(f) for f in segment_pieces(p)[1]) / fps for p in files.segments()]
+    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{math.ceil(max(lengths, default=1.0))}",
+             "#EXT-X-MEDIA-SEQUENCE:0", "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-INDEPENDENT-SEGMENTS"]  # fmt: skip
+    if lengths:
+        lines.append('#EXT-X-MAP:URI="stream/init.mp4"')
+    for k, seconds in enumerate(lengths):
+        lines += [f"#EXTINF:{seconds:.6f},", f"stream/{k}.m4s"]
+    if ended:
+        lines.append("#EXT-X-ENDLIST")
+    return "\n".join(lines) + "\n"
+
+
 # ---- uploads --------------------------------------------------------------------------------
 def upload_suffix(filename: str | None, mode: str) -> str:
     """The upload's file extension (lower case) if it looks like one, else .png (i2v) / .mp4 (v2v)."""
@@ -106,3 +129,19 @@ def move_upload(staging: Path, files: JobFiles) -> None:
     files.dir.mkdir(parents=True, exist_ok=True)
     for path in staging.iterdir():
         os.replace(path, files.dir / path.name)
+
+
+# ---- thumbnails -----------------------------------------------------------------------------
+def thumbnail(video: Path, out: Path) -> None:
+    """The first frame of ``video`` as a PNG at ``out`` (written atomically)."""
+    import imageio_ffmpeg
+
+    temp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-i", str(video),
+           "-frames:v", "1", "-f", "image2", "-c:v", "png", str(temp)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+    if done.returncode != 0 or not temp.is_file():
+        temp.unlink(missing_ok=True)
+        cause = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no frame"]
+        raise ApiError(500, "thumbnail_failed", f"cannot read the video's first frame: {cause[0][:120]}")
+    os.replace(temp, out)

@@ -2,15 +2,17 @@
 
 Request bodies are pydantic models whose validators call ``magi.request`` (the rules the CLI and
 the library use), resolved against the served config: ``parse(VideoCreate, fields, served)``
-returns the typed request or raises ``ApiError`` (400, the field in ``param``). Form fields
-arrive as text, so whole numbers and numbers may be given as strings here.
+returns the typed request or raises ``ApiError`` (400, the field in ``param``). Unknown fields
+are refused (``extra="forbid"``), never ignored. Form fields arrive as text, so whole numbers and
+numbers may be given as strings here. ``/openapi.json`` documents the same models
+(``request_schema``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi.responses import JSONResponse
 from pydantic import (
@@ -20,6 +22,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -45,6 +48,7 @@ MAX_PIXELS = 1280 * 720
 MAX_QUEUED = 32
 MAX_UPLOAD_BYTES = 100 * 2**20
 MAX_JSON_BYTES = 1 * 2**20  # a JSON body (prompts) above this is refused with 413
+MAX_CHUNK_INDEX = 2**31 - 1  # from_chunk above this is out of range whatever the video
 UPLOAD_PARAMS = {"image": "i2v", "prefix_video": "v2v"}  # the upload's field -> the mode it implies
 
 
@@ -52,9 +56,11 @@ UPLOAD_PARAMS = {"image": "i2v", "prefix_video": "v2v"}  # the upload's field ->
 class ApiError(Exception):
     """A request error: HTTP status, a code, one line and the field it is about."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers
 
 
 def bad(param: str | None, message: str) -> ApiError:
@@ -63,21 +69,30 @@ def bad(param: str | None, message: str) -> ApiError:
 
 
 class ErrorInfo(BaseModel):
-    code: str
     message: str
+    type: str  # OpenAI's error class: invalid_request_error, authentication_error, ...
     param: str | None = None
+    code: str
 
 
 class ErrorBody(BaseModel):
-    """Every error's JSON: ``{"error": {"code", "message", "param"}}``."""
+    """Every error's JSON, OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
     error: ErrorInfo
+
+
+def error_type(status: int) -> str:
+    """OpenAI's ``error.type`` for an HTTP status."""
+    if status >= 500:
+        return "server_error"
+    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+            429: "rate_limit_error"}.get(status, "invalid_request_error")  # fmt: skip
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
     line = " ".join(str(message).split())  # one line, always
-    body = ErrorBody(error=ErrorInfo(code=code, message=line, param=param))
+    body = ErrorBody(error=ErrorInfo(message=line, type=error_type(status), param=param, code=code))
     return JSONResponse(body.model_dump(), status, headers=headers)
 
 
@@ -115,6 +130,9 @@ def parse(model: type[M], fields: dict, served: Served, **context: Any) -> M:
         param = str(loc[-1]) if loc else None
         if isinstance(cause, RequestError):
             raise bad(cause.param or param, str(cause)) from None
+        if first.get("type") == "extra_forbidden":
+            known = ", ".join(n for n in model.model_fields)
+            raise bad(param, f"unknown field {param!r}; the fields are: {known}") from None
         raise bad(param, f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "")) from None
 
 
@@ -152,7 +170,7 @@ def _http_number(name: str, value: object) -> float:
 class _Video(BaseModel):
     """The fields POST /v1/videos and POST /v1/videos/{id}/extend share: prompts, length, seed."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     prompt: str | list[str] | None = None  # a form repeats the field for several prompts
     prompts: list[str] | None = None
@@ -250,7 +268,8 @@ class VideoCreate(_Video):
 
     model: str | None = None  # accepted and ignored: the server runs one model
     mode: str | None = None
-    size: tuple[int, int] | None = None
+    size: Annotated[tuple[int, int], WithJsonSchema({"type": "string", "pattern": "^[0-9]+x[0-9]+$",
+                                                      "description": "WIDTHxHEIGHT, e.g. 256x256"})] | None = None
 
     @field_validator("model", mode="before")
     @classmethod
@@ -292,7 +311,8 @@ class VideoCreate(_Video):
 
 
 class VideoExtend(_Video):
-    """POST /v1/videos/{id}/extend; context: ``parent``, the completed job (its size; its seed by default)."""
+    """POST /v1/videos/{id}/extend (and /remix); context: ``parent``, the completed job (its size;
+    its seed by default), ``default_frames`` (remix: the parent's length; extend: none, required)."""
 
     _size: tuple[int, int] = PrivateAttr((0, 0))
 
@@ -301,7 +321,7 @@ class VideoExtend(_Video):
         served, parent = _served(info), info.context["parent"]
         self._size = (parent.params["size"][0], parent.params["size"][1])
         self._resolve_prompts()
-        self._resolve_frames(served, None)
+        self._resolve_frames(served, info.context.get("default_frames"))
         self.seed = parent.params["seed"] if self.seed is None else self.seed
         self._check_run(served, "extend", self.size)
         return self
@@ -315,7 +335,7 @@ class VideoExtend(_Video):
 class PromptEdit(BaseModel):
     """POST /v1/videos/{id}/prompt; context: ``chunks``, the job's chunk count (None: not known yet)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"required": ["from_chunk", "prompt"]})
 
     from_chunk: int = Field(None, validate_default=True)  # missing: the validator's error, as for a bad one
     prompt: str = Field(None, validate_default=True)
@@ -325,7 +345,10 @@ class PromptEdit(BaseModel):
     def _from_chunk(cls, value: object, info: ValidationInfo) -> object:
         if value is None:
             raise RequestError("from_chunk is required (the first chunk the new prompt applies to)", "from_chunk")
-        return check_from_chunk(http_int("from_chunk", value), info.context.get("chunks"))
+        chunk = http_int("from_chunk", value)
+        if not 0 <= chunk <= MAX_CHUNK_INDEX:
+            raise RequestError(f"from_chunk {chunk} is out of range; give a chunk index 0 .. the video's last", "from_chunk")
+        return check_from_chunk(chunk, info.context.get("chunks"))
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -333,11 +356,57 @@ class PromptEdit(BaseModel):
         return check_text(value, "prompt")
 
 
+def planned_chunks(served: Served, params: dict) -> int | None:
+    """The chunks a queued t2v / i2v job will generate (None for v2v and extend: the prefix decides)."""
+    if params["mode"] not in ("t2v", "i2v"):
+        return None
+    cfg, (width, height) = served.config, params["size"]
+    runtime = dataclasses.replace(cfg.runtime, num_frames=params["num_frames"], video_size_w=width,
+                                  video_size_h=height, seed=params["seed"])  # fmt: skip
+    run_cfg = cfg.replace(runtime=runtime)
+    bound = budget.prefix_frames_upper_bound(run_cfg, params["mode"], "magi")
+    return budget.check_request(run_cfg, params["mode"], params["num_frames"], bound, compat="magi").generated_chunks
+
+
+def request_schema(model: type[BaseModel], *, form: bool = False) -> dict:
+    """The OpenAPI ``requestBody`` of a route that reads ``model`` (JSON; with ``form``, multipart too)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    content = {"application/json": {"schema": schema}}
+    if form:
+        upload = {"type": "string", "format": "binary"}
+        props = {**schema["properties"], "input_reference": upload, "image": upload, "prefix_video": upload}
+        content["multipart/form-data"] = {"schema": {**schema, "properties": props}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 # ---- the video object -----------------------------------------------------------------------
 class Timings(BaseModel):
     queue_wait_s: float | None
     time_to_first_chunk_s: float | None
     seconds_per_chunk: float | None
+
+
+class PromptSpan(BaseModel):
+    """One prompt of the timeline: the chunks it covers (``to_chunk`` None: to the end, not known
+    yet) and the steering edit that set it (None: the request's own prompts)."""
+
+    prompt: str
+    from_chunk: int
+    to_chunk: int | None
+    edit_id: int | None
+
+
+def prompt_timeline(prompts: list[str], edits: list[Any], chunks: int | None) -> list[PromptSpan]:
+    """The prompts over the chunks: entry i of ``prompts`` from chunk i (the last to the end), then
+    each edit (``from_chunk``, ``prompt``, ``id``; oldest first) from its chunk on."""
+    spans: list[tuple[int, str, int | None]] = [(i, text, None) for i, text in enumerate(prompts)]
+    for edit in edits:
+        spans = [span for span in spans if span[0] < edit.from_chunk] + [(edit.from_chunk, edit.prompt, edit.id)]
+    if chunks is not None:
+        spans = [span for span in spans if span[0] < chunks] or spans[:1]
+    ends = [start - 1 for start, _, _ in spans[1:]] + [None if chunks is None else chunks - 1]
+    return [PromptSpan(prompt=text, from_chunk=start, to_chunk=end, edit_id=eid)
+            for (start, text, eid), end in zip(spans, ends, strict=True)]  # fmt: skip
 
 
 class JobError(BaseModel):
@@ -355,6 +424,7 @@ class Video(BaseModel):
     mode: str
     prompt: str
     prompts: list[str]
+    prompt_timeline: list[PromptSpan]
     seed: int
     num_frames: int
     size: str
@@ -370,20 +440,27 @@ class Video(BaseModel):
     segments: int
     queue_position: int | None
     parent_id: str | None
+    remixed_from_video_id: str | None
+    expires_at: int | None = None
     timings: Timings
     error: JobError | None
 
     @classmethod
-    def of(cls, job: Job, *, model: str, fps: float, segments: int, queue_position: int | None) -> Video:
+    def of(cls, job: Job, *, model: str, fps: float, segments: int, queue_position: int | None,
+           edits: list[Any] = (), chunks_total: int | None = None) -> Video:  # fmt: skip
+        """``chunks_total``: the planned chunks while the job has not reported its own."""
         p = job.params
         done = job.finished_at is not None and job.ended
+        total = job.chunks_total if job.chunks_total is not None else chunks_total
         return cls(
             id=job.id, model=model, status=job.status, mode=p["mode"], prompt=p["prompts"][0], prompts=p["prompts"],
+            prompt_timeline=prompt_timeline(p["prompts"], list(edits), total),
             seed=p["seed"], num_frames=p["num_frames"], size=f"{p['size'][0]}x{p['size'][1]}",
             seconds=f"{p['num_frames'] / fps:g}", created_at=int(job.created_at),
             completed_at=int(job.finished_at) if done else None, progress=_progress(job),
-            chunks_done=job.chunks_done, chunks_total=job.chunks_total, step=job.step, steps_total=job.steps_total,
+            chunks_done=job.chunks_done, chunks_total=total, step=job.step, steps_total=job.steps_total,
             frames_done=job.frames_done, segments=segments, queue_position=queue_position, parent_id=job.parent_id,
+            remixed_from_video_id=job.parent_id,
             timings=_timings(job), error=JobError(code="generation_failed", message=job.error) if job.error else None,
         )  # fmt: skip
 

@@ -1,6 +1,8 @@
-"""The routes of ``magi serve``: ``/health`` and ``/v1/videos`` (create, list, get, content,
-stream, segment, events, prompt, cancel, extend), over the ``Service`` that ``create_app`` keeps
-in ``app.state.service``. Every route needs the API key when one is set.
+"""The routes of ``magi serve``: ``/health`` and ``/v1/videos`` (create, list, get, delete,
+content, stream, segment, events, prompt, cancel, extend, remix), over the ``Service`` that
+``create_app`` keeps in ``app.state.service``. Every route needs the API key when one is set.
+Bodies are read by hand (size limits, forms) and validated by the models of
+``magi.serve.protocol``, which ``openapi_extra`` documents in /openapi.json.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ import asyncio
 import dataclasses
 import hmac
 import json
+import logging
 import os
 import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -28,7 +31,10 @@ from magi.serve.media import (
     check_upload,
     copy_limited,
     follow_segments,
+    hls_playlist,
     move_upload,
+    segment_pieces,
+    thumbnail,
     upload_suffix,
 )
 from magi.serve.protocol import (
@@ -41,11 +47,15 @@ from magi.serve.protocol import (
     VideoExtend,
     bad,
     parse,
+    planned_chunks,
+    request_schema,
 )
 from magi.serve.store import Job, JobFiles, JobStore, QueueFull, new_id
 
 _UPLOAD_FIELDS = {"image": "image", "input_reference": "image", "prefix_video": "prefix_video"}  # -> its param
 _FORM_SLACK = 64 * 2**10  # multipart boundaries and the small text fields around the file
+logger = logging.getLogger("magi.serve")
+RETRY_AFTER_S = 10  # a full queue's 429 asks the client to come back after this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +76,11 @@ class Service:
 
     def video(self, job: Job) -> dict[str, Any]:
         """The job as the API shows it."""
+        planned = None if job.chunks_total is not None else planned_chunks(self.served, job.params)
         return Video.of(job, model=self.model, fps=self.served.config.runtime.fps,
                         segments=len(self.files(job.id).segments()),
                         queue_position=self.store.queue_position(job.id) if job.status == "queued" else None,
-                        ).model_dump()  # fmt: skip
+                        edits=self.store.edits(job.id), chunks_total=planned).model_dump()  # fmt: skip
 
     def files(self, job_id: str) -> JobFiles:
         return JobFiles(self.data_dir, job_id)
@@ -176,7 +187,7 @@ async def health(svc: Svc) -> dict:
     return {"status": "ok", "worker": worker if isinstance(worker, dict) else {"status": "starting"}}
 
 
-@router.post("/v1/videos")
+@router.post("/v1/videos", openapi_extra=request_schema(VideoCreate, form=True))
 async def create(request: Request, svc: Svc) -> dict:
     staging = svc.data_dir / "uploads" / secrets.token_hex(8)
     try:
@@ -193,6 +204,7 @@ async def create(request: Request, svc: Svc) -> dict:
             move_upload(staging, svc.files(job_id))
         params = req.params(req.mode, req.size, upload[1].name if upload else None)
         job = _queue(svc, params, job_id=job_id)
+        logger.info("job %s queued: %s, %d frames, %s", job.id, req.mode, req.num_frames, params["size"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return svc.video(job)
@@ -213,17 +225,21 @@ def _queue(svc: Service, params: dict, *, job_id: str | None = None, parent_id: 
     except QueueFull as err:
         if job_id is not None:
             shutil.rmtree(svc.files(job_id).dir, ignore_errors=True)
-        raise ApiError(429, "queue_full", str(err)) from None
+        raise ApiError(429, "queue_full", str(err), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
 
 @router.get("/v1/videos")
-async def list_videos(svc: Svc, limit: int = 20, after: str | None = None) -> dict:
+async def list_videos(svc: Svc, limit: int = 20, after: str | None = None,
+                      order: Literal["asc", "desc"] = "desc") -> dict:  # fmt: skip
+    """A page of jobs (newest first by default); ``last_id`` is the next page's ``after``."""
     if not 1 <= limit <= 100:
         raise bad("limit", f"limit must be 1..100, got {limit}")
     if after is not None:
         svc.job(after)
-    jobs = svc.store.list(limit + 1, after)
-    return {"object": "list", "data": [svc.video(j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+    jobs = svc.store.list(limit + 1, after, order)
+    page = [svc.video(j) for j in jobs[:limit]]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(jobs) > limit}  # fmt: skip
 
 
 @router.get("/v1/videos/{job_id}")
@@ -231,25 +247,76 @@ async def retrieve(job_id: str, svc: Svc) -> dict:
     return svc.video(svc.job(job_id))
 
 
+@router.delete("/v1/videos/{job_id}")
+async def delete(job_id: str, svc: Svc) -> dict:
+    """Remove an ended job, its edits and its files (a queued or running one: cancel it first)."""
+    job = svc.job(job_id)
+    if not job.ended:
+        raise ApiError(409, "job_running", f"video {job_id} is {job.status}; cancel it first, then delete it")
+    if any(not j.ended and j.parent_id == job_id for j in svc.store.list(1000)):
+        raise ApiError(409, "job_in_use", f"a queued or running job extends video {job_id}; delete it afterwards")
+    svc.store.delete(job_id)
+    await run_in_threadpool(shutil.rmtree, svc.files(job_id).dir, True)
+    return {"id": job_id, "object": "video.deleted", "deleted": True}
+
+
 @router.get("/v1/videos/{job_id}/content")
-async def content(job_id: str, svc: Svc) -> Response:
+async def content(job_id: str, svc: Svc, variant: Literal["video", "thumbnail"] = Query("video")) -> Response:
+    """The finished mp4 (Range requests answered), or ``variant=thumbnail``: its first frame, a PNG."""
     job = svc.job(job_id)
     path = svc.files(job_id).video
     if not path.is_file():
         raise ApiError(409, "not_ready", f"video {job_id} has no mp4 yet (status {job.status}); "
                                          "it is written when the job completes or is cancelled")  # fmt: skip
+    if variant == "thumbnail":
+        image = svc.files(job_id).dir / "thumbnail.png"
+        if not image.is_file():
+            await run_in_threadpool(thumbnail, path, image)
+        return FileResponse(image, media_type="image/png")
     return RangedFile(path, media_type="video/mp4")
 
 
 @router.get("/v1/videos/{job_id}/stream")
 async def stream(job_id: str, svc: Svc) -> StreamingResponse:
+    """The live video as one fragmented mp4: segment 0 whole, then each later segment's fragments."""
     svc.job(job_id)
 
     async def body() -> AsyncIterator[bytes]:
-        async for _, path in follow_segments(svc.store, svc.files(job_id), job_id):
-            yield await run_in_threadpool(path.read_bytes)
+        async for k, path in follow_segments(svc.store, svc.files(job_id), job_id):
+            if k == 0:
+                yield await run_in_threadpool(path.read_bytes)
+            else:
+                yield b"".join((await run_in_threadpool(segment_pieces, path))[1])
 
     return StreamingResponse(body(), media_type="video/mp4", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/videos/{job_id}/stream.m3u8")
+async def hls(job_id: str, svc: Svc) -> Response:
+    """A live HLS playlist (fMP4 segments) over the stream's fragments; ends with the job."""
+    job = svc.job(job_id)
+    text = await run_in_threadpool(hls_playlist, svc.files(job_id), svc.served.config.runtime.fps, job.ended)
+    return Response(text, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/videos/{job_id}/stream/init.mp4")
+async def stream_init(job_id: str, svc: Svc) -> Response:
+    """The stream's init segment (ftyp + moov, the same in every segment)."""
+    svc.job(job_id)
+    path = svc.files(job_id).segment(0)
+    if not path.is_file():
+        raise ApiError(404, "not_found", f"video {job_id} has no segment yet; its init comes with the first", "k")
+    return Response((await run_in_threadpool(segment_pieces, path))[0], media_type="video/mp4")
+
+
+@router.get("/v1/videos/{job_id}/stream/{k}.m4s")
+async def fragment(job_id: str, k: int, svc: Svc) -> Response:
+    """Segment k's fragments (moof + mdat), timed on from segment k - 1: append after the init."""
+    svc.job(job_id)
+    path = svc.files(job_id).segment(k) if k >= 0 else None
+    if path is None or not path.is_file():
+        raise ApiError(404, "not_found", f"video {job_id} has no segment {k} (yet)", "k")
+    return Response(b"".join((await run_in_threadpool(segment_pieces, path))[1]), media_type="video/iso.segment")
 
 
 @router.get("/v1/videos/{job_id}/stream/{k}")
@@ -268,12 +335,17 @@ async def events(job_id: str, svc: Svc) -> EventSourceResponse:
 
 
 async def _events(svc: Service, job_id: str) -> AsyncIterator[dict]:
-    """``chunk`` per segment, ``progress`` when the video object changes, ``done`` when it ends."""
-    files, sent, shown = svc.files(job_id), 0, None
+    """``chunk`` per segment, ``steer`` per accepted edit (its prompt cut to 200 characters),
+    ``progress`` when the video object changes, ``done`` when it ends."""
+    files, sent, shown, edit_seen = svc.files(job_id), 0, None, 0
     while True:
         job = svc.store.get(job_id)
         if job is None:  # removed under us
             return
+        for edit in svc.store.edits(job_id, after=edit_seen):
+            edit_seen = edit.id
+            yield {"event": "steer", "data": json.dumps({"edit_id": edit.id, "applies_from": edit.from_chunk,
+                                                         "prompt": edit.prompt[:200]})}  # fmt: skip
         while files.segment(sent).is_file():
             yield {"event": "chunk", "data": json.dumps({"index": sent, "url": f"/v1/videos/{job_id}/stream/{sent}"})}
             sent += 1
@@ -287,14 +359,35 @@ async def _events(svc: Service, job_id: str) -> AsyncIterator[dict]:
         await asyncio.sleep(POLL_S)
 
 
-@router.post("/v1/videos/{job_id}/prompt")
+@router.post("/v1/videos/{job_id}/prompt", openapi_extra=request_schema(PromptEdit))
 async def steer(job_id: str, request: Request, svc: Svc) -> dict:
     job = svc.job(job_id)
-    edit = parse(PromptEdit, await json_body(request), svc.served, chunks=job.chunks_total)
+    chunks = job.chunks_total if job.chunks_total is not None else planned_chunks(svc.served, job.params)
+    edit = parse(PromptEdit, await json_body(request), svc.served, chunks=chunks)
     if job.status not in ("queued", "in_progress"):
         raise ApiError(409, "job_ended", f"video {job_id} is {job.status}; only a queued or running job can be steered")
-    edit_id = svc.store.add_edit(job_id, edit.from_chunk, edit.prompt)
-    return {"id": job_id, "from_chunk": edit.from_chunk, "prompt": edit.prompt, "edit_id": edit_id}
+    applies, moved = _applies_from(svc, job, edit.from_chunk)
+    if chunks is not None and applies >= chunks:
+        raise ApiError(409, "too_late", f"every chunk of video {job_id} has entered the denoising window; "
+                                        "an edit can no longer change it", "from_chunk")  # fmt: skip
+    edit_id = svc.store.add_edit(job_id, applies, edit.prompt)
+    logger.info("job %s steered: edit %d from chunk %d%s", job_id, edit_id, applies, f" ({moved})" if moved else "")
+    return {"object": "video.prompt_edit", "id": job_id, "edit_id": edit_id, "prompt": edit.prompt,
+            "from_chunk": edit.from_chunk, "applies_from": applies, "moved": moved}  # fmt: skip
+
+
+def _applies_from(svc: Service, job: Job, from_chunk: int) -> tuple[int, str | None]:
+    """The chunk an edit takes effect from and why, if later than asked: chunks that entered the
+    denoising window keep their prompt. A running job's window covers at most ``window_size``
+    chunks after those done; the worker moves an edit further only if the window moved on since."""
+    if job.status != "in_progress" or job.step == 0:
+        first = job.chunks_done  # not started yet, or resumed: nothing has entered past the done chunks
+    else:
+        first = job.chunks_done + svc.served.config.runtime.window_size
+    if from_chunk >= first:
+        return from_chunk, None
+    return first, (f"chunks {from_chunk}..{first - 1} are done or in the denoising window; "
+                   f"the edit applies from chunk {first}")  # fmt: skip
 
 
 @router.post("/v1/videos/{job_id}/cancel")
@@ -305,8 +398,19 @@ async def cancel(job_id: str, svc: Svc) -> dict:
     return svc.video(svc.store.request_cancel(job_id))
 
 
-@router.post("/v1/videos/{job_id}/extend")
+@router.post("/v1/videos/{job_id}/extend", openapi_extra=request_schema(VideoExtend))
 async def extend(job_id: str, request: Request, svc: Svc) -> dict:
+    """A new job continuing the completed video ``job_id`` (its saved state) by num_frames more."""
+    return await _continue(job_id, request, svc, remix=False)
+
+
+@router.post("/v1/videos/{job_id}/remix", openapi_extra=request_schema(VideoExtend))
+async def remix(job_id: str, request: Request, svc: Svc) -> dict:
+    """OpenAI's remix: the extend path, the new prompt continuing the video (as long again by default)."""
+    return await _continue(job_id, request, svc, remix=True)
+
+
+async def _continue(job_id: str, request: Request, svc: Service, *, remix: bool) -> dict:
     parent = svc.job(job_id)
     body = await json_body(request)
     if parent.status != "completed":
@@ -314,5 +418,6 @@ async def extend(job_id: str, request: Request, svc: Svc) -> dict:
                                              "video can be extended")  # fmt: skip
     if not svc.files(job_id).state.is_file():
         raise ApiError(409, "no_state", f"video {job_id} has no saved generation state to continue from")
-    req = parse(VideoExtend, body, svc.served, parent=parent)
+    req = parse(VideoExtend, body, svc.served, parent=parent,
+                default_frames=parent.params["num_frames"] if remix else None)  # fmt: skip
     return svc.video(_queue(svc, req.params("extend", req.size), parent_id=job_id))

@@ -158,7 +158,7 @@ class JobStore:
                 self._db.execute("ROLLBACK")
                 raise
         job = self.get(job_id)
-        assert job is not None  # just inserted; jobs are never deleted
+        assert job is not None  # just inserted
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -178,6 +178,12 @@ class JobStore:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [_job(r) for r in rows]
+
+    def delete(self, job_id: str) -> None:
+        """Remove a job and its edits (its files are the caller's)."""
+        with self._lock:
+            self._db.execute("DELETE FROM edits WHERE job_id = ?", (job_id,))
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def next_job(self) -> Job | None:
         """The job the worker runs next: one left in progress (a killed server), else the oldest queued."""

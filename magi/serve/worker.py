@@ -107,6 +107,7 @@ class Worker:
         attempts = job.attempts + 1
         self.store.update(job_id, status="in_progress", attempts=attempts,
                           started_at=job.started_at or time.time())  # fmt: skip
+        _event(f"job {job_id} started" + (f" (attempt {attempts})" if attempts > 1 else ""))
         if job.cancel_requested:
             return self._end(job, files, "cancelled")
         if attempts > MAX_ATTEMPTS:
@@ -176,6 +177,7 @@ class Worker:
             first = self.store.get(job_id).first_chunk_at or now
             self.store.update(job_id, chunks_done=done[0], frames_done=frames[0], first_chunk_at=first,
                               last_chunk_at=now)  # fmt: skip
+            _event(f"job {job_id} chunk {done[0] - 1} ({frames[0]} frames)")
 
         # Edits made while the job waited (or before a restart) apply from the first step;
         # re-applying those a saved state already holds changes nothing.
@@ -252,10 +254,17 @@ class Worker:
         except Exception as err:
             return self._fail(job.id, one_line(err))
         self.store.update(job.id, status=status, finished_at=time.time())
+        _event(f"job {job.id} ended: {status}")
         return None
 
     def _fail(self, job_id: str, message: str) -> None:
         self.store.update(job_id, status="failed", error=message, finished_at=time.time())
+        _event(f"job {job_id} ended: failed")
+
+
+def _event(line: str) -> None:
+    """One line per job event on the server's console (the worker shares its stderr)."""
+    print(f"magi serve: {line}", file=sys.stderr, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:

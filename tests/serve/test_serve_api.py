@@ -25,6 +25,7 @@ pytest.importorskip("uvicorn", reason="magi serve needs the serve extra: pip ins
 pytest.importorskip("multipart", reason="magi serve needs the serve extra: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the API tests use httpx: pip install -e '.[test]'")
 
+from magi.media.mp4 import split_fmp4  # noqa: E402
 from magi.serve.store import JobFiles, JobStore  # noqa: E402
 from magi.video_io import Mp4Writer  # noqa: E402
 from tests.helpers import free_port, write_tiny_config  # noqa: E402
@@ -348,10 +349,11 @@ def test_stream_follows_the_job(server: Server) -> None:
         seg1 = _finish_fake(server, job["id"])
         for piece in chunks:  # ends when the job has ended
             got += piece
-    assert bytes(got) == seg0 + seg1
+    stream = seg0 + b"".join(split_fmp4(seg1)[1])  # one fMP4: segment 0 whole, then the fragments of 1
+    assert bytes(got) == stream
     assert server.client.get(f"/v1/videos/{job['id']}/stream/1").content == seg1
     # an ended job's stream is all of its segments at once
-    assert server.client.get(f"/v1/videos/{job['id']}/stream").content == seg0 + seg1
+    assert server.client.get(f"/v1/videos/{job['id']}/stream").content == stream
 
 
 def _read_events(lines, until: str, out: list) -> None:

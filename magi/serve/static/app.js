@@ -1,6 +1,7 @@
 // The magi serve page: submit a job, play its chunks as they are written, steer it, cancel it.
-// Plain JS, no build step. Segments play through MediaSource in "sequence" mode: each segment is
-// a complete fragmented mp4 whose timestamps start at 0, so the browser lays them end to end.
+// Plain JS, no build step. The video is one CMAF stream: the init segment (stream/init.mp4) is
+// appended once, then each chunk's fragments (stream/{k}.m4s), whose timestamps go on where the
+// chunk before ended, so MediaSource plays them in its default "segments" mode.
 // Progress comes from /v1/videos/{id}/events read with fetch() (EventSource cannot send the
 // Authorization header).
 "use strict";
@@ -70,11 +71,11 @@ class SegmentPlayer {
     this.appended = 0;
     this.finished = false; // the job ended: end the stream once everything is appended
     this.busy = false;
+    this.initAppended = false;
     this.source = new MediaSource();
     this.ready = new Promise((resolve) => {
       this.source.addEventListener("sourceopen", () => {
         this.buffer = this.source.addSourceBuffer(CODEC);
-        this.buffer.mode = "sequence";
         resolve();
       }, { once: true });
     });
@@ -98,8 +99,12 @@ class SegmentPlayer {
     this.busy = true;
     try {
       await this.ready;
+      if (!this.initAppended && this.wanted > 0) {
+        await this.append(await fetchBytes(`/v1/videos/${this.jobId}/stream/init.mp4`));
+        this.initAppended = true;
+      }
       while (this.appended < this.wanted) {
-        const bytes = await fetchBytes(`/v1/videos/${this.jobId}/stream/${this.appended}`);
+        const bytes = await fetchBytes(`/v1/videos/${this.jobId}/stream/${this.appended}.m4s`);
         await this.append(bytes);
         this.appended += 1;
         this.video.play().catch(() => {}); // muted autoplay; ignore a refused play()
@@ -147,6 +152,16 @@ function render(job) {
   const t = job.timings || {};
   $("timings").textContent = `queue wait ${seconds(t.queue_wait_s)} · first chunk after ` +
     `${seconds(t.time_to_first_chunk_s)} · ${seconds(t.seconds_per_chunk)} per chunk`;
+  $("timeline").replaceChildren(...(job.prompt_timeline || []).map((span) => {
+    const item = document.createElement("li");
+    const to = span.to_chunk == null ? "…" : span.to_chunk;
+    const by = span.edit_id == null ? "" : ` (edit ${span.edit_id})`;
+    item.textContent = `chunks ${span.from_chunk}–${to}: ${span.prompt}${by}`;
+    return item;
+  }));
+  if (job.status !== "queued" && $("message").textContent === `queued ${job.id}`) {
+    showMessage(`${job.status.replace("_", " ")} ${job.id}`); // not "queued" once it runs
+  }
   if (job.error) showMessage(`failed: ${job.error.message}`, true);
   const running = !ENDED.includes(job.status);
   $("steer").disabled = !running;
@@ -171,6 +186,7 @@ async function watch(jobId) {
     try {
       await readEvents(`/v1/videos/${jobId}/events`, signal, (name, data) => {
         if (name === "chunk") player.add(data.index);
+        else if (name === "steer") showMessage(`edit ${data.edit_id}: "${data.prompt}" from chunk ${data.applies_from}`);
         else if (name === "progress" || name === "done") { job = data; render(job); }
       });
     } catch (error) {
@@ -232,7 +248,8 @@ async function steer() {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ from_chunk: fromChunk, prompt }),
     });
-    $("steer-result").textContent = `edit ${edit.edit_id} accepted: "${edit.prompt}" from chunk ${edit.from_chunk}`;
+    const moved = edit.moved ? ` (asked for chunk ${edit.from_chunk}: ${edit.moved})` : "";
+    $("steer-result").textContent = `edit ${edit.edit_id} accepted: "${edit.prompt}" from chunk ${edit.applies_from}${moved}`;
     $("steer-result").className = "accepted";
   } catch (error) {
     $("steer-result").textContent = `steer: ${error.message}`;
