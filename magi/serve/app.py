@@ -30,7 +30,7 @@ from magi.serve.protocol import (
 )
 from magi.serve.realtime import router as realtime_router
 from magi.serve.routes import Service, router
-from magi.serve.store import open_store
+from magi.serve.store_pg import open_store
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 _NO_PAGE = ("<!doctype html><title>magi serve</title><p>magi serve is running; the page files "

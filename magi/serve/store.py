@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS edits (
 CREATE INDEX IF NOT EXISTS edits_job ON edits (job_id, id);
 """
 
-_FIELDS = ("status", "started_at", "first_chunk_at", "last_chunk_at", "finished_at", "chunks_done", "chunks_total",
+JOB_FIELDS = ("status", "started_at", "first_chunk_at", "last_chunk_at", "finished_at", "chunks_done", "chunks_total",
            "step", "steps_total", "frames_done", "error", "cancel_requested", "attempts")  # fmt: skip
 
 
@@ -194,7 +194,7 @@ class JobStore:
         return None if row is None else _job(row)
 
     def update(self, job_id: str, **fields: object) -> None:
-        bad = set(fields) - set(_FIELDS)
+        bad = set(fields) - set(JOB_FIELDS)
         if bad:
             raise ValueError(f"unknown job fields {sorted(bad)}")
         if "status" in fields and fields["status"] not in STATUSES:
@@ -244,16 +244,6 @@ def _job(row: sqlite3.Row) -> Job:
     fields["params"] = json.loads(fields["params"])
     fields["cancel_requested"] = bool(fields["cancel_requested"])
     return Job(**fields)
-
-
-def open_store(db: str | Path | None, data_dir: str | Path) -> Any:
-    """The job store ``db`` names: a ``postgresql://`` URL (``PgJobStore``, shared by many workers)
-    or a SQLite file; None: the SQLite file ``{data_dir}/magi.db``."""
-    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
-        from magi.serve.store_pg import PgJobStore
-
-        return PgJobStore(db)
-    return JobStore(Path(db) if db else Path(data_dir) / "magi.db")
 
 
 class JobFiles:

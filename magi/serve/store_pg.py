@@ -16,9 +16,10 @@ import dataclasses
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from magi.serve.store import _FIELDS, STATUSES, Edit, Job, QueueFull, new_id
+from magi.serve.store import JOB_FIELDS, STATUSES, Edit, Job, JobStore, QueueFull, new_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -149,7 +150,7 @@ class PgJobStore:
         return None if row is None else _job(row)
 
     def update(self, job_id: str, **fields: object) -> None:
-        bad = set(fields) - set(_FIELDS)
+        bad = set(fields) - set(JOB_FIELDS)
         if bad:
             raise ValueError(f"unknown job fields {sorted(bad)}")
         if "status" in fields and fields["status"] not in STATUSES:
@@ -219,3 +220,11 @@ def _job(row: dict) -> Job:
     fields["params"] = json.loads(fields["params"])
     fields["cancel_requested"] = bool(fields["cancel_requested"])
     return Job(**fields)
+
+
+def open_store(db: str | Path | None, data_dir: str | Path) -> Any:
+    """The job store ``db`` names: a ``postgresql://`` URL (``PgJobStore``, shared by many workers)
+    or a SQLite file; None: the SQLite file ``{data_dir}/magi.db``."""
+    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
+        return PgJobStore(db)
+    return JobStore(Path(db) if db else Path(data_dir) / "magi.db")

@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One worker per data folder: a new one waits here until an old one (being killed) is gone.
         lock = open(data_dir / "worker.lock", "w")  # noqa: SIM115 - held for the process's life
         fcntl.flock(lock, fcntl.LOCK_EX)
-    from magi.serve.store import open_store
+    from magi.serve.store_pg import open_store
 
     store = open_store(args.db, data_dir)
     write_status(data_dir, status="loading", error=None, model=Path(args.config).stem)

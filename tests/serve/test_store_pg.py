@@ -14,8 +14,8 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL store needs psycopg 3: pip install -e '.[postgres]'")
 
-from magi.serve.store import JobStore, QueueFull, open_store  # noqa: E402
-from magi.serve.store_pg import PgJobStore  # noqa: E402
+from magi.serve.store import JobStore, QueueFull  # noqa: E402
+from magi.serve.store_pg import PgJobStore, open_store  # noqa: E402
 from tests.serve.pg import pg_bin, postgres_server  # noqa: E402
 
 needs_pg = pytest.mark.skipif(pg_bin() is None, reason="no PostgreSQL server binaries (apt-get install postgresql)")
