@@ -19,7 +19,7 @@ import pickle
 import re
 import urllib.parse
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PureWindowsPath
 from types import TracebackType
 
@@ -52,8 +52,22 @@ _DASHES = (
 _BAD_PUNCT = r"[#®•©™&@·º½¾¿¡§~()\[\]{}|\\/*]+"
 _FILE_EXT = r"(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)"
 
-# Steps 5-17: between the HTML strip and the hyphen rule.
-_EARLY_STEPS: tuple[tuple[int, re.Pattern[str], str], ...] = tuple(
+_DOT_FILE_EXT = re.compile(r"\." + _FILE_EXT)
+
+
+def _drop_file_name(word: str) -> str:
+    """Step 14 on one run of non-spaces, in linear time: the official ``\\S+\\.(ext)`` removes
+    the run's start up to its last ``.ext`` that has a character before it (backtracking made that
+    quadratic in the run's length: a 1 MB prompt without spaces took ~45 minutes)."""
+    last = None
+    for last in _DOT_FILE_EXT.finditer(word, 1):
+        pass
+    return word if last is None else word[last.end():]
+
+
+# Steps 5-17: between the HTML strip and the hyphen rule (a replacement is a string or, step 14,
+# a function of the match).
+_EARLY_STEPS: tuple[tuple[int, re.Pattern[str], str | Callable[[re.Match[str]], str]], ...] = tuple(
     (step, re.compile(pattern), repl)
     for step, pattern, repl in (
         (5, r"@[\w\d]+\b", ""),
@@ -69,7 +83,7 @@ _EARLY_STEPS: tuple[tuple[int, re.Pattern[str], str], ...] = tuple(
         (13, r"#\d{1,3}\b", ""),
         (13, r"#\d{5,}\b", ""),
         (13, r"\b\d{6,}\b", ""),
-        (14, r"\S+\." + _FILE_EXT, ""),
+        (14, r"\S+", lambda word: _drop_file_name(word.group())),
         (15, r"[\"']{2,}", '"'),
         (15, r"\.{2,}", " "),
         (16, _BAD_PUNCT, " "),
