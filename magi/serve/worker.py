@@ -121,10 +121,11 @@ class Worker:
             return self._fail(job_id, one_line(err))
         if stopped == "lost":
             return None  # another worker claimed it (our lease ran out) and goes on from the saved state
-        if stopped == "shutdown":
+        if stopped == "shutdown":  # stays in_progress, resumed at the next start; not a failed attempt
+            self.store.update(job_id, attempts=job.attempts)
             if self.lease_s:
                 self.store.release(job_id, self.name)  # another worker may resume it at once
-            return None  # stays in_progress: resumed from its state at the next start
+            return None
         return self._end(job, files, "cancelled" if stopped == "cancel" else "completed")
 
     def _generate(self, job: Job, files: JobFiles) -> str | None:
