@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -79,11 +80,44 @@ def _check(args: argparse.Namespace) -> None:
         check_paths(load_config(args.config))
     except ConfigError as err:
         raise UsageError(str(err)) from None
+    _check_port(args.host, args.port)
     data = Path(args.data_dir)
     try:
         data.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--data_dir {data}: cannot create it ({err.strerror or type(err).__name__})") from None
+
+
+def _check_port(host: str, port: int) -> None:
+    """UsageError when ``host:port`` cannot be listened on (in use, or not this machine's address)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(infos[0][4])
+    except OSError as err:
+        raise UsageError(f"cannot listen on {host}:{port} ({err.strerror or err}); is another server running "
+                         "there? pick another --port") from None  # fmt: skip
+
+
+def _app(args: argparse.Namespace) -> object:
+    """The HTTP app over the store; a damaged database file is a UsageError naming it."""
+    import sqlite3
+
+    from magi.serve.app import create_app
+
+    try:
+        return create_app(args.config, args.data_dir, api_key=args.api_key, max_frames=args.max_frames,
+                          max_pixels=args.max_pixels, max_queued=args.max_queued,
+                          max_upload_bytes=int(args.max_upload_mb * 2**20), db=args.db)  # fmt: skip
+    except (ConnectionError, ImportError) as err:  # --db: no server there, or no psycopg
+        raise UsageError(str(err)) from None
+    except sqlite3.DatabaseError as err:
+        db = Path(args.data_dir) / "magi.db"
+        raise UsageError(f"{db} is not a readable job database ({err}); move it away to start with an empty "
+                         "queue, or restore it from a backup") from None  # fmt: skip
 
 
 class Supervisor:
@@ -171,13 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _console_log()
-    from magi.serve.app import create_app
-
     try:
-        app = create_app(args.config, args.data_dir, api_key=args.api_key, max_frames=args.max_frames,
-                         max_pixels=args.max_pixels, max_queued=args.max_queued,
-                         max_upload_bytes=int(args.max_upload_mb * 2**20), db=args.db)  # fmt: skip
-    except (ConnectionError, ImportError) as err:  # --db: no server there, or no psycopg
+        app = _app(args)
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     supervisor = None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -179,12 +179,31 @@ async def form_body(request: Request, limit: int, staging: Path) -> tuple[dict, 
 
 # ---- routes ---------------------------------------------------------------------------------
 @router.get("/health")
-async def health(svc: Svc) -> dict:
+async def health(svc: Svc) -> Response:
+    """200 while the worker is starting or ready; 503 naming the problem when it failed to load
+    the model, hit an unwritable or full data folder (``error``), or its process is gone."""
     try:
         worker = json.loads((svc.data_dir / "worker.json").read_text())
     except (OSError, ValueError):
         worker = None
-    return {"status": "ok", "worker": worker if isinstance(worker, dict) else {"status": "starting"}}
+    worker = worker if isinstance(worker, dict) else {"status": "starting"}
+    if worker.get("status") != "starting" and not _alive(worker.get("pid")):
+        worker = {**worker, "status": "dead", "error": f"the worker process {worker.get('pid')} has exited"}
+    if worker.get("status") in ("failed", "error", "dead"):
+        return JSONResponse({"status": "unavailable", "error": worker.get("error"), "worker": worker}, status_code=503)
+    return JSONResponse({"status": "ok", "worker": worker})
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 @router.post("/v1/videos", openapi_extra=request_schema(VideoCreate, form=True))

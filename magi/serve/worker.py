@@ -23,6 +23,7 @@ import ctypes
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 MAX_ATTEMPTS = 3  # runs of one job the worker starts before it calls the job failed
 LEASE_S = 30.0  # a shared (PostgreSQL) store: a dead worker's job is claimable again this long after
+MAX_BACKOFF_S = 30.0  # the longest wait after a job hit an unwritable or full data folder
+_ABSOLUTE_DIRS = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+")  # /srv/data/jobs/ in /srv/data/jobs/x.mp4
 
 
 class _Shutdown:
@@ -60,6 +63,11 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def server_paths_hidden(message: str) -> str:
+    """``message`` with the folders of absolute paths left out (a job's error is shown to clients)."""
+    return _ABSOLUTE_DIRS.sub("", message)
+
+
 def write_status(data_dir: Path, **status: object) -> None:
     """Replace ``{data_dir}/worker.json`` atomically."""
     path = data_dir / "worker.json"
@@ -72,13 +80,16 @@ class Worker:
     """Runs jobs from ``store`` with ``pipe``, one at a time, in queue order."""
 
     def __init__(self, pipe: object, store: JobStore, data_dir: Path, *, parent: int | None = None,
-                 poll_s: float = 0.2, lease_s: float | None = None) -> None:  # fmt: skip
+                 poll_s: float = 0.2, lease_s: float | None = None, model: str | None = None) -> None:  # fmt: skip
         """``lease_s``: claim jobs with leases of that many s (a store with ``claim``: PostgreSQL)."""
         self.pipe, self.store, self.data_dir = pipe, store, Path(data_dir)
         self.parent, self.poll_s, self.lease_s = parent, poll_s, lease_s
         self.shutdown = _Shutdown()
         self.name = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.lost = threading.Event()  # the running job's lease was lost: stop it, it is another's now
+        self.model = model
+        self.fault: str | None = None  # a storage problem the last job hit (shown by /health)
+        self.backoff_s = 0.0
 
     def _orphaned(self) -> bool:
         return self.parent is not None and os.getppid() != self.parent
@@ -97,13 +108,32 @@ class Worker:
             self.run_job(job)
         return 0
 
+    def refuse_forever(self, message: str) -> int:
+        """Without a model: fail every job queued (now or later) with ``message``, until stopped."""
+        signal.signal(signal.SIGTERM, self.shutdown)
+        signal.signal(signal.SIGINT, self.shutdown)
+        while not self.shutdown.requested and not self._orphaned():
+            job = self.store.next_job()
+            if job is None:
+                time.sleep(self.poll_s)
+                continue
+            self._fail(job.id, message)
+        return 0
+
     # ---- one job --------------------------------------------------------------------------------
     def run_job(self, job: Job) -> None:
         from magi.serve.store import JobFiles
 
         job_id = job.id
         files = JobFiles(self.data_dir, job_id)
-        files.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            files.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # the data folder is unwritable or full: fail this job, back off, go on
+            return self._storage_fault(job_id, f"cannot create the job's folder ({one_line(err)}); make --data_dir "
+                                               "and its jobs folder writable by the server, with free space")  # fmt: skip
+        if self.fault is not None:
+            self.fault, self.backoff_s = None, 0.0
+            write_status(self.data_dir, status="ready", error=None, model=self.model)
         attempts = job.attempts + 1
         self.store.update(job_id, status="in_progress", attempts=attempts,
                           started_at=job.started_at or time.time())  # fmt: skip
@@ -259,8 +289,21 @@ class Worker:
         return None
 
     def _fail(self, job_id: str, message: str) -> None:
-        self.store.update(job_id, status="failed", error=message, finished_at=time.time())
+        self.store.update(job_id, status="failed", error=server_paths_hidden(message), finished_at=time.time())
         _event(f"job {job_id} ended: failed")
+
+    def _storage_fault(self, job_id: str, message: str) -> None:
+        """Fail the job, show the problem in worker.json (/health: 503) and wait before the next job."""
+        self._fail(job_id, message)
+        self.fault = server_paths_hidden(message)
+        self.backoff_s = min(MAX_BACKOFF_S, max(1.0, 2 * self.backoff_s))
+        print(f"magi serve: job {job_id} failed: {self.fault}; next job in {self.backoff_s:g} s", file=sys.stderr,
+              flush=True)  # fmt: skip
+        with contextlib.suppress(OSError):
+            write_status(self.data_dir, status="error", error=self.fault, model=self.model)
+        deadline = time.monotonic() + self.backoff_s
+        while time.monotonic() < deadline and not self.shutdown.requested:
+            time.sleep(min(self.poll_s, self.backoff_s))
 
 
 def _event(line: str) -> None:
@@ -300,12 +343,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         pipe = MagiPipeline.from_config(args.config, device=args.device)
     except Exception as err:  # reported by /health; restarting cannot help
-        write_status(data_dir, status="failed", error=one_line(err), model=Path(args.config).stem)
+        message = server_paths_hidden(one_line(err))
+        write_status(data_dir, status="failed", error=message, model=Path(args.config).stem)
         print(f"magi serve worker: cannot load the model: {one_line(err)}", file=sys.stderr, flush=True)
-        return 0
+        try:
+            if shared:  # other workers may take the jobs this one cannot run
+                return 0
+            return Worker(None, store, data_dir, parent=parent).refuse_forever(f"the worker cannot load the model: "
+                                                                               f"{message}")  # fmt: skip
+        finally:
+            store.close()
     write_status(data_dir, status="ready", error=None, model=Path(args.config).stem)
     try:
-        return Worker(pipe, store, data_dir, parent=parent, lease_s=args.lease_s if shared else None).serve_forever()
+        return Worker(pipe, store, data_dir, parent=parent, lease_s=args.lease_s if shared else None,
+                      model=Path(args.config).stem).serve_forever()
     finally:
         store.close()
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
 pytest.importorskip("fastapi", reason="magi serve needs its extra: pip install -e '.[serve]'")
@@ -118,5 +119,80 @@ def test_a_graceful_stop_mid_job_resumes_to_every_frame(setup: dict, tmp_path: P
         assert job["frames_done"] == 12 * CHUNK
         assert srv.client.get(f"/v1/videos/{job_id}/content").status_code == 200
         assert _attempts(data, job_id) == 1
+    finally:
+        srv.close()
+
+
+def _run_server(setup: dict, data: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_serve_cmd(setup, data, port, "--no_worker", *extra), env=setup["env"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_a_corrupt_database_is_one_error_line_and_exit_2(setup: dict, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "magi.db").write_bytes(b"this is not sqlite" * 100)
+    out = _run_server(setup, data, free_port())
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "magi.db" in lines[0], out.stderr
+    assert "move it away" in lines[0]
+
+
+def test_a_port_in_use_is_one_error_line_and_exit_2(setup: dict, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = _run_server(setup, tmp_path / "data", taken.getsockname()[1])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:"), out.stderr
+
+
+def test_an_unwritable_jobs_folder_fails_the_job_and_the_queue_goes_on_once_fixed(setup: dict, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    srv = Server(setup, data)
+    try:
+        (data / "jobs").write_text("a file where the jobs folder should be")  # unwritable even for root
+        bad = srv.client.post("/v1/videos", json={"prompt": "x", "num_frames": CHUNK}).json()["id"]
+        job = srv.wait(bad)
+        assert job["status"] == "failed", job
+        message = job["error"]["message"]
+        assert "cannot create the job's folder" in message and "\n" not in message
+        assert str(tmp_path) not in message and "/jobs/" not in message, message
+        health = srv.client.get("/health")
+        assert health.status_code == 503 and "cannot create the job's folder" in health.json()["error"], health.text
+        (data / "jobs").unlink()
+        good = srv.client.post("/v1/videos", json={"prompt": "x", "num_frames": CHUNK}).json()["id"]
+        assert srv.wait(good)["status"] == "completed"
+        assert srv.client.get("/health").status_code == 200
+    finally:
+        srv.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_worker_that_cannot_load_the_model_fails_the_queued_jobs(setup: dict, tmp_path: Path) -> None:
+    srv = Server(setup, tmp_path / "data", "--device", "cuda", ready=False)
+    try:
+        job_id = srv.client.post("/v1/videos", json={"prompt": "x", "num_frames": CHUNK}).json()["id"]
+        job = srv.wait(job_id)
+        assert job["status"] == "failed" and "cannot load the model" in job["error"]["message"], job
+        health = srv.client.get("/health")
+        assert health.status_code == 503 and health.json()["worker"]["status"] == "failed"
+    finally:
+        srv.close()
+
+
+def test_health_shows_a_dead_worker(setup: dict, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    srv = Server(setup, data)
+    try:
+        import json
+
+        pid = json.loads((data / "worker.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)  # the supervisor restarts it after 1 s; until then /health names the dead process
+        health = srv.client.get("/health")
+        assert health.status_code == 503 and health.json()["worker"]["status"] == "dead", health.text
     finally:
         srv.close()
