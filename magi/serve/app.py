@@ -7,6 +7,7 @@ generates and writes the segment files. The routes are in ``magi.serve.routes``.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 import anyio
@@ -89,6 +90,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = err.errors()[0] if err.errors() else {}
         param = str(first.get("loc", ["", None])[-1]) if first.get("loc") else None
         return error_response(400, "invalid_request", f"{param}: {first.get('msg', 'invalid value')}", param)
+
+    @app.exception_handler(Exception)  # anything unforeseen: still the JSON error shape, never text
+    async def unexpected(_: Request, err: Exception) -> JSONResponse:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error_response(507, "insufficient_storage", "the server's disk is full; free space in its "
+                                                               "--data_dir and retry")  # fmt: skip
+        return error_response(500, "internal_error", f"the server hit an unexpected error ({type(err).__name__}); "
+                                                     "the server's console has the details")  # fmt: skip
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
