@@ -24,6 +24,9 @@ from pathlib import Path
 MODES = ("t2v", "i2v", "v2v")
 COMPAT_MODES = ("magi", "official")
 SEED_MIN, SEED_END = -(2**63), 2**64  # torch.manual_seed takes [-2**63, 2**64)
+# The text encoder reads 800 tokens (about 4000 characters of English); longer prompts are cut
+# there anyway. The cap keeps a huge prompt from tying up the caption cleaning.
+MAX_PROMPT_CHARS = 10_000
 
 
 class RequestError(ValueError):
@@ -63,7 +66,7 @@ def check_frames(value: object, name: str = "num_frames", most: int | None = Non
 
 
 def check_text(text: object, where: str, param: str | None = None) -> str:
-    """A prompt: a non-empty string of valid UTF-8 text.
+    """A prompt: a non-empty string of valid UTF-8 text, at most ``MAX_PROMPT_CHARS`` characters.
 
     Lone surrogates are how Python hands over command-line bytes that are not UTF-8 (and how
     JSON decodes an unpaired \\ud800 escape); the tokenizer cannot take them.
@@ -71,6 +74,9 @@ def check_text(text: object, where: str, param: str | None = None) -> str:
     param = where if param is None else param
     if not isinstance(text, str) or not text.strip():
         raise RequestError(f"{where} must be a non-empty string", param)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise RequestError(f"{where} has {len(text)} characters; the most is {MAX_PROMPT_CHARS} (the text encoder "
+                           "reads 800 tokens, about 4000 characters): shorten it", param)  # fmt: skip
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
