@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api_key", default=os.environ.get("MAGI_API_KEY") or None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every route but the page (default env MAGI_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every route but the page (default env MAGI_API_KEY; "
+                        "on the command line it is visible in ps: prefer the env or --api_key_file)")
+    p.add_argument("--api_key_file", metavar="FILE", help="read the API key from the first line of FILE")
+    p.add_argument("--allowed_hosts", default="", metavar="NAMES",
+                   help="comma-separated host names the server answers besides localhost and its address "
+                        "(e.g. gpu-box.lan; '*': any). Other Host headers get 421 (DNS rebinding)")
     p.add_argument("--device", default=None, help="the worker's device: cpu, cuda or cuda:N (default cuda when available)")
     p.add_argument("--max_frames", type=int, default=MAX_FRAMES, help=f"most frames per request (default {MAX_FRAMES})")
     p.add_argument("--max_pixels", type=int, default=MAX_PIXELS,
@@ -81,9 +86,17 @@ def _check(args: argparse.Namespace) -> None:
     except ConfigError as err:
         raise UsageError(str(err)) from None
     _check_port(args.host, args.port)
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"--api_key_file {args.api_key_file}: cannot read it ({err})") from None
+        if not lines or not lines[0].strip():
+            raise UsageError(f"--api_key_file {args.api_key_file}: its first line is empty; write the key there")
+        args.api_key = lines[0].strip()
     data = Path(args.data_dir)
     try:
-        data.mkdir(parents=True, exist_ok=True)
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"--data_dir {data}: cannot create it ({err.strerror or type(err).__name__})") from None
 
@@ -111,7 +124,8 @@ def _app(args: argparse.Namespace) -> object:
     try:
         return create_app(args.config, args.data_dir, api_key=args.api_key, max_frames=args.max_frames,
                           max_pixels=args.max_pixels, max_queued=args.max_queued,
-                          max_upload_bytes=int(args.max_upload_mb * 2**20), db=args.db)  # fmt: skip
+                          max_upload_bytes=int(args.max_upload_mb * 2**20), db=args.db, bound_host=args.host,
+                          allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()])  # fmt: skip
     except (ConnectionError, ImportError) as err:  # --db: no server there, or no psycopg
         raise UsageError(str(err)) from None
     except sqlite3.DatabaseError as err:
@@ -198,13 +212,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: the arguments (default sys.argv[1:]).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
+        os.umask(0o077)  # the data folder, the database and the videos: this user's only (0700 / 0600)
         _check(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     _console_log()
+    if any(a == "--api_key" or a.startswith("--api_key=") for a in argv):
+        print("warning: --api_key on the command line is visible to every user in ps; use MAGI_API_KEY or "
+              "--api_key_file", file=sys.stderr)  # fmt: skip
     try:
         app = _app(args)
     except UsageError as err:

@@ -8,6 +8,7 @@ generates and writes the segment files. The routes are in ``magi.serve.routes``.
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -29,6 +30,7 @@ from magi.serve.protocol import (
     Served,
     error_response,
 )
+from magi.serve.guard import Guard
 from magi.serve.realtime import router as realtime_router
 from magi.serve.routes import Service, router
 from magi.serve.store_pg import open_store
@@ -40,7 +42,8 @@ _NO_PAGE = ("<!doctype html><title>magi serve</title><p>magi serve is running; t
 
 def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | None = None,
                max_frames: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS, max_queued: int = MAX_QUEUED,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, db: str | None = None) -> FastAPI:  # fmt: skip
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, db: str | None = None, bound_host: str = "127.0.0.1",
+               allowed_hosts: Sequence[str] = ()) -> FastAPI:  # fmt: skip
     """The ``magi serve`` HTTP app over the store in ``{data_dir}/magi.db``.
 
     Args:
@@ -51,6 +54,8 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
         max_queued: jobs waiting at most; more are refused with 429.
         max_upload_bytes: the largest i2v image / v2v prefix video upload (413 beyond).
         db: the job store, a ``postgresql://`` URL or a SQLite file (default ``{data_dir}/magi.db``).
+        bound_host, allowed_hosts: the address served and further Host names to answer
+            (``magi.serve.guard``: DNS rebinding and cross-site requests are refused).
     """
     cfg = load_config(config_path)
     data = Path(data_dir)
@@ -63,6 +68,7 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
     app.state.store, app.state.data_dir, app.state.config = store, data, cfg
     app.state.service = Service(store, data, Served(cfg, limits), Path(config_path).stem, api_key)
     _install_error_handlers(app)
+    app.add_middleware(Guard, bound=bound_host, allowed_hosts=allowed_hosts, api_key=api_key)
     app.include_router(router)
     app.include_router(realtime_router)  # WS /v1/realtime/video (checks the API key itself)
     app.add_middleware(HeadAsGet)

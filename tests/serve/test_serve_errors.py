@@ -22,7 +22,7 @@ from tests.helpers import write_tiny_config  # noqa: E402
 def client(tiny_checkpoint: Path, tmp_path: Path) -> TestClient:
     config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint)
     app = create_app(config, tmp_path / "data")
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         yield client
     app.state.store.close()
 

@@ -1,0 +1,103 @@
+"""magi serve is safe by default, against the real server (uvicorn, no worker): without a key a
+cross-site POST (text/plain or a form, as any web page can send) is refused, and so is a Host
+name that is not the server's (DNS rebinding) unless --allowed_hosts names it; with a key the API
+docs need it too, the key comes from a file, a key on argv is warned about; the data folder and
+its database are private (0700 / 0600)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
+pytest.importorskip("fastapi", reason="magi serve needs its extra: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="magi serve needs its extra: pip install -e '.[serve]'")
+
+from tests.helpers import free_port, write_tiny_config  # noqa: E402
+
+KEY = "s3cret-key-from-a-file"
+
+
+def _start(root: Path, name: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "magi.serve", "--config", str(root / "config.json"), "--data_dir",
+           str(root / name), "--port", str(port), "--no_worker", *extra]  # fmt: skip
+    log = open(root / f"{name}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MAGI_API_KEY": ""})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (root / f"{name}.log").read_text()
+        try:
+            httpx.get(url + "/", timeout=2)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("security")
+    write_tiny_config(root / "config.json", tiny_checkpoint)
+    (root / "key.txt").write_text(KEY + "\n")
+    open_srv = _start(root, "open", "--allowed_hosts", "gpu-box.lan")
+    keyed = _start(root, "keyed", "--api_key_file", str(root / "key.txt"))
+    yield {"root": root, "open": open_srv[1], "keyed": keyed[1]}
+    for proc, _ in (open_srv, keyed):
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_cross_site_posts_are_refused_without_a_key(servers: dict) -> None:
+    url = servers["open"]
+    body = '{"prompt": "a cat", "num_frames": 24}'
+    for headers in ({"Origin": "https://evil.example", "Content-Type": "text/plain"},
+                    {"Origin": "null", "Content-Type": "application/x-www-form-urlencoded"},
+                    {"Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"}):  # fmt: skip
+        r = httpx.post(url + "/v1/videos", content=body, headers=headers)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin", r.text
+    assert httpx.get(url + "/v1/videos", headers={"Origin": "https://evil.example"}).status_code == 200  # reads: CORS
+    same = httpx.post(url + "/v1/videos", content=body, headers={"Origin": url, "Content-Type": "application/json"})
+    assert same.status_code == 200, same.text  # the server's own page
+    assert httpx.post(url + "/v1/videos", content=body).status_code == 200  # curl, the SDKs: no Origin
+
+
+def test_foreign_host_names_are_refused(servers: dict) -> None:
+    url = servers["open"]
+    r = httpx.get(url + "/v1/videos", headers={"Host": "attacker.example"})
+    assert r.status_code == 421 and "--allowed_hosts" in r.json()["error"]["message"], r.text
+    for host in ("gpu-box.lan", "localhost", "127.0.0.1"):
+        assert httpx.get(url + "/v1/videos", headers={"Host": host}).status_code == 200, host
+
+
+def test_with_a_key_from_a_file_the_docs_need_it_too(servers: dict) -> None:
+    url = servers["keyed"]
+    for path in ("/docs", "/openapi.json", "/v1/videos"):
+        assert httpx.get(url + path).status_code == 401, path
+        assert httpx.get(url + path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200, path
+    evil = {"Origin": "https://evil.example", "Authorization": f"Bearer {KEY}"}
+    assert httpx.post(url + "/v1/videos", json={"prompt": "a", "num_frames": 24}, headers=evil).status_code == 200
+
+
+def test_the_data_folder_and_database_are_private(servers: dict) -> None:
+    data = servers["root"] / "open"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "magi.db").stat().st_mode) == 0o600
+
+
+def test_a_key_on_the_command_line_is_warned_about(servers: dict) -> None:
+    root = servers["root"]
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "magi.db").write_bytes(b"junk" * 100)  # the server stops right after the warning
+    out = subprocess.run([sys.executable, "-m", "magi.serve", "--config", str(root / "config.json"), "--data_dir",
+                          str(root / "corrupt"), "--port", str(free_port()), "--api_key", "k", "--no_worker"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "warning: --api_key on the command line is visible" in out.stderr, out.stderr
