@@ -53,6 +53,7 @@ from magi.serve.protocol import (
 from magi.serve.store import Job, JobFiles, JobStore, QueueFull, new_id
 
 _UPLOAD_FIELDS = {"image": "image", "input_reference": "image", "prefix_video": "prefix_video"}  # -> its param
+MAX_EDITS = 100  # steering edits one job takes (each is a row the worker re-reads and applies)
 _FORM_SLACK = 64 * 2**10  # multipart boundaries and the small text fields around the file
 logger = logging.getLogger("magi.serve")
 RETRY_AFTER_S = 10  # a full queue's 429 asks the client to come back after this
@@ -355,7 +356,12 @@ async def events(job_id: str, svc: Svc) -> EventSourceResponse:
 
 async def _events(svc: Service, job_id: str) -> AsyncIterator[dict]:
     """``chunk`` per segment, ``steer`` per accepted edit (its prompt cut to 200 characters),
-    ``progress`` when the video object changes, ``done`` when it ends."""
+    ``progress`` when the video object changes, ``done`` when it ends.
+
+    The first ``progress`` and ``done`` carry the whole object; the other ``progress`` events leave
+    out the prompt fields (``prompt``, ``prompts``, ``prompt_timeline``: up to MAX_PROMPT_CHARS
+    each) unless they changed.
+    """
     files, sent, shown, edit_seen = svc.files(job_id), 0, None, 0
     while True:
         job = svc.store.get(job_id)
@@ -370,12 +376,22 @@ async def _events(svc: Service, job_id: str) -> AsyncIterator[dict]:
             sent += 1
         current = svc.video(job)
         if current != shown:
-            yield {"event": "progress", "data": json.dumps(current)}
+            yield {"event": "progress", "data": json.dumps(_changed_prompts(current, shown))}
             shown = current
         if job.ended:
             yield {"event": "done", "data": json.dumps(current)}
             return
         await asyncio.sleep(POLL_S)
+
+
+_PROMPT_FIELDS = ("prompt", "prompts", "prompt_timeline")
+
+
+def _changed_prompts(video: dict, before: dict | None) -> dict:
+    """``video`` without its prompt fields where ``before`` (the last one sent) has the same."""
+    if before is None:
+        return video
+    return {k: v for k, v in video.items() if k not in _PROMPT_FIELDS or before.get(k) != v}
 
 
 @router.post("/v1/videos/{job_id}/prompt", openapi_extra=request_schema(PromptEdit))
@@ -389,6 +405,9 @@ async def steer(job_id: str, request: Request, svc: Svc) -> dict:
     if chunks is not None and applies >= chunks:
         raise ApiError(409, "too_late", f"every chunk of video {job_id} has entered the denoising window; "
                                         "an edit can no longer change it", "from_chunk")  # fmt: skip
+    if len(svc.store.edits(job_id)) >= MAX_EDITS:
+        raise ApiError(409, "too_many_edits", f"video {job_id} has {MAX_EDITS} steering edits already, the most "
+                                              "one job takes; start a new job (or extend this one) to steer more")  # fmt: skip
     edit_id = svc.store.add_edit(job_id, applies, edit.prompt)
     logger.info("job %s steered: edit %d from chunk %d%s", job_id, edit_id, applies, f" ({moved})" if moved else "")
     return {"object": "video.prompt_edit", "id": job_id, "edit_id": edit_id, "prompt": edit.prompt,

@@ -1,8 +1,12 @@
 """magi serve's resource bounds: a prompt is at most MAX_PROMPT_CHARS characters (create and
-steer), the same rule as the CLI's (``magi.request.check_text``)."""
+steer), the same rule as the CLI's (``magi.request.check_text``); a job takes at most MAX_EDITS
+steering edits; /events sends a long prompt once, not in every message."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from magi.request import MAX_PROMPT_CHARS, RequestError, check_text  # noqa: E402
 from magi.serve.app import create_app  # noqa: E402
+from magi.serve.routes import MAX_EDITS  # noqa: E402
+from magi.serve.store import JobStore  # noqa: E402
 from tests.helpers import write_tiny_config  # noqa: E402
 
 
@@ -36,3 +42,35 @@ def test_a_prompt_over_the_cap_is_refused_naming_the_limit(client: TestClient) -
     job = client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 24}).json()["id"]
     r = client.post(f"/v1/videos/{job}/prompt", json={"prompt": "y" * (MAX_PROMPT_CHARS + 1), "from_chunk": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_steering_edits_per_job_are_capped(client: TestClient) -> None:
+    job = client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 24}).json()["id"]
+    for _ in range(MAX_EDITS):
+        assert client.post(f"/v1/videos/{job}/prompt", json={"prompt": "a dog", "from_chunk": 0}).status_code == 200
+    r = client.post(f"/v1/videos/{job}/prompt", json={"prompt": "a dog", "from_chunk": 0})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "too_many_edits", r.text
+
+
+def test_events_send_a_long_prompt_once(client: TestClient, tmp_path: Path) -> None:
+    prompt = "a very long prompt " * 500
+    job = client.post("/v1/videos", json={"prompt": prompt, "num_frames": 24}).json()["id"]
+    worker = JobStore(tmp_path / "data" / "magi.db")  # the worker's side: progress, then the end
+    try:
+
+        def work() -> None:
+            for step in range(1, 4):
+                time.sleep(0.3)
+                worker.update(job, status="in_progress", step=step, steps_total=4)
+            time.sleep(0.3)
+            worker.update(job, status="cancelled", finished_at=time.time())
+
+        threading.Thread(target=work).start()
+        with client.stream("GET", f"/v1/videos/{job}/events") as r:
+            data = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    finally:
+        worker.close()
+    progress, done = data[:-1], data[-1]
+    assert len(progress) >= 3 and len(progress[0]["prompt"]) > 9000 and len(progress[0]["prompts"][0]) > 9000
+    assert all("prompt" not in p and "prompts" not in p for p in progress[1:])
+    assert [p["step"] for p in progress[1:]][-1] == 3 and done["status"] == "cancelled" and done["prompt"]
