@@ -26,6 +26,9 @@ from magi.serve.protocol import MAX_FRAMES, MAX_PIXELS, MAX_QUEUED, MAX_UPLOAD_B
 
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 200
+KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this
+MAX_HEADER_BYTES = 64 * 2**10  # request line + headers; larger is refused by h11
 
 
 class UsageError(Exception):
@@ -65,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"most jobs waiting; more get 429 (default {MAX_QUEUED})")
     p.add_argument("--max_upload_mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
                    help=f"largest image / prefix video upload in MB (default {MAX_UPLOAD_BYTES // 2**20})")
+    p.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
+                   help=f"most open connections; more get 503 at once, so slow clients cannot pile up "
+                        f"(default {MAX_CONNECTIONS})")
     p.add_argument("--no_worker", action="store_true", help=argparse.SUPPRESS)  # API tests: no model
     return p
 
@@ -74,7 +80,7 @@ def _check(args: argparse.Namespace) -> None:
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
-    for flag in ("max_frames", "max_pixels", "max_queued"):
+    for flag in ("max_frames", "max_pixels", "max_queued", "max_connections"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not args.max_upload_mb > 0:
@@ -187,7 +193,9 @@ def _serve(app: object, args: argparse.Namespace) -> None:
                 print(f"magi serve: http://{args.host}:{port}/ (data {Path(args.data_dir).resolve()})", flush=True)
 
     # live routes (/stream, /events) never end on their own while a job runs: give them 2 s
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2,
+                            limit_concurrency=args.max_connections, timeout_keep_alive=KEEP_ALIVE_S, http="h11",
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)  # fmt: skip
     # uvicorn handles SIGINT / SIGTERM while it runs, then re-raises the signal to the handler it
     # found: make that a no-op, so the worker is still stopped cleanly (the default SIGTERM
     # handler would end this process at once and orphan the worker mid-save)

@@ -7,6 +7,7 @@ its database are private (0700 / 0600)."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -101,3 +102,20 @@ def test_a_key_on_the_command_line_is_warned_about(servers: dict) -> None:
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 2, out.stderr
     assert "warning: --api_key on the command line is visible" in out.stderr, out.stderr
+
+
+def test_slow_clients_cannot_pile_up_connections(servers: dict) -> None:
+    proc, url = _start(servers["root"], "few", "--max_connections", "3")
+    port = int(url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        for s in idle:
+            s.sendall(b"GET /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a header, never finished
+        time.sleep(0.5)
+        r = httpx.get(url + "/v1/videos", timeout=10)
+        assert r.status_code == 503, r.text  # refused at once, not queued behind the slow ones
+    finally:
+        for s in idle:
+            s.close()
+        proc.terminate()
+        proc.wait(30)
