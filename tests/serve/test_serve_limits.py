@@ -20,7 +20,7 @@ from magi.request import MAX_PROMPT_CHARS, RequestError, check_text  # noqa: E40
 from magi.serve.app import create_app  # noqa: E402
 from magi.serve.routes import MAX_EDITS  # noqa: E402
 from magi.serve.store import JobStore  # noqa: E402
-from tests.helpers import write_tiny_config  # noqa: E402
+from tests.helpers import CHUNK, write_tiny_config  # noqa: E402
 
 
 @pytest.fixture
@@ -74,3 +74,12 @@ def test_events_send_a_long_prompt_once(client: TestClient, tmp_path: Path) -> N
     assert len(progress) >= 3 and len(progress[0]["prompt"]) > 9000 and len(progress[0]["prompts"][0]) > 9000
     assert all("prompt" not in p and "prompts" not in p for p in progress[1:])
     assert [p["step"] for p in progress[1:]][-1] == 3 and done["status"] == "cancelled" and done["prompt"]
+
+
+def test_a_queued_jobs_from_chunk_past_its_video_is_refused_at_once(client: TestClient) -> None:
+    job = client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 2 * CHUNK}).json()  # 2 chunks
+    assert job["status"] == "queued" and job["chunks_total"] is None
+    assert client.post(f"/v1/videos/{job['id']}/prompt", json={"prompt": "a dog", "from_chunk": 1}).status_code == 200
+    r = client.post(f"/v1/videos/{job['id']}/prompt", json={"prompt": "a dog", "from_chunk": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "from_chunk", r.text
+    assert "0 .. 1" in r.json()["error"]["message"]
