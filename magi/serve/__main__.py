@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from magi.serve.protocol import MAX_FRAMES, MAX_PIXELS, MAX_QUEUED, MAX_UPLOAD_BYTES
+from magi.serve.worker import KEEP_JOBS
 
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 30.0
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"most jobs waiting; more get 429 (default {MAX_QUEUED})")
     p.add_argument("--max_upload_mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
                    help=f"largest image / prefix video upload in MB (default {MAX_UPLOAD_BYTES // 2**20})")
+    p.add_argument("--keep_jobs", type=int, default=KEEP_JOBS,
+                   help=f"ended jobs kept with their videos; older ones are removed (default {KEEP_JOBS})")
+    p.add_argument("--keep_days", type=float, default=None, metavar="DAYS",
+                   help="also remove ended jobs that ended more than DAYS ago (default: kept by --keep_jobs only)")
     p.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
                    help=f"most open connections; more get 503 at once, so slow clients cannot pile up "
                         f"(default {MAX_CONNECTIONS})")
@@ -83,6 +88,10 @@ def _check(args: argparse.Namespace) -> None:
     for flag in ("max_frames", "max_pixels", "max_queued", "max_connections"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.keep_jobs < 0:
+        raise UsageError(f"--keep_jobs must be >= 0, got {args.keep_jobs}")
+    if args.keep_days is not None and not args.keep_days > 0:
+        raise UsageError(f"--keep_days must be > 0, got {args.keep_days}")
     if not args.max_upload_mb > 0:
         raise UsageError(f"--max_upload_mb must be > 0, got {args.max_upload_mb}")
     if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
@@ -244,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd += ["--db", args.db]
         if args.device:
             cmd += ["--device", args.device]
+        cmd += ["--keep_jobs", str(args.keep_jobs)] + (["--keep_days", str(args.keep_days)] if args.keep_days else [])
         supervisor = Supervisor(cmd)
         supervisor.start()
     try:

@@ -224,6 +224,24 @@ class JobStore:
                                         (row["seq"],)).fetchone()  # fmt: skip
         return ahead
 
+    def expired(self, keep: int, max_age_s: float | None = None) -> list[str]:
+        """Ended jobs beyond the newest ``keep`` ended ones, or that ended over ``max_age_s`` ago;
+        never the parent of a job still waiting or running (it extends from its files)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, finished_at FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND id NOT IN "
+                "(SELECT parent_id FROM jobs WHERE parent_id IS NOT NULL AND status IN ('queued', 'in_progress')) "
+                "ORDER BY seq DESC").fetchall()  # fmt: skip
+        now = time.time()
+        return [r["id"] for i, r in enumerate(rows)
+                if i >= keep or (max_age_s is not None and now - (r["finished_at"] or now) > max_age_s)]  # fmt: skip
+
+    def forget(self, job_id: str) -> None:
+        """Remove a job's row and its steering edits (its files are the caller's)."""
+        with self._lock:
+            self._db.execute("DELETE FROM edits WHERE job_id = ?", (job_id,))
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
     # ---- steering ---------------------------------------------------------------------------
     def add_edit(self, job_id: str, from_chunk: int, prompt: str) -> int:
         with self._lock:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 MAX_ATTEMPTS = 3  # runs of one job the worker starts before it calls the job failed
 LEASE_S = 30.0  # a shared (PostgreSQL) store: a dead worker's job is claimable again this long after
+KEEP_JOBS = 1000  # ended jobs kept (rows and files) by default; older ones are removed
 MAX_BACKOFF_S = 30.0  # the longest wait after a job hit an unwritable or full data folder
 _ABSOLUTE_DIRS = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+")  # /srv/data/jobs/ in /srv/data/jobs/x.mp4
 
@@ -80,7 +81,8 @@ class Worker:
     """Runs jobs from ``store`` with ``pipe``, one at a time, in queue order."""
 
     def __init__(self, pipe: object, store: JobStore, data_dir: Path, *, parent: int | None = None,
-                 poll_s: float = 0.2, lease_s: float | None = None, model: str | None = None) -> None:  # fmt: skip
+                 poll_s: float = 0.2, lease_s: float | None = None, model: str | None = None,
+                 keep_jobs: int = KEEP_JOBS, keep_days: float | None = None) -> None:  # fmt: skip
         """``lease_s``: claim jobs with leases of that many s (a store with ``claim``: PostgreSQL)."""
         self.pipe, self.store, self.data_dir = pipe, store, Path(data_dir)
         self.parent, self.poll_s, self.lease_s = parent, poll_s, lease_s
@@ -88,6 +90,7 @@ class Worker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.lost = threading.Event()  # the running job's lease was lost: stop it, it is another's now
         self.model = model
+        self.keep_jobs, self.keep_days = keep_jobs, keep_days
         self.fault: str | None = None  # a storage problem the last job hit (shown by /health)
         self.backoff_s = 0.0
 
@@ -98,6 +101,7 @@ class Worker:
         """Take jobs until SIGTERM / SIGINT or the parent's death; returns the exit status."""
         signal.signal(signal.SIGTERM, self.shutdown)
         signal.signal(signal.SIGINT, self.shutdown)
+        self.prune()
         while not self.shutdown.requested:
             if self._orphaned():
                 return 1
@@ -106,6 +110,8 @@ class Worker:
                 time.sleep(self.poll_s)
                 continue
             self.run_job(job)
+            with contextlib.suppress(OSError):
+                self.prune()
         return 0
 
     def refuse_forever(self, message: str) -> int:
@@ -288,6 +294,17 @@ class Worker:
         _event(f"job {job.id} ended: {status}")
         return None
 
+    def prune(self) -> None:
+        """Remove the ended jobs the retention rule (``keep_jobs``, ``keep_days``) lets go, files first."""
+        import shutil
+
+        from magi.serve.store import JobFiles
+
+        max_age = None if self.keep_days is None else self.keep_days * 86400.0
+        for job_id in self.store.expired(self.keep_jobs, max_age):
+            shutil.rmtree(JobFiles(self.data_dir, job_id).dir, ignore_errors=True)
+            self.store.forget(job_id)
+
     def _fail(self, job_id: str, message: str) -> None:
         self.store.update(job_id, status="failed", error=server_paths_hidden(message), finished_at=time.time())
         _event(f"job {job_id} ended: failed")
@@ -320,6 +337,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "file (default DATA_DIR/magi.db)")  # fmt: skip
     parser.add_argument("--lease_s", type=float, default=LEASE_S,
                         help=f"with a postgresql:// --db: the job lease in s (default {LEASE_S:g})")
+    parser.add_argument("--keep_jobs", type=int, default=KEEP_JOBS, help="ended jobs kept (default %(default)s)")
+    parser.add_argument("--keep_days", type=float, help="remove ended jobs older than this many days")
     return parser
 
 
@@ -356,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_status(data_dir, status="ready", error=None, model=Path(args.config).stem)
     try:
         return Worker(pipe, store, data_dir, parent=parent, lease_s=args.lease_s if shared else None,
-                      model=Path(args.config).stem).serve_forever()
+                      model=Path(args.config).stem, keep_jobs=args.keep_jobs, keep_days=args.keep_days).serve_forever()
     finally:
         store.close()
 

@@ -83,3 +83,29 @@ def test_a_queued_jobs_from_chunk_past_its_video_is_refused_at_once(client: Test
     r = client.post(f"/v1/videos/{job['id']}/prompt", json={"prompt": "a dog", "from_chunk": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "from_chunk", r.text
     assert "0 .. 1" in r.json()["error"]["message"]
+
+
+def test_finished_jobs_are_kept_by_the_retention_rule(tmp_path: Path) -> None:
+    from magi.serve.store import JobFiles
+    from magi.serve.worker import Worker
+
+    store = JobStore(tmp_path / "magi.db")
+    try:
+        ids = [store.create({"mode": "t2v", "prompts": ["a"]}).id for _ in range(5)]
+        for job_id in ids:
+            JobFiles(tmp_path, job_id).dir.mkdir(parents=True)
+            store.update(job_id, status="completed", finished_at=time.time())
+        store.update(ids[0], finished_at=time.time() - 3 * 86400)
+        child = store.create({"mode": "extend"}, parent_id=ids[1]).id  # still queued: its parent stays
+        Worker(None, store, tmp_path, keep_jobs=3).prune()
+        kept = [j for j in ids if store.get(j) is not None]
+        assert kept == ids[1:] and not JobFiles(tmp_path, ids[0]).dir.exists()  # newest 3 + the parent
+        assert store.get(child) is not None
+        Worker(None, store, tmp_path, keep_jobs=100, keep_days=2).prune()
+        assert [j for j in ids if store.get(j) is not None] == ids[1:]
+        store.update(ids[2], finished_at=time.time() - 3 * 86400)
+        Worker(None, store, tmp_path, keep_jobs=100, keep_days=2).prune()
+        assert [j for j in ids if store.get(j) is not None] == [ids[1], ids[3], ids[4]]
+        assert JobFiles(tmp_path, ids[1]).dir.exists() and not JobFiles(tmp_path, ids[2]).dir.exists()
+    finally:
+        store.close()
