@@ -1,7 +1,7 @@
 """The magi serve page in headless Chromium against the real server (uvicorn + worker, tiny model).
 
-The page submits a prompt (``?prompt=..&autostart=1``), plays the chunks through MediaSource as the
-worker writes them (the video's currentTime advances before the job is done), and steers a running
+The page fills a prompt from ``?prompt=..`` (a load never submits it, even with ``autostart=1``;
+the test clicks Submit), plays the chunks through MediaSource as the worker writes them (the video's currentTime advances before the job is done), and steers a running
 job. Skips with a reason where Debian's chromium or playwright's Python driver is absent.
 """
 
@@ -86,6 +86,9 @@ def page(server):
 
 def _open(page, url: str, prompt: str) -> str:
     page.goto(f"{url}/?prompt={quote(prompt)}&num_frames={NUM_FRAMES}&autostart=1")
+    page.wait_for_timeout(1000)
+    assert page.text_content("#job-id") == ""  # a page load never submits, even with autostart=1
+    page.click("#submit")
     page.wait_for_function("document.getElementById('job-id').textContent.length > 0", timeout=20_000)
     return page.text_content("#job-id")
 

@@ -307,12 +307,13 @@ function init() {
   $("cancel").addEventListener("click", cancel);
   $("refresh").addEventListener("click", refreshJobs);
 
-  // ?prompt=...&num_frames=...&seed=...&mode=...&autostart=1 fills the form (and submits it);
-  // ?job=ID watches an existing job.
+  // ?prompt=...&num_frames=...&seed=...&mode=... fills the form; it is never submitted by a page
+  // load (a link must not start a job): Submit is focused, one click or Enter away. ?job=ID
+  // watches an existing job.
   const query = new URLSearchParams(location.search);
   for (const name of ["prompt", "num_frames", "seed", "mode"]) if (query.has(name)) $(name).value = query.get(name);
-  if (query.get("autostart") === "1") submit(formFields());
-  else if (query.has("job")) watch(query.get("job"));
+  if (query.has("job")) watch(query.get("job"));
+  else if (query.has("prompt")) $("submit").focus();
   refreshJobs();
 }
 
