@@ -196,3 +196,28 @@ def test_health_shows_a_dead_worker(setup: dict, tmp_path: Path) -> None:
         assert health.status_code == 503 and health.json()["worker"]["status"] == "dead", health.text
     finally:
         srv.close()
+
+
+def test_an_upload_killed_midway_leaves_no_staging_files(setup: dict, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    srv = Server(setup, data, "--no_worker", ready=False)
+    try:
+        boundary = "b0undary"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na cat\r\n--{boundary}\r\n"
+                f"Content-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+        with socket.create_connection(("127.0.0.1", srv.port)) as conn:
+            conn.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                         + f"boundary={boundary}\r\nContent-Length: 5000000\r\n\r\n".encode() + head
+                         + b"\x89PNG" + b"\0" * 200_000)  # fmt: skip
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any((data / "uploads").glob("*")):
+                time.sleep(0.05)
+            assert any((data / "uploads").glob("*")), "the upload never got a staging folder"
+        deadline = time.monotonic() + 10  # the client is gone mid-file
+        while time.monotonic() < deadline and any((data / "uploads").iterdir()):
+            time.sleep(0.1)
+        assert list((data / "uploads").iterdir()) == []
+        assert srv.client.get("/v1/videos").json()["data"] == []
+    finally:
+        srv.close()
