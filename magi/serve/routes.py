@@ -433,7 +433,20 @@ async def cancel(job_id: str, svc: Svc) -> dict:
     job = svc.job(job_id)
     if job.ended:
         raise ApiError(409, "job_ended", f"video {job_id} is already {job.status}")
-    return svc.video(svc.store.request_cancel(job_id))
+    job = svc.store.request_cancel(job_id)
+    if job is not None and job.status == "in_progress" and not _worker_alive(svc):
+        # no worker will reach the job's next step (dead, or never started): cancel it now
+        svc.store.cancel_now(job_id)
+        job = svc.store.get(job_id)
+    return svc.video(job)
+
+
+def _worker_alive(svc: Service) -> bool:
+    try:
+        worker = json.loads((svc.data_dir / "worker.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(worker, dict) and worker.get("status") in ("loading", "ready", "error") and _alive(worker.get("pid"))
 
 
 @router.post("/v1/videos/{job_id}/extend", openapi_extra=request_schema(VideoExtend))

@@ -205,14 +205,32 @@ class JobStore:
         with self._lock:
             self._db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
+    def start(self, job_id: str, **fields: object) -> bool:
+        """Mark a queued (or resumed) job ``in_progress`` with ``fields``; False when it has ended
+        meanwhile (cancelled while the worker picked it), so the worker leaves it alone."""
+        bad = set(fields) - set(JOB_FIELDS)
+        if bad:
+            raise ValueError(f"unknown job fields {sorted(bad)}")
+        cols = "".join(f", {k} = ?" for k in fields)
+        with self._lock:
+            cur = self._db.execute(f"UPDATE jobs SET status = 'in_progress'{cols} WHERE id = ? AND status IN "
+                                   "('queued', 'in_progress')", (*fields.values(), job_id))  # fmt: skip
+        return cur.rowcount == 1
+
     def request_cancel(self, job_id: str) -> Job | None:
         """Mark a job to be cancelled: a queued one ends now, a running one at its next step."""
         now = time.time()
         with self._lock:
-            self._db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? AND status = 'queued'",
-                             (now, job_id))  # fmt: skip
+            self._db.execute("UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? "
+                             "WHERE id = ? AND status = 'queued'", (now, job_id))  # fmt: skip
             self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'in_progress'", (job_id,))
         return self.get(job_id)
+
+    def cancel_now(self, job_id: str) -> None:
+        """End a job left ``in_progress`` with no worker to stop it as ``cancelled``."""
+        with self._lock:
+            self._db.execute("UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? "
+                             "WHERE id = ? AND status = 'in_progress'", (time.time(), job_id))  # fmt: skip
 
     def queue_position(self, job_id: str) -> int | None:
         """Jobs ahead of a queued one (0: it runs next), None when it is not queued."""

@@ -141,8 +141,8 @@ class Worker:
             self.fault, self.backoff_s = None, 0.0
             write_status(self.data_dir, status="ready", error=None, model=self.model)
         attempts = job.attempts + 1
-        self.store.update(job_id, status="in_progress", attempts=attempts,
-                          started_at=job.started_at or time.time())  # fmt: skip
+        if not self.store.start(job_id, attempts=attempts, started_at=job.started_at or time.time()):
+            return None  # cancelled between the queue read and now: it stays cancelled
         _event(f"job {job_id} started" + (f" (attempt {attempts})" if attempts > 1 else ""))
         if job.cancel_requested:
             return self._end(job, files, "cancelled")
@@ -290,6 +290,9 @@ class Worker:
                 join_mp4(parts, files.video)
         except Exception as err:
             return self._fail(job.id, one_line(err))
+        row = self.store.get(job.id)
+        if status == "completed" and row is not None and row.cancel_requested:
+            status = "cancelled"  # the cancel came after the last step: it is kept, and so is the video
         self.store.update(job.id, status=status, finished_at=time.time())
         _event(f"job {job.id} ended: {status}")
         return None

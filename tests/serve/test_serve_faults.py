@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,36 @@ def test_an_upload_killed_midway_leaves_no_staging_files(setup: dict, tmp_path: 
         assert srv.client.get("/v1/videos").json()["data"] == []
     finally:
         srv.close()
+
+
+class _LastStepPipe:
+    """A stand-in pipeline whose run ends just as a cancel arrives (after its last step)."""
+
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self.store, self.job_id, self.runs = store, job_id, 0
+        self.config = types.SimpleNamespace(runtime=types.SimpleNamespace(video_size_w=64, video_size_h=64))
+
+    def generate(self, *args: object, **kwargs: object) -> object:
+        self.runs += 1
+        self.store.request_cancel(self.job_id)  # the HTTP side, racing the end of the run
+        return types.SimpleNamespace(chunks_total=1, interrupted=False)
+
+
+def test_a_cancel_racing_the_jobs_start_or_end_is_never_lost(tmp_path: Path) -> None:
+    from magi.serve.worker import Worker
+
+    store = JobStore(tmp_path / "magi.db")
+    try:
+        params = {"mode": "t2v", "prompts": ["a"], "seed": 1, "num_frames": CHUNK, "size": [64, 64]}
+        first = store.create(params).id
+        picked = store.next_job()  # the worker read it queued ...
+        store.request_cancel(first)  # ... and the cancel lands before it starts
+        pipe = _LastStepPipe(store, first)
+        Worker(pipe, store, tmp_path).run_job(picked)
+        assert store.get(first).status == "cancelled" and pipe.runs == 0
+        second = store.create(params).id
+        pipe = _LastStepPipe(store, second)
+        Worker(pipe, store, tmp_path).run_job(store.next_job())
+        assert pipe.runs == 1 and store.get(second).status == "cancelled"
+    finally:
+        store.close()

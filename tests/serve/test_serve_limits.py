@@ -109,3 +109,16 @@ def test_finished_jobs_are_kept_by_the_retention_rule(tmp_path: Path) -> None:
         assert JobFiles(tmp_path, ids[1]).dir.exists() and not JobFiles(tmp_path, ids[2]).dir.exists()
     finally:
         store.close()
+
+
+def test_a_job_stuck_before_its_first_step_with_no_worker_is_cancelled_at_once(client: TestClient,
+                                                                                tmp_path: Path) -> None:  # fmt: skip
+    job = client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 24}).json()["id"]
+    worker = JobStore(tmp_path / "data" / "magi.db")
+    try:
+        worker.update(job, status="in_progress", started_at=time.time())  # taken, then the worker died
+    finally:
+        worker.close()
+    (tmp_path / "data" / "worker.json").write_text(json.dumps({"pid": 2**22 + 7, "status": "ready"}))
+    r = client.post(f"/v1/videos/{job}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
