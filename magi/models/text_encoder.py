@@ -59,10 +59,10 @@ def _drop_file_name(word: str) -> str:
     """Step 14 on one run of non-spaces, in linear time: the official ``\\S+\\.(ext)`` removes
     the run's start up to its last ``.ext`` that has a character before it (backtracking made that
     quadratic in the run's length: a 1 MB prompt without spaces took ~45 minutes)."""
-    last = None
-    for last in _DOT_FILE_EXT.finditer(word, 1):
-        pass
-    return word if last is None else word[last.end():]
+    end = 0
+    for found in _DOT_FILE_EXT.finditer(word, 1):
+        end = found.end()
+    return word[end:]
 
 
 # Steps 5-17: between the HTML strip and the hyphen rule (a replacement is a string or, step 14,

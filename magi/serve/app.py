@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from magi.config import load_config
+from magi.serve.guard import Guard
 from magi.serve.protocol import (
     MAX_FRAMES,
     MAX_PIXELS,
@@ -30,7 +31,6 @@ from magi.serve.protocol import (
     Served,
     error_response,
 )
-from magi.serve.guard import Guard
 from magi.serve.realtime import router as realtime_router
 from magi.serve.routes import Service, router
 from magi.serve.store_pg import open_store
