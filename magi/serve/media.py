@@ -111,11 +111,33 @@ async def copy_limited(upload: Any, dest: Path, limit: int, too_large: ApiError,
         raise ApiError(422, "invalid_file", f"{param}: the uploaded file is empty", param)
 
 
-def check_upload(cfg: MagiConfig, mode: str, size: tuple[int, int], path: Path) -> None:
-    """Decode the image, or the prefix video's first frames, as the CLI does before a run."""
-    from magi import video_io
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".gif", ".y4m", ".mpg", ".mpeg", ".ts")
+
+
+def check_upload(cfg: MagiConfig, mode: str, size: tuple[int, int], path: Path, max_frames: int | None = None) -> None:
+    """Check an upload as the CLI does before a run, cheapest first: its file type by name, then
+    (v2v) its header's width x height and frame count against the limits (``max_frames``, the
+    server's; MAX_IMAGE_PIXELS), before any frame is decoded; then decode the image, or the prefix
+    video's first frames."""
+    from magi.media import read
 
     rt = cfg.runtime
+    allowed = IMAGE_SUFFIXES if mode == "i2v" else VIDEO_SUFFIXES
+    if path.suffix.lower() not in allowed:
+        raise ValueError(f"a {path.suffix or 'nameless'} file is not {'an image' if mode == 'i2v' else 'a video'}; "
+                         f"give one of {', '.join(allowed)}")  # fmt: skip
+    if mode != "i2v":
+        info = read.probe(path, "video")
+        if info.width * info.height > read.MAX_IMAGE_PIXELS:
+            raise ValueError(f"the video is {info.width}x{info.height}, above magi's limit of "
+                             f"{read.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels per frame; downscale it")  # fmt: skip
+        frames = info.duration * info.fps
+        if max_frames is not None and frames > max_frames:
+            raise ValueError(f"the video has about {frames:.0f} frames ({info.duration:.1f} s), more than this "
+                             f"server's limit of {max_frames}; trim it")  # fmt: skip
+    from magi import video_io
+
     if mode == "i2v":
         video_io.load_image(path, size)
     else:

@@ -233,7 +233,7 @@ async def create(request: Request, svc: Svc) -> dict:
 async def _check_upload(svc: Svc, req: VideoCreate, param: str, path: Path) -> None:
     """Decode the upload in a thread; a file the CLI would refuse is a 422."""
     try:
-        await run_in_threadpool(check_upload, svc.served.config, req.mode, req.size, path)
+        await run_in_threadpool(check_upload, svc.served.config, req.mode, req.size, path, svc.served.limits.max_frames)
     except (ValueError, OSError) as err:
         text = str(err).replace(str(path.parent) + os.sep, "")  # the staging folder is no one's business
         raise ApiError(422, "invalid_file", f"{param}: {text}", param) from None

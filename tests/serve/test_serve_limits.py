@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="magi serve needs its extra: pip install -e '.[serve]'")
 pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
@@ -26,7 +27,7 @@ from tests.helpers import CHUNK, write_tiny_config  # noqa: E402
 @pytest.fixture
 def client(tiny_checkpoint: Path, tmp_path: Path) -> TestClient:
     config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint)
-    app = create_app(config, tmp_path / "data")
+    app = create_app(config, tmp_path / "data", max_frames=48)
     with TestClient(app, base_url="http://127.0.0.1") as client:
         yield client
     app.state.store.close()
@@ -122,3 +123,25 @@ def test_a_job_stuck_before_its_first_step_with_no_worker_is_cancelled_at_once(c
     (tmp_path / "data" / "worker.json").write_text(json.dumps({"pid": 2**22 + 7, "status": "ready"}))
     r = client.post(f"/v1/videos/{job}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+
+
+def _upload(client: TestClient, field: str, name: str, data: bytes) -> dict:
+    r = client.post("/v1/videos", data={"prompt": "a cat", "num_frames": "24"}, files={field: (name, data)})
+    assert r.status_code == 422, r.text
+    return r.json()["error"]
+
+
+def test_uploads_are_checked_from_their_name_and_header_before_any_decode(client: TestClient, tmp_path: Path) -> None:
+    from magi.media.mp4 import Mp4Writer
+
+    error = _upload(client, "image", "notes.txt", b"hello, this is text\n" * 10)
+    assert error["param"] == "image" and ".txt file is not an image" in error["message"]
+    huge = b"YUV4MPEG2 W16000 H16000 F24:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(100_000)  # claims 16000x16000
+    start = time.monotonic()
+    error = _upload(client, "prefix_video", "huge.y4m", huge)
+    assert "16000x16000" in error["message"] and time.monotonic() - start < 20, error
+    long_video = tmp_path / "long.mp4"  # 100 frames; the server below takes 48 at most
+    with Mp4Writer(long_video, 24) as w:
+        w.append(torch.zeros(100, 3, 64, 64, dtype=torch.uint8))
+    error = _upload(client, "prefix_video", "long.mp4", long_video.read_bytes())
+    assert "more than this server's limit of 48" in error["message"], error
