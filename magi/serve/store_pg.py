@@ -165,11 +165,42 @@ class PgJobStore:
     def request_cancel(self, job_id: str) -> Job | None:
         """Mark a job to be cancelled: a queued one ends now, a running one at its next step."""
         with self._lock, self._db.transaction():
-            self._db.execute("UPDATE jobs SET status = 'cancelled', finished_at = %s WHERE id = %s AND status = 'queued'",
-                             (time.time(), job_id))  # fmt: skip
+            self._db.execute("UPDATE jobs SET status = 'cancelled', cancel_requested = TRUE, finished_at = %s "
+                             "WHERE id = %s AND status = 'queued'", (time.time(), job_id))  # fmt: skip
             self._db.execute("UPDATE jobs SET cancel_requested = TRUE WHERE id = %s AND status = 'in_progress'",
                              (job_id,))  # fmt: skip
         return self.get(job_id)
+
+    def start(self, job_id: str, **fields: object) -> bool:
+        """Mark a job ``in_progress`` with ``fields``; False when it has ended meanwhile (cancelled)."""
+        bad = set(fields) - set(_FIELDS)
+        if bad:
+            raise ValueError(f"unknown job fields {sorted(bad)}")
+        cols = "".join(f", {k} = %s" for k in fields)
+        row = self._one(f"UPDATE jobs SET status = 'in_progress'{cols} WHERE id = %s AND status IN "
+                        "('queued', 'in_progress') RETURNING seq", (*fields.values(), job_id))  # fmt: skip
+        return row is not None
+
+    def cancel_now(self, job_id: str) -> None:
+        """End a job left ``in_progress`` with no worker to stop it as ``cancelled``."""
+        self._all("UPDATE jobs SET status = 'cancelled', cancel_requested = TRUE, finished_at = %s "
+                  "WHERE id = %s AND status = 'in_progress' RETURNING seq", (time.time(), job_id))  # fmt: skip
+
+    def expired(self, keep: int, max_age_s: float | None = None) -> list[str]:
+        """Ended jobs beyond the newest ``keep`` ended ones, or that ended over ``max_age_s`` ago;
+        never the parent of a job still waiting or running."""
+        rows = self._all("SELECT id, finished_at FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') "
+                         "AND id NOT IN (SELECT parent_id FROM jobs WHERE parent_id IS NOT NULL AND status IN "
+                         "('queued', 'in_progress')) ORDER BY seq DESC")  # fmt: skip
+        now = time.time()
+        return [r["id"] for i, r in enumerate(rows)
+                if i >= keep or (max_age_s is not None and now - (r["finished_at"] or now) > max_age_s)]  # fmt: skip
+
+    def forget(self, job_id: str) -> None:
+        """Remove a job's row and its steering edits (its files are the caller's)."""
+        with self._lock, self._db.transaction():
+            self._db.execute("DELETE FROM edits WHERE job_id = %s", (job_id,))
+            self._db.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
 
     def queue_position(self, job_id: str) -> int | None:
         """Jobs ahead of a queued one (0: it runs next), None when it is not queued."""
