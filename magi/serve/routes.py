@@ -442,10 +442,12 @@ async def cancel(job_id: str, svc: Svc) -> dict:
 
 
 def _worker_alive(svc: Service) -> bool:
+    """False when worker.json names a worker that failed to load or whose process is gone (no
+    worker.json yet: one is starting, and it resumes the job)."""
     try:
         worker = json.loads((svc.data_dir / "worker.json").read_text())
     except (OSError, ValueError):
-        return False
+        return True
     return isinstance(worker, dict) and worker.get("status") in ("loading", "ready", "error") and _alive(worker.get("pid"))
 
 
