@@ -7,6 +7,8 @@
   ``Origin`` is not the server's own (``http://`` + its Host) is refused with 403 unless the API
   key is set and sent; clients that send no ``Origin`` (curl, the SDKs) are not affected.
 - With an API key, the API docs (``/docs``, ``/redoc``, ``/openapi.json``) need the key too.
+- WebSocket handshakes (the realtime route): the same Host rule, and without a key the same
+  Origin rule (a cross-site page cannot open a session); refused with 403.
 """
 
 from __future__ import annotations
@@ -79,7 +81,22 @@ class Guard:
                                          "refused; use this server's own page, or set --api_key and send it")  # fmt: skip
         return None
 
+    def ws_refused(self, scope: Scope) -> bool:
+        """A WebSocket handshake to refuse: a foreign Host, or (without a key, which the realtime
+        route checks itself) a browser's Origin other than the server's own."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        if not self.host_ok(_split_host(host)):
+            return True
+        origin = headers.get("origin")
+        return not self.api_key and origin is not None and origin.lower() not in (
+            f"http://{host.lower()}", f"https://{host.lower()}")  # fmt: skip
+
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "websocket" and self.ws_refused(scope):
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})  # the handshake is answered 403
+            return
         if scope["type"] == "http":
             refused = self.refusal(scope)
             if refused is not None:

@@ -119,3 +119,25 @@ def test_slow_clients_cannot_pile_up_connections(servers: dict) -> None:
             s.close()
         proc.terminate()
         proc.wait(30)
+
+
+def _handshake(url: str, host: str, origin: str | None) -> bytes:
+    """The status line of a raw WebSocket handshake to the realtime route with these headers."""
+    port = int(url.rsplit(":", 1)[1])
+    lines = ["GET /v1/realtime/video HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]  # fmt: skip
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return conn.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_cross_site_websockets_and_foreign_hosts_are_refused(servers: dict) -> None:
+    pytest.importorskip("websockets", reason="uvicorn needs websockets for the realtime route")
+    url = servers["open"]
+    own = url.removeprefix("http://")
+    assert b" 403 " in _handshake(url, own, "https://evil.example") + b" "
+    assert b" 403 " in _handshake(url, "attacker.example", None) + b" "
+    assert b" 101 " in _handshake(url, own, url) + b" "  # the server's own page
+    assert b" 101 " in _handshake(url, own, None)  + b" "  # a client that sends no Origin
