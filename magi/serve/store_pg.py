@@ -173,7 +173,7 @@ class PgJobStore:
 
     def start(self, job_id: str, **fields: object) -> bool:
         """Mark a job ``in_progress`` with ``fields``; False when it has ended meanwhile (cancelled)."""
-        bad = set(fields) - set(_FIELDS)
+        bad = set(fields) - set(JOB_FIELDS)
         if bad:
             raise ValueError(f"unknown job fields {sorted(bad)}")
         cols = "".join(f", {k} = %s" for k in fields)
