@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from magi.serve.store import open_store
+from magi.serve.store_pg import open_store
 from tests.serve.pg import pg_bin, postgres_server
 
 needs_pg = pytest.mark.skipif(pg_bin() is None, reason="no PostgreSQL server binaries (apt-get install postgresql)")
