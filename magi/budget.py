@@ -62,8 +62,9 @@ def tile_frames(fps: int, compat: str = "magi") -> int:
     return frames
 
 
-def visible_prefix_frames(noise2clean_kvrange: Sequence[int], chunk_width: int,
-                          temporal_factor: int = TEMPORAL_FACTOR) -> int:  # fmt: skip
+def visible_prefix_frames(
+    noise2clean_kvrange: Sequence[int], chunk_width: int, temporal_factor: int = TEMPORAL_FACTOR
+) -> int:
     """Pixel frames of history a new chunk can still attend to: (max(kv range) - 1) chunks."""
     return (max(noise2clean_kvrange) - 1) * chunk_width * temporal_factor
 
@@ -126,8 +127,15 @@ def prefix_frames_upper_bound(cfg: MagiConfig, mode: str, compat: str = "magi") 
     return math.ceil(frames / rt.temporal_downsample_factor)
 
 
-def estimate(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bound: int, *,
-             compat: str = "magi", noise_spill_bytes: int | None = None) -> Estimate:  # fmt: skip
+def estimate(
+    cfg: MagiConfig,
+    mode: str,
+    num_frames: int,
+    prefix_frames_upper_bound: int,
+    *,
+    compat: str = "magi",
+    noise_spill_bytes: int | None = None,
+) -> Estimate:
     """Size a request from the config alone.
 
     Args:
@@ -145,14 +153,21 @@ def estimate(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bo
     rt, m = cfg.runtime, cfg.model
     cw, tf = rt.chunk_width, rt.temporal_downsample_factor
     tile = tile_frames(rt.fps, compat) // tf
-    chunks, generated = _chunk_bounds(mode, num_frames, prefix_frames_upper_bound, cw, compat=compat,
-                                      temporal_factor=tf, tile_latents=tile)  # fmt: skip
+    chunks, generated = _chunk_bounds(
+        mode, num_frames, prefix_frames_upper_bound, cw, compat=compat, temporal_factor=tf, tile_latents=tile
+    )
     c = m.in_channels // 2 if m.half_channel_vae else m.in_channels
     lat_h, lat_w = rt.video_size_h // 8, rt.video_size_w // 8
     frames = decoded_frames(cw, tile)
     tokens = math.ceil(cw / m.t_patch_size) * math.ceil(lat_h / m.patch_size) * math.ceil(lat_w / m.patch_size)
     return Estimate(
-        rt.video_size_h, rt.video_size_w, num_frames, cw, chunks, generated, c,
+        rt.video_size_h,
+        rt.video_size_w,
+        num_frames,
+        cw,
+        chunks,
+        generated,
+        c,
         noise_bytes=c * chunks * cw * lat_h * lat_w * FLOAT32,
         noise_spill_bytes=noise_spill_bytes,
         chunk_latent_bytes=c * cw * lat_h * lat_w * FLOAT32,
@@ -160,7 +175,7 @@ def estimate(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bo
         chunk_frame_bytes=3 * frames * rt.video_size_h * rt.video_size_w * FLOAT32,
         chunk_tokens=tokens,
         chunk_activation_bytes=tokens * max(m.hidden_size, m.ffn_hidden_size) * FLOAT32,
-    )  # fmt: skip
+    )
 
 
 def _chunk_bounds(mode: str, num_frames: int, p_max: int, cw: int, **kwargs) -> tuple[int, int]:
@@ -176,8 +191,14 @@ def _chunk_bounds(mode: str, num_frames: int, p_max: int, cw: int, **kwargs) -> 
     return p_max // cw + generated, generated
 
 
-def check_budget(est: Estimate, free_tmp_bytes: int | None, ram_bytes: int | None, *,
-                 tmp_dir: str | None = None, flag_prefix: str = "") -> None:  # fmt: skip
+def check_budget(
+    est: Estimate,
+    free_tmp_bytes: int | None,
+    ram_bytes: int | None,
+    *,
+    tmp_dir: str | None = None,
+    flag_prefix: str = "",
+) -> None:
     """Refuse a request whose chunk or initial noise cannot fit; None skips that check.
 
     Args:
@@ -199,24 +220,39 @@ def check_budget(est: Estimate, free_tmp_bytes: int | None, ram_bytes: int | Non
     else:
         room, where = ram_bytes, f"in memory ({_gib(ram_bytes)})"
     if room is not None and est.noise_bytes > room:
-        raise ValueError(f"{what}: the initial noise ({est.chunks} chunks of {est.chunk_width} latent frames) "
-                         f"needs {_gib(est.noise_bytes)} {where}; lower num_frames or the size")  # fmt: skip
+        raise ValueError(
+            f"{what}: the initial noise ({est.chunks} chunks of {est.chunk_width} latent frames) "
+            f"needs {_gib(est.noise_bytes)} {where}; lower num_frames or the size"
+        )
 
 
 def _check_chunk(est: Estimate, ram_bytes: int, what: str) -> None:
-    parts = {"latent": est.chunk_latent_bytes, "decoded frames": est.chunk_frame_bytes,
-             f"DiT activations ({est.chunk_tokens} tokens)": est.chunk_activation_bytes}  # fmt: skip
+    parts = {
+        "latent": est.chunk_latent_bytes,
+        "decoded frames": est.chunk_frame_bytes,
+        f"DiT activations ({est.chunk_tokens} tokens)": est.chunk_activation_bytes,
+    }
     part, size = max(parts.items(), key=lambda kv: kv[1])
     if size > ram_bytes:
-        raise ValueError(f"{what}: one chunk (chunk_width {est.chunk_width} latent frames, "
-                         f"{est.frames_per_chunk} video frames) needs {_gib(size)} for its {part} but "
-                         f"this machine has {_gib(ram_bytes)} of memory; lower the size or "
-                         "runtime_config.chunk_width")  # fmt: skip
+        raise ValueError(
+            f"{what}: one chunk (chunk_width {est.chunk_width} latent frames, "
+            f"{est.frames_per_chunk} video frames) needs {_gib(size)} for its {part} but "
+            f"this machine has {_gib(ram_bytes)} of memory; lower the size or "
+            "runtime_config.chunk_width"
+        )
 
 
-def check_request(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upper_bound: int, *,
-                  compat: str = "magi", noise_spill_bytes: int | None = None, draw_noise: bool = True,
-                  flag_prefix: str = "") -> Estimate:  # fmt: skip
+def check_request(
+    cfg: MagiConfig,
+    mode: str,
+    num_frames: int,
+    prefix_frames_upper_bound: int,
+    *,
+    compat: str = "magi",
+    noise_spill_bytes: int | None = None,
+    draw_noise: bool = True,
+    flag_prefix: str = "",
+) -> Estimate:
     """``estimate`` the request and ``check_budget`` it against this machine; returns the estimate.
 
     Args:
@@ -227,8 +263,7 @@ def check_request(cfg: MagiConfig, mode: str, num_frames: int, prefix_frames_upp
     Raises:
         ValueError: the request cannot fit.
     """
-    est = estimate(cfg, mode, num_frames, prefix_frames_upper_bound, compat=compat,
-                   noise_spill_bytes=noise_spill_bytes)  # fmt: skip
+    est = estimate(cfg, mode, num_frames, prefix_frames_upper_bound, compat=compat, noise_spill_bytes=noise_spill_bytes)
     if not draw_noise:
         est = replace(est, noise_bytes=0)
     tmp = tempfile.gettempdir()

@@ -56,9 +56,13 @@ class ChunkCaptions:
     def _table(self, prompt: int, duration: int) -> tuple[torch.Tensor, torch.Tensor]:
         # A video of `duration` chunks: its chunk 0 carries DURATION_TOKEN_<duration>.
         return build_caption_table(
-            self.emb[prompt : prompt + 1], self.mask[prompt : prompt + 1], self.null, self.tokens,
-            chunk_num=duration, options=self.options,
-        )  # fmt: skip
+            self.emb[prompt : prompt + 1],
+            self.mask[prompt : prompt + 1],
+            self.null,
+            self.tokens,
+            chunk_num=duration,
+            options=self.options,
+        )
 
     def row(self, kind: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(y [Lcap, Ccap], mask [Lcap]) of absolute chunk ``chunk``, row kind PROMPT or NULL."""

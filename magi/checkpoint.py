@@ -155,11 +155,15 @@ def _layer_manifest(model: ModelConfig, prefix: str, quantised: bool) -> Manifes
     cond, gate = int(h * model.cond_hidden_ratio), int(h * model.cond_gating_ratio)
     xattn = int(h * model.xattn_cond_hidden_ratio)
     linears = {  # name -> (out, in) of the bias-free params_dtype linears
-        "self_attention.linear_qkv.q": (q, h), "self_attention.linear_qkv.qx": (q, h),
-        "self_attention.linear_qkv.k": (kv, h), "self_attention.linear_qkv.v": (kv, h),
-        "self_attention.linear_kv_xattn": (2 * kv, xattn), "self_attention.linear_proj": (h, 2 * q),
-        "mlp.linear_fc1": (2 * ffn if model.gated_linear_unit else ffn, h), "mlp.linear_fc2": (h, ffn),
-    }  # fmt: skip
+        "self_attention.linear_qkv.q": (q, h),
+        "self_attention.linear_qkv.qx": (q, h),
+        "self_attention.linear_qkv.k": (kv, h),
+        "self_attention.linear_qkv.v": (kv, h),
+        "self_attention.linear_kv_xattn": (2 * kv, xattn),
+        "self_attention.linear_proj": (h, 2 * q),
+        "mlp.linear_fc1": (2 * ffn if model.gated_linear_unit else ffn, h),
+        "mlp.linear_fc2": (h, ffn),
+    }
 
     def lin(name: str) -> Manifest:
         rows, cols = linears[name]
@@ -171,8 +175,12 @@ def _layer_manifest(model: ModelConfig, prefix: str, quantised: bool) -> Manifes
     out |= _norm(f"{prefix}.self_attention.linear_qkv.layer_norm", h, dt)
     for name in list(linears)[:6]:
         out |= lin(name)
-    for norm, dtype in (("q_layernorm", f32), ("q_layernorm_xattn", dt), ("k_layernorm", f32),
-                        ("k_layernorm_xattn", dt)):  # fmt: skip
+    for norm, dtype in (
+        ("q_layernorm", f32),
+        ("q_layernorm_xattn", dt),
+        ("k_layernorm", f32),
+        ("k_layernorm_xattn", dt),
+    ):
         out |= _norm(f"{prefix}.self_attention.{norm}", hd, dtype)
     out |= _norm(f"{prefix}.self_attn_post_norm", h, f32) | _norm(f"{prefix}.mlp.layer_norm", h, dt)
     out |= lin("mlp.linear_fc1") | lin("mlp.linear_fc2")
@@ -212,8 +220,10 @@ def _refuse_stacked(shards: _Shards, key_to_shard: dict[str, str]) -> None:
             shape = f.get_slice(stacked[0]).get_shape()
         layers = f", {shape[0]} layers" if shape else ""
     where = f"{shards.folder.parent.name}/{shards.folder.name}"  # short: the message stays one line
-    raise ValueError(f"{where} is a MAGI-1.1 checkpoint ({len(stacked)} stacked videodit_blocks.layers.<name> "
-                     f"tensors{layers}); MAGI-1.1 is not supported yet: use MAGI-1 (v1.0) weights")
+    raise ValueError(
+        f"{where} is a MAGI-1.1 checkpoint ({len(stacked)} stacked videodit_blocks.layers.<name> "
+        f"tensors{layers}); MAGI-1.1 is not supported yet: use MAGI-1 (v1.0) weights"
+    )
 
 
 def _meta_model(cfg: MagiConfig, layer_numbers: list[int]) -> DiT:
@@ -241,8 +251,7 @@ class _Shards:
     def __init__(self, folder: Path) -> None:
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"DiT checkpoint folder {folder} does not exist "
-                "(check runtime_config.load and the fp8/distill flags)"
+                f"DiT checkpoint folder {folder} does not exist (check runtime_config.load and the fp8/distill flags)"
             )
         if not any(folder.iterdir()):
             raise FileNotFoundError(f"DiT checkpoint folder {folder} is empty (download the weights first)")
@@ -272,8 +281,9 @@ class _Shards:
         try:
             return safe_open(str(path), framework="pt")
         except SafetensorError as err:  # truncated download, or not a safetensors file
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); it is truncated "
-                             "or corrupt: download it again") from None
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt: download it again"
+            ) from None
 
     def path(self, shard: str) -> Path:
         """Readable path of a shard; a ``<shard>.zst`` next to it wins and is decompressed."""
@@ -319,13 +329,14 @@ def _check_shard_name(index: Path, key: str, shard: object) -> None:
     """A shard must be a file name inside the checkpoint folder: an index entry with an absolute
     path or ``..`` would make the loader open a file elsewhere on the machine."""
     if not isinstance(shard, str) or not shard.strip():
-        raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} is not a shard file name; "
-                         "re-download the index")
+        raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} is not a shard file name; re-download the index")
     windows = PureWindowsPath(shard)  # also sees drives (C:), UNC paths and backslash separators
     if Path(shard).is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
-        raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} points outside the checkpoint folder "
-                         "(absolute path or '..'); shards must be plain file names there: "
-                         "re-download the index")
+        raise ValueError(
+            f"{index}: weight_map[{key!r}] = {shard!r} points outside the checkpoint folder "
+            "(absolute path or '..'); shards must be plain file names there: "
+            "re-download the index"
+        )
 
 
 def _match_keys(
@@ -390,8 +401,7 @@ def _likely_cause(cfg: MagiConfig, key_to_shard: dict[str, str], mis_shaped: lis
         return "engine_config.fp8_quant is true but the checkpoint has no fp8 keys (a bf16 checkpoint?)"
     if mis_shaped:
         return (
-            "tensor shapes differ: the checkpoint was made for another model_config "
-            "(hidden_size, heads, ffn, channels)"
+            "tensor shapes differ: the checkpoint was made for another model_config (hidden_size, heads, ffn, channels)"
         )
     return "the checkpoint is incomplete or from a different model; compare its keys with the model's"
 
@@ -442,9 +452,11 @@ def _check_header(
     absent = [ckpt_key for ckpt_key in keys.values() if ckpt_key not in present]
     if absent:
         where = shards.folder / INDEX_FILE if (shards.folder / INDEX_FILE).is_file() else shards.folder
-        raise ValueError(f"{where} lists key {absent[0]} in shard {shard}, but {shards.folder / shard} has no "
-                         f"such tensor ({len(absent)} key(s) absent); the index and the shards are from "
-                         "different downloads or a shard is incomplete: download the checkpoint again")
+        raise ValueError(
+            f"{where} lists key {absent[0]} in shard {shard}, but {shards.folder / shard} has no "
+            f"such tensor ({len(absent)} key(s) absent); the index and the shards are from "
+            "different downloads or a shard is incomplete: download the checkpoint again"
+        )
     not_float = []
     mis_shaped = []
     for key, ckpt_key in keys.items():
@@ -456,7 +468,9 @@ def _check_header(
             mis_shaped.append(f"{ckpt_key} {list(shape)} (model {list(expected[key][0])})")
     if not_float:
         more = f", ... ({len(not_float) - _MAX_LISTED} more)" if len(not_float) > _MAX_LISTED else ""
-        raise ValueError(f"{shards.folder / shard} holds non-floating tensor(s) where floating weights are "
-                         f"expected: {', '.join(not_float[:_MAX_LISTED])}{more}; the file is not a MAGI-1 DiT "
-                         "checkpoint or was converted wrongly: download the checkpoint again")
+        raise ValueError(
+            f"{shards.folder / shard} holds non-floating tensor(s) where floating weights are "
+            f"expected: {', '.join(not_float[:_MAX_LISTED])}{more}; the file is not a MAGI-1 DiT "
+            "checkpoint or was converted wrongly: download the checkpoint again"
+        )
     return mis_shaped

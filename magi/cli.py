@@ -35,8 +35,12 @@ def stop_on_signals(control: Control, announce: bool = True) -> Iterator[Control
         control.stop(signum)
         if announce:
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            print(f"\n{name}: stopping after the current step and keeping the chunks done so far "
-                  "(send it again to abort)", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"\n{name}: stopping after the current step and keeping the chunks done so far "
+                "(send it again to abort)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     signums = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
     previous = {s: signal.signal(s, handler) for s in signums}

@@ -26,9 +26,7 @@ from torch import Tensor
 
 SPECIAL_TOKEN_ENV = "SPECIAL_TOKEN_PATH"
 DEFAULT_SPECIAL_TOKEN_PATH = Path("example/assets/special_tokens.npz")  # relative to the cwd
-SPECIAL_TOKEN_URL = (
-    "https://raw.githubusercontent.com/SandAI-org/MAGI-1/main/example/assets/special_tokens.npz"
-)
+SPECIAL_TOKEN_URL = "https://raw.githubusercontent.com/SandAI-org/MAGI-1/main/example/assets/special_tokens.npz"
 NULL_CAPTION_TOKENS = 50  # the unconditional caption reads the first 50 null-table rows
 MAX_DURATION_TOKEN = 8  # DURATION_TOKEN_1..8 = chunks remaining, capped
 
@@ -94,9 +92,7 @@ class SpecialTokenOptions:
             environ: mapping to read (default ``os.environ``).
         """
         environ = os.environ if environ is None else environ
-        values = {
-            name: env_flag(environ[var]) for name, var in _ENV_VARS.items() if var in environ
-        }
+        values = {name: env_flag(environ[var]) for name, var in _ENV_VARS.items() if var in environ}
         return cls(**values)
 
     def prompt_tokens(self) -> list[str]:
@@ -179,8 +175,7 @@ class SpecialTokens:
 
     def to(self, device: torch.device | str) -> SpecialTokens:
         """The same tokens on another device."""
-        return SpecialTokens(self.caption_token.to(device), self.logo_token.to(device),
-                             self.other_tokens.to(device))
+        return SpecialTokens(self.caption_token.to(device), self.logo_token.to(device), self.other_tokens.to(device))
 
     def duration(self, chunks_remaining: int) -> Tensor:
         """DURATION_TOKEN_k [Ccap] for a chunk with ``chunks_remaining`` >= 1 (k capped at 8)."""
@@ -198,9 +193,7 @@ def load_special_tokens(path: str | os.PathLike[str] | None = None) -> SpecialTo
     """
     found = special_token_path(path)
     arrays = _read_special_arrays(found)
-    return SpecialTokens(**{
-        name: torch.from_numpy(arr.astype(np.float16)).float() for name, arr in arrays.items()
-    })
+    return SpecialTokens(**{name: torch.from_numpy(arr.astype(np.float16)).float() for name, arr in arrays.items()})
 
 
 def check_special_tokens_file(path: str | os.PathLike[str] | None = None) -> Path:
@@ -238,11 +231,11 @@ def _read_special_arrays(found: Path) -> dict[str, np.ndarray]:
     for name, min_rows in _SPECIAL_ARRAYS:
         arr = arrays[name]
         if arr.ndim != 2 or arr.shape[0] < min_rows:
-            raise ValueError(_bad_tokens_message(
-                found, f"{name} has shape {list(arr.shape)}, expected [>={min_rows}, C]"))
+            raise ValueError(
+                _bad_tokens_message(found, f"{name} has shape {list(arr.shape)}, expected [>={min_rows}, C]")
+            )
         if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
-            raise ValueError(_bad_tokens_message(
-                found, f"{name} is not finite floating data (dtype {arr.dtype})"))
+            raise ValueError(_bad_tokens_message(found, f"{name} is not finite floating data (dtype {arr.dtype})"))
     widths = {a.shape[1] for a in arrays.values()}
     if len(widths) != 1:
         raise ValueError(_bad_tokens_message(found, f"arrays disagree on the token width {sorted(widths)}"))
@@ -254,9 +247,11 @@ class _BadTokens(Exception):
 
 
 def _bad_tokens_message(found: Path, reason: str) -> str:
-    return (f"special tokens file {found} {reason}: it is truncated, damaged or not the official "
-            f"file; get a good one with `python -m magi.download <model>` or from {SPECIAL_TOKEN_URL} "
-            "(example/assets/special_tokens.npz)")
+    return (
+        f"special tokens file {found} {reason}: it is truncated, damaged or not the official "
+        f"file; get a good one with `python -m magi.download <model>` or from {SPECIAL_TOKEN_URL} "
+        "(example/assets/special_tokens.npz)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,8 +266,7 @@ def _prepend(tokens: list[Tensor], emb: Tensor, length: int) -> Tensor:
     return torch.cat([torch.stack(tokens[::-1]).to(emb.dtype), emb])[:length]
 
 
-def _stack_prompts(emb: Tensor | Sequence[Tensor], mask: Tensor | Sequence[Tensor]
-                   ) -> tuple[Tensor, Tensor]:
+def _stack_prompts(emb: Tensor | Sequence[Tensor], mask: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Normalise prompt embeddings to emb [P, Lcap, Ccap] float32 and mask [P, Lcap] float32."""
     if not isinstance(emb, Tensor):
         emb = torch.cat([e.reshape(-1, *e.shape[-2:]) for e in emb])
@@ -281,33 +275,37 @@ def _stack_prompts(emb: Tensor | Sequence[Tensor], mask: Tensor | Sequence[Tenso
     emb = emb.reshape(-1, *emb.shape[-2:]).float()  # [1, Lcap, Ccap] / [1, 1, Lcap, Ccap] too
     mask = mask.reshape(-1, mask.shape[-1]).float()
     if emb.shape[:2] != mask.shape:
-        raise ValueError(f"prompt embeddings {tuple(emb.shape)} and masks {tuple(mask.shape)} "
-                         "disagree; expected [P, Lcap, Ccap] and [P, Lcap]")
+        raise ValueError(
+            f"prompt embeddings {tuple(emb.shape)} and masks {tuple(mask.shape)} "
+            "disagree; expected [P, Lcap, Ccap] and [P, Lcap]"
+        )
     empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"prompt mask(s) {empty} have no valid token; encode the prompt with T5")
     return emb, mask
 
 
-def _chunk_prompt_index(num_prompts: int, num_generated: int,
-                        chunk_prompts: Sequence[int] | None) -> list[int]:
+def _chunk_prompt_index(num_prompts: int, num_generated: int, chunk_prompts: Sequence[int] | None) -> list[int]:
     """Prompt index of each generated chunk."""
     if chunk_prompts is None:
         if num_prompts == 1:
             return [0] * num_generated
         if num_prompts == num_generated:
             return list(range(num_generated))
-        raise ValueError(f"{num_prompts} prompts for {num_generated} generated chunks: give one "
-                         "prompt, one per generated chunk, or chunk_prompts (chunk -> prompt)")
+        raise ValueError(
+            f"{num_prompts} prompts for {num_generated} generated chunks: give one "
+            "prompt, one per generated chunk, or chunk_prompts (chunk -> prompt)"
+        )
     index = [int(i) for i in chunk_prompts]
     if len(index) != num_generated or not all(0 <= i < num_prompts for i in index):
-        raise ValueError(f"chunk_prompts must list {num_generated} prompt indices in "
-                         f"[0, {num_prompts}), one per generated chunk; got {index}")
+        raise ValueError(
+            f"chunk_prompts must list {num_generated} prompt indices in "
+            f"[0, {num_prompts}), one per generated chunk; got {index}"
+        )
     return index
 
 
-def _null_captions(null: Tensor, tokens: SpecialTokens, options: SpecialTokenOptions
-                   ) -> tuple[Tensor, Tensor]:
+def _null_captions(null: Tensor, tokens: SpecialTokens, options: SpecialTokenOptions) -> tuple[Tensor, Tensor]:
     """One null caption [Lcap, Ccap] and its mask [Lcap] (first 50 ones, never extended)."""
     length = null.shape[0]
     negatives = [tokens.token(n) for n in NEGATIVE_TOKENS] if options.negative_prompt else []
@@ -356,8 +354,10 @@ def build_caption_table(
 
     cond_y, cond_mask = [], []
     for i, p in enumerate(index):
-        prefix = [tokens.duration(n_gen - i) if key == "DURATION_TOKEN" else tokens.token(key)
-                  for key in options.prompt_tokens()]
+        prefix = [
+            tokens.duration(n_gen - i) if key == "DURATION_TOKEN" else tokens.token(key)
+            for key in options.prompt_tokens()
+        ]
         cond_y.append(_prepend(prefix, emb[p], length))
         cond_mask.append(torch.cat([mask.new_ones(len(prefix)), mask[p]])[:length])
     null_y, null_mask = _null_captions(null, tokens, options)
@@ -370,20 +370,21 @@ def build_caption_table(
     return y, y_mask
 
 
-def _check_sizes(emb: Tensor, null: Tensor, tokens: SpecialTokens, chunk_num: int,
-                 clean_chunk_num: int) -> None:
+def _check_sizes(emb: Tensor, null: Tensor, tokens: SpecialTokens, chunk_num: int, clean_chunk_num: int) -> None:
     if null.shape != emb.shape[1:]:
-        raise ValueError(f"null_caption_embedding {tuple(null.shape)} does not match the prompt "
-                         f"features {tuple(emb.shape[1:])} ([Lcap, Ccap])")
+        raise ValueError(
+            f"null_caption_embedding {tuple(null.shape)} does not match the prompt "
+            f"features {tuple(emb.shape[1:])} ([Lcap, Ccap])"
+        )
     if tokens.width != emb.shape[-1]:
-        raise ValueError(f"special tokens are {tokens.width} wide but captions {emb.shape[-1]}; "
-                         "use the special_tokens.npz that belongs to this text encoder")
+        raise ValueError(
+            f"special tokens are {tokens.width} wide but captions {emb.shape[-1]}; "
+            "use the special_tokens.npz that belongs to this text encoder"
+        )
     if emb.shape[1] < NULL_CAPTION_TOKENS:
         raise ValueError(f"caption length {emb.shape[1]} < {NULL_CAPTION_TOKENS} null tokens")
     if not 0 <= clean_chunk_num < chunk_num:
-        raise ValueError(
-            f"need 0 <= clean_chunk_num < chunk_num, got {clean_chunk_num}, {chunk_num}"
-        )
+        raise ValueError(f"need 0 <= clean_chunk_num < chunk_num, got {clean_chunk_num}, {chunk_num}")
 
 
 def chunk_captions(y: Tensor, mask: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:

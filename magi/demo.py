@@ -56,14 +56,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         folder = tiny_folder()
     except (OSError, ValueError) as err:
-        print(f"error: cannot write the tiny checkpoint into {cache_root() / 'tiny'} ({err}); "
-              "set MAGI_CACHE to a writable folder", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: cannot write the tiny checkpoint into {cache_root() / 'tiny'} ({err}); "
+            "set MAGI_CACHE to a writable folder",
+            file=sys.stderr,
+        )
         return 2
     os.environ["SPECIAL_TOKEN_PATH"] = str(folder / "special_tokens.npz")
     os.environ.setdefault("PAD_HQ", "1")
     os.environ.setdefault("PAD_DURATION", "1")
-    defaults = [("--config", str(folder / CONFIG_NAME)), ("--mode", "t2v"), ("--prompt", "Good Boy"),
-                ("--output_path", DEFAULT_OUTPUT), ("--device", "cpu")]  # fmt: skip
+    defaults = [
+        ("--config", str(folder / CONFIG_NAME)),
+        ("--mode", "t2v"),
+        ("--prompt", "Good Boy"),
+        ("--output_path", DEFAULT_OUTPUT),
+        ("--device", "cpu"),
+    ]
     for flag, value in defaults:
         if not _has(args, flag) and not (flag == "--config" and _has(args, "--config_file")):
             if flag in ("--mode", "--prompt") and (_has(args, "--resume") or _has(args, "--extend")):

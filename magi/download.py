@@ -26,9 +26,7 @@ from pathlib import Path
 from magi.config import PRESET_NAMES, check_paths, config_from_dict, preset, preset_dict, save_config
 
 REPO_ID = "sand-ai/MAGI-1"
-SPECIAL_TOKENS_URL = (
-    "https://raw.githubusercontent.com/SandAI-org/MAGI-1/main/example/assets/special_tokens.npz"
-)
+SPECIAL_TOKENS_URL = "https://raw.githubusercontent.com/SandAI-org/MAGI-1/main/example/assets/special_tokens.npz"
 SPECIAL_TOKENS_SHA256 = "b54bc664d5f4a722dfd8bb22201c025df61f22acddc07c0a2529d7b5cd6be5a7"
 _TRUE = {"1", "true", "yes", "y", "on"}
 
@@ -169,10 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {config}")
-    print(
-        f"next: python -m magi.infer --config {config} --mode t2v --prompt \"Good Boy\" "
-        f"--output_path out.mp4"
-    )
+    print(f'next: python -m magi.infer --config {config} --mode t2v --prompt "Good Boy" --output_path out.mp4')
     return 0
 
 

@@ -80,22 +80,26 @@ def is_distributed(cfg: MagiConfig) -> bool:
     return cfg.engine.pp_size * cfg.engine.cp_size > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def check_options(cfg: MagiConfig, device: torch.device, attention_backend: str, offload_blocks: bool,
-                  compile: bool | dict) -> None:  # fmt: skip
+def check_options(
+    cfg: MagiConfig, device: torch.device, attention_backend: str, offload_blocks: bool, compile: bool | dict
+) -> None:
     """Fail on a bad option before any model loads; set the attention backend."""
     from magi import attention
 
     attention.check_backend(attention_backend, device, cfg.model.dtype)
     if offload_blocks and is_distributed(cfg):
-        raise ValueError("offload_blocks works in a single process only; drop it for pp_size * "
-                         "cp_size > 1 (each rank already holds only its share of the layers)")  # fmt: skip
+        raise ValueError(
+            "offload_blocks works in a single process only; drop it for pp_size * "
+            "cp_size > 1 (each rank already holds only its share of the layers)"
+        )
     if not isinstance(compile, (bool, dict)):
         raise ValueError(f"compile must be True, False or a dict of torch.compile keywords, got {compile!r}")
     attention.set_backend(attention_backend)
 
 
-def build_dit(cfg: MagiConfig, device: torch.device,
-              offload_blocks: bool) -> tuple[nn.Module, object | None, torch.device]:  # fmt: skip
+def build_dit(
+    cfg: MagiConfig, device: torch.device, offload_blocks: bool
+) -> tuple[nn.Module, object | None, torch.device]:
     """(DiT, mesh or None, compute device): parallel under torchrun, else whole or streamed."""
     if is_distributed(cfg):
         from magi.distributed import init_from_env
@@ -126,9 +130,19 @@ class Engine:
     noise_spill_bytes: int = SPILL_BYTES
 
     @classmethod
-    def load(cls, cfg: MagiConfig, device: torch.device, compat: str, *, attention_backend: str = "auto",
-             offload_blocks: bool = False, compile: bool | dict = False, vae_offload: bool | None = None,
-             noise_spill_bytes: int = SPILL_BYTES, memory_check: bool = True) -> Engine:  # fmt: skip
+    def load(
+        cls,
+        cfg: MagiConfig,
+        device: torch.device,
+        compat: str,
+        *,
+        attention_backend: str = "auto",
+        offload_blocks: bool = False,
+        compile: bool | dict = False,
+        vae_offload: bool | None = None,
+        noise_spill_bytes: int = SPILL_BYTES,
+        memory_check: bool = True,
+    ) -> Engine:
         """Check the options, files and (CUDA) memory, then load the DiT and the VAE (see
         ``MagiPipeline.from_config``)."""
         check_options(cfg, device, attention_backend, offload_blocks, compile)
@@ -141,13 +155,23 @@ class Engine:
 
             compile_blocks(dit, **(compile if isinstance(compile, dict) else {}))
         keep_vae_on_host = offload_blocks if vae_offload is None else vae_offload
-        vae = load_vae(cfg.runtime.vae_pretrained, torch.device("cpu") if keep_vae_on_host else device,
-                       dtype=torch.bfloat16)  # fmt: skip
+        vae = load_vae(
+            cfg.runtime.vae_pretrained, torch.device("cpu") if keep_vae_on_host else device, dtype=torch.bfloat16
+        )
         return cls.assemble(cfg, dit, vae, device, compat, mesh, keep_vae_on_host, noise_spill_bytes)
 
     @classmethod
-    def assemble(cls, cfg: MagiConfig, dit: nn.Module, vae: ViTVAE, device: torch.device | str, compat: str,
-                 mesh: object | None, vae_offload: bool, noise_spill_bytes: int) -> Engine:  # fmt: skip
+    def assemble(
+        cls,
+        cfg: MagiConfig,
+        dit: nn.Module,
+        vae: ViTVAE,
+        device: torch.device | str,
+        compat: str,
+        mesh: object | None,
+        vae_offload: bool,
+        noise_spill_bytes: int,
+    ) -> Engine:
         """An engine over models that are already loaded."""
         device = torch.device(device)
         host = None
@@ -191,18 +215,22 @@ class Engine:
         with self.vae_on_device():
             return decode_to_uint8(self.vae, latent, **kwargs)
 
-    def encode_prefix(self, mode: str, image_path: str | Path | None,
-                      prefix_video_path: str | Path | None) -> torch.Tensor | None:  # fmt: skip
+    def encode_prefix(
+        self, mode: str, image_path: str | Path | None, prefix_video_path: str | Path | None
+    ) -> torch.Tensor | None:
         """i2v: the encoded image [1, C, 1, H, W]; v2v: the encoded prefix clip; t2v: None."""
         rt = self.config.runtime
         size = (rt.video_size_w, rt.video_size_h)
         if mode == "i2v":
             frames = read.load_image(image_path, size, compat=self.compat)
         elif mode == "v2v":
-            visible = visible_prefix_frames(rt.noise2clean_kvrange or (8,), rt.chunk_width, rt.temporal_downsample_factor)
+            visible = visible_prefix_frames(
+                rt.noise2clean_kvrange or (8,), rt.chunk_width, rt.temporal_downsample_factor
+            )
             frames = read.load_prefix_video(prefix_video_path, rt.fps, size, visible, compat=self.compat)
         else:
             return None
         with self.vae_on_device():
-            return latents.encode_prefix(self.vae, frames, fps=rt.fps, scale_factor=rt.scale_factor,
-                                          compat=self.compat).to(self.device)  # fmt: skip
+            return latents.encode_prefix(
+                self.vae, frames, fps=rt.fps, scale_factor=rt.scale_factor, compat=self.compat
+            ).to(self.device)

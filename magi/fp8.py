@@ -56,7 +56,9 @@ def quantize_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape, dtype=FP8, device=x.device)
     for block, dst in zip(_row_blocks(rows), _row_blocks(out)):
-        q = block.to(torch.float32, copy=True).div_(inv).clamp_(-FP8_MAX, FP8_MAX)  # one float32 block, updated in place
+        q = (
+            block.to(torch.float32, copy=True).div_(inv).clamp_(-FP8_MAX, FP8_MAX)
+        )  # one float32 block, updated in place
         dst.copy_(q.to(torch.bfloat16))  # bf16 rounding, then e4m3 rounding by the copy
         del q  # else it lives on while the next block is built
     return out.reshape(x.shape)

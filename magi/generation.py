@@ -143,8 +143,10 @@ class Control:
         if self._run is not None:
             raise ValueError("this Control already steers a run; make one per run")
         self._encode, self._run = encode, run
-        self._frontier = next((s.entering for s in run.plan.steps() if s.index >= run.start_step
-                               and s.entering is not None), run.plan.chunk_num)  # fmt: skip
+        self._frontier = next(
+            (s.entering for s in run.plan.steps() if s.index >= run.start_step and s.entering is not None),
+            run.plan.chunk_num,
+        )
         self.apply()
 
     def apply(self) -> None:
@@ -185,8 +187,9 @@ def initial_noise(engine: Engine, run: Run) -> InitialNoise:
     return InitialNoise.draw(run.noise_shape, run.seed, cw, device=engine.device, spill_bytes=engine.noise_spill_bytes)
 
 
-def chunks(engine: Engine, run: Run, callback: Callable[[StepInfo], None] | None,
-           saver: StateSaver | None = None) -> Iterator[VideoChunk]:  # fmt: skip
+def chunks(
+    engine: Engine, run: Run, callback: Callable[[StepInfo], None] | None, saver: StateSaver | None = None
+) -> Iterator[VideoChunk]:
     """Draw the noise, denoise (from run.start_step), decode each clean chunk, trim it to the
     frame budget; ``saver`` sees every resume point."""
     plan = run.plan
@@ -203,9 +206,19 @@ def chunks(engine: Engine, run: Run, callback: Callable[[StepInfo], None] | None
             if saver is not None and step.finished is not None:
                 saver.chunk_done(snapshot(engine, run, step.index + 1, window))
 
-        for index, latent in denoise(engine.dit, plan, run.settings, run.captions, take_noise, cache,
-                                     prefix=run.prefix, callback=hook, start_step=run.start_step,
-                                     window=run.window, on_window=at_step):  # fmt: skip
+        for index, latent in denoise(
+            engine.dit,
+            plan,
+            run.settings,
+            run.captions,
+            take_noise,
+            cache,
+            prefix=run.prefix,
+            callback=hook,
+            start_step=run.start_step,
+            window=run.window,
+            on_window=at_step,
+        ):
             check_finite(latent, index, engine.config.runtime.load)
             lo, hi = plan.emit_range(index, skip_prefix=run.mode == "v2v")
             frames = engine.decode(latent[:, :, lo:hi])
@@ -226,8 +239,9 @@ def _step_hook(callback: Callable[[StepInfo], None], plan: ChunkPlan) -> Callabl
     return hook
 
 
-def stop_aware(callback: Callable[[StepInfo], None] | None, control: Control,
-               mesh: object | None = None) -> Callable[[StepInfo], None]:  # fmt: skip
+def stop_aware(
+    callback: Callable[[StepInfo], None] | None, control: Control, mesh: object | None = None
+) -> Callable[[StepInfo], None]:
     """The step hook of a run: the user's callback, then steering, then the stop."""
 
     def hook(info: StepInfo) -> None:
@@ -245,9 +259,17 @@ def stop_aware(callback: Callable[[StepInfo], None] | None, control: Control,
     return hook
 
 
-def execute(engine: Engine, encoder: PromptEncoder, prepare: Callable[[], Run], out: Outputs, *,
-            callback: Callable[[StepInfo], None] | None = None, progress: bool | None = False,
-            saver: StateSaver | None = None, control: Control | None = None) -> GenerationResult:  # fmt: skip
+def execute(
+    engine: Engine,
+    encoder: PromptEncoder,
+    prepare: Callable[[], Run],
+    out: Outputs,
+    *,
+    callback: Callable[[StepInfo], None] | None = None,
+    progress: bool | None = False,
+    saver: StateSaver | None = None,
+    control: Control | None = None,
+) -> GenerationResult:
     """Run a request into its outputs; a stop (``control.stop()``, Ctrl-C) keeps the chunks done.
 
     ``prepare`` is called here, after the outputs are opened, so a bad output path fails before
@@ -294,8 +316,14 @@ class Generation:
     """A running ``MagiPipeline.stream`` request: iterate it for the chunks; ``set_prompt``
     steers it and ``stop`` ends it after the current step (see ``Control``)."""
 
-    def __init__(self, engine: Engine, encoder: PromptEncoder, run: Run,
-                 callback: Callable[[StepInfo], None] | None, control: Control | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: Engine,
+        encoder: PromptEncoder,
+        run: Run,
+        callback: Callable[[StepInfo], None] | None,
+        control: Control | None = None,
+    ) -> None:
         self.control = control if control is not None else Control()
         self.control.bind(run, encoder.encode)
         self._run, self._plan = run, run.plan

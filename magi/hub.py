@@ -40,12 +40,15 @@ def from_folder(folder: Path, variant: str) -> Path:
     if (folder / "ckpt").is_dir():
         _check_variant(variant)
         return write_config(variant, folder)
-    raise FileNotFoundError(f"{folder} holds neither {variant}_config.json nor a ckpt/ folder; get it with "
-                            f"`python -m magi.download {variant} --dir {folder}`"[:200])  # fmt: skip
+    raise FileNotFoundError(
+        f"{folder} holds neither {variant}_config.json nor a ckpt/ folder; get it with "
+        f"`python -m magi.download {variant} --dir {folder}`"[:200]
+    )
 
 
-def resolve_pretrained(repo_or_dir: str | Path, variant: str = DEFAULT_VARIANT,
-                       cache_dir: str | Path | None = None) -> Path:  # fmt: skip
+def resolve_pretrained(
+    repo_or_dir: str | Path, variant: str = DEFAULT_VARIANT, cache_dir: str | Path | None = None
+) -> Path:
     """The official-format config file for a folder, a config file or a Hub repo id.
 
     Args:

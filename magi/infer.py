@@ -155,7 +155,7 @@ def _prompt(args: argparse.Namespace, video: tuple[int, int] | None = None) -> s
         raise UsageError("--prompt must not be empty")
     else:
         prompts = [check_text(text, "--prompt" if len(args.prompt) == 1 else f"--prompt {i + 1}", "--prompt")
-                   for i, text in enumerate(args.prompt)]  # fmt: skip
+                   for i, text in enumerate(args.prompt)]
     if video is not None:
         check_prompts_fit(len(prompts), video[0], video[1], "--prompt_file" if args.prompt_file else "--prompt")
     return prompts[0] if not args.prompt_file and len(prompts) == 1 else prompts
@@ -188,7 +188,7 @@ def _inputs(args: argparse.Namespace) -> tuple[str | None, str | None]:
         raise UsageError(f"--save_tensors {args.save_tensors} is a directory; give a file name ending in .safetensors")
     if prefix is not None and _same_file(args.output_path, prefix):
         raise UsageError(f"--output_path {args.output_path} is the --prefix_video_path: writing it would "
-                         "overwrite the input video; choose another --output_path")  # fmt: skip
+                         "overwrite the input video; choose another --output_path")
     return image, prefix
 
 
@@ -236,7 +236,7 @@ def _budget(cfg: MagiConfig, mode: str, compat: str) -> tuple[int, int]:
     num_frames = cfg.runtime.num_frames
     try:
         est = budget.check_request(cfg, mode, num_frames, budget.prefix_frames_upper_bound(cfg, mode, compat),
-                                   compat=compat, flag_prefix="--")  # fmt: skip
+                                   compat=compat, flag_prefix="--")
     except ValueError as err:
         raise UsageError(str(err)) from None
     return est.generated_chunks, num_frames
@@ -283,7 +283,7 @@ def _check_output(flag: str, path: str | None, probe_mp4: bool = False) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"{flag} {path}: cannot create the folder {target.parent} "
-                         f"({err.strerror or type(err).__name__})") from None  # fmt: skip
+                         f"({err.strerror or type(err).__name__})") from None
     if probe_mp4:
         from magi.video_io import Mp4Writer
 
@@ -306,7 +306,7 @@ def _probe_file(flag: str, target: Path) -> None:
         os.unlink(probe)
     except OSError as err:
         raise UsageError(f"{flag} {target}: cannot create a file in {target.parent} "
-                         f"({err.strerror or type(err).__name__}); choose a writable folder") from None  # fmt: skip
+                         f"({err.strerror or type(err).__name__}); choose a writable folder") from None
 
 
 def _check_inputs(request: Request, cfg: MagiConfig, compat: str) -> None:
@@ -321,9 +321,9 @@ def _check_inputs(request: Request, cfg: MagiConfig, compat: str) -> None:
         if request.prefix_video_path is not None:
             # a few frames at the runtime fps: enough to see it decodes and is long enough
             head = video_io.load_video(request.prefix_video_path, rt.fps, size, compat=compat,
-                                       max_frames=rt.temporal_downsample_factor)  # fmt: skip
+                                       max_frames=rt.temporal_downsample_factor)
             video_io.select_prefix_frames(head, rt.temporal_downsample_factor, compat=compat,
-                                          temporal_factor=rt.temporal_downsample_factor)  # fmt: skip
+                                          temporal_factor=rt.temporal_downsample_factor)
     except (ValueError, OSError) as err:
         flag = "--image_path" if request.image_path is not None else "--prefix_video_path"
         raise UsageError(f"{flag}: {err}") from None
@@ -420,7 +420,7 @@ def _prepare_extend(args: argparse.Namespace) -> tuple[MagiConfig, Request, argp
     """--extend STATE: a v2v request whose prefix is the finished state's clean latents."""
     if args.mode not in (None, "v2v") or args.image_path or args.prefix_video_path:
         raise UsageError("--extend continues the saved video (v2v from its latents); drop --mode, "
-                         "--image_path and --prefix_video_path")  # fmt: skip
+                         "--image_path and --prefix_video_path")
     cfg, args.extend_state = _open_state(args, "--extend", args.extend, finished=True)
     args.mode = "v2v"
     video = _budget(cfg, args.mode, args.compat)
@@ -433,7 +433,7 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argp
     """--resume STATE: mode, prompts and inputs come from the state."""
     if args.mode or args.prompt or args.prompt_file or args.image_path or args.prefix_video_path:
         raise UsageError("--resume takes the mode, prompts and inputs from the state; drop --mode, "
-                         "--prompt, --prompt_file, --image_path and --prefix_video_path")  # fmt: skip
+                         "--prompt, --prompt_file, --image_path and --prefix_video_path")
     cfg, state = _open_state(args, "--resume", args.resume, finished=False)
     _check_resume_flags(args, state.meta)
     args.mode, args.resume_state = state.meta["mode"], state
@@ -450,7 +450,7 @@ def _check_resume_flags(args: argparse.Namespace, meta: dict) -> None:
     if args.num_frames is not None and args.num_frames != meta["limit"]:
         keeps = "every frame of its chunks" if meta["limit"] is None else f"{meta['limit']} frames"
         raise UsageError(f"--num_frames {args.num_frames}: a resumed run keeps its length ({keeps}); "
-                         "drop it, and --extend the finished run for more frames")  # fmt: skip
+                         "drop it, and --extend the finished run for more frames")
 
 
 def _extended(result: object, args: argparse.Namespace) -> str:
@@ -483,7 +483,7 @@ def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> in
         pipe = MagiPipeline.from_config(cfg, device=args.device, compat=args.compat,
                                         attention_backend=args.attention_backend, offload_blocks=args.offload,
                                         compile=args.compile, vae_offload=vae_offload,
-                                        memory_check=not args.skip_memory_check)  # fmt: skip
+                                        memory_check=not args.skip_memory_check)
         with stop_on_signals(control):  # the first stop signal ends the run after the current step
             result = _run(pipe, cfg, request, args, control)
     if _writes_here():
@@ -499,16 +499,16 @@ def _run(pipe: object, cfg: MagiConfig, request: Request, args: argparse.Namespa
     if args.extend is not None:
         return pipe.extend(args.extend_state, request.prompt, cfg.runtime.num_frames, request.output_path,
                            progress=True, save_state=args.save_state, save_every=args.save_every,
-                           save_tensors=request.save_tensors, control=control)  # fmt: skip
+                           save_tensors=request.save_tensors, control=control)
     if args.resume is not None:
         earlier = segments_folder(args.resume)
         return pipe.resume(args.resume_state, request.output_path, progress=True,
                            save_state=args.save_state or args.resume, save_every=args.save_every,
                            save_tensors=request.save_tensors,
-                           segments=earlier if earlier.is_dir() else None, control=control)  # fmt: skip
+                           segments=earlier if earlier.is_dir() else None, control=control)
     segments = None if args.save_state is None else segments_folder(args.save_state)
     return pipe.generate(**dataclasses.asdict(request), progress=True, save_state=args.save_state,
-                         save_every=args.save_every, segments=segments, control=control)  # fmt: skip
+                         save_every=args.save_every, segments=segments, control=control)
 
 
 def _warn(line: str) -> None:
@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _generate(cfg, request, args)
     except _PipelineMissing as err:
         print(f"error: generation is not available in this build of magi (module {err} is missing)",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Once generate() runs it handles Ctrl-C itself; this is the import / loading phase.

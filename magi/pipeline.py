@@ -256,7 +256,9 @@ class MagiPipeline:
                           prefix_latent)  # fmt: skip
         check_request(request)
         saver = None if save_state is None else StateSaver(save_state, save_every, noise is None)
-        dest = Destinations(output_path, segments, 0, on_chunk, save_tensors, output_type=check_output_type(output_type))
+        dest = Destinations(
+            output_path, segments, 0, on_chunk, save_tensors, output_type=check_output_type(output_type)
+        )
         return self._execute(lambda: prepare(self.engine, self.prompts, request), dest, callback, progress,
                              saver, control, prefix_video_path)  # fmt: skip
 
@@ -321,7 +323,9 @@ class MagiPipeline:
             StateError: a damaged state, another model / compat mode, or an unfinished run.
         """
         loaded, where = open_state(state, self.identity(), finished=True)
-        request = Request("v2v", prompt, seed=seed, num_frames=num_frames, prefix_latent=extension_prefix(loaded, where))
+        request = Request(
+            "v2v", prompt, seed=seed, num_frames=num_frames, prefix_latent=extension_prefix(loaded, where)
+        )
         earlier = None
         if output_path is not None and Path(output_path).is_file():
             earlier = check_earlier_video(output_path, video_frames(loaded), where)

@@ -288,7 +288,12 @@ def _fake_model(cfg: MagiConfig) -> tuple[_FakeDiT, torch.Tensor]:
             swap_fp8_linears(dit, m.num_layers)
         _promote(dit)
         template = torch.empty(0, dtype=m.dtype)
-    c = rt.chunk_width // m.t_patch_size * (rt.video_size_h // 8 // m.patch_size) * (rt.video_size_w // 8 // m.patch_size)
+    c = (
+        rt.chunk_width
+        // m.t_patch_size
+        * (rt.video_size_h // 8 // m.patch_size)
+        * (rt.video_size_w // 8 // m.patch_size)
+    )
     return _FakeDiT(dit, fake_mode, c, m.num_layers), template
 
 
@@ -426,7 +431,9 @@ def configured(cfg: MagiConfig, plans: list[Plan]) -> Plan:
 def describe(p: Plan) -> str:
     """The settings of a plan as config fields."""
     t5 = "cuda" if p.t5_on_gpu else "cpu"
-    return f"cp_size {p.cp_size}, kv_offload {str(p.kv_offload).lower()}, t5_device {t5}, fp8_quant {str(p.fp8).lower()}"
+    return (
+        f"cp_size {p.cp_size}, kv_offload {str(p.kv_offload).lower()}, t5_device {t5}, fp8_quant {str(p.fp8).lower()}"
+    )
 
 
 def pass_cost(cfg: MagiConfig, chunks: int, history_chunks: int = 0, caption_tokens: int | None = None

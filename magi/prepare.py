@@ -88,9 +88,15 @@ def prepare(engine: Engine, prompts: PromptEncoder, request: Request) -> Run:
     seed = rt.seed if request.seed is None else check_seed(request.seed)
     mode = request.mode
     # noise file, one chunk's latent / frames: refused now if they cannot fit (magi.budget)
-    est = budget.check_request(cfg, mode, frames, budget.prefix_frames_upper_bound(cfg, mode, compat), compat=compat,
-                               noise_spill_bytes=engine.noise_spill_bytes,
-                               draw_noise=request.noise is None and not request.per_chunk_noise)  # fmt: skip
+    est = budget.check_request(
+        cfg,
+        mode,
+        frames,
+        budget.prefix_frames_upper_bound(cfg, mode, compat),
+        compat=compat,
+        noise_spill_bytes=engine.noise_spill_bytes,
+        draw_noise=request.noise is None and not request.per_chunk_noise,
+    )
     check_prompts_fit(len(texts), est.generated_chunks, frames, "prompt")
     if request.prefix_latent is not None:
         prefix = request.prefix_latent.to(engine.device)
@@ -98,8 +104,9 @@ def prepare(engine: Engine, prompts: PromptEncoder, request: Request) -> Run:
         prefix = engine.encode_prefix(mode, request.image_path, request.prefix_video_path)
     p = 0 if prefix is None else prefix.shape[2]
     tile = budget.tile_frames(rt.fps, compat) // rt.temporal_downsample_factor
-    chunks = budget.chunk_count(mode, frames, p, rt.chunk_width, compat=compat,
-                                temporal_factor=rt.temporal_downsample_factor, tile_latents=tile)  # fmt: skip
+    chunks = budget.chunk_count(
+        mode, frames, p, rt.chunk_width, compat=compat, temporal_factor=rt.temporal_downsample_factor, tile_latents=tile
+    )
     settings = SamplerSettings.from_config(cfg)
     plan = settings.plan(chunks, p)
     shape = (1, engine.latent_channels, chunks * rt.chunk_width, rt.video_size_h // 8, rt.video_size_w // 8)
@@ -116,14 +123,36 @@ def from_state(engine: Engine, prompts: PromptEncoder, state: GenerationState) -
     settings = SamplerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["settings"].items()})
     plan = settings.plan(m["chunk_num"], m["prefix_frames"])
     options = SpecialTokenOptions(**m["special_tokens"])
-    captions = prompts.captions_from_state(state.prompt_emb, state.prompt_mask, m["prompts"], m["chunk_prompts"],
-                                           options, plan.offset, engine.null_caption, device)  # fmt: skip
+    captions = prompts.captions_from_state(
+        state.prompt_emb,
+        state.prompt_mask,
+        m["prompts"],
+        m["chunk_prompts"],
+        options,
+        plan.offset,
+        engine.null_caption,
+        device,
+    )
     prefix = None if state.prefix is None else state.prefix.to(device)
     window = {c: t.to(device) for c, t in state.window.items()}
-    return Run(m["mode"], plan, settings, captions, tuple(m["noise_shape"]), m["seed"], None,
-               m["per_chunk_noise"], prefix, m["limit"], start_step=m["next_step"], window=window,
-               frames_done=m["frames_done"], chunks_done=m["chunks_done"], tail=state_tail(state),
-               earlier_frames=m.get("earlier_frames", 0))  # fmt: skip
+    return Run(
+        m["mode"],
+        plan,
+        settings,
+        captions,
+        tuple(m["noise_shape"]),
+        m["seed"],
+        None,
+        m["per_chunk_noise"],
+        prefix,
+        m["limit"],
+        start_step=m["next_step"],
+        window=window,
+        frames_done=m["frames_done"],
+        chunks_done=m["chunks_done"],
+        tail=state_tail(state),
+        earlier_frames=m.get("earlier_frames", 0),
+    )
 
 
 def extension_prefix(state: GenerationState, where: object) -> torch.Tensor:
@@ -138,15 +167,24 @@ def snapshot(engine: Engine, run: Run, next_step: int, window: dict[int, torch.T
     """The state after step next_step - 1 (copies of the live window's latents, on CPU)."""
     caps = run.captions
     meta = {
-        "next_step": next_step, "finished": next_step >= run.plan.total_steps,
-        "mode": run.mode, "seed": run.seed, "per_chunk_noise": run.per_chunk_noise,
-        "noise_shape": list(run.noise_shape), "limit": run.limit,
-        "chunk_num": run.plan.chunk_num, "prefix_frames": run.plan.prefix_frames,
-        "frames_done": run.frames_done, "chunks_done": run.chunks_done, "earlier_frames": run.earlier_frames,
-        "prompts": caps.texts, "chunk_prompts": caps.chunk_prompts,
+        "next_step": next_step,
+        "finished": next_step >= run.plan.total_steps,
+        "mode": run.mode,
+        "seed": run.seed,
+        "per_chunk_noise": run.per_chunk_noise,
+        "noise_shape": list(run.noise_shape),
+        "limit": run.limit,
+        "chunk_num": run.plan.chunk_num,
+        "prefix_frames": run.plan.prefix_frames,
+        "frames_done": run.frames_done,
+        "chunks_done": run.chunks_done,
+        "earlier_frames": run.earlier_frames,
+        "prompts": caps.texts,
+        "chunk_prompts": caps.chunk_prompts,
         "special_tokens": dataclasses.asdict(caps.options),
-        "settings": dataclasses.asdict(run.settings), "identity": state_identity(engine.config, engine.compat),
-    }  # fmt: skip
+        "settings": dataclasses.asdict(run.settings),
+        "identity": state_identity(engine.config, engine.compat),
+    }
     window = {c: t.detach().float().cpu().clone() for c, t in window.items()}
     prefix = None if run.prefix is None else run.prefix.detach().cpu()
     tail = {f"clean.{c}": t for c, t in run.tail}  # what extend continues from

@@ -51,8 +51,9 @@ def find_special_tokens(cfg: MagiConfig) -> Path:
         beside = Path(cfg.source).resolve().parent / "special_tokens.npz"
         if beside.is_file():
             return beside
-    raise FileNotFoundError(f"special_tokens.npz not found: set {SPECIAL_TOKEN_ENV} or put it beside the config "
-                            "(magi.download fetches it)")  # fmt: skip
+    raise FileNotFoundError(
+        f"special_tokens.npz not found: set {SPECIAL_TOKEN_ENV} or put it beside the config (magi.download fetches it)"
+    )
 
 
 def check_special_tokens(cfg: MagiConfig) -> Path | None:
@@ -76,8 +77,9 @@ def check_special_tokens(cfg: MagiConfig) -> Path | None:
     except FileNotFoundError as err:
         if not users:
             raise
-        raise FileNotFoundError(f"{err} (needed for {', '.join(users)}; PAD_HQ and PAD_DURATION "
-                                "are on unless set to 0)") from None  # fmt: skip
+        raise FileNotFoundError(
+            f"{err} (needed for {', '.join(users)}; PAD_HQ and PAD_DURATION are on unless set to 0)"
+        ) from None
 
 
 class PromptEncoder:
@@ -166,8 +168,9 @@ class PromptEncoder:
             self._special_tokens = load_special_tokens(find_special_tokens(self.config))
         return self._special_tokens
 
-    def captions(self, prompts: Sequence[str], generated: int, offset: int, null: torch.Tensor,
-                 device: torch.device) -> ChunkCaptions:  # fmt: skip
+    def captions(
+        self, prompts: Sequence[str], generated: int, offset: int, null: torch.Tensor, device: torch.device
+    ) -> ChunkCaptions:
         """Caption rows of a request: prompt i for generated chunk i, the last one repeating.
 
         Args:
@@ -182,14 +185,30 @@ class PromptEncoder:
         emb, mask = self.encode(distinct)
         position = {p: k for k, p in enumerate(distinct)}
         options = SpecialTokenOptions.from_env()
-        return ChunkCaptions(emb.to(device), mask.to(device), null.to(device),
-                             self.tokens(options, emb.shape[-1]).to(device), options,
-                             [position[p] for p in used], offset, distinct)  # fmt: skip
+        return ChunkCaptions(
+            emb.to(device),
+            mask.to(device),
+            null.to(device),
+            self.tokens(options, emb.shape[-1]).to(device),
+            options,
+            [position[p] for p in used],
+            offset,
+            distinct,
+        )
 
-    def captions_from_state(self, emb: torch.Tensor, mask: torch.Tensor, texts: Sequence[str],
-                            chunk_prompts: Sequence[int], options: SpecialTokenOptions, offset: int,
-                            null: torch.Tensor, device: torch.device) -> ChunkCaptions:  # fmt: skip
+    def captions_from_state(
+        self,
+        emb: torch.Tensor,
+        mask: torch.Tensor,
+        texts: Sequence[str],
+        chunk_prompts: Sequence[int],
+        options: SpecialTokenOptions,
+        offset: int,
+        null: torch.Tensor,
+        device: torch.device,
+    ) -> ChunkCaptions:
         """Caption rows rebuilt from a saved state's features (no T5)."""
         tokens = self.tokens(options, emb.shape[-1]).to(device)
-        return ChunkCaptions(emb.to(device), mask.to(device), null.to(device), tokens, options,
-                             chunk_prompts, offset, texts)  # fmt: skip
+        return ChunkCaptions(
+            emb.to(device), mask.to(device), null.to(device), tokens, options, chunk_prompts, offset, texts
+        )

@@ -75,8 +75,11 @@ def check_text(text: object, where: str, param: str | None = None) -> str:
     if not isinstance(text, str) or not text.strip():
         raise RequestError(f"{where} must be a non-empty string", param)
     if len(text) > MAX_PROMPT_CHARS:
-        raise RequestError(f"{where} has {len(text)} characters; the most is {MAX_PROMPT_CHARS} (the text encoder "
-                           "reads 800 tokens, about 4000 characters): shorten it", param)  # fmt: skip
+        raise RequestError(
+            f"{where} has {len(text)} characters; the most is {MAX_PROMPT_CHARS} (the text encoder "
+            "reads 800 tokens, about 4000 characters): shorten it",
+            param,
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -102,8 +105,14 @@ def prompt_list(prompt: object, name: str = "prompt") -> list[str]:
     return prompts
 
 
-def check_mode(mode: object, image: object = None, prefix_video: object = None, *,
-               image_name: str = "image_path", prefix_name: str = "prefix_video_path") -> str:  # fmt: skip
+def check_mode(
+    mode: object,
+    image: object = None,
+    prefix_video: object = None,
+    *,
+    image_name: str = "image_path",
+    prefix_name: str = "prefix_video_path",
+) -> str:
     """The mode and its input: i2v needs an image, v2v a prefix video, and neither is used otherwise."""
     if mode not in MODES:
         raise RequestError(f"mode must be one of {MODES}, got {mode!r}", "mode")
@@ -178,20 +187,30 @@ def timeline_prompts(entries: list, where: str, video: tuple[int, int] | None = 
     starts: list[tuple[int, str]] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) != {"chunk", "prompt"}:
-            raise RequestError(f'{where}: entry {i} must be {{"chunk": <int>, "prompt": "<text>"}}, got {_shown(entry)}')
+            raise RequestError(
+                f'{where}: entry {i} must be {{"chunk": <int>, "prompt": "<text>"}}, got {_shown(entry)}'
+            )
         chunk, text = entry["chunk"], entry["prompt"]
         bad_chunk = not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0
         if bad_chunk or not isinstance(text, str) or not text.strip():
-            raise RequestError(f"{where}: entry {i} needs a chunk index >= 0 and a non-empty prompt, got {_shown(entry)}")
+            raise RequestError(
+                f"{where}: entry {i} needs a chunk index >= 0 and a non-empty prompt, got {_shown(entry)}"
+            )
         if starts and chunk <= starts[-1][0]:
-            raise RequestError(f"{where}: chunk indices must increase, but entry {i} has chunk {chunk} after {starts[-1][0]}")
+            raise RequestError(
+                f"{where}: chunk indices must increase, but entry {i} has chunk {chunk} after {starts[-1][0]}"
+            )
         if video is not None and chunk >= video[0]:
-            raise RequestError(f"{where}: entry {i} starts at chunk {chunk} but the video has only {video[0]} chunks "
-                               f"(num_frames {video[1]}); lower it or raise --num_frames")  # fmt: skip
+            raise RequestError(
+                f"{where}: entry {i} starts at chunk {chunk} but the video has only {video[0]} chunks "
+                f"(num_frames {video[1]}); lower it or raise --num_frames"
+            )
         check_text(text, f"{where}: entry {i}")
         starts.append((chunk, text))
     if starts[0][0] != 0:
-        raise RequestError(f"{where}: the first entry must be chunk 0 (got chunk {starts[0][0]}); every chunk needs a prompt")
+        raise RequestError(
+            f"{where}: the first entry must be chunk 0 (got chunk {starts[0][0]}); every chunk needs a prompt"
+        )
     prompts: list[str] = []
     for (chunk, text), nxt in zip(starts, starts[1:] + [(starts[-1][0] + 1, "")]):
         prompts += [text] * (nxt[0] - chunk)
@@ -211,13 +230,15 @@ def read_prompt_file(path: str | Path, video: tuple[int, int] | None = None, fla
     try:
         data = json.loads(raw.decode("utf-8-sig"))  # utf-8-sig: a leading BOM (Windows editors) is dropped
     except UnicodeDecodeError as err:
-        raise RequestError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-                           "save it as UTF-8") from None  # fmt: skip
+        raise RequestError(
+            f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
     except json.JSONDecodeError as err:
         raise RequestError(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except RecursionError:
-        raise RequestError(f"{where}: JSON nested too deeply; expected a flat list of prompts or "
-                           "timeline entries") from None  # fmt: skip
+        raise RequestError(
+            f"{where}: JSON nested too deeply; expected a flat list of prompts or timeline entries"
+        ) from None
     if not isinstance(data, list) or not data:
         raise RequestError(f"{where}: expected a non-empty JSON list of prompts or timeline entries")
     if all(isinstance(p, str) for p in data):

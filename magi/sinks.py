@@ -58,10 +58,18 @@ class Outputs:
         output_type: also return the frames in this form (``magi.output``; None: keep none).
     """
 
-    def __init__(self, writer: Mp4Writer | None, result: GenerationResult, *,
-                 segments: SegmentSink | None = None, joined: Path | None = None,
-                 on_chunk: Callable[[VideoChunk], None] | None = None, save_tensors: str | Path | None = None,
-                 append_to: Path | None = None, output_type: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        writer: Mp4Writer | None,
+        result: GenerationResult,
+        *,
+        segments: SegmentSink | None = None,
+        joined: Path | None = None,
+        on_chunk: Callable[[VideoChunk], None] | None = None,
+        save_tensors: str | Path | None = None,
+        append_to: Path | None = None,
+        output_type: str | None = None,
+    ) -> None:
         self.writer, self.result = writer, result
         self.segments, self.joined, self.on_chunk = segments, joined, on_chunk
         self.save_tensors, self.append_to = save_tensors, append_to
@@ -95,15 +103,20 @@ class Outputs:
         if self.on_chunk is not None:
             self.on_chunk(chunk)
 
-    def prepend_tensors(self, path: Path, tail: list[tuple[int, torch.Tensor]], offset: int,
-                        chunks: int, frames: int) -> None:  # fmt: skip
+    def prepend_tensors(
+        self, path: Path, tail: list[tuple[int, torch.Tensor]], offset: int, chunks: int, frames: int
+    ) -> None:
         """A resumed run's save_tensors start with the interrupted run's file at ``path`` when it
         holds exactly the state's ``chunks`` chunks and ``frames`` frames and ends in the state's
         clean chunks ``tail`` (absolute index, latent; ``offset`` prefix chunks); else a warning."""
         earlier = earlier_tensors(path, tail, offset, chunks, frames)
         if earlier is None:
-            logger.warning("save_tensors %s is not the stopped run's file of its first %d chunks: it will hold "
-                           "only the chunks generated after the resume", path, chunks)  # fmt: skip
+            logger.warning(
+                "save_tensors %s is not the stopped run's file of its first %d chunks: it will hold "
+                "only the chunks generated after the resume",
+                path,
+                chunks,
+            )
             return
         self.latents.append(earlier[0])
         self.frames.append(earlier[1])
@@ -130,8 +143,10 @@ class Outputs:
         save_tensors, append_to = self.save_tensors, self.append_to
         self.returned_frames()
         if self.save_tensors is not None and self.latents:
-            tensors = {"final_latent": torch.cat(self.latents, dim=2).contiguous(),
-                       "video_tchw_uint8": torch.cat(self.frames).contiguous()}  # fmt: skip
+            tensors = {
+                "final_latent": torch.cat(self.latents, dim=2).contiguous(),
+                "video_tchw_uint8": torch.cat(self.frames).contiguous(),
+            }
             try:
                 save_tensors_file(tensors, Path(save_tensors))
             except OSError:
@@ -200,8 +215,12 @@ class SegmentSink:
                 self.frames_done += fragment_frames(fragment)
                 self.fragments_done += 1
         if self.next < keep:
-            logger.warning("%s holds %d of the earlier %d segments; the joined video will lack the missing ones",
-                           self.folder, self.next, keep)  # fmt: skip
+            logger.warning(
+                "%s holds %d of the earlier %d segments; the joined video will lack the missing ones",
+                self.folder,
+                self.next,
+                keep,
+            )
 
     def path(self, k: int) -> Path:
         return self.folder / f"{k:05d}.mp4"
@@ -282,16 +301,22 @@ def check_earlier_video(output_path: str | Path | None, frames: int, where: obje
     """
     if output_path is None or frames == 0 or not Path(output_path).is_file():
         if output_path is not None and frames:
-            logger.warning("%s does not hold the earlier %d frames (not written, or the run was killed "
-                           "before closing it); writing the remaining chunks only", output_path, frames)  # fmt: skip
+            logger.warning(
+                "%s does not hold the earlier %d frames (not written, or the run was killed "
+                "before closing it); writing the remaining chunks only",
+                output_path,
+                frames,
+            )
         return None
     import imageio_ffmpeg
 
     have = imageio_ffmpeg.count_frames_and_secs(str(output_path))[0]
     if have != frames:
-        raise StateError(f"{output_path} holds {have} frames but {where} continues after {frames}: "
-                         "it was resumed into this output already, or it is another video; "
-                         "choose another output_path")  # fmt: skip
+        raise StateError(
+            f"{output_path} holds {have} frames but {where} continues after {frames}: "
+            "it was resumed into this output already, or it is another video; "
+            "choose another output_path"
+        )
     return Path(output_path)
 
 
@@ -314,8 +339,10 @@ def check_not_the_input(output_path: str | Path | None, prefix_video_path: str |
     out, src = Path(output_path), Path(prefix_video_path)
     same = out.exists() and src.exists() and os.path.samefile(out, src)
     if same or out.resolve() == src.resolve():
-        raise ValueError(f"output_path {output_path} is the prefix video: writing it would overwrite "
-                         "the input video; choose another output_path")  # fmt: skip
+        raise ValueError(
+            f"output_path {output_path} is the prefix video: writing it would overwrite "
+            "the input video; choose another output_path"
+        )
 
 
 def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -333,8 +360,9 @@ def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(f"cannot write save_tensors {path}: {why}; nothing was written") from None
 
 
-def earlier_tensors(path: Path, tail: list[tuple[int, torch.Tensor]], offset: int, chunks: int,
-                    frames: int) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+def earlier_tensors(
+    path: Path, tail: list[tuple[int, torch.Tensor]], offset: int, chunks: int, frames: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(final_latent, video_tchw_uint8) of a save_tensors file that holds exactly ``chunks``
     generated chunks and ``frames`` frames, whose chunks in ``tail`` equal those latents bit for
     bit (so it is this run's file); None otherwise."""
@@ -415,8 +443,9 @@ class Destinations:
     output_type: str | None = None  # return the frames in this form (magi.output; None: none)
 
 
-def open_outputs(dest: Destinations, fps: int, size: tuple[int, int], writer_rank: bool,
-                 prefix_video_path: str | Path | None = None) -> Outputs:  # fmt: skip
+def open_outputs(
+    dest: Destinations, fps: int, size: tuple[int, int], writer_rank: bool, prefix_video_path: str | Path | None = None
+) -> Outputs:
     """The sinks of one call, opened before any model work so a bad path fails first.
 
     Only the writer rank writes; the others get an ``Outputs`` that counts chunks.
@@ -438,6 +467,13 @@ def open_outputs(dest: Destinations, fps: int, size: tuple[int, int], writer_ran
             writer = None
     result = GenerationResult(Path(output_path) if output_path and writer_rank else None, fps=fps, size=size)
     joined = Path(output_path) if output_path and segments is not None else None
-    return Outputs(writer, result, segments=segments, on_chunk=dest.on_chunk, joined=joined,
-                   save_tensors=dest.save_tensors if writer_rank else None, append_to=dest.append_to,
-                   output_type=dest.output_type)  # fmt: skip
+    return Outputs(
+        writer,
+        result,
+        segments=segments,
+        on_chunk=dest.on_chunk,
+        joined=joined,
+        save_tensors=dest.save_tensors if writer_rank else None,
+        append_to=dest.append_to,
+        output_type=dest.output_type,
+    )

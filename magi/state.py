@@ -106,8 +106,10 @@ class GenerationState:
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # truncated / not safetensors
-            raise StateError(f"generation state {path} is damaged or not a state file "
-                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None  # fmt: skip
+            raise StateError(
+                f"generation state {path} is damaged or not a state file "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            ) from None
         if metadata.get("format") != FORMAT:
             raise StateError(f"{path} is not a magi generation state (format {metadata.get('format')!r})")
         text = metadata.get("meta", "")
@@ -181,7 +183,7 @@ def config_fields(cfg: object) -> dict[str, object]:
     fields.pop("source", None)
     flat = {}
     for section, values in fields.items():
-        for name, value in (values.items() if isinstance(values, dict) else [("", values)]):
+        for name, value in values.items() if isinstance(values, dict) else [("", values)]:
             if not (section == "runtime" and name in REQUEST_FIELDS):
                 flat[f"{section}.{name}" if name else section] = json.loads(json.dumps(value, default=str))
     return flat
@@ -199,12 +201,18 @@ def _config_difference(saved: dict | None, current: dict | None) -> str:
 
 def state_identity(cfg: object, compat: str) -> dict:
     """What a saved state must share with a run of ``cfg`` to be resumed by it (no model loaded)."""
-    return {"magi_version": __version__, "compat": compat, "config_hash": config_hash(cfg),
-            "checkpoint_hash": checkpoint_hash(cfg.runtime.load), "config": config_fields(cfg)}  # fmt: skip
+    return {
+        "magi_version": __version__,
+        "compat": compat,
+        "config_hash": config_hash(cfg),
+        "checkpoint_hash": checkpoint_hash(cfg.runtime.load),
+        "config": config_fields(cfg),
+    }
 
 
-def open_state(state: str | Path | GenerationState, identity: dict, *,
-               finished: bool) -> tuple[GenerationState, object]:  # fmt: skip
+def open_state(
+    state: str | Path | GenerationState, identity: dict, *, finished: bool
+) -> tuple[GenerationState, object]:
     """Load (when a path) and check a state for resume (``finished=False``) or extend (True).
 
     Returns:

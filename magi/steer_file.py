@@ -52,8 +52,10 @@ def check_file(path: str | Path, chunks: int | None = None) -> None:
         except ValueError as err:
             raise ValueError(f"--steer {path} line {number}: {err}") from None
         if chunks is not None and from_chunk >= chunks:
-            raise ValueError(f"--steer {path} line {number}: from_chunk {from_chunk} is beyond the video "
-                             f"(generated chunks 0 .. {chunks - 1})")  # fmt: skip
+            raise ValueError(
+                f"--steer {path} line {number}: from_chunk {from_chunk} is beyond the video "
+                f"(generated chunks 0 .. {chunks - 1})"
+            )
 
 
 def _whole(raw: bytes) -> bool:

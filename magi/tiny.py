@@ -36,47 +36,103 @@ from magi.config import MagiConfig, config_from_dict, load_config
 # The tiny demo's config (example/tiny/config.json without its paths): 3 layers, 128 wide, 64x64 video.
 TINY_CONFIG: dict = {
     "model_config": {
-        "model_name": "videodit_ardf", "num_layers": 3, "hidden_size": 128, "ffn_hidden_size": 512,
-        "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 32, "layernorm_epsilon": 1e-06,
-        "apply_layernorm_1p": True, "x_rescale_factor": 1, "half_channel_vae": False,
-        "params_dtype": "torch.float32", "patch_size": 2, "t_patch_size": 1, "in_channels": 16,
-        "out_channels": 16, "cond_hidden_ratio": 0.25, "caption_channels": 64, "caption_max_length": 800,
-        "xattn_cond_hidden_ratio": 1.0, "cond_gating_ratio": 1.0, "gated_linear_unit": False,
+        "model_name": "videodit_ardf",
+        "num_layers": 3,
+        "hidden_size": 128,
+        "ffn_hidden_size": 512,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "kv_channels": 32,
+        "layernorm_epsilon": 1e-06,
+        "apply_layernorm_1p": True,
+        "x_rescale_factor": 1,
+        "half_channel_vae": False,
+        "params_dtype": "torch.float32",
+        "patch_size": 2,
+        "t_patch_size": 1,
+        "in_channels": 16,
+        "out_channels": 16,
+        "cond_hidden_ratio": 0.25,
+        "caption_channels": 64,
+        "caption_max_length": 800,
+        "xattn_cond_hidden_ratio": 1.0,
+        "cond_gating_ratio": 1.0,
+        "gated_linear_unit": False,
     },
     "runtime_config": {
-        "cfg_number": 3, "cfg_t_range": [0.0, 0.0217, 0.1, 0.3, 0.999],
-        "prev_chunk_scales": [1.5, 1.5, 1.5, 1.0, 1.0], "text_scales": [7.5, 7.5, 7.5, 0.0, 0.0],
-        "noise2clean_kvrange": [5, 4, 3, 2], "clean_chunk_kvrange": 1, "clean_t": 0.9999, "seed": 1234,
-        "num_frames": 96, "video_size_h": 64, "video_size_w": 64, "num_steps": 8, "window_size": 4, "fps": 24,
-        "chunk_width": 6, "t5_device": "cpu", "scale_factor": 0.18215, "temporal_downsample_factor": 4,
+        "cfg_number": 3,
+        "cfg_t_range": [0.0, 0.0217, 0.1, 0.3, 0.999],
+        "prev_chunk_scales": [1.5, 1.5, 1.5, 1.0, 1.0],
+        "text_scales": [7.5, 7.5, 7.5, 0.0, 0.0],
+        "noise2clean_kvrange": [5, 4, 3, 2],
+        "clean_chunk_kvrange": 1,
+        "clean_t": 0.9999,
+        "seed": 1234,
+        "num_frames": 96,
+        "video_size_h": 64,
+        "video_size_w": 64,
+        "num_steps": 8,
+        "window_size": 4,
+        "fps": 24,
+        "chunk_width": 6,
+        "t5_device": "cpu",
+        "scale_factor": 0.18215,
+        "temporal_downsample_factor": 4,
     },
     "engine_config": {
-        "distributed_backend": "gloo", "distributed_timeout_minutes": 15, "pp_size": 1, "cp_size": 1,
-        "cp_strategy": "none", "ulysses_overlap_degree": 1, "fp8_quant": False,
-        "distill_nearly_clean_chunk_threshold": 0.3, "shortcut_mode": "8,16,16", "distill": False,
-        "kv_offload": False, "enable_cuda_graph": False,
+        "distributed_backend": "gloo",
+        "distributed_timeout_minutes": 15,
+        "pp_size": 1,
+        "cp_size": 1,
+        "cp_strategy": "none",
+        "ulysses_overlap_degree": 1,
+        "fp8_quant": False,
+        "distill_nearly_clean_chunk_threshold": 0.3,
+        "shortcut_mode": "8,16,16",
+        "distill": False,
+        "kv_offload": False,
+        "enable_cuda_graph": False,
     },
-}  # fmt: skip
+}
 
 
 def tiny_config_dict(checkpoints: str | Path) -> dict:
     """TINY_CONFIG with its runtime_config paths at a tiny checkpoint folder (absolute)."""
     root = Path(checkpoints).resolve()
     data = json.loads(json.dumps(TINY_CONFIG))  # a deep copy
-    data["runtime_config"].update(load=str(root / "magi" / "tiny"), t5_pretrained=str(root / "t5"),
-                                  vae_pretrained=str(root / "vae"))  # fmt: skip
+    data["runtime_config"].update(
+        load=str(root / "magi" / "tiny"), t5_pretrained=str(root / "t5"), vae_pretrained=str(root / "vae")
+    )
     return data
+
 
 SP_PIECES = 400  # sentencepiece vocabulary (pad, eos, unk + learned pieces)
 EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0> .. <extra_id_99>
 T5_VOCAB = 512  # embedding rows: SP_PIECES + EXTRA_IDS, rounded up as T5 checkpoints do
 MAX_DIT_PARAMS = 50_000_000  # a real model_config (billions) would take minutes and gigabytes
 TINY_VAE_DDCONFIG = {
-    "video_size": 32, "video_length": 16, "patch_size": 8, "patch_length": 4, "in_chans": 3,
-    "z_chans": 16, "double_z": True, "embed_dim": 256, "depth": 2, "num_heads": 4,
-    "mlp_ratio": 2.0, "qkv_bias": True, "qk_scale": None, "ln_in_attn": True,
-    "with_cls_token": True, "conv_last_layer": True, "use_rope": False, "use_final_proj": False,
-    "norm_code": False, "drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0,
+    "video_size": 32,
+    "video_length": 16,
+    "patch_size": 8,
+    "patch_length": 4,
+    "in_chans": 3,
+    "z_chans": 16,
+    "double_z": True,
+    "embed_dim": 256,
+    "depth": 2,
+    "num_heads": 4,
+    "mlp_ratio": 2.0,
+    "qkv_bias": True,
+    "qk_scale": None,
+    "ln_in_attn": True,
+    "with_cls_token": True,
+    "conv_last_layer": True,
+    "use_rope": False,
+    "use_final_proj": False,
+    "norm_code": False,
+    "drop_rate": 0.0,
+    "attn_drop_rate": 0.0,
+    "drop_path_rate": 0.0,
 }
 _WORDS = (
     "a the of and in on with under over near by from into through across small large red "
@@ -107,16 +163,30 @@ def write_tokenizer(folder: Path, seed: int) -> None:
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_sentences(seed)), model_writer=model, vocab_size=SP_PIECES,
-        model_type="unigram", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        num_threads=1, shuffle_input_sentence=False, seed_sentencepiece_size=100000,
+        sentence_iterator=iter(_sentences(seed)),
+        model_writer=model,
+        vocab_size=SP_PIECES,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        seed_sentencepiece_size=100000,
         minloglevel=2,
     )
     (folder / "spiece.model").write_bytes(model.getvalue())
     extras = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
     specials = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "additional_special_tokens": extras}
-    tokenizer_config = {**specials, "extra_ids": EXTRA_IDS, "model_max_length": 512,
-                        "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer"}
+    tokenizer_config = {
+        **specials,
+        "extra_ids": EXTRA_IDS,
+        "model_max_length": 512,
+        "sp_model_kwargs": {},
+        "tokenizer_class": "T5Tokenizer",
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=4) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=4) + "\n")
 
@@ -129,11 +199,22 @@ def write_t5(folder: Path, width: int, seed: int) -> None:
     hf_logging.disable_progress_bar()
 
     config = T5Config(
-        vocab_size=T5_VOCAB, d_model=width, d_kv=16, d_ff=2 * width, num_layers=2,
-        num_decoder_layers=2, num_heads=max(1, width // 16), feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0, architectures=["T5EncoderModel"],
+        vocab_size=T5_VOCAB,
+        d_model=width,
+        d_kv=16,
+        d_ff=2 * width,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=max(1, width // 16),
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        architectures=["T5EncoderModel"],
     )
     torch.manual_seed(seed)
     T5EncoderModel(config).save_pretrained(str(folder))
@@ -149,7 +230,7 @@ def _save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 2)
     weight_map: dict[str, str] = {}
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k].contiguous() for k in keys[i * per:(i + 1) * per]}
+        part = {k: state[k].contiguous() for k in keys[i * per : (i + 1) * per]}
         save_file(part, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     total = sum(t.numel() * t.element_size() for t in state.values())
@@ -185,7 +266,12 @@ def write_vae(folder: Path, seed: int) -> None:
     model = ViTVAE(dict(TINY_VAE_DDCONFIG))
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    config = {"_class_name": "ViTVAE", "_diffusers_version": "0.29.2", "ddconfig": TINY_VAE_DDCONFIG, "model_type": "vit"}
+    config = {
+        "_class_name": "ViTVAE",
+        "_diffusers_version": "0.29.2",
+        "ddconfig": TINY_VAE_DDCONFIG,
+        "model_type": "vit",
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -200,8 +286,7 @@ def write_special_tokens(path: Path, width: int, seed: int) -> None:
     np.savez(path, caption_token=rows(1), logo_token=rows(1), other_tokens=rows(100))
 
 
-def make_tiny_checkpoint(out: str | Path, config: str | Path | None = None, seed: int = 0,
-                         force: bool = False) -> Path:
+def make_tiny_checkpoint(out: str | Path, config: str | Path | None = None, seed: int = 0, force: bool = False) -> Path:
     """Write the tiny checkpoint set into `out` (built in a temporary folder, then moved in place).
 
     Args:
@@ -220,9 +305,11 @@ def make_tiny_checkpoint(out: str | Path, config: str | Path | None = None, seed
         raise ValueError(f"{config}: fp8_quant tiny checkpoints are not supported; use a bf16/float32 config")
     params = dit_parameter_count(cfg)
     if params > MAX_DIT_PARAMS:
-        raise ValueError(f"{config} describes a {params / 1e6:,.0f}M-parameter DiT; tiny checkpoints "
-                         f"allow at most {MAX_DIT_PARAMS / 1e6:.0f}M (use a small model_config such as "
-                         "example/tiny/config.json)")
+        raise ValueError(
+            f"{config} describes a {params / 1e6:,.0f}M-parameter DiT; tiny checkpoints "
+            f"allow at most {MAX_DIT_PARAMS / 1e6:.0f}M (use a small model_config such as "
+            "example/tiny/config.json)"
+        )
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
@@ -236,8 +323,14 @@ def make_tiny_checkpoint(out: str | Path, config: str | Path | None = None, seed
     width = cfg.model.caption_channels
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         root = Path(tmp) / "ckpt"
-        dirs = {name: root / sub for name, sub in (
-            ("dit", f"magi/tiny/{cfg.engine.weight_subdir}"), ("t5", "t5/t5-v1_1-xxl"), ("vae", "vae"))}
+        dirs = {
+            name: root / sub
+            for name, sub in (
+                ("dit", f"magi/tiny/{cfg.engine.weight_subdir}"),
+                ("t5", "t5/t5-v1_1-xxl"),
+                ("vae", "vae"),
+            )
+        }
         for d in dirs.values():
             d.mkdir(parents=True)
         write_dit(dirs["dit"], cfg, seed)

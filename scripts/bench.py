@@ -63,15 +63,19 @@ GIB = 1024**3
 
 # CPU smoke-test model: the tiny reference architecture (like the 4.5B, 3 layers, width 128).
 TINY_MODEL = ModelConfig(
-    num_layers=3, hidden_size=128, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
-    kv_channels=32, caption_channels=64, params_dtype="torch.float32",
-)  # fmt: skip
+    num_layers=3,
+    hidden_size=128,
+    ffn_hidden_size=512,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=32,
+    caption_channels=64,
+    params_dtype="torch.float32",
+)
 
 
 # ---- analytic FLOPs --------------------------------------------------------------------------
-def pass_flops(
-    mc: ModelConfig, chunk_tokens: int, key_lens: list[int], caption_counts: list[int]
-) -> dict[str, int]:
+def pass_flops(mc: ModelConfig, chunk_tokens: int, key_lens: list[int], caption_counts: list[int]) -> dict[str, int]:
     """FLOPs of one DiT pass (forward call) over B*R chunk segments.
 
     Args:
@@ -130,9 +134,15 @@ class PassSpec:
 
 
 def step_passes(
-    plan: ChunkPlan, step: Step, ts: torch.Tensor, *, distill: bool, clean_t: float,
-    threshold: float, caption_tokens: int,
-) -> list[PassSpec]:  # fmt: skip
+    plan: ChunkPlan,
+    step: Step,
+    ts: torch.Tensor,
+    *,
+    distill: bool,
+    clean_t: float,
+    threshold: float,
+    caption_tokens: int,
+) -> list[PassSpec]:
     """The DiT passes the sampler runs for ``step`` (spec/sampling.md §5-§7)."""
     times = tuple(float(t) for t in step_times(step, ts, clean_t))
     extra = step.extra is not None
@@ -152,25 +162,44 @@ def step_passes(
     denoising = times[1:] if extra else times
     alone = tuple((b, b + 1) for b in range(len(denoising)))
     uncond = PassSpec(
-        "uncond", len(denoising), (0,), tuple((t,) for t in denoising), alone,
-        (NULL_CAPTION_TOKENS,) * len(denoising), True, 0, 0,
-    )  # fmt: skip
+        "uncond",
+        len(denoising),
+        (0,),
+        tuple((t,) for t in denoising),
+        alone,
+        (NULL_CAPTION_TOKENS,) * len(denoising),
+        True,
+        0,
+        0,
+    )
     return [text, prev, uncond]
 
 
 def window_steps(runtime: dict, distill: bool, caption_tokens: int) -> dict[str, list[PassSpec]]:
     """Passes of the two steady-state steps of a full window: "refresh" (d = 0) and "plain" (d = 1)."""
     ws, n = runtime["window_size"], runtime["num_steps"]
-    plan = ChunkPlan(chunk_num=ws + 1, num_steps=n, window_size=ws, chunk_width=runtime["chunk_width"],
-                     noise2clean_kvrange=tuple(runtime["noise2clean_kvrange"]),
-                     clean_chunk_kvrange=runtime["clean_chunk_kvrange"])  # fmt: skip
+    plan = ChunkPlan(
+        chunk_num=ws + 1,
+        num_steps=n,
+        window_size=ws,
+        chunk_width=runtime["chunk_width"],
+        noise2clean_kvrange=tuple(runtime["noise2clean_kvrange"]),
+        clean_chunk_kvrange=runtime["clean_chunk_kvrange"],
+    )
     ts = time_schedule(n, runtime["shortcut_mode"])
     found: dict[str, list[PassSpec]] = {}
     for step in plan.steps():
         if step.iteration == ws and step.inner <= 1:  # window a..a+ws-1 with a = 1: full
             kind = "refresh" if step.inner == 0 else "plain"
-            found[kind] = step_passes(plan, step, ts, distill=distill, clean_t=runtime["clean_t"],
-                                      threshold=runtime["threshold"], caption_tokens=caption_tokens)  # fmt: skip
+            found[kind] = step_passes(
+                plan,
+                step,
+                ts,
+                distill=distill,
+                clean_t=runtime["clean_t"],
+                threshold=runtime["threshold"],
+                caption_tokens=caption_tokens,
+            )
     if "plain" not in found:
         raise ValueError(f"num_steps {n} / window_size {ws} leaves no step with d > 0 to time")
     return found
@@ -187,15 +216,27 @@ def video_floor(
 ) -> dict[str, float]:
     """FLOPs of every DiT pass of a whole t2v video in the official pass layout (magi's sampler
     skips zero-weight CFG passes of base models, scripts/count_passes.py; distill is the same)."""
-    plan = ChunkPlan(chunk_num=chunk_num, num_steps=runtime["num_steps"], window_size=runtime["window_size"],
-                     chunk_width=runtime["chunk_width"], noise2clean_kvrange=tuple(runtime["noise2clean_kvrange"]),
-                     clean_chunk_kvrange=runtime["clean_chunk_kvrange"])  # fmt: skip
+    plan = ChunkPlan(
+        chunk_num=chunk_num,
+        num_steps=runtime["num_steps"],
+        window_size=runtime["window_size"],
+        chunk_width=runtime["chunk_width"],
+        noise2clean_kvrange=tuple(runtime["noise2clean_kvrange"]),
+        clean_chunk_kvrange=runtime["clean_chunk_kvrange"],
+    )
     ts = time_schedule(runtime["num_steps"], runtime["shortcut_mode"])
     total = {"linear": 0, "attention": 0, "total": 0}
     passes = tokens = 0
     for step in plan.steps():
-        for spec in step_passes(plan, step, ts, distill=distill, clean_t=runtime["clean_t"],
-                                threshold=runtime["threshold"], caption_tokens=caption_tokens):  # fmt: skip
+        for spec in step_passes(
+            plan,
+            step,
+            ts,
+            distill=distill,
+            clean_t=runtime["clean_t"],
+            threshold=runtime["threshold"],
+            caption_tokens=caption_tokens,
+        ):
             passes += 1
             tokens += len(spec.kv_chunks) * chunk_tokens
             for key, value in spec_flops(mc, spec, chunk_tokens).items():
@@ -239,9 +280,15 @@ def _randomise(name: str, t: torch.Tensor, gen: torch.Generator) -> None:
 
 
 def pass_inputs(
-    mc: ModelConfig, spec: PassSpec, latent_hw: tuple[int, int], chunk_width: int,
-    device: torch.device, distill_step: float | None, kv_cache, chunk_tokens: int,
-) -> dict:  # fmt: skip
+    mc: ModelConfig,
+    spec: PassSpec,
+    latent_hw: tuple[int, int],
+    chunk_width: int,
+    device: torch.device,
+    distill_step: float | None,
+    kv_cache,
+    chunk_tokens: int,
+) -> dict:
     """Random DiT inputs with the pass's exact shapes, times, caption counts and kv ranges."""
     r, b = len(spec.chunks), spec.batch
     channels = mc.in_channels // 2 if mc.half_channel_vae else mc.in_channels
@@ -254,11 +301,17 @@ def pass_inputs(
     # kv ranges: absolute chunks -> tokens; passes without history are batch-major from 0
     kv_range = torch.tensor(spec.kv_chunks, dtype=torch.int64) * chunk_tokens
     return dict(
-        x=x, t=torch.tensor(spec.times, device=device), y=y, y_mask=y_mask,
-        text_dropped=torch.tensor([spec.text_dropped] * b, device=device), kv_range=kv_range,
-        slice_point=spec.slice_point, kv_cache=kv_cache if spec.slice_point > 0 or spec.cache_write_chunks else None,
-        cache_write_chunks=spec.cache_write_chunks, distill_step=distill_step,
-    )  # fmt: skip
+        x=x,
+        t=torch.tensor(spec.times, device=device),
+        y=y,
+        y_mask=y_mask,
+        text_dropped=torch.tensor([spec.text_dropped] * b, device=device),
+        kv_range=kv_range,
+        slice_point=spec.slice_point,
+        kv_cache=kv_cache if spec.slice_point > 0 or spec.cache_write_chunks else None,
+        cache_write_chunks=spec.cache_write_chunks,
+        distill_step=distill_step,
+    )
 
 
 # ---- timing --------------------------------------------------------------------------------------
@@ -453,8 +506,11 @@ def _header(args: argparse.Namespace, device: torch.device, mc: ModelConfig, lay
 def bench_fp8_compare(args: argparse.Namespace, device: torch.device) -> dict:
     """The same window step with bf16 layers and with fp8 (_scaled_mm) layers."""
     if device.type != "cuda":
-        return {"mode": "fp8_compare", "skipped": "fp8 comparison needs a CUDA GPU with fp8 tensor "
-                "cores (sm89+); on CPU magi.fp8 falls back to float32 emulation, not a speed path"}  # fmt: skip
+        return {
+            "mode": "fp8_compare",
+            "skipped": "fp8 comparison needs a CUDA GPU with fp8 tensor "
+            "cores (sm89+); on CPU magi.fp8 falls back to float32 emulation, not a speed path",
+        }
     runs = {}
     for fp8 in (False, True):
         sub = argparse.Namespace(**{**vars(args), "fp8": fp8})
@@ -462,8 +518,12 @@ def bench_fp8_compare(args: argparse.Namespace, device: torch.device) -> dict:
         runs["fp8" if fp8 else "bf16"] = {k: report[k] for k in ("refresh_step", "plain_step", "peak_gpu_memory_gib")}
         torch.cuda.empty_cache()
     speedup = runs["bf16"]["plain_step"]["ms_per_step"] / runs["fp8"]["plain_step"]["ms_per_step"]
-    return {"mode": "fp8_compare", **runs, "plain_step_speedup": speedup,
-            "note": "layer 0 and the last layer stay bf16 (official rule); MFU is against the bf16 peak"}  # fmt: skip
+    return {
+        "mode": "fp8_compare",
+        **runs,
+        "plain_step_speedup": speedup,
+        "note": "layer 0 and the last layer stay bf16 (official rule); MFU is against the bf16 peak",
+    }
 
 
 def bench_floor(args: argparse.Namespace) -> dict:
@@ -475,12 +535,19 @@ def bench_floor(args: argparse.Namespace) -> dict:
     floor = video_floor(mc, runtime, distill, chunk_tokens, chunk_num, args.caption_tokens)
     peak = args.peak or dict(BF16_PEAK_TFLOPS)["H100"]
     return {
-        "mode": "floor", "model": args.model, "variant": args.variant, "resolution": [args.height, args.width],
-        "num_frames": args.num_frames, "chunks": chunk_num, "num_steps": runtime["num_steps"],
-        "tokens_per_chunk": chunk_tokens, **floor, "peak_tflops": peak,
+        "mode": "floor",
+        "model": args.model,
+        "variant": args.variant,
+        "resolution": [args.height, args.width],
+        "num_frames": args.num_frames,
+        "chunks": chunk_num,
+        "num_steps": runtime["num_steps"],
+        "tokens_per_chunk": chunk_tokens,
+        **floor,
+        "peak_tflops": peak,
         "seconds_at_peak": floor["total"] / peak / 1e12,
         "seconds_per_chunk_at_peak": floor["total"] / peak / 1e12 / chunk_num,
-    }  # fmt: skip
+    }
 
 
 def _tensor_bytes(module: torch.nn.Module) -> int:
@@ -512,9 +579,14 @@ def bench_memory(args: argparse.Namespace) -> dict:
     c = runtime["chunk_width"] * (args.height // 8 // mc.patch_size) * (args.width // 8 // mc.patch_size)
     kv_elem = torch.empty((), dtype=mc.dtype).element_size()
     kv_chunk = mc.num_layers * c * mc.num_query_groups * 2 * mc.kv_channels * kv_elem
-    plan = ChunkPlan(chunk_num=16, num_steps=runtime["num_steps"], window_size=runtime["window_size"],
-                     chunk_width=runtime["chunk_width"], noise2clean_kvrange=tuple(runtime["noise2clean_kvrange"]),
-                     clean_chunk_kvrange=runtime["clean_chunk_kvrange"])  # fmt: skip
+    plan = ChunkPlan(
+        chunk_num=16,
+        num_steps=runtime["num_steps"],
+        window_size=runtime["window_size"],
+        chunk_width=runtime["chunk_width"],
+        noise2clean_kvrange=tuple(runtime["noise2clean_kvrange"]),
+        clean_chunk_kvrange=runtime["clean_chunk_kvrange"],
+    )
     cached = plan.max_cached_chunks()
     t5_params, _ = _meta_params(_t5_xxl_encoder)
     vae_params, vae_fp32 = _meta_params(_released_vae)
@@ -524,8 +596,13 @@ def bench_memory(args: argparse.Namespace) -> dict:
     mlp_width = mc.ffn_hidden_size * (3 if mc.gated_linear_unit else 2)
     gib = lambda n: n / GIB  # noqa: E731
     return {
-        "mode": "memory", "model": args.model, "variant": args.variant, "fp8": args.fp8,
-        "resolution": [args.height, args.width], "tokens_per_chunk": c, "source": "computed from parameter counts",
+        "mode": "memory",
+        "model": args.model,
+        "variant": args.variant,
+        "fp8": args.fp8,
+        "resolution": [args.height, args.width],
+        "tokens_per_chunk": c,
+        "source": "computed from parameter counts",
         "dit_params": sum(p.numel() for p in dit.parameters()),
         "dit_weights_gib": gib(_tensor_bytes(dit)),
         "dit_layer_gib_max": gib(max(layer_bytes)),
@@ -534,19 +611,30 @@ def bench_memory(args: argparse.Namespace) -> dict:
         "kv_cache_per_chunk_gib": gib(kv_chunk),
         "kv_cache_chunks_kept": cached,
         "kv_cache_gib": gib(kv_chunk * cached),
-        "t5_params": t5_params, "t5_fp32_gib": gib(4 * t5_params), "t5_bf16_gib": gib(2 * t5_params),
-        "vae_params": vae_params, "vae_bf16_gib": gib(vae_fp32 / 2),
+        "t5_params": t5_params,
+        "t5_fp32_gib": gib(4 * t5_params),
+        "t5_bf16_gib": gib(2 * t5_params),
+        "vae_params": vae_params,
+        "vae_bf16_gib": gib(vae_fp32 / 2),
         "largest_call_tokens": biggest_call,
         "mlp_activations_gib": gib(biggest_call * mlp_width * kv_elem),
-    }  # fmt: skip
+    }
 
 
 def _t5_xxl_encoder() -> torch.nn.Module:
     """T5-v1.1-XXL encoder architecture (the text encoder MAGI-1 uses)."""
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                   feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # fmt: skip
+    cfg = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+    )
     return T5EncoderModel(cfg)
 
 
@@ -584,15 +672,27 @@ def bench_e2e(args: argparse.Namespace, device: torch.device) -> dict:
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     cfg = pipe.config
     return {
-        "mode": "e2e", "config": args.config, "device": device.type, "device_name": device_name(device),
-        "date": _now(), "torch": torch.__version__, "resolution": [cfg.runtime.video_size_h, cfg.runtime.video_size_w],
-        "num_steps": cfg.runtime.num_steps, "num_frames": args.num_frames, "frames_written": frames,
-        "offload_blocks": args.offload, "kv_offload": cfg.engine.kv_offload, "compile": args.compile,
-        "attention_backend": resolve_backend(args.attention, device, cfg.model.dtype), "load_seconds": load_s,
-        "chunks": len(stamps), "time_to_first_chunk_s": stamps[0] if stamps else None,
+        "mode": "e2e",
+        "config": args.config,
+        "device": device.type,
+        "device_name": device_name(device),
+        "date": _now(),
+        "torch": torch.__version__,
+        "resolution": [cfg.runtime.video_size_h, cfg.runtime.video_size_w],
+        "num_steps": cfg.runtime.num_steps,
+        "num_frames": args.num_frames,
+        "frames_written": frames,
+        "offload_blocks": args.offload,
+        "kv_offload": cfg.engine.kv_offload,
+        "compile": args.compile,
+        "attention_backend": resolve_backend(args.attention, device, cfg.model.dtype),
+        "load_seconds": load_s,
+        "chunks": len(stamps),
+        "time_to_first_chunk_s": stamps[0] if stamps else None,
         "seconds_per_chunk": sum(gaps) / len(gaps) if gaps else None,
-        "total_seconds": stamps[-1] if stamps else None, **memory_stats(device),
-    }  # fmt: skip
+        "total_seconds": stamps[-1] if stamps else None,
+        **memory_stats(device),
+    }
 
 
 def _e2e_pipeline(pipeline_cls: type, args: argparse.Namespace, device: torch.device):
@@ -602,8 +702,9 @@ def _e2e_pipeline(pipeline_cls: type, args: argparse.Namespace, device: torch.de
     cfg = load_config(args.config)
     if args.kv_offload:
         cfg = cfg.replace(engine=replace(cfg.engine, kv_offload=True))
-    return pipeline_cls.from_config(cfg, device=device, attention_backend=args.attention,
-                                    offload_blocks=args.offload, compile=args.compile)  # fmt: skip
+    return pipeline_cls.from_config(
+        cfg, device=device, attention_backend=args.attention, offload_blocks=args.offload, compile=args.compile
+    )
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -654,14 +755,18 @@ def print_table(report: dict) -> None:
             if not isinstance(value, (dict, list)):
                 print(f"{key:>28}: {value}")
         return
-    print(f"{report['model']} {report['variant']} {report['resolution'][0]}x{report['resolution'][1]} "
-          f"on {report['device_name']} ({report['attention_backend']}, {report['params_dtype']}"
-          f"{', fp8' if report['fp8'] else ''}), {report['layers_built']}/{report['num_layers']} layers")  # fmt: skip
+    print(
+        f"{report['model']} {report['variant']} {report['resolution'][0]}x{report['resolution'][1]} "
+        f"on {report['device_name']} ({report['attention_backend']}, {report['params_dtype']}"
+        f"{', fp8' if report['fp8'] else ''}), {report['layers_built']}/{report['num_layers']} layers"
+    )
     print(f"{'step':>8} {'pass':>7} {'tokens':>8} {'ms':>10} {'TFLOP':>10} {'TFLOP/s':>9}")
     for kind in ("refresh", "plain"):
         for p in report["passes"][kind]:
-            print(f"{kind:>8} {p['name']:>7} {p['tokens']:>8} {p['ms']:>10.2f} "
-                  f"{p['flops']['total'] / 1e12:>10.3f} {p['tflops_per_s']:>9.2f}")  # fmt: skip
+            print(
+                f"{kind:>8} {p['name']:>7} {p['tokens']:>8} {p['ms']:>10.2f} "
+                f"{p['flops']['total'] / 1e12:>10.3f} {p['tflops_per_s']:>9.2f}"
+            )
     for kind in ("refresh", "plain"):
         s = report[f"{kind}_step"]
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else "n/a (no peak)"

@@ -68,8 +68,9 @@ def _ready_config(config: Path, workdir: Path) -> Path:
     out = workdir / "checkpoints"
     print(f"writing a tiny checkpoint to {out}", flush=True)
     make_tiny_checkpoint(out, config, seed=0)
-    runtime = dataclasses.replace(cfg.runtime, load=str(out / "magi" / "tiny"),
-                                  t5_pretrained=str(out / "t5"), vae_pretrained=str(out / "vae"))  # fmt: skip
+    runtime = dataclasses.replace(
+        cfg.runtime, load=str(out / "magi" / "tiny"), t5_pretrained=str(out / "t5"), vae_pretrained=str(out / "vae")
+    )
     path = workdir / "config.json"
     save_config(cfg.replace(runtime=runtime), path)
     return path
@@ -102,16 +103,25 @@ def child(config: Path, chunks: int, device: str) -> dict[str, float]:
             peak = max(peak, current_rss())
 
         start = time.perf_counter()
-        result = pipe.generate("t2v", "a quiet street", output_path=Path(tmp) / "run.mp4",
-                               num_frames=frames_per_chunk * chunks, callback=sample)  # fmt: skip
+        result = pipe.generate(
+            "t2v",
+            "a quiet street",
+            output_path=Path(tmp) / "run.mp4",
+            num_frames=frames_per_chunk * chunks,
+            callback=sample,
+        )
         elapsed = time.perf_counter() - start
     peak = max(peak, current_rss())
     mib = 2.0**20
     return {
-        "chunks": chunks, "frames": result.frames_written, "fps": fps, "seconds": round(elapsed, 2),
-        "rss_before_mib": round(baseline / mib, 1), "peak_rss_mib": round(peak / mib, 1),
+        "chunks": chunks,
+        "frames": result.frames_written,
+        "fps": fps,
+        "seconds": round(elapsed, 2),
+        "rss_before_mib": round(baseline / mib, 1),
+        "peak_rss_mib": round(peak / mib, 1),
         "growth_mib": round((peak - baseline) / mib, 1),
-    }  # fmt: skip
+    }
 
 
 def noise_child(chunks: int, size: tuple[int, int], spill_bytes: int) -> dict[str, float]:
@@ -134,8 +144,13 @@ def noise_child(chunks: int, size: tuple[int, int], spill_bytes: int) -> dict[st
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mib = 2.0**20
     growth = max(high - before, peak - peak0)
-    return {"chunks": chunks, "spilled": spilled, "noise_mib": round(4 * math.prod(shape) / mib, 1),
-            "growth_mib": round(growth / mib, 1), "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    return {
+        "chunks": chunks,
+        "spilled": spilled,
+        "noise_mib": round(4 * math.prod(shape) / mib, 1),
+        "growth_mib": round(growth / mib, 1),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def run_noise(size: tuple[int, int], chunks: list[int]) -> int:
@@ -143,21 +158,34 @@ def run_noise(size: tuple[int, int], chunks: list[int]) -> int:
     growth: dict[bool, list[float]] = {False: [], True: []}
     for n in sorted(chunks):
         for spill in (False, True):
-            cmd = [sys.executable, __file__, "--noise", *map(str, size), "--child", str(n),
-                   "--spill-bytes", str(0 if spill else 2**62)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--noise",
+                *map(str, size),
+                "--child",
+                str(n),
+                "--spill-bytes",
+                str(0 if spill else 2**62),
+            ]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
                 return out.returncode
             r = json.loads(out.stdout.strip().splitlines()[-1])
             growth[spill].append(r["growth_mib"])
-            print(f"{n:5d} chunks, noise {r['noise_mib']:8.1f} MiB, "
-                  f"{'spilled  ' if r['spilled'] else 'in memory'}: RSS growth {r['growth_mib']:7.1f} MiB "
-                  f"({r['seconds']:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"{n:5d} chunks, noise {r['noise_mib']:8.1f} MiB, "
+                f"{'spilled  ' if r['spilled'] else 'in memory'}: RSS growth {r['growth_mib']:7.1f} MiB "
+                f"({r['seconds']:.1f} s)",
+                flush=True,
+            )
     first, last = growth[True][0], growth[True][-1]
     ok = last <= MAX_RATIO * first + 8
-    print(f"spilled growth {last:.1f} MiB ({max(chunks)} chunks) vs {first:.1f} MiB ({min(chunks)} chunks): "
-          f"{'ok' if ok else 'FAIL'}")  # fmt: skip
+    print(
+        f"spilled growth {last:.1f} MiB ({max(chunks)} chunks) vs {first:.1f} MiB ({min(chunks)} chunks): "
+        f"{'ok' if ok else 'FAIL'}"
+    )
     return 0 if ok else 1
 
 
@@ -166,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="tiny config (official JSON)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[4, 40], help="video lengths in chunks")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--noise", type=int, nargs=2, metavar=("H", "W"),
-                        help="measure the initial noise alone for an H x W video (no model)")
+    parser.add_argument(
+        "--noise",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="measure the initial noise alone for an H x W video (no model)",
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--spill-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -196,13 +229,18 @@ def main(argv: list[str] | None = None) -> int:
                 return out.returncode
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"{r['chunks']:4d} chunks ({r['frames']} frames, {r['seconds']:.1f} s): RSS before "
-                  f"{r['rss_before_mib']:.1f} MiB, peak {r['peak_rss_mib']:.1f} MiB, growth "
-                  f"{r['growth_mib']:+.1f} MiB", flush=True)  # fmt: skip
+            print(
+                f"{r['chunks']:4d} chunks ({r['frames']} frames, {r['seconds']:.1f} s): RSS before "
+                f"{r['rss_before_mib']:.1f} MiB, peak {r['peak_rss_mib']:.1f} MiB, growth "
+                f"{r['growth_mib']:+.1f} MiB",
+                flush=True,
+            )
     ratio = rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
     ok = ratio <= MAX_RATIO
-    print(f"peak({rows[-1]['chunks']} chunks) / peak({rows[0]['chunks']} chunks) = {ratio:.3f} "
-          f"({'ok' if ok else 'FAIL'}: must be <= {MAX_RATIO})")  # fmt: skip
+    print(
+        f"peak({rows[-1]['chunks']} chunks) / peak({rows[0]['chunks']} chunks) = {ratio:.3f} "
+        f"({'ok' if ok else 'FAIL'}: must be <= {MAX_RATIO})"
+    )
     return 0 if ok else 1
 
 

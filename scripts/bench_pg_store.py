@@ -52,9 +52,11 @@ def bench_claim(url: str, jobs: int, workers: int) -> None:
         t.join()
     times.sort()
     dup = len(taken) - len(set(taken))
-    print(f"claim: {len(taken)} jobs, {workers} workers: median {1e3 * statistics.median(times):.2f} ms, "
-          f"p95 {1e3 * times[int(0.95 * (len(times) - 1))]:.2f} ms, max {1e3 * times[-1]:.2f} ms; "
-          f"claimed twice: {dup}")  # fmt: skip
+    print(
+        f"claim: {len(taken)} jobs, {workers} workers: median {1e3 * statistics.median(times):.2f} ms, "
+        f"p95 {1e3 * times[int(0.95 * (len(times) - 1))]:.2f} ms, max {1e3 * times[-1]:.2f} ms; "
+        f"claimed twice: {dup}"
+    )
     for s in stores:
         s.close()
 
@@ -70,8 +72,10 @@ def bench_failover(url: str, lease_s: float, poll_s: float) -> None:
         time.sleep(poll_s)
     dt = time.perf_counter() - t0
     assert got.id == job.id, f"B claimed {got.id} ({got.params}), not the failover job"
-    print(f"failover: lease {lease_s:g} s, poll {poll_s:g} s: B claimed the job {dt:.3f} s after A's claim "
-          f"({dt - lease_s:.3f} s after the lease ran out)")  # fmt: skip
+    print(
+        f"failover: lease {lease_s:g} s, poll {poll_s:g} s: B claimed the job {dt:.3f} s after A's claim "
+        f"({dt - lease_s:.3f} s after the lease ran out)"
+    )
     b.update(job.id, status="completed", finished_at=time.time())  # not claimable by a later run
     a.close()
     b.close()

@@ -46,8 +46,13 @@ print(json.dumps({"from_config_s": t1 - t0, "generate_s": t2 - t1, "total_s": t2
 def run_once(config: Path, num_frames: int, threads: int) -> dict[str, float]:
     """One cold start in a fresh process; returns its timings (seconds)."""
     checkpoints = REPO / "example" / "tiny" / "checkpoints"
-    env = dict(os.environ, PYTHONPATH=str(REPO), PAD_HQ="1", PAD_DURATION="1",
-               SPECIAL_TOKEN_PATH=str(checkpoints / "special_tokens.npz"))  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        PAD_HQ="1",
+        PAD_DURATION="1",
+        SPECIAL_TOKEN_PATH=str(checkpoints / "special_tokens.npz"),
+    )
     with tempfile.TemporaryDirectory(prefix="magi-bench-startup-") as tmp:
         out = Path(tmp) / "out.mp4"
         cmd = [sys.executable, "-c", _CHILD, str(config), str(out), "1234", str(num_frames), str(threads)]

@@ -103,8 +103,15 @@ def official_from_plan(cfg, chunk_num: int, tokens_per_chunk: int) -> dict:
     ts = bench.time_schedule(rt.num_steps, en.shortcut_mode)
     passes = []
     for step in plan.steps():
-        for spec in bench.step_passes(plan, step, ts, distill=settings.distill, clean_t=rt.clean_t,
-                                      threshold=en.distill_nearly_clean_chunk_threshold, caption_tokens=50):  # fmt: skip
+        for spec in bench.step_passes(
+            plan,
+            step,
+            ts,
+            distill=settings.distill,
+            clean_t=rt.clean_t,
+            threshold=en.distill_nearly_clean_chunk_threshold,
+            caption_tokens=50,
+        ):
             n = len(spec.kv_chunks)
             passes.append({"chunks": n, "tokens": n * tokens_per_chunk})
     return _totals(passes, plan.total_steps, len(plan.generated_chunks))
@@ -168,8 +175,10 @@ def print_rows(rows: list[dict]) -> None:
     for row in rows:
         for who in ("official", "magi"):
             c = row[who]
-            print(f"{row['case']:<44} {who:<9} {c['steps']:>5} {c['passes']:>6} {c['chunk_passes']:>12} "
-                  f"{c['token_passes_per_chunk']:>18.1f}")  # fmt: skip
+            print(
+                f"{row['case']:<44} {who:<9} {c['steps']:>5} {c['passes']:>6} {c['chunk_passes']:>12} "
+                f"{c['token_passes_per_chunk']:>18.1f}"
+            )
         ratio = row["magi"]["token_passes"] / row["official"]["token_passes"]
         print(f"{'':<44} magi/official token-passes: {ratio:.3f}")
 
@@ -189,7 +198,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = [preset_case(args.preset, args.height, args.width, args.num_frames, args.num_steps)]
     else:
         if not (args.reference_dir / "README.md").is_file():
-            p.error(f"reference fixtures not found at {args.reference_dir} (set --reference-dir or $MAGI_REFERENCE_DIR)")
+            p.error(
+                f"reference fixtures not found at {args.reference_dir} (set --reference-dir or $MAGI_REFERENCE_DIR)"
+            )
         rows = [fixture_case(args.reference_dir, case) for case in args.case or CASES]
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -89,10 +89,17 @@ def build_mlps(hidden: int, ffn: int) -> tuple[torch.nn.Module, torch.nn.Module]
     from magi.models.dit import DiT
 
     cfg = ModelConfig(
-        num_layers=3, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=hidden // 64,
-        num_query_groups=max(1, hidden // 256), kv_channels=64, caption_channels=32, caption_max_length=8,
-        gated_linear_unit=True, params_dtype="torch.bfloat16",
-    )  # fmt: skip
+        num_layers=3,
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        num_attention_heads=hidden // 64,
+        num_query_groups=max(1, hidden // 256),
+        kv_channels=64,
+        caption_channels=32,
+        caption_max_length=8,
+        gated_linear_unit=True,
+        params_dtype="torch.bfloat16",
+    )
     torch.manual_seed(0)
     model = swap_fp8_linears(DiT(cfg), cfg.num_layers, quantize_weights=True)
     return model.videodit_blocks.layers[0].mlp, model.videodit_blocks.layers[1].mlp

@@ -30,16 +30,26 @@ from magi.tiny import (  # noqa: E402  (re-exported: tests and tools reach them 
 )
 
 DEFAULT_CONFIG = REPO / "example" / "tiny" / "config.json"
-__all__ = ["MAX_DIT_PARAMS", "TINY_CONFIG", "TINY_VAE_DDCONFIG", "dit_parameter_count", "make_tiny_checkpoint",
-           "tiny_config_dict", "write_dit", "write_special_tokens", "write_t5", "write_tokenizer", "write_vae",
-           "main"]  # fmt: skip
+__all__ = [
+    "MAX_DIT_PARAMS",
+    "TINY_CONFIG",
+    "TINY_VAE_DDCONFIG",
+    "dit_parameter_count",
+    "make_tiny_checkpoint",
+    "tiny_config_dict",
+    "write_dit",
+    "write_special_tokens",
+    "write_t5",
+    "write_tokenizer",
+    "write_vae",
+    "main",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="target folder (e.g. example/tiny/checkpoints)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="config whose model_config sizes the DiT")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config whose model_config sizes the DiT")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)

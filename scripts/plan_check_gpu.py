@@ -70,9 +70,11 @@ def main() -> int:
         torch.cuda.synchronize()
         took = time.perf_counter() - start
     measured = torch.cuda.max_memory_allocated() - base
-    print(f"{torch.cuda.get_device_name()} backend {args.backend}: {args.chunks} chunks x {c} tokens, "
-          f"history {args.history}; predicted activation {predicted / GIB:.3f} GiB, measured "
-          f"{measured / GIB:.3f} GiB ({measured / predicted - 1:+.1%}); pass of 2 layers {took * 1e3:.1f} ms")  # fmt: skip
+    print(
+        f"{torch.cuda.get_device_name()} backend {args.backend}: {args.chunks} chunks x {c} tokens, "
+        f"history {args.history}; predicted activation {predicted / GIB:.3f} GiB, measured "
+        f"{measured / GIB:.3f} GiB ({measured / predicted - 1:+.1%}); pass of 2 layers {took * 1e3:.1f} ms"
+    )
     return 0
 
 

@@ -37,15 +37,20 @@ def main() -> None:
     ap.add_argument("--models", default="4.5B,24B")
     args = ap.parse_args()
     peak = GPUS["H100"][0]
-    print(f"| model | variant | size | GPUs | weights | KV host | activation | T5 | peak / GPU | "
-          f"PFLOP / video | floor s at {peak:.0f} TFLOP/s | plan s |")  # fmt: skip
+    print(
+        f"| model | variant | size | GPUs | weights | KV host | activation | T5 | peak / GPU | "
+        f"PFLOP / video | floor s at {peak:.0f} TFLOP/s | plan s |"
+    )
     print("|" + "---|" * 12)
     for model in args.models.split(","):
         for name, variant, res, gpus, p, flops, took in rows(model, args.num_frames, peak):
             g = lambda n: f"{n / GIB:.2f}"
-            print(f"| {name} | {variant} | {res} {p.video_size_h}x{p.video_size_w} | {gpus} | {g(p.weights_bytes)} | "
-                  f"{g(p.kv_cache_host_bytes)} | {g(p.activation_peak_bytes)} | {g(p.t5_peak_bytes)} | "
-                  f"{g(p.peak_bytes)} | {flops / 1e15:.1f} | {p.seconds_at(peak):.1f} | {took:.0f} |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {variant} | {res} {p.video_size_h}x{p.video_size_w} | {gpus} | {g(p.weights_bytes)} | "
+                f"{g(p.kv_cache_host_bytes)} | {g(p.activation_peak_bytes)} | {g(p.t5_peak_bytes)} | "
+                f"{g(p.peak_bytes)} | {flops / 1e15:.1f} | {p.seconds_at(peak):.1f} | {took:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,7 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO_ROOT / "example" / "tiny" / "config.json"
 CHUNK = 24  # frames per chunk of the tiny config (6 latent frames)
-REFERENCE_DIR = Path(
-    os.environ.get("MAGI_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference")
-).resolve()
+REFERENCE_DIR = Path(os.environ.get("MAGI_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference")).resolve()
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

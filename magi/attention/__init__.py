@@ -32,9 +32,15 @@ import torch
 from magi.attention.masks import Ranges
 
 __all__ = [
-    "AUTO", "BACKENDS", "BACKEND_CHOICES", "attention", "check_backend", "get_backend",
-    "resolve_backend", "set_backend",
-]  # fmt: skip
+    "AUTO",
+    "BACKENDS",
+    "BACKEND_CHOICES",
+    "attention",
+    "check_backend",
+    "get_backend",
+    "resolve_backend",
+    "set_backend",
+]
 
 # name -> module implementing ``attention(q, k, v, q_ranges, k_ranges)``
 BACKENDS: dict[str, str] = {
@@ -175,8 +181,7 @@ def _backend_fn(name: str) -> Callable[..., torch.Tensor]:
             _loaded[name] = importlib.import_module(BACKENDS[name])
         except ModuleNotFoundError as err:
             raise ImportError(
-                f"attention backend {name!r} is unavailable ({err}); use backend 'sdpa' "
-                "or install the package it needs"
+                f"attention backend {name!r} is unavailable ({err}); use backend 'sdpa' or install the package it needs"
             ) from None
     return _loaded[name].attention
 

@@ -100,13 +100,10 @@ def _varlen_fn() -> Callable[..., torch.Tensor]:
     return flash_attn_varlen_func
 
 
-def _sorted_segments(
-    q_ranges: Ranges, k_ranges: Ranges, lq: int
-) -> list[tuple[int, int, int, int]]:
+def _sorted_segments(q_ranges: Ranges, k_ranges: Ranges, lq: int) -> list[tuple[int, int, int, int]]:
     """(q0, q1, k0, k1) sorted by q0; ValueError unless the query segments tile [0, lq)."""
     rows = sorted(
-        (q0, q1, k0, k1)
-        for (q0, q1), (k0, k1) in zip(range_pairs(q_ranges), range_pairs(k_ranges), strict=True)
+        (q0, q1, k0, k1) for (q0, q1), (k0, k1) in zip(range_pairs(q_ranges), range_pairs(k_ranges), strict=True)
     )
     ends = [0] + [q1 for _, q1, _, _ in rows]
     if [q0 for q0, _, _, _ in rows] != ends[:-1] or ends[-1] != lq:

@@ -122,9 +122,7 @@ def block_mask_from_ranges(
     return mask
 
 
-def _validated_segments(
-    q_ranges: Ranges, k_ranges: Ranges, lq: int, lk: int
-) -> tuple[tuple[int, int, int, int], ...]:
+def _validated_segments(q_ranges: Ranges, k_ranges: Ranges, lq: int, lk: int) -> tuple[tuple[int, int, int, int], ...]:
     """(q0, q1, k0, k1) per segment sorted by q0; ValueError unless they tile [0, lq)."""
     q_pairs, k_pairs = range_pairs(q_ranges), range_pairs(k_ranges)
     if len(q_pairs) != len(k_pairs):
@@ -134,8 +132,7 @@ def _validated_segments(
     for q0, q1, k0, k1 in rows:
         if q0 != expected_start or q1 <= q0:
             raise ValueError(
-                f"query ranges must be disjoint, non-empty and cover [0, {lq}) in order; "
-                f"got {[r[:2] for r in rows]}"
+                f"query ranges must be disjoint, non-empty and cover [0, {lq}) in order; got {[r[:2] for r in rows]}"
             )
         if not 0 <= k0 <= k1 <= lk:
             raise ValueError(f"key range [{k0}, {k1}) is outside [0, {lk}]")

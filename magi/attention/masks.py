@@ -65,9 +65,7 @@ def self_attention_ranges(kv_range: torch.Tensor, chunk_tokens: int) -> tuple[to
     return chunk_query_ranges(kv_range.shape[0], chunk_tokens), kv_range.clone()
 
 
-def block_causal_kv_range(
-    slice_point: int, visible_chunks: Sequence[int], chunk_tokens: int
-) -> torch.Tensor:
+def block_causal_kv_range(slice_point: int, visible_chunks: Sequence[int], chunk_tokens: int) -> torch.Tensor:
     """kv_range of a call whose chunk j is absolute chunk slice_point + j (dit.md §7).
 
     Args:
@@ -92,9 +90,7 @@ def isolated_kv_range(num_segments: int, chunk_tokens: int) -> torch.Tensor:
     return chunk_query_ranges(num_segments, chunk_tokens)
 
 
-def cross_attention_ranges(
-    caption_counts: torch.Tensor, chunk_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_attention_ranges(caption_counts: torch.Tensor, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(q_ranges, k_ranges) for cross-attention: chunk i to its own packed caption tokens.
 
     Args:

@@ -55,9 +55,7 @@ def heads_to_sequence(x: torch.Tensor, group: Any, seq_sizes: list[int]) -> torc
     batch, _, _, features = x.shape
     send = rearrange(x, "b s w f -> (w b s) f").contiguous()
     recv = send.new_empty(batch * sum(seq_sizes), features)
-    dist.all_to_all_single(
-        recv, send, [batch * n for n in seq_sizes], [send.shape[0] // world] * world, group=group
-    )
+    dist.all_to_all_single(recv, send, [batch * n for n in seq_sizes], [send.shape[0] // world] * world, group=group)
     pieces = recv.split([batch * n for n in seq_sizes])  # piece r: [(B s_r), F] from rank r
     return torch.cat([p.view(batch, -1, features) for p in pieces], dim=1)
 
@@ -81,9 +79,7 @@ def sequence_to_heads(x: torch.Tensor, group: Any, seq_sizes: list[int], rank: i
     send = torch.cat([p.reshape(-1, features) for p in x.split(seq_sizes, dim=1)])
     local = seq_sizes[rank]
     recv = send.new_empty(world * batch * local, features)
-    dist.all_to_all_single(
-        recv, send, [batch * local] * world, [batch * n for n in seq_sizes], group=group
-    )
+    dist.all_to_all_single(recv, send, [batch * local] * world, [batch * n for n in seq_sizes], group=group)
     return rearrange(recv, "(w b s) f -> b s w f", w=world, b=batch)
 
 
@@ -111,9 +107,17 @@ def gather_sequence(x: torch.Tensor, group: Any, seq_sizes: list[int], dim: int 
 # How shard_call treats every DiTContext field: cut to the local tokens, or kept whole.
 _PER_TOKEN = {"rope_cos", "rope_sin", "condition_map", "xattn_q_ranges", "xattn_k_ranges"}
 _WHOLE = {
-    "condition", "y_xattn", "caption_counts", "self_q_ranges", "self_k_ranges", "chunk_tokens",
-    "batch", "slice_point", "kv_cache", "cache_write_chunks",
-}  # fmt: skip
+    "condition",
+    "y_xattn",
+    "caption_counts",
+    "self_q_ranges",
+    "self_k_ranges",
+    "chunk_tokens",
+    "batch",
+    "slice_point",
+    "kv_cache",
+    "cache_write_chunks",
+}
 
 
 @dataclass
@@ -198,17 +202,13 @@ class UlyssesAttention(nn.Module):
 
     # Eager even inside a compiled layer (magi.compile): collectives and the host-side ranges.
     @torch.compiler.disable
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ShardedContext
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ShardedContext) -> torch.Tensor:
         w, batch = self.cp_size, ctx.batch
         if k.shape[1] < w:
             k, v = (x.repeat_interleave(w // x.shape[1], dim=1) for x in (k, v))
         n, g, dim = q.shape[1] // w, k.shape[1] // w, q.shape[2]
         # [(B s), (W heads), D] -> [B, s, W, heads*D] per tensor, packed along the last dim.
-        packed = torch.cat(
-            [rearrange(x, "(b s) (w h) d -> b s w (h d)", b=batch, w=w) for x in (q, k, v)], dim=-1
-        )
+        packed = torch.cat([rearrange(x, "(b s) (w h) d -> b s w (h d)", b=batch, w=w) for x in (q, k, v)], dim=-1)
         full = heads_to_sequence(packed, self.group, ctx.seq_sizes)  # [B, S, (n + 2g) * D]
         qf, kf, vf = (
             rearrange(x, "b s (h d) -> (b s) h d", d=dim).contiguous()  # kernels want dense q/k/v
@@ -223,9 +223,7 @@ class UlyssesAttention(nn.Module):
 def check_context_parallel(num_heads: int, num_groups: int, cp_size: int) -> None:
     """Ulysses head constraints (parallel.md §2): N % W == 0 and (G % W == 0 or W % G == 0)."""
     if num_heads % cp_size:
-        raise ValueError(
-            f"cp_size {cp_size} must divide num_attention_heads {num_heads} (Ulysses splits heads)"
-        )
+        raise ValueError(f"cp_size {cp_size} must divide num_attention_heads {num_heads} (Ulysses splits heads)")
     if num_groups % cp_size and cp_size % num_groups:
         raise ValueError(
             f"cp_size {cp_size} and num_query_groups {num_groups}: one must divide the other "

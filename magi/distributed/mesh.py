@@ -92,9 +92,7 @@ def mesh_groups(pp_size: int, cp_size: int) -> tuple[list[list[int]], list[list[
 def check_engine_config(engine: EngineConfig, world_size: int) -> None:
     """Validate the parallel fields of engine_config against the world size (one-line errors)."""
     if engine.pp_size < 1 or engine.cp_size < 1:
-        raise ValueError(
-            f"engine_config pp_size={engine.pp_size} and cp_size={engine.cp_size} must both be >= 1"
-        )
+        raise ValueError(f"engine_config pp_size={engine.pp_size} and cp_size={engine.cp_size} must both be >= 1")
     if engine.cp_size * engine.pp_size != world_size:
         raise ValueError(
             f"engine_config pp_size {engine.pp_size} x cp_size {engine.cp_size} = "
@@ -103,9 +101,7 @@ def check_engine_config(engine: EngineConfig, world_size: int) -> None:
         )
     strategies = ("none", "cp_ulysses", "cp_shuffle_overlap")
     if engine.cp_strategy not in strategies:
-        raise ValueError(
-            f"engine_config cp_strategy {engine.cp_strategy!r} is unknown; use one of {strategies}"
-        )
+        raise ValueError(f"engine_config cp_strategy {engine.cp_strategy!r} is unknown; use one of {strategies}")
     if engine.cp_strategy == "none" and engine.cp_size != 1:
         raise ValueError(
             f"engine_config cp_strategy 'none' requires cp_size 1 (got {engine.cp_size}); "
@@ -161,9 +157,7 @@ def init_from_env(engine: EngineConfig, device: torch.device | str | None = None
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend=_backend_for(engine, device), timeout=timeout, rank=rank, world_size=world_size
-        )
+        dist.init_process_group(backend=_backend_for(engine, device), timeout=timeout, rank=rank, world_size=world_size)
     _current_mesh = _build_mesh(rank, world_size, engine, device, timeout)
     if world_size > 1:
         _start_watchdog(rank, world_size)
@@ -256,11 +250,7 @@ def _flat_config(config: MagiConfig) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     data.pop("source", None)  # the file path may differ between nodes; the content may not
     # Official JSON section names, so a mismatch message points at the field in the file.
-    return {
-        f"{section}_config.{key}": value
-        for section, fields in data.items()
-        for key, value in fields.items()
-    }
+    return {f"{section}_config.{key}": value for section, fields in data.items() for key, value in fields.items()}
 
 
 def config_digest(config: MagiConfig) -> str:

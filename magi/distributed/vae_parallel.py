@@ -191,9 +191,7 @@ def decode_to_uint8(
     return video_io.decode_to_uint8(_TileReplay(vae, tiles), latent, **kwargs)  # type: ignore[arg-type]
 
 
-def tile_parallel_encode(
-    vae: ViTVAE, x: torch.Tensor, spec: TileSpec = TileSpec(), group: Any = None
-) -> torch.Tensor:
+def tile_parallel_encode(vae: ViTVAE, x: torch.Tensor, spec: TileSpec = TileSpec(), group: Any = None) -> torch.Tensor:
     """``tiled_encode(vae, x, spec)`` with the tiles spread over the ranks of ``group``.
 
     Every rank of ``group`` must call it with the same ``x``; every rank gets the whole latent.

@@ -20,8 +20,9 @@ from magi.request import check_compat
 SCALE_FACTOR = 0.18215  # runtime_config.scale_factor of every released config
 
 
-def encode_prefix(vae: ViTVAE, frames: torch.Tensor, *, fps: int = 24,
-                  scale_factor: float = SCALE_FACTOR, compat: str = "magi") -> torch.Tensor:
+def encode_prefix(
+    vae: ViTVAE, frames: torch.Tensor, *, fps: int = 24, scale_factor: float = SCALE_FACTOR, compat: str = "magi"
+) -> torch.Tensor:
     """uint8 frames [T, H, W, 3] (or one image [H, W, 3]) -> prefix latent [1, z, T', H/8, W/8].
 
     Posterior mean x scale_factor, tiled as the official ``encode_prefix_video`` (256 px tiles,
@@ -36,8 +37,9 @@ def encode_prefix(vae: ViTVAE, frames: torch.Tensor, *, fps: int = 24,
         compat: "magi" or "official" (temporal tile length at fps where fps // 2 % 4 != 0).
     """
     if frames.dtype != torch.uint8 or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
-        raise ValueError(f"encode_prefix expects uint8 frames [T, H, W, 3] or [H, W, 3], got "
-                         f"{frames.dtype} {tuple(frames.shape)}")
+        raise ValueError(
+            f"encode_prefix expects uint8 frames [T, H, W, 3] or [H, W, 3], got {frames.dtype} {tuple(frames.shape)}"
+        )
     if frames.ndim == 3:
         frames = frames[None]
     x = rearrange(frames.to(vae.device), "t h w c -> 1 c t h w")
@@ -45,8 +47,9 @@ def encode_prefix(vae: ViTVAE, frames: torch.Tensor, *, fps: int = 24,
     return tiled_encode(vae, x, tile_spec_for_fps(fps, compat)) * scale_factor
 
 
-def decode_to_uint8(vae: ViTVAE, latent: torch.Tensor, *, fps: int = 24,
-                    scale_factor: float = SCALE_FACTOR, compat: str = "magi") -> torch.Tensor:
+def decode_to_uint8(
+    vae: ViTVAE, latent: torch.Tensor, *, fps: int = 24, scale_factor: float = SCALE_FACTOR, compat: str = "magi"
+) -> torch.Tensor:
     """Scaled latent [1, z, T', H', W'] -> uint8 frames [F, 3, 8H', 8W'] on the CPU.
 
     Divides by scale_factor, tiled decode under the (emulated) bf16 autocast. A trailing lone
@@ -62,8 +65,7 @@ def decode_to_uint8(vae: ViTVAE, latent: torch.Tensor, *, fps: int = 24,
     """
     check_compat(compat)
     if latent.ndim != 5 or latent.shape[0] != 1:
-        raise ValueError(f"decode_to_uint8 expects a latent [1, C, T, H, W], got "
-                         f"{tuple(latent.shape)}")
+        raise ValueError(f"decode_to_uint8 expects a latent [1, C, T, H, W], got {tuple(latent.shape)}")
     z = latent.to(vae.device).float() / scale_factor
     video = tiled_decode(vae, z, tile_spec_for_fps(fps, compat), autocast=True)
     if compat == "official":

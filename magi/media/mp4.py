@@ -58,17 +58,14 @@ class Mp4Writer:
             CMAF stream (one init, continuous fragments).
     """
 
-    def __init__(self, path: str | Path, fps: float, *, keep_partial: bool = False,
-                 fragmented: bool = False) -> None:  # fmt: skip
+    def __init__(self, path: str | Path, fps: float, *, keep_partial: bool = False, fragmented: bool = False) -> None:
         self.path = Path(path)
         if self.path.suffix.lower() != ".mp4":
             raise ValueError(f"output path must end in .mp4, got {self.path}")
         if self.path.parent.exists() and not self.path.parent.is_dir():
-            raise ValueError(f"output folder {self.path.parent} is a file, not a folder; "
-                             "choose another output path")
+            raise ValueError(f"output folder {self.path.parent} is a file, not a folder; choose another output path")
         if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"output folder does not exist: {self.path.parent} "
-                                    "(create it first)")
+            raise FileNotFoundError(f"output folder does not exist: {self.path.parent} (create it first)")
         if self.path.is_dir():
             raise ValueError(f"output path is a folder: {self.path}")
         if fps <= 0:
@@ -92,18 +89,47 @@ class Mp4Writer:
         self.size = (width, height)
         # the command imageio-ffmpeg's write_frames builds, run here so the exit status is seen
         fps = Fraction(self.fps).limit_denominator()
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
-               "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an",
-               "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error", "-f", "mp4",
-               str(self.tmp_path)]
+        cmd = [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-y",
+            "-f",
+            "rawvideo",
+            "-vcodec",
+            "rawvideo",
+            "-s",
+            f"{width}x{height}",
+            "-pix_fmt",
+            "rgb24",
+            "-r",
+            str(fps),
+            "-i",
+            "-",
+            "-an",
+            "-vcodec",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-v",
+            "error",
+            "-f",
+            "mp4",
+            str(self.tmp_path),
+        ]
         if self.fragmented:  # CMAF-ready: no B-frames, a timescale where every frame lasts whole ticks
             timescale, _ = cmaf_timescale(self.fps)
-            cmd[-3:-3] = ["-bf", "0", "-video_track_timescale", str(timescale),
-                          "-movflags", "+frag_keyframe+empty_moov+default_base_moof"]  # fmt: skip
+            cmd[-3:-3] = [
+                "-bf",
+                "0",
+                "-video_track_timescale",
+                str(timescale),
+                "-movflags",
+                "+frag_keyframe+empty_moov+default_base_moof",
+            ]
         self._log = tempfile.TemporaryFile()
         # own session: Ctrl-C reaches only Python, so keep_partial can still finalise the mp4
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                      stderr=self._log, start_new_session=True)
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True
+        )
 
     def append(self, frames: torch.Tensor | np.ndarray) -> None:
         """Append uint8 frames [F, 3, H, W] (all appends must share H and W)."""
@@ -111,14 +137,14 @@ class Mp4Writer:
             raise ValueError(f"Mp4Writer for {self.path} is already closed")
         frames = torch.as_tensor(frames)
         if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
-            raise ValueError(f"Mp4Writer.append expects uint8 frames [F, 3, H, W], got "
-                             f"{frames.dtype} {tuple(frames.shape)}")
+            raise ValueError(
+                f"Mp4Writer.append expects uint8 frames [F, 3, H, W], got {frames.dtype} {tuple(frames.shape)}"
+            )
         h, w = frames.shape[2:]
         if self._proc is None:
             self._start(w, h)
         elif (w, h) != self.size:
-            raise ValueError(f"frame size {w}x{h} differs from the first frames' "
-                             f"{self.size[0]}x{self.size[1]}")
+            raise ValueError(f"frame size {w}x{h} differs from the first frames' {self.size[0]}x{self.size[1]}")
         data = rearrange(frames.cpu(), "f c h w -> f h w c").contiguous().numpy()
         try:
             for frame in data:
@@ -144,8 +170,9 @@ class Mp4Writer:
         count = _count_video_frames(self.tmp_path)
         if count != self.frames_written:
             found = "is unreadable" if count is None else f"holds {count} frame(s)"
-            raise RuntimeError(self._fail("finishing", f"the written file {found}, "
-                                          f"{self.frames_written} were appended"))
+            raise RuntimeError(
+                self._fail("finishing", f"the written file {found}, {self.frames_written} were appended")
+            )
         self._close_log()
         os.replace(self.tmp_path, self.path)
         self._done = True
@@ -176,8 +203,7 @@ class Mp4Writer:
         if cause is None:
             cause = _ffmpeg_cause(self._read_log(), status)
         self.abort()
-        return (f"cannot write {self.path}: ffmpeg failed {stage} the mp4 ({cause}); "
-                "the output path was left untouched")
+        return f"cannot write {self.path}: ffmpeg failed {stage} the mp4 ({cause}); the output path was left untouched"
 
     def _read_log(self) -> str:
         if self._log is None:
@@ -193,8 +219,9 @@ class Mp4Writer:
     def __enter__(self) -> Mp4Writer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None or (self.keep_partial and self.frames_written):
             self.close()
         else:
@@ -215,8 +242,10 @@ def _check_writable(path: Path) -> None:
         path.touch(exist_ok=False)
         path.unlink()
     except OSError as err:
-        raise ValueError(f"cannot write the output video in {path.parent} "
-                         f"({err.strerror or type(err).__name__}); choose a writable folder") from None
+        raise ValueError(
+            f"cannot write the output video in {path.parent} "
+            f"({err.strerror or type(err).__name__}); choose a writable folder"
+        ) from None
 
 
 _TEMP_TAG = ".magi-partial-"  # .{stem}.magi-partial-{pid}-{8 hex}.mp4
@@ -242,7 +271,7 @@ def _remove_stale_temps(path: Path) -> None:
     """Delete temp files of earlier writers of ``path`` whose process is gone (kill -9, crash)."""
     prefix = f".{_temp_stem(path)}{_TEMP_TAG}"
     for candidate in path.parent.glob(glob.escape(prefix) + "*.mp4"):
-        match = _TEMP_TAIL.fullmatch(candidate.name[len(prefix):])
+        match = _TEMP_TAIL.fullmatch(candidate.name[len(prefix) :])
         if match is None or _pid_alive(int(match.group(1))):
             continue
         try:
@@ -265,8 +294,24 @@ def _pid_alive(pid: int) -> bool:
 
 def _count_video_frames(path: Path) -> int | None:
     """Frames in the first video stream, demuxed without decoding; None when unreadable."""
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path),
-           "-map", "0:v:0", "-c", "copy", "-f", "null", "-progress", "pipe:1", "-nostats", "-"]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-nostdin",
+        "-v",
+        "error",
+        "-i",
+        str(path),
+        "-map",
+        "0:v:0",
+        "-c",
+        "copy",
+        "-f",
+        "null",
+        "-progress",
+        "pipe:1",
+        "-nostats",
+        "-",
+    ]
     try:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=600)
     except (OSError, subprocess.TimeoutExpired):
@@ -276,8 +321,14 @@ def _count_video_frames(path: Path) -> int | None:
 
 
 # what a user can act on, searched for in ffmpeg's log before falling back to its last line
-_OS_ERRORS = ("No space left on device", "Disk quota exceeded", "File too large",
-              "Permission denied", "Input/output error", "Read-only file system")
+_OS_ERRORS = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "File too large",
+    "Permission denied",
+    "Input/output error",
+    "Read-only file system",
+)
 
 
 def _ffmpeg_cause(log: str, status: int | None) -> str:
@@ -310,8 +361,11 @@ def join_mp4(parts: list[Path], out: Path) -> None:
         listing.write_text("".join(f"file '{_concat_quote(p.resolve())}'\n" for p in parts))
         source = ["-f", "concat", "-safe", "0", "-i", str(listing)]
     try:
-        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *source, "-c", "copy",
-                               "-f", "mp4", str(joined)], capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *source, "-c", "copy", "-f", "mp4", str(joined)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
             raise VideoWriteError(f"ffmpeg could not join {len(parts)} parts into {out}: {why}")
@@ -347,9 +401,9 @@ def _boxes(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[st
     while at < end:
         if at + 8 > end:
             raise ValueError(f"mp4 box header cut at byte {at}")
-        size, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8].decode("latin-1")
+        size, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8].decode("latin-1")
         if size == 1:
-            size = int.from_bytes(data[at + 8:at + 16], "big")
+            size = int.from_bytes(data[at + 8 : at + 16], "big")
         if size < 8 or at + size > end:
             raise ValueError(f"mp4 box {kind!r} at byte {at} has a bad size {size}")
         found.append((kind, at, size))
@@ -360,15 +414,15 @@ def _boxes(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[st
 def split_fmp4(data: bytes) -> tuple[bytes, list[bytes]]:
     """A fragmented mp4 as (init = ftyp + moov, [moof + mdat, ...]); other boxes (mfra) dropped."""
     boxes = _boxes(data)
-    init = b"".join(data[o:o + n] for kind, o, n in boxes if kind in ("ftyp", "moov"))
+    init = b"".join(data[o : o + n] for kind, o, n in boxes if kind in ("ftyp", "moov"))
     if not any(kind == "moov" for kind, _, _ in boxes):
         raise ValueError("not a fragmented mp4: no moov box")
     fragments, current = [], b""
     for kind, o, n in boxes:
         if kind == "moof":
-            current = data[o:o + n]
+            current = data[o : o + n]
         elif kind == "mdat" and current:
-            fragments.append(current + data[o:o + n])
+            fragments.append(current + data[o : o + n])
             current = b""
     return init, fragments
 
@@ -384,8 +438,11 @@ def fragment_frames(fragment: bytes) -> int:
     """The samples (frames) in one moof + mdat: the sum of its trun sample counts."""
     moof = _boxes(fragment)[0]
     traf = _child(fragment, moof, "traf")
-    return sum(int.from_bytes(fragment[o + 12:o + 16], "big")
-               for kind, o, _ in _boxes(fragment, traf[1] + 8, traf[1] + traf[2]) if kind == "trun")  # fmt: skip
+    return sum(
+        int.from_bytes(fragment[o + 12 : o + 16], "big")
+        for kind, o, _ in _boxes(fragment, traf[1] + 8, traf[1] + traf[2])
+        if kind == "trun"
+    )
 
 
 def retime_fmp4(fragment: bytes, decode_time: int, sequence: int) -> bytes:
@@ -397,17 +454,17 @@ def retime_fmp4(fragment: bytes, decode_time: int, sequence: int) -> bytes:
     out = bytearray(fragment)
     moof = _boxes(fragment)[0]
     _, mfhd, _ = _child(fragment, moof, "mfhd")
-    out[mfhd + 12:mfhd + 16] = sequence.to_bytes(4, "big")
+    out[mfhd + 12 : mfhd + 16] = sequence.to_bytes(4, "big")
     traf = _child(fragment, moof, "traf")
     _, tfdt, size = _child(fragment, traf, "tfdt")
     if fragment[tfdt + 8] == 1:
-        out[tfdt + 12:tfdt + 20] = decode_time.to_bytes(8, "big")
+        out[tfdt + 12 : tfdt + 20] = decode_time.to_bytes(8, "big")
         return bytes(out)
     # version 0 (32 bits): grow the box to version 1, and every size and offset around it by 4
     new_tfdt = (20).to_bytes(4, "big") + b"tfdt" + b"\x01\x00\x00\x00" + decode_time.to_bytes(8, "big")
-    out[tfdt:tfdt + size] = new_tfdt
+    out[tfdt : tfdt + size] = new_tfdt
     for start in (moof[1], traf[1]):
-        out[start:start + 4] = (int.from_bytes(out[start:start + 4], "big") + 4).to_bytes(4, "big")
+        out[start : start + 4] = (int.from_bytes(out[start : start + 4], "big") + 4).to_bytes(4, "big")
     return _shift_trun_offsets(bytes(out), 4)
 
 
@@ -417,9 +474,9 @@ def _shift_trun_offsets(fragment: bytes, by: int) -> bytes:
     moof = _boxes(fragment)[0]
     traf = _child(fragment, moof, "traf")
     for kind, o, _ in _boxes(fragment, traf[1] + 8, traf[1] + traf[2]):
-        if kind == "trun" and int.from_bytes(fragment[o + 9:o + 12], "big") & 0x1:
-            offset = int.from_bytes(fragment[o + 16:o + 20], "big", signed=True) + by
-            out[o + 16:o + 20] = offset.to_bytes(4, "big", signed=True)
+        if kind == "trun" and int.from_bytes(fragment[o + 9 : o + 12], "big") & 0x1:
+            offset = int.from_bytes(fragment[o + 16 : o + 20], "big", signed=True) + by
+            out[o + 16 : o + 20] = offset.to_bytes(4, "big", signed=True)
     return bytes(out)
 
 

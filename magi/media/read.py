@@ -91,8 +91,10 @@ def check_not_text(path: str | Path, kind: str = "image") -> None:
     with open(path, "rb") as f:
         head = f.read(4096)
     if is_text(head):
-        raise ValueError(f"{kind} {path} is a text file, not an image or a video; give a picture "
-                         "(jpeg, png, webp, ...) or a video (mp4, webm, ...)")  # fmt: skip
+        raise ValueError(
+            f"{kind} {path} is a text file, not an image or a video; give a picture "
+            "(jpeg, png, webp, ...) or a video (mp4, webm, ...)"
+        )
 
 
 def _refuse_ansi(meta: dict, path: Path, kind: str) -> None:
@@ -139,31 +141,36 @@ def _open_error(err: BaseException, p: Path, kind: str) -> ValueError:
     """The one-line error for a file ffmpeg could not open (imageio appends ffmpeg's whole log)."""
     text = str(err)
     if any(sign in text for sign in _NO_VIDEO_STREAM):
-        return ValueError(f"cannot use {kind} {p}: it has no decodable frames (no video "
-                          "stream, e.g. audio only, or an empty one); give an image or a video")
+        return ValueError(
+            f"cannot use {kind} {p}: it has no decodable frames (no video "
+            "stream, e.g. audio only, or an empty one); give an image or a video"
+        )
     if big := _TOO_MANY_PIXELS.search(text):
         w, h = int(big.group(1)), int(big.group(2))
-        return ValueError(f"cannot use {kind} {p}: image is {w}x{h} ({w * h / 1e6:.0f} "
-                          f"megapixels), above magi's limit of {MAX_IMAGE_PIXELS / 1e6:.0f} "
-                          "megapixels (MAX_IMAGE_PIXELS); downscale it")
+        return ValueError(
+            f"cannot use {kind} {p}: image is {w}x{h} ({w * h / 1e6:.0f} "
+            f"megapixels), above magi's limit of {MAX_IMAGE_PIXELS / 1e6:.0f} "
+            "megapixels (MAX_IMAGE_PIXELS); downscale it"
+        )
     reason = text.strip().splitlines()[-1] if text.strip() else type(err).__name__
-    return ValueError(f"cannot decode {kind} {p}: not a readable image/video, or no "
-                      f"decodable frames (ffmpeg: {reason[:200]})")
+    return ValueError(
+        f"cannot decode {kind} {p}: not a readable image/video, or no decodable frames (ffmpeg: {reason[:200]})"
+    )
 
 
 def _media_info(meta: dict) -> MediaInfo:
     width, height = meta["source_size"]
     pix_fmt = meta.get("pix_fmt", "").split("(")[0].strip()
-    return MediaInfo(width, height, float(meta.get("fps") or 0.0),
-                     float(meta.get("duration") or 0.0), pix_fmt, meta.get("codec", ""))
+    return MediaInfo(
+        width, height, float(meta.get("fps") or 0.0), float(meta.get("duration") or 0.0), pix_fmt, meta.get("codec", "")
+    )
 
 
 def _check_size(size: Size | None) -> None:
     if size is None:
         return
     if len(size) != 2 or any(int(s) != s or s <= 0 or s % 8 for s in size):
-        raise ValueError(f"size must be (width, height), positive multiples of 8 (the VAE "
-                         f"patch), got {size}")
+        raise ValueError(f"size must be (width, height), positive multiples of 8 (the VAE patch), got {size}")
 
 
 def resize_filter(size: Size | None, compat: str = "magi") -> list[str]:
@@ -177,21 +184,22 @@ def resize_filter(size: Size | None, compat: str = "magi") -> list[str]:
     return [f"scale={w}:{h}:force_original_aspect_ratio=increase", f"crop={w}:{h}"]
 
 
-def _iter_frames(path: Path, info: MediaInfo, filters: list[str],
-                 kind: str) -> Iterator[np.ndarray]:
+def _iter_frames(path: Path, info: MediaInfo, filters: list[str], kind: str) -> Iterator[np.ndarray]:
     """Yield RGB uint8 frames [H, W, 3]; alpha sources are composited on white."""
     alpha = info.pix_fmt.startswith(_ALPHA_PREFIXES)
     params = ["-vf", ",".join(filters)] if filters else []
-    gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgba" if alpha else "rgb24",
-                                     bits_per_pixel=32 if alpha else 24, output_params=params)
+    gen = imageio_ffmpeg.read_frames(
+        str(path), pix_fmt="rgba" if alpha else "rgb24", bits_per_pixel=32 if alpha else 24, output_params=params
+    )
     try:
         w, h = next(gen)["size"]
         for buf in gen:
             frame = np.frombuffer(buf, dtype=np.uint8).reshape(h, w, 4 if alpha else 3)
             yield _over_white(frame) if alpha else frame
     except (OSError, RuntimeError) as err:
-        raise ValueError(f"cannot decode {kind} {path}: ffmpeg stopped with "
-                         f"'{str(err).strip().splitlines()[-1][:200]}'") from None
+        raise ValueError(
+            f"cannot decode {kind} {path}: ffmpeg stopped with '{str(err).strip().splitlines()[-1][:200]}'"
+        ) from None
     finally:
         gen.close()
 
@@ -210,8 +218,9 @@ def _checked_info(path: str | Path, kind: str) -> tuple[Path, MediaInfo]:
 
 def _check_min_side(info: MediaInfo, path: str | Path, kind: str) -> None:
     if min(info.width, info.height) < MIN_SOURCE_SIDE:
-        raise ValueError(f"{kind} {path} is {info.width}x{info.height} px; at least "
-                         f"{MIN_SOURCE_SIDE}x{MIN_SOURCE_SIDE} is needed")
+        raise ValueError(
+            f"{kind} {path} is {info.width}x{info.height} px; at least {MIN_SOURCE_SIDE}x{MIN_SOURCE_SIDE} is needed"
+        )
 
 
 def _read_image(path: Path, filters: list[str]) -> np.ndarray:
@@ -230,9 +239,12 @@ def _read_first_frame(path: Path, filters: list[str], alpha: bool) -> np.ndarray
     """None when reading rgb24 and the header shows an alpha channel."""
     _quiet_ffmpeg_logger()
     gen = imageio_ffmpeg.read_frames(
-        str(path), pix_fmt="rgba" if alpha else "rgb24", bits_per_pixel=32 if alpha else 24,
+        str(path),
+        pix_fmt="rgba" if alpha else "rgb24",
+        bits_per_pixel=32 if alpha else 24,
         input_params=["-max_pixels", str(MAX_IMAGE_PIXELS)],
-        output_params=["-vf", ",".join(filters)] if filters else [])
+        output_params=["-vf", ",".join(filters)] if filters else [],
+    )
     try:
         try:
             meta = next(gen)
@@ -270,8 +282,15 @@ def load_image(path: str | Path, size: Size | None = None, *, compat: str = "mag
     return torch.from_numpy(_read_image(p, resize_filter(size, compat)).copy())
 
 
-def load_video(path: str | Path, fps: float, size: Size | None = None, *, compat: str = "magi",
-               max_frames: int | None = None, keep: str = "first") -> torch.Tensor:
+def load_video(
+    path: str | Path,
+    fps: float,
+    size: Size | None = None,
+    *,
+    compat: str = "magi",
+    max_frames: int | None = None,
+    keep: str = "first",
+) -> torch.Tensor:
     """Read a video as RGB uint8 [F, H, W, 3], resampled to ``fps`` (ffmpeg's fps filter).
 
     Args:
@@ -290,8 +309,7 @@ def load_video(path: str | Path, fps: float, size: Size | None = None, *, compat
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     p, info = _checked_info(path, "video")
-    frames: collections.deque[np.ndarray] = collections.deque(
-        maxlen=max_frames if keep == "last" else None)
+    frames: collections.deque[np.ndarray] = collections.deque(maxlen=max_frames if keep == "last" else None)
     for frame in _iter_frames(p, info, [f"fps={fps}", *resize_filter(size, compat)], "video"):
         frames.append(frame)
         if keep == "first" and max_frames is not None and len(frames) == max_frames:
@@ -302,8 +320,9 @@ def load_video(path: str | Path, fps: float, size: Size | None = None, *, compat
 
 
 # ------------------------------------------------------------------------------ v2v prefix
-def select_prefix_frames(frames: torch.Tensor, visible_frames: int, *, compat: str = "magi",
-                         temporal_factor: int = TEMPORAL_FACTOR) -> torch.Tensor:
+def select_prefix_frames(
+    frames: torch.Tensor, visible_frames: int, *, compat: str = "magi", temporal_factor: int = TEMPORAL_FACTOR
+) -> torch.Tensor:
     """Pick the v2v prefix from frames [F, H, W, 3].
 
     magi: the LAST frames, at most ``visible_frames`` (older ones cannot be seen by the model),
@@ -319,13 +338,15 @@ def select_prefix_frames(frames: torch.Tensor, visible_frames: int, *, compat: s
         return frames[:OFFICIAL_PREFIX_FRAMES]
     count = min(len(frames), visible_frames) // temporal_factor * temporal_factor
     if count == 0:
-        raise ValueError(f"v2v prefix has {len(frames)} frame(s) at the runtime fps; at least "
-                         f"{temporal_factor} are needed")
-    return frames[len(frames) - count:]
+        raise ValueError(
+            f"v2v prefix has {len(frames)} frame(s) at the runtime fps; at least {temporal_factor} are needed"
+        )
+    return frames[len(frames) - count :]
 
 
-def load_prefix_video(path: str | Path, fps: float, size: Size, visible_frames: int, *,
-                      compat: str = "magi") -> torch.Tensor:
+def load_prefix_video(
+    path: str | Path, fps: float, size: Size, visible_frames: int, *, compat: str = "magi"
+) -> torch.Tensor:
     """Read the v2v prefix [F, H, W, 3] uint8: official first 32 frames, or magi's tail."""
     check_compat(compat)
     if compat == "official":

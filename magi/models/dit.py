@@ -82,9 +82,7 @@ class LayerNorm1p(nn.Module):
     norms, params_dtype for the cross-attention q/k norms (their +1 is rounded in that dtype).
     """
 
-    def __init__(
-        self, dim: int, eps: float, one_p: bool, dtype: torch.dtype, compute_dtype: torch.dtype
-    ) -> None:
+    def __init__(self, dim: int, eps: float, one_p: bool, dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim, dtype=dtype) if one_p else torch.ones(dim, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype))
@@ -102,9 +100,7 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cond_dim: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(FREQ_EMBED_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(FREQ_EMBED_DIM, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
         self.round_dtype = cfg.dtype
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -502,9 +498,7 @@ class DiT(nn.Module):
         w = self.x_embedder.weight
         return F.conv3d(x.float(), w.float(), stride=self.x_embedder.stride)
 
-    def condition(
-        self, t: torch.Tensor, text_dropped: torch.Tensor, distill_step: float | None
-    ) -> torch.Tensor:
+    def condition(self, t: torch.Tensor, text_dropped: torch.Tensor, distill_step: float | None) -> torch.Tensor:
         """Per-chunk adaLN condition [B*R, Dc] in params_dtype: TE(t) (+ TE(d)) + adaLN(null row)."""
         t_emb = self.t_embedder(t.float())  # [B, R, Dc]
         if distill_step is not None:

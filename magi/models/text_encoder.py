@@ -35,16 +35,10 @@ CAPTION_MAX_LENGTH = 800  # official caption_max_length; the special-token paddi
 
 _TLD = r"(?:com|co|ru|net|org|edu|gov|it)"
 # Step 3: a scheme prefix (only the prefix goes) or a domain-like token not followed by "@".
-_URL_HTTP = re.compile(
-    r"\b(?:https?:(?:/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+\." + _TLD + r"[\w/-]*\b/?(?!@))"
-)
+_URL_HTTP = re.compile(r"\b(?:https?:(?:/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+\." + _TLD + r"[\w/-]*\b/?(?!@))")
 # Step 3 (b): same with the literal "www:" scheme, as in the original.
-_URL_WWW = re.compile(
-    r"\b(?:www:(?:/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+\." + _TLD + r"[\w/-]*\b/?(?!@))"
-)
-_CJK = (
-    "\u31c0-\u31ef\u31f0-\u31ff\u3200-\u32ff\u3300-\u33ff\u3400-\u4dbf\u4dc0-\u4dff\u4e00-\u9fff"
-)
+_URL_WWW = re.compile(r"\b(?:www:(?:/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+\." + _TLD + r"[\w/-]*\b/?(?!@))")
+_CJK = "\u31c0-\u31ef\u31f0-\u31ff\u3200-\u32ff\u3300-\u33ff\u3400-\u4dbf\u4dc0-\u4dff\u4e00-\u9fff"
 _DASHES = (
     "\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40"
     "\u301c\u3030\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d"
@@ -192,15 +186,18 @@ def _read_tokenizer_and_config(folder: Path, tokenizer_cls: type, config_cls: ty
     try:
         config = config_cls.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as err:  # bad JSON: OSError; a JSON array: TypeError
-        raise ValueError(f"{folder / 'config.json'} is not a readable T5 config "
-                         f"({_first_line(err)}); download it again") from None
+        raise ValueError(
+            f"{folder / 'config.json'} is not a readable T5 config ({_first_line(err)}); download it again"
+        ) from None
     try:
         tokenizer = tokenizer_cls.from_pretrained(str(folder))
     except (OSError, ValueError, RuntimeError, TypeError):
         # transformers' own message misleads here: a damaged spiece.model makes it guess at
         # other tokenizer formats and ask for packages (tiktoken, ...)
-        raise ValueError(f"cannot load the T5 tokenizer from {folder}: spiece.model or "
-                         "tokenizer_config.json is damaged; download them again") from None
+        raise ValueError(
+            f"cannot load the T5 tokenizer from {folder}: spiece.model or "
+            "tokenizer_config.json is damaged; download them again"
+        ) from None
     return tokenizer, config
 
 
@@ -215,17 +212,21 @@ def _index_weight_map(index: Path) -> dict[str, str]:
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index} is not a valid weight index ({type(err).__name__}: {err}); "
-                         "download it again") from None
+        raise ValueError(
+            f"{index} is not a valid weight index ({type(err).__name__}: {err}); download it again"
+        ) from None
     for key, shard in weight_map.items():
         windows = PureWindowsPath(shard) if isinstance(shard, str) else None
         if windows is None or not shard.strip():
-            raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} is not a shard file name; "
-                             "download the index again")
+            raise ValueError(
+                f"{index}: weight_map[{key!r}] = {shard!r} is not a shard file name; download the index again"
+            )
         if Path(shard).is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
-            raise ValueError(f"{index}: weight_map[{key!r}] = {shard!r} points outside the T5 folder "
-                             "(absolute path or '..'); shards must be file names there: "
-                             "download the index again")
+            raise ValueError(
+                f"{index}: weight_map[{key!r}] = {shard!r} points outside the T5 folder "
+                "(absolute path or '..'); shards must be file names there: "
+                "download the index again"
+            )
     return weight_map
 
 
@@ -238,8 +239,9 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except SafetensorError as err:  # truncated download, or not a safetensors file
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); it is "
-                             "truncated or corrupt: download it again") from None
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt: download it again"
+            ) from None
     # mmap needs the zip serialisation; legacy files are read whole (still weights-only).
     mmap = zipfile.is_zipfile(path)
     if not mmap and _bin_kind(path) == "other":  # an HTML error page, zeros, an empty file
@@ -248,17 +250,30 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):
-            raise ValueError(f"{path} is not a plain weights file (it pickles code or custom classes); "
-                             "magi never unpickles code: convert it to safetensors (model.safetensors) "
-                             "where you trust it, or download the official T5 files again") from None
+            raise ValueError(
+                f"{path} is not a plain weights file (it pickles code or custom classes); "
+                "magi never unpickles code: convert it to safetensors (model.safetensors) "
+                "where you trust it, or download the official T5 files again"
+            ) from None
         raise ValueError(_bad_bin_message(path, err)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError,
-            IndexError) as err:  # truncated zip, random bytes, a torn legacy pickle
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+    ) as err:  # truncated zip, random bytes, a torn legacy pickle
         raise ValueError(_bad_bin_message(path, err)) from None
     if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ValueError(f"{path} holds no plain state dict (name -> tensor) but a "
-                         f"{type(state).__name__}; save the T5 encoder's state_dict() (safetensors) instead")
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(
+            f"{path} holds no plain state dict (name -> tensor) but a "
+            f"{type(state).__name__}; save the T5 encoder's state_dict() (safetensors) instead"
+        )
     return state
 
 
@@ -270,8 +285,10 @@ def _bin_kind(path: Path) -> str:
 
 
 def _bad_bin_message(path: Path, err: BaseException) -> str:
-    return (f"{path} is not a readable PyTorch weights file ({type(err).__name__}: {_first_line(err)[:120]}); "
-            "it is truncated or corrupt: download it again (`python -m magi.download <model>`)")
+    return (
+        f"{path} is not a readable PyTorch weights file ({type(err).__name__}: {_first_line(err)[:120]}); "
+        "it is truncated or corrupt: download it again (`python -m magi.download <model>`)"
+    )
 
 
 def check_t5_folder(t5_pretrained_root: str | Path) -> Path:
@@ -317,12 +334,16 @@ def _check_side_files(folder: Path) -> None:
     try:
         import sentencepiece
     except ImportError:
-        raise ModuleNotFoundError("the T5 tokenizer needs the sentencepiece package: pip install sentencepiece") from None
+        raise ModuleNotFoundError(
+            "the T5 tokenizer needs the sentencepiece package: pip install sentencepiece"
+        ) from None
     try:
         sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
     except (OSError, RuntimeError, ValueError, TypeError):
-        raise ValueError(f"cannot load the T5 tokenizer from {folder}: spiece.model or "
-                         "tokenizer_config.json is damaged; download them again") from None
+        raise ValueError(
+            f"cannot load the T5 tokenizer from {folder}: spiece.model or "
+            "tokenizer_config.json is damaged; download them again"
+        ) from None
 
 
 def _check_safetensors_header(path: Path) -> None:
@@ -332,12 +353,14 @@ def _check_safetensors_header(path: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); it is "
-                         "truncated or corrupt: download it again") from None
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt: download it again"
+        ) from None
 
 
-def _load_encoder_weights(model: torch.nn.Module, files: Sequence[Path], device: torch.device,
-                          dtype: torch.dtype) -> None:
+def _load_encoder_weights(
+    model: torch.nn.Module, files: Sequence[Path], device: torch.device, dtype: torch.dtype
+) -> None:
     """Stream encoder tensors into a meta-built model; fail listing missing/mis-shaped keys."""
     wanted = model.state_dict()
     state: dict[str, torch.Tensor] = {}
@@ -345,19 +368,19 @@ def _load_encoder_weights(model: torch.nn.Module, files: Sequence[Path], device:
         for key, tensor in _read_shard(path).items():
             if key in wanted:  # decoder / lm_head keys of a full T5 checkpoint are skipped
                 if not tensor.is_floating_point():  # a cast would make garbage weights silently
-                    raise ValueError(f"{path}: {key} is {tensor.dtype}, expected floating weights; "
-                                     "the file is not a T5 checkpoint: download it again")
+                    raise ValueError(
+                        f"{path}: {key} is {tensor.dtype}, expected floating weights; "
+                        "the file is not a T5 checkpoint: download it again"
+                    )
                 state[key] = tensor.to(device=device, dtype=dtype)
     # The input embedding is shared; either copy of it in the file is enough.
-    for a, b in (("encoder.embed_tokens.weight", "shared.weight"),
-                 ("shared.weight", "encoder.embed_tokens.weight")):
+    for a, b in (("encoder.embed_tokens.weight", "shared.weight"), ("shared.weight", "encoder.embed_tokens.weight")):
         if a not in state and b in state:
             state[a] = state[b]
     missing = sorted(set(wanted) - set(state))
     bad_shape = sorted(k for k in state if state[k].shape != wanted[k].shape)
     if missing or bad_shape:
-        raise ValueError(f"T5 checkpoint does not fit config.json: missing {missing}, "
-                         f"wrong shape {bad_shape}")
+        raise ValueError(f"T5 checkpoint does not fit config.json: missing {missing}, wrong shape {bad_shape}")
     model.load_state_dict(state, strict=True, assign=True)
     model.encoder.embed_tokens.weight = model.shared.weight  # keep the tie (one copy in memory)
 
@@ -376,8 +399,9 @@ class T5Encoder:
             emb, mask = t5.encode(["a cat"])
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: object, device: torch.device,
-                 max_length: int = CAPTION_MAX_LENGTH) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: object, device: torch.device, max_length: int = CAPTION_MAX_LENGTH
+    ) -> None:
         self.model: torch.nn.Module | None = model
         self.tokenizer = tokenizer
         self.device = device
@@ -441,8 +465,7 @@ class T5Encoder:
         ids, mask = self.tokenize(prompts)  # [n, Lcap] each
         rows = []
         for i in range(ids.shape[0]):
-            out = self.model(input_ids=ids[i : i + 1].to(self.device),
-                             attention_mask=mask[i : i + 1].to(self.device))
+            out = self.model(input_ids=ids[i : i + 1].to(self.device), attention_mask=mask[i : i + 1].to(self.device))
             rows.append(out.last_hidden_state.float().cpu())  # [1, Lcap, Ccap]
         return torch.cat(rows), mask
 
@@ -463,8 +486,9 @@ class T5Encoder:
     def __enter__(self) -> T5Encoder:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.free()
 
 

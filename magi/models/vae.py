@@ -77,19 +77,26 @@ class VAEConfig:
 
     def validate(self) -> None:
         """Reject switch combinations the released VAE does not use (and magi does not build)."""
-        required = {"ln_in_attn": True, "with_cls_token": True, "conv_last_layer": True,
-                    "double_z": True, "use_rope": False, "use_final_proj": False,
-                    "norm_code": False}
+        required = {
+            "ln_in_attn": True,
+            "with_cls_token": True,
+            "conv_last_layer": True,
+            "double_z": True,
+            "use_rope": False,
+            "use_final_proj": False,
+            "norm_code": False,
+        }
         for name, value in required.items():
             if getattr(self, name) != value:
-                raise ValueError(f"VAE ddconfig.{name}={getattr(self, name)} is not supported "
-                                 f"(the released MAGI-1 VAE uses {value})")
+                raise ValueError(
+                    f"VAE ddconfig.{name}={getattr(self, name)} is not supported (the released MAGI-1 VAE uses {value})"
+                )
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"VAE embed_dim {self.embed_dim} not divisible by num_heads "
-                             f"{self.num_heads}")
+            raise ValueError(f"VAE embed_dim {self.embed_dim} not divisible by num_heads {self.num_heads}")
         if self.embed_dim % (self.patch_size**2 * self.patch_length):
-            raise ValueError(f"VAE embed_dim {self.embed_dim} not divisible by patch volume "
-                             f"{self.patch_size**2 * self.patch_length}")
+            raise ValueError(
+                f"VAE embed_dim {self.embed_dim} not divisible by patch volume {self.patch_size**2 * self.patch_length}"
+            )
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -111,8 +118,7 @@ def _head_norm(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / (std + NORM_EPS)
 
 
-def _attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+def _attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Full attention on bf16 q/k/v [B, N, L, D] with flash-attention's rounding.
 
     On CUDA the fused kernel is the official arithmetic. On CPU it is emulated: fp32 scores, row
@@ -163,8 +169,7 @@ def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor, autocast: bool) -> torch.Te
     """LayerNorm; under the autocast emulation it computes and returns fp32."""
     if not autocast:
         return norm(x)
-    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(),
-                        norm.bias.float(), norm.eps)
+    return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
 
 
 class Mlp(nn.Module):
@@ -192,8 +197,9 @@ class Block(nn.Module):
         return x + self.mlp(_layer_norm(self.norm2, x, autocast))
 
 
-def _resized_pos_embed(pos_embed: torch.Tensor, ref_grid: tuple[int, int, int],
-                       grid: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+def _resized_pos_embed(
+    pos_embed: torch.Tensor, ref_grid: tuple[int, int, int], grid: tuple[int, int, int], dtype: torch.dtype
+) -> torch.Tensor:
     """[1, 1 + T0 H0 W0, E] table -> [1, 1 + T'H'W', E] (trilinear, CLS row kept as is).
 
     The resize runs in ``dtype``: fp32 under autocast (its cast policy for upsampling), else the
@@ -221,13 +227,13 @@ class _Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-5)
 
-    def _run(self, tokens: torch.Tensor, grid: tuple[int, int, int], bf16_qkv: bool,
-             autocast: bool) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, grid: tuple[int, int, int], bf16_qkv: bool, autocast: bool) -> torch.Tensor:
         """tokens [B, T'H'W', E] -> normed tokens [B, T'H'W', E] (CLS dropped)."""
         cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
         x = torch.cat([cls, tokens], dim=1)  # [B, L, E]
-        pos = _resized_pos_embed(self.pos_embed, self.cfg.grid, grid,
-                                 torch.float32 if autocast else self.pos_embed.dtype)
+        pos = _resized_pos_embed(
+            self.pos_embed, self.cfg.grid, grid, torch.float32 if autocast else self.pos_embed.dtype
+        )
         # Eager (non-autocast) runs add the table in the model dtype; under autocast the fp32
         # table turns the residual stream fp32 from here on (as CUDA autocast does).
         x = x + (pos if autocast else pos.to(x.dtype))
@@ -254,8 +260,7 @@ class Encoder(_Transformer):
         self.patch_embed = PatchEmbed(cfg)
         self.last_layer = nn.Linear(cfg.embed_dim, 2 * cfg.z_chans)
 
-    def forward(self, x: torch.Tensor, bf16_qkv: bool = True,
-                autocast: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bf16_qkv: bool = True, autocast: bool = False) -> torch.Tensor:
         x = self.patch_embed(x)
         _, _, t, h, w = x.shape
         x = self._run(rearrange(x, "b e t h w -> b (t h w) e"), (t, h, w), bf16_qkv, autocast)
@@ -271,16 +276,14 @@ class Decoder(_Transformer):
         self.proj_in = nn.Linear(cfg.z_chans, cfg.embed_dim)
         self.last_layer = nn.Conv3d(cfg.unpatch_chans, cfg.in_chans, kernel_size=3, padding=1)
 
-    def forward(self, z: torch.Tensor, bf16_qkv: bool = True,
-                autocast: bool = False) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, bf16_qkv: bool = True, autocast: bool = False) -> torch.Tensor:
         _, _, t, h, w = z.shape
         # No .contiguous(): CPU bf16 GEMMs round differently for strided inputs, and the official
         # reshape (a view where possible, a copy otherwise) is what the fixtures recorded.
         x = _linear(self.proj_in, rearrange(z, "b c t h w -> b (t h w) c"))
         x = self._run(x, (t, h, w), bf16_qkv, autocast)  # [B, T'H'W', E]
         p, pt = self.cfg.patch_size, self.cfg.patch_length
-        x = rearrange(x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
-                      t=t, h=h, w=w, pt=pt, ph=p, pw=p)
+        x = rearrange(x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=pt, ph=p, pw=p)
         return self.last_layer(x.to(self.last_layer.weight.dtype))
 
 
@@ -360,8 +363,9 @@ class ViTVAE(nn.Module):
             autocast: emulate the pipeline's CUDA bf16 autocast (needs bf16 weights to matter).
         """
         if z.ndim != 5 or z.shape[1] != self.config.z_chans:
-            raise ValueError(f"VAE decode expects [B, {self.config.z_chans}, T, H, W] latents, "
-                             f"got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"VAE decode expects [B, {self.config.z_chans}, T, H, W] latents, got shape {tuple(z.shape)}"
+            )
         if not autocast:
             z = z.to(self.dtype)
         video = self.decoder(z, self.bf16_qkv, autocast)
@@ -370,12 +374,13 @@ class ViTVAE(nn.Module):
 
 def _check_video(x: torch.Tensor, cfg: VAEConfig) -> None:
     if x.ndim != 5 or x.shape[1] != cfg.in_chans:
-        raise ValueError(f"VAE encode expects [B, {cfg.in_chans}, T, H, W] video, got "
-                         f"shape {tuple(x.shape)}")
+        raise ValueError(f"VAE encode expects [B, {cfg.in_chans}, T, H, W] video, got shape {tuple(x.shape)}")
     t, h, w = x.shape[2:]
     if h % cfg.patch_size or w % cfg.patch_size or h == 0 or w == 0:
-        raise ValueError(f"VAE encode: height and width must be positive multiples of "
-                         f"{cfg.patch_size}, got {h}x{w}; resize the input first")
+        raise ValueError(
+            f"VAE encode: height and width must be positive multiples of "
+            f"{cfg.patch_size}, got {h}x{w}; resize the input first"
+        )
     if t != 1 and (t < cfg.patch_length):
         raise ValueError(f"VAE encode: needs 1 or at least {cfg.patch_length} frames, got {t}")
 
@@ -385,8 +390,9 @@ def read_vae_config(folder: str | Path) -> VAEConfig:
     """Parse ``<folder>/config.json`` (diffusers style, ``_class_name`` "ViTVAE")."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"VAE config not found: {path} (expected the official "
-                                f"vae folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise FileNotFoundError(
+            f"VAE config not found: {path} (expected the official vae folder with {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -396,15 +402,21 @@ def read_vae_config(folder: str | Path) -> VAEConfig:
     if raw.get("_class_name") != "ViTVAE":
         raise ValueError(f"{path}: _class_name is {raw.get('_class_name')!r}, expected 'ViTVAE'")
     if raw.get("model_type", "vit") != "vit":
-        raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not supported "
-                         "(only 'vit'; the official 'vit_ncthw' module does not exist)")
+        raise ValueError(
+            f"{path}: model_type {raw.get('model_type')!r} is not supported "
+            "(only 'vit'; the official 'vit_ncthw' module does not exist)"
+        )
     if not isinstance(raw.get("ddconfig"), dict):
         raise ValueError(f"{path}: missing the 'ddconfig' object")
     return VAEConfig.from_dict(raw["ddconfig"])
 
 
-def load_vae(folder: str | Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, bf16_qkv: bool | None = None) -> ViTVAE:
+def load_vae(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    bf16_qkv: bool | None = None,
+) -> ViTVAE:
     """Load the official VAE folder (config.json + diffusion_pytorch_model.safetensors).
 
     Args:
@@ -426,8 +438,9 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu",
     try:
         state = load_file(str(weights), device=str(device))
     except SafetensorError as err:  # truncated download, or not a safetensors file
-        raise ValueError(f"{weights} is not a readable safetensors file ({err}); it is truncated "
-                         "or corrupt: download it again") from None
+        raise ValueError(
+            f"{weights} is not a readable safetensors file ({err}); it is truncated or corrupt: download it again"
+        ) from None
     _check_keys(model, state, weights)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -438,11 +451,16 @@ def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
-                    for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
     if missing or unexpected or shapes:
-        raise ValueError(f"VAE checkpoint {where} does not match its config.json: "
-                         f"missing {missing}, unexpected {unexpected}, mis-shaped {shapes}")
+        raise ValueError(
+            f"VAE checkpoint {where} does not match its config.json: "
+            f"missing {missing}, unexpected {unexpected}, mis-shaped {shapes}"
+        )
 
 
 # -------------------------------------------------------------------------------------- tiling
@@ -466,8 +484,9 @@ class TileSpec:
         if self.size < 8 or self.size % 8:
             raise ValueError(f"tile size must be a positive multiple of 8 px, got {self.size}")
         if self.frames < 4:
-            raise ValueError(f"temporal tile must hold at least 4 frames, got {self.frames} "
-                             "(official: fps // 2, so fps >= 8)")
+            raise ValueError(
+                f"temporal tile must hold at least 4 frames, got {self.frames} (official: fps // 2, so fps >= 8)"
+            )
         if not 0 <= self.overlap < 1:
             raise ValueError(f"tile overlap must be in [0, 1), got {self.overlap}")
 
@@ -528,7 +547,7 @@ def tiled_encode(vae: ViTVAE, x: torch.Tensor, spec: TileSpec = TileSpec()) -> t
         for h0 in _starts(x.shape[3], stride):
             row: list[torch.Tensor] = []
             for w0 in _starts(x.shape[4], stride):
-                window = x[:, :, t0:t0 + spec.frames, h0:h0 + spec.size, w0:w0 + spec.size]
+                window = x[:, :, t0 : t0 + spec.frames, h0 : h0 + spec.size, w0 : w0 + spec.size]
                 tile = vae.encode(window)  # [B, z, <=3, <=32, <=32]
                 if above:
                     tile = _blend(above[len(row)], tile, extent, dim=3)
@@ -542,8 +561,7 @@ def tiled_encode(vae: ViTVAE, x: torch.Tensor, spec: TileSpec = TileSpec()) -> t
 
 
 @torch.no_grad()
-def tiled_decode(vae: ViTVAE, z: torch.Tensor, spec: TileSpec = TileSpec(),
-                 autocast: bool = True) -> torch.Tensor:
+def tiled_decode(vae: ViTVAE, z: torch.Tensor, spec: TileSpec = TileSpec(), autocast: bool = True) -> torch.Tensor:
     """Official tiled decode: latent [B, z, T', H', W'] -> video [B, 3, F, 8H', 8W'].
 
     Temporal tiles hold spec.frames // 4 latent frames; a lone trailing latent frame decodes to
@@ -563,8 +581,10 @@ def tiled_decode(vae: ViTVAE, z: torch.Tensor, spec: TileSpec = TileSpec(),
         above: list[torch.Tensor] = []
         rows = []
         for h0 in _starts(z.shape[3], stride):
-            raw = [vae.decode(z[:, :, t0:t0 + t_lat, h0:h0 + lat, w0:w0 + lat], autocast)
-                   for w0 in _starts(z.shape[4], stride)]
+            raw = [
+                vae.decode(z[:, :, t0 : t0 + t_lat, h0 : h0 + lat, w0 : w0 + lat], autocast)
+                for w0 in _starts(z.shape[4], stride)
+            ]
             kept = []
             for j, tile in enumerate(raw):
                 if above:

@@ -116,8 +116,7 @@ class ChunkPlan:
         ranges = self.noise2clean_kvrange
         if ranges and self.num_steps % len(ranges) != 0:
             raise ValueError(
-                f"num_steps ({self.num_steps}) must be divisible by len(noise2clean_kvrange) "
-                f"({len(ranges)})"
+                f"num_steps ({self.num_steps}) must be divisible by len(noise2clean_kvrange) ({len(ranges)})"
             )
         if not 0 <= self.prefix_frames < self.chunk_num * self.chunk_width:
             raise ValueError(
@@ -222,8 +221,13 @@ class ChunkPlan:
         reach = max(*self.noise2clean_kvrange, self.clean_chunk_kvrange)
         short = min(self.chunk_num, self.offset + 2 * self.window_size + reach + 1)
         plan = ChunkPlan(
-            short, self.num_steps, self.window_size, self.chunk_width, self.prefix_frames,
-            self.noise2clean_kvrange, self.clean_chunk_kvrange,
+            short,
+            self.num_steps,
+            self.window_size,
+            self.chunk_width,
+            self.prefix_frames,
+            self.noise2clean_kvrange,
+            self.clean_chunk_kvrange,
         )
         need = 1
         for step in plan.steps():
@@ -269,9 +273,7 @@ class ChunkPlan:
 
 
 # ---- helpers turning a step into DiT inputs ------------------------------------------------------
-def token_ranges(
-    chunk_ranges: Sequence[tuple[int, int]], tokens_per_chunk: int
-) -> torch.Tensor:
+def token_ranges(chunk_ranges: Sequence[tuple[int, int]], tokens_per_chunk: int) -> torch.Tensor:
     """Chunk-unit ranges -> key-token ranges [R, 2] int64 (official kv_range convention)."""
     return torch.tensor(chunk_ranges, dtype=torch.int64).reshape(-1, 2) * tokens_per_chunk
 

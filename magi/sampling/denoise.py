@@ -70,9 +70,7 @@ class SamplerSettings:
     prev_chunks_scale: float = 0.7
 
     @classmethod
-    def from_config(
-        cls, cfg: MagiConfig, prev_chunks_scale_value: float | None = None
-    ) -> SamplerSettings:
+    def from_config(cls, cfg: MagiConfig, prev_chunks_scale_value: float | None = None) -> SamplerSettings:
         """Settings of ``cfg``; the distill blend weight defaults to env ``prev_chunks_scale``."""
         rt, en = cfg.runtime, cfg.engine
         scale = prev_chunks_scale() if prev_chunks_scale_value is None else prev_chunks_scale_value
@@ -174,10 +172,17 @@ class _Loop:
         y, mask = captions
         flag = torch.tensor([text_dropped], device=x.device)
         return self.model(
-            x, t.to(x.device), y.to(x.device), mask.to(x.device), flag, kv_range.to(x.device),
-            slice_point=slice_point, kv_cache=self.kv_cache if use_cache else None,
-            cache_write_chunks=write, distill_step=self.distill_step(inner),
-        )  # fmt: skip
+            x,
+            t.to(x.device),
+            y.to(x.device),
+            mask.to(x.device),
+            flag,
+            kv_range.to(x.device),
+            slice_point=slice_point,
+            kv_cache=self.kv_cache if use_cache else None,
+            cache_write_chunks=write,
+            distill_step=self.distill_step(inner),
+        )
 
 
 def denoise(
@@ -227,11 +232,16 @@ def denoise(
             f"{plan.max_cached_chunks()}: build it with KVCache(plan.max_cached_chunks())"
         )
     loop = _Loop(
-        model, plan, settings, captions, cache, prefix,
+        model,
+        plan,
+        settings,
+        captions,
+        cache,
+        prefix,
         ts=time_schedule(settings.num_steps, settings.shortcut_mode),
         intervals=step_intervals(settings.num_steps, settings.shortcut_mode),
         tokens=0,
-    )  # fmt: skip
+    )
     if plan.prefix_call() is not None:
         loop.tokens = _tokens_per_chunk(model, plan.chunk_width, prefix.shape)
         _extract_prefix(loop)
@@ -264,8 +274,10 @@ def _resume_window(plan: ChunkPlan, start: int, window: dict[int, torch.Tensor] 
         raise ValueError(f"start_step must lie in [1, {plan.total_steps}) for this plan, got {start}")
     carried = plan.carried_cache_rows(start)
     if carried:
-        raise ValueError(f"step {start} is not a resume point: later steps read the K/V rows of "
-                         f"chunk(s) {list(carried)} written before it; resume at a stage boundary")  # fmt: skip
+        raise ValueError(
+            f"step {start} is not a resume point: later steps read the K/V rows of "
+            f"chunk(s) {list(carried)} written before it; resume at a stage boundary"
+        )
     first = next(s for s in plan.steps() if s.index == start)
     live = set(first.call_chunks) - ({first.entering} if first.entering is not None else set())
     got = set(window or {})
@@ -302,11 +314,13 @@ def _cfg_velocity(loop: _Loop, step: Step, x: torch.Tensor, times: torch.Tensor)
     text_kinds = [NULL] * n_extra + [PROMPT] * len(step.chunks)
     v_text = None
     if scales.needs_text:
-        out = loop.run_pass(x, t, loop.captions.rows(text_kinds, step.call_chunks), False, kv,
-                         step.slice_point, 0, step.inner)  # fmt: skip
+        out = loop.run_pass(
+            x, t, loop.captions.rows(text_kinds, step.call_chunks), False, kv, step.slice_point, 0, step.inner
+        )
         v_text = _split_chunks(out, loop.plan.chunk_width)[n_extra:]
-    out = loop.run_pass(x, t, loop.captions.rows(null_kinds, step.call_chunks), True, kv,
-                     step.slice_point, write, step.inner)  # fmt: skip
+    out = loop.run_pass(
+        x, t, loop.captions.rows(null_kinds, step.call_chunks), True, kv, step.slice_point, write, step.inner
+    )
     v_prev = _split_chunks(out, loop.plan.chunk_width)[n_extra:]
     v_uncond = _uncond_pass(loop, step, x, times, scales, n_extra)
     return combine_cfg(scales, v_prev, v_text, v_uncond)
@@ -347,8 +361,9 @@ def _distill_velocity(loop: _Loop, step: Step, x: torch.Tensor, times: torch.Ten
         chunks.append(step.chunks[0])
         end = step.slice_point + n_call
         kv = torch.cat([kv, token_ranges([(end, end + 1)], loop.tokens)])
-    out = loop.run_pass(x, times[None], loop.captions.rows(kinds, chunks), False, kv,
-                     step.slice_point, n_extra, step.inner)  # fmt: skip
+    out = loop.run_pass(
+        x, times[None], loop.captions.rows(kinds, chunks), False, kv, step.slice_point, n_extra, step.inner
+    )
     v = _split_chunks(out, cw)  # [R_call (+1), C, cw, H, W]
     v_den = v[n_extra:n_call].clone()
     if refine:
@@ -397,9 +412,7 @@ def _tokens_per_chunk(model: nn.Module, cw: int, latent_shape: torch.Size) -> in
 
 def _check_inputs(plan: ChunkPlan, settings: SamplerSettings, prefix: torch.Tensor | None) -> None:
     if plan.num_steps != settings.num_steps or plan.chunk_width != settings.chunk_width:
-        raise ValueError(
-            "plan and settings disagree on num_steps / chunk_width: build the plan with settings.plan()"
-        )
+        raise ValueError("plan and settings disagree on num_steps / chunk_width: build the plan with settings.plan()")
     if settings.cfg_number not in (1, 3) or settings.distill and settings.cfg_number != 1:
         raise ValueError(
             f"cfg_number {settings.cfg_number} is not supported here: base models use 3 CFG passes, "

@@ -123,9 +123,7 @@ def prev_chunks_scale() -> float:
     try:
         return float(raw)
     except ValueError:
-        raise ValueError(
-            f"env {PREV_CHUNKS_SCALE_ENV}={raw!r} is not a number (use e.g. 0.7)"
-        ) from None
+        raise ValueError(f"env {PREV_CHUNKS_SCALE_ENV}={raw!r} is not a number (use e.g. 0.7)") from None
 
 
 def distill_blend(v_first: torch.Tensor, v_alone: torch.Tensor, scale: float) -> torch.Tensor:

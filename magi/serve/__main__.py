@@ -45,37 +45,75 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m magi.serve",
                 description="Serve MAGI-1 over HTTP: a job queue, live chunk streaming, steering, a web page.",
                 epilog="example: python -m magi.serve --config example/4.5B/4.5B_distill_config.json --port 8000")  # fmt: skip
-    p.add_argument("--config", "--config_file", dest="config", required=True, metavar="JSON",
-                   help="config in the official JSON format (the worker loads its model once)")
-    p.add_argument("--data_dir", default="./magi-serve-data", metavar="DIR",
-                   help="the job database (magi.db) and the jobs' files (default ./magi-serve-data)")
+    p.add_argument(
+        "--config",
+        "--config_file",
+        dest="config",
+        required=True,
+        metavar="JSON",
+        help="config in the official JSON format (the worker loads its model once)",
+    )
+    p.add_argument(
+        "--data_dir",
+        default="./magi-serve-data",
+        metavar="DIR",
+        help="the job database (magi.db) and the jobs' files (default ./magi-serve-data)",
+    )
     p.add_argument("--db", default=None, metavar="URL",
                    help="the job store: postgresql://... (shared by workers on many nodes; pip install "
                         "'magi[postgres]') or a SQLite file (default DATA_DIR/magi.db)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api_key", default=os.environ.get("MAGI_API_KEY") or None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every route but the page (default env MAGI_API_KEY; "
-                        "on the command line it is visible in ps: prefer the env or --api_key_file)")
+    p.add_argument(
+        "--api_key",
+        default=os.environ.get("MAGI_API_KEY") or None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but the page (default env MAGI_API_KEY; "
+        "on the command line it is visible in ps: prefer the env or --api_key_file)",
+    )
     p.add_argument("--api_key_file", metavar="FILE", help="read the API key from the first line of FILE")
-    p.add_argument("--allowed_hosts", default="", metavar="NAMES",
-                   help="comma-separated host names the server answers besides localhost and its address "
-                        "(e.g. gpu-box.lan; '*': any). Other Host headers get 421 (DNS rebinding)")
-    p.add_argument("--device", default=None, help="the worker's device: cpu, cuda or cuda:N (default cuda when available)")
+    p.add_argument(
+        "--allowed_hosts",
+        default="",
+        metavar="NAMES",
+        help="comma-separated host names the server answers besides localhost and its address "
+        "(e.g. gpu-box.lan; '*': any). Other Host headers get 421 (DNS rebinding)",
+    )
+    p.add_argument(
+        "--device", default=None, help="the worker's device: cpu, cuda or cuda:N (default cuda when available)"
+    )
     p.add_argument("--max_frames", type=int, default=MAX_FRAMES, help=f"most frames per request (default {MAX_FRAMES})")
-    p.add_argument("--max_pixels", type=int, default=MAX_PIXELS,
-                   help=f"most width x height per request (default {MAX_PIXELS})")
-    p.add_argument("--max_queued", type=int, default=MAX_QUEUED,
-                   help=f"most jobs waiting; more get 429 (default {MAX_QUEUED})")
-    p.add_argument("--max_upload_mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
-                   help=f"largest image / prefix video upload in MB (default {MAX_UPLOAD_BYTES // 2**20})")
-    p.add_argument("--keep_jobs", type=int, default=KEEP_JOBS,
-                   help=f"ended jobs kept with their videos; older ones are removed (default {KEEP_JOBS})")
-    p.add_argument("--keep_days", type=float, default=None, metavar="DAYS",
-                   help="also remove ended jobs that ended more than DAYS ago (default: kept by --keep_jobs only)")
-    p.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
-                   help=f"most open connections; more get 503 at once, so slow clients cannot pile up "
-                        f"(default {MAX_CONNECTIONS})")
+    p.add_argument(
+        "--max_pixels", type=int, default=MAX_PIXELS, help=f"most width x height per request (default {MAX_PIXELS})"
+    )
+    p.add_argument(
+        "--max_queued", type=int, default=MAX_QUEUED, help=f"most jobs waiting; more get 429 (default {MAX_QUEUED})"
+    )
+    p.add_argument(
+        "--max_upload_mb",
+        type=float,
+        default=MAX_UPLOAD_BYTES / 2**20,
+        help=f"largest image / prefix video upload in MB (default {MAX_UPLOAD_BYTES // 2**20})",
+    )
+    p.add_argument(
+        "--keep_jobs",
+        type=int,
+        default=KEEP_JOBS,
+        help=f"ended jobs kept with their videos; older ones are removed (default {KEEP_JOBS})",
+    )
+    p.add_argument(
+        "--keep_days",
+        type=float,
+        default=None,
+        metavar="DAYS",
+        help="also remove ended jobs that ended more than DAYS ago (default: kept by --keep_jobs only)",
+    )
+    p.add_argument(
+        "--max_connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help=f"most open connections; more get 503 at once, so slow clients cannot pile up (default {MAX_CONNECTIONS})",
+    )
     p.add_argument("--no_worker", action="store_true", help=argparse.SUPPRESS)  # API tests: no model
     return p
 

@@ -36,14 +36,25 @@ from magi.serve.routes import Service, router
 from magi.serve.store_pg import open_store
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-_NO_PAGE = ("<!doctype html><title>magi serve</title><p>magi serve is running; the page files "
-            "(magi/serve/static/) are not installed. The API is at /v1/videos.</p>")  # fmt: skip
+_NO_PAGE = (
+    "<!doctype html><title>magi serve</title><p>magi serve is running; the page files "
+    "(magi/serve/static/) are not installed. The API is at /v1/videos.</p>"
+)
 
 
-def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | None = None,
-               max_frames: int = MAX_FRAMES, max_pixels: int = MAX_PIXELS, max_queued: int = MAX_QUEUED,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, db: str | None = None, bound_host: str = "127.0.0.1",
-               allowed_hosts: Sequence[str] = ()) -> FastAPI:  # fmt: skip
+def create_app(
+    config_path: str | Path,
+    data_dir: str | Path,
+    *,
+    api_key: str | None = None,
+    max_frames: int = MAX_FRAMES,
+    max_pixels: int = MAX_PIXELS,
+    max_queued: int = MAX_QUEUED,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    db: str | None = None,
+    bound_host: str = "127.0.0.1",
+    allowed_hosts: Sequence[str] = (),
+) -> FastAPI:
     """The ``magi serve`` HTTP app over the store in ``{data_dir}/magi.db``.
 
     Args:
@@ -61,8 +72,9 @@ def create_app(config_path: str | Path, data_dir: str | Path, *, api_key: str | 
     data = Path(data_dir)
     data.mkdir(parents=True, exist_ok=True)
     store = open_store(db, data)
-    limits = Limits(max_frames=max_frames, max_pixels=max_pixels, max_queued=max_queued,
-                    max_upload_bytes=max_upload_bytes)  # fmt: skip
+    limits = Limits(
+        max_frames=max_frames, max_pixels=max_pixels, max_queued=max_queued, max_upload_bytes=max_upload_bytes
+    )
 
     app = FastAPI(title="magi serve", version="0.1.0")
     app.state.store, app.state.data_dir, app.state.config = store, data, cfg
@@ -100,10 +112,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)  # anything unforeseen: still the JSON error shape, never text
     async def unexpected(_: Request, err: Exception) -> JSONResponse:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return error_response(507, "insufficient_storage", "the server's disk is full; free space in its "
-                                                               "--data_dir and retry")  # fmt: skip
-        return error_response(500, "internal_error", f"the server hit an unexpected error ({type(err).__name__}); "
-                                                     "the server's console has the details")  # fmt: skip
+            return error_response(
+                507, "insufficient_storage", "the server's disk is full; free space in its --data_dir and retry"
+            )
+        return error_response(
+            500,
+            "internal_error",
+            f"the server hit an unexpected error ({type(err).__name__}); the server's console has the details",
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:

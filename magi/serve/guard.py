@@ -68,17 +68,32 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = headers.get("host", "")
         if not self.host_ok(_split_host(host)):
-            return 421, "host_not_allowed", (f"Host {host[:80]!r} is not this server's; start it with "
-                                             "--allowed_hosts NAME to serve that name")  # fmt: skip
+            return (
+                421,
+                "host_not_allowed",
+                (f"Host {host[:80]!r} is not this server's; start it with --allowed_hosts NAME to serve that name"),
+            )
         keyed = bool(self.api_key) and self._has_key(headers)
         if self.api_key and scope["path"] in DOC_PATHS and not keyed:
             return 401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY'"
         origin = headers.get("origin")
         cross_site = headers.get("sec-fetch-site") == "cross-site"
-        if scope["method"] not in SAFE_METHODS and not keyed and (cross_site or (
-                origin is not None and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}"))):
-            return 403, "cross_origin", (f"a {scope['method']} from the web page {origin or 'of another site'} is "
-                                         "refused; use this server's own page, or set --api_key and send it")  # fmt: skip
+        if (
+            scope["method"] not in SAFE_METHODS
+            and not keyed
+            and (
+                cross_site
+                or (origin is not None and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}"))
+            )
+        ):
+            return (
+                403,
+                "cross_origin",
+                (
+                    f"a {scope['method']} from the web page {origin or 'of another site'} is "
+                    "refused; use this server's own page, or set --api_key and send it"
+                ),
+            )
         return None
 
     def ws_refused(self, scope: Scope) -> bool:
@@ -89,8 +104,11 @@ class Guard:
         if not self.host_ok(_split_host(host)):
             return True
         origin = headers.get("origin")
-        return not self.api_key and origin is not None and origin.lower() not in (
-            f"http://{host.lower()}", f"https://{host.lower()}")  # fmt: skip
+        return (
+            not self.api_key
+            and origin is not None
+            and origin.lower() not in (f"http://{host.lower()}", f"https://{host.lower()}")
+        )
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] == "websocket" and self.ws_refused(scope):

@@ -52,12 +52,19 @@ class RangedFile(FileResponse):
 
     @staticmethod
     def _unsatisfiable(header: str, size: int) -> Any:
-        return error_response(416, "range_not_satisfiable", f"the range {header!r} is outside the {size}-byte video",
-                              "Range", {"Content-Range": f"bytes */{size}"})  # fmt: skip
+        return error_response(
+            416,
+            "range_not_satisfiable",
+            f"the range {header!r} is outside the {size}-byte video",
+            "Range",
+            {"Content-Range": f"bytes */{size}"},
+        )
 
 
 # ---- segments -------------------------------------------------------------------------------
-async def follow_segments(store: JobStore, files: JobFiles, job_id: str, start: int = 0) -> AsyncIterator[tuple[int, Path]]:
+async def follow_segments(
+    store: JobStore, files: JobFiles, job_id: str, start: int = 0
+) -> AsyncIterator[tuple[int, Path]]:
     """Yield (k, path) for each segment as it is written, until the job has ended and all are out."""
     k = start
     while True:
@@ -79,8 +86,14 @@ def segment_pieces(path: Path) -> tuple[bytes, list[bytes]]:
 def hls_playlist(files: JobFiles, fps: float, ended: bool) -> str:
     """A live HLS (fMP4) playlist over the segments written so far; ``#EXT-X-ENDLIST`` once ended."""
     lengths = [sum(fragment_frames(f) for f in segment_pieces(p)[1]) / fps for p in files.segments()]
-    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{math.ceil(max(lengths, default=1.0))}",
-             "#EXT-X-MEDIA-SEQUENCE:0", "#EXT-X-PLAYLIST-TYPE:EVENT", "#EXT-X-INDEPENDENT-SEGMENTS"]  # fmt: skip
+    lines = [
+        "#EXTM3U",
+        "#EXT-X-VERSION:7",
+        f"#EXT-X-TARGETDURATION:{math.ceil(max(lengths, default=1.0))}",
+        "#EXT-X-MEDIA-SEQUENCE:0",
+        "#EXT-X-PLAYLIST-TYPE:EVENT",
+        "#EXT-X-INDEPENDENT-SEGMENTS",
+    ]
     if lengths:
         lines.append('#EXT-X-MAP:URI="stream/init.mp4"')
     for k, seconds in enumerate(lengths):
@@ -125,24 +138,32 @@ def check_upload(cfg: MagiConfig, mode: str, size: tuple[int, int], path: Path, 
     rt = cfg.runtime
     allowed = IMAGE_SUFFIXES if mode == "i2v" else VIDEO_SUFFIXES
     if path.suffix.lower() not in allowed:
-        raise ValueError(f"a {path.suffix or 'nameless'} file is not {'an image' if mode == 'i2v' else 'a video'}; "
-                         f"give one of {', '.join(allowed)}")  # fmt: skip
+        raise ValueError(
+            f"a {path.suffix or 'nameless'} file is not {'an image' if mode == 'i2v' else 'a video'}; "
+            f"give one of {', '.join(allowed)}"
+        )
     if mode != "i2v":
         info = read.probe(path, "video")
         if info.width * info.height > read.MAX_IMAGE_PIXELS:
-            raise ValueError(f"the video is {info.width}x{info.height}, above magi's limit of "
-                             f"{read.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels per frame; downscale it")  # fmt: skip
+            raise ValueError(
+                f"the video is {info.width}x{info.height}, above magi's limit of "
+                f"{read.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels per frame; downscale it"
+            )
         frames = info.duration * info.fps
         if max_frames is not None and frames > max_frames:
-            raise ValueError(f"the video has about {frames:.0f} frames ({info.duration:.1f} s), more than this "
-                             f"server's limit of {max_frames}; trim it")  # fmt: skip
+            raise ValueError(
+                f"the video has about {frames:.0f} frames ({info.duration:.1f} s), more than this "
+                f"server's limit of {max_frames}; trim it"
+            )
     from magi import video_io
 
     if mode == "i2v":
         video_io.load_image(path, size)
     else:
         head = video_io.load_video(path, rt.fps, size, max_frames=rt.temporal_downsample_factor)
-        video_io.select_prefix_frames(head, rt.temporal_downsample_factor, temporal_factor=rt.temporal_downsample_factor)
+        video_io.select_prefix_frames(
+            head, rt.temporal_downsample_factor, temporal_factor=rt.temporal_downsample_factor
+        )
 
 
 def move_upload(staging: Path, files: JobFiles) -> None:
@@ -159,8 +180,22 @@ def thumbnail(video: Path, out: Path) -> None:
     import imageio_ffmpeg
 
     temp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-i", str(video),
-           "-frames:v", "1", "-f", "image2", "-c:v", "png", str(temp)]  # fmt: skip
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-nostdin",
+        "-v",
+        "error",
+        "-y",
+        "-i",
+        str(video),
+        "-frames:v",
+        "1",
+        "-f",
+        "image2",
+        "-c:v",
+        "png",
+        str(temp),
+    ]
     done = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
     if done.returncode != 0 or not temp.is_file():
         temp.unlink(missing_ok=True)

@@ -56,8 +56,9 @@ UPLOAD_PARAMS = {"image": "i2v", "prefix_video": "v2v"}  # the upload's field ->
 class ApiError(Exception):
     """A request error: HTTP status, a code, one line and the field it is about."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
         self.headers = headers
@@ -85,12 +86,14 @@ def error_type(status: int) -> str:
     """OpenAI's ``error.type`` for an HTTP status."""
     if status >= 500:
         return "server_error"
-    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-            429: "rate_limit_error"}.get(status, "invalid_request_error")  # fmt: skip
+    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error"
+    )
 
 
-def error_response(status: int, code: str, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     line = " ".join(str(message).split())  # one line, always
     body = ErrorBody(error=ErrorInfo(message=line, type=error_type(status), param=param, code=code))
     return JSONResponse(body.model_dump(), status, headers=headers)
@@ -237,8 +240,9 @@ class _Video(BaseModel):
     def _check_run(self, served: Served, mode: str, size: tuple[int, int]) -> None:
         """The config's own checks on the run, the budget check of the CLI, prompts vs chunks."""
         cfg, frames = served.config, self.num_frames
-        runtime = dataclasses.replace(cfg.runtime, num_frames=frames, video_size_w=size[0], video_size_h=size[1],
-                                      seed=self.seed)  # fmt: skip
+        runtime = dataclasses.replace(
+            cfg.runtime, num_frames=frames, video_size_w=size[0], video_size_h=size[1], seed=self.seed
+        )
         try:
             run_cfg = cfg.replace(runtime=runtime)
         except ConfigError as err:
@@ -255,9 +259,15 @@ class _Video(BaseModel):
 
     def params(self, mode: str, size: tuple[int, int], upload: str | None = None) -> dict[str, Any]:
         """The job's params as the store keeps them (and the worker reads them)."""
-        return {"mode": mode, "prompts": self.chunk_prompts, "seed": self.seed, "num_frames": self.num_frames,
-                "size": list(size), "image": upload if mode == "i2v" else None,
-                "prefix_video": upload if mode == "v2v" else None}  # fmt: skip
+        return {
+            "mode": mode,
+            "prompts": self.chunk_prompts,
+            "seed": self.seed,
+            "num_frames": self.num_frames,
+            "size": list(size),
+            "image": upload if mode == "i2v" else None,
+            "prefix_video": upload if mode == "v2v" else None,
+        }
 
 
 class VideoCreate(_Video):
@@ -268,8 +278,15 @@ class VideoCreate(_Video):
 
     model: str | None = None  # accepted and ignored: the server runs one model
     mode: str | None = None
-    size: Annotated[tuple[int, int], WithJsonSchema({"type": "string", "pattern": "^[0-9]+x[0-9]+$",
-                                                      "description": "WIDTHxHEIGHT, e.g. 256x256"})] | None = None
+    size: (
+        Annotated[
+            tuple[int, int],
+            WithJsonSchema(
+                {"type": "string", "pattern": "^[0-9]+x[0-9]+$", "description": "WIDTHxHEIGHT, e.g. 256x256"}
+            ),
+        ]
+        | None
+    ) = None
 
     @field_validator("model", mode="before")
     @classmethod
@@ -295,15 +312,22 @@ class VideoCreate(_Video):
         served, upload = _served(info), info.context.get("upload")
         rt = served.config.runtime
         mode = self.mode if self.mode is not None else UPLOAD_PARAMS.get(upload, "t2v")
-        self.mode = check_mode(mode, upload if upload == "image" else None,
-                               upload if upload == "prefix_video" else None,
-                               image_name="image", prefix_name="prefix_video")  # fmt: skip
+        self.mode = check_mode(
+            mode,
+            upload if upload == "image" else None,
+            upload if upload == "prefix_video" else None,
+            image_name="image",
+            prefix_name="prefix_video",
+        )
         self._resolve_prompts()
         if self.size is None:
             self.size = (rt.video_size_w, rt.video_size_h)
             if self.size[0] * self.size[1] > served.limits.max_pixels:
-                raise RequestError(f"the config's size {self.size[0]}x{self.size[1]} is over this server's "
-                                   f"{served.limits.max_pixels} pixels; give a smaller size", "size")  # fmt: skip
+                raise RequestError(
+                    f"the config's size {self.size[0]}x{self.size[1]} is over this server's "
+                    f"{served.limits.max_pixels} pixels; give a smaller size",
+                    "size",
+                )
         self._resolve_frames(served, rt.num_frames)
         self.seed = rt.seed if self.seed is None else self.seed
         self._check_run(served, self.mode, self.size)
@@ -347,7 +371,9 @@ class PromptEdit(BaseModel):
             raise RequestError("from_chunk is required (the first chunk the new prompt applies to)", "from_chunk")
         chunk = http_int("from_chunk", value)
         if not 0 <= chunk <= MAX_CHUNK_INDEX:
-            raise RequestError(f"from_chunk {chunk} is out of range; give a chunk index 0 .. the video's last", "from_chunk")
+            raise RequestError(
+                f"from_chunk {chunk} is out of range; give a chunk index 0 .. the video's last", "from_chunk"
+            )
         return check_from_chunk(chunk, info.context.get("chunks"))
 
     @field_validator("prompt", mode="before")
@@ -361,8 +387,9 @@ def planned_chunks(served: Served, params: dict) -> int | None:
     if params["mode"] not in ("t2v", "i2v"):
         return None
     cfg, (width, height) = served.config, params["size"]
-    runtime = dataclasses.replace(cfg.runtime, num_frames=params["num_frames"], video_size_w=width,
-                                  video_size_h=height, seed=params["seed"])  # fmt: skip
+    runtime = dataclasses.replace(
+        cfg.runtime, num_frames=params["num_frames"], video_size_w=width, video_size_h=height, seed=params["seed"]
+    )
     run_cfg = cfg.replace(runtime=runtime)
     bound = budget.prefix_frames_upper_bound(run_cfg, params["mode"], "magi")
     return budget.check_request(run_cfg, params["mode"], params["num_frames"], bound, compat="magi").generated_chunks
@@ -405,8 +432,10 @@ def prompt_timeline(prompts: list[str], edits: list[Any], chunks: int | None) ->
     if chunks is not None:
         spans = [span for span in spans if span[0] < chunks] or spans[:1]
     ends = [start - 1 for start, _, _ in spans[1:]] + [None if chunks is None else chunks - 1]
-    return [PromptSpan(prompt=text, from_chunk=start, to_chunk=end, edit_id=eid)
-            for (start, text, eid), end in zip(spans, ends, strict=True)]  # fmt: skip
+    return [
+        PromptSpan(prompt=text, from_chunk=start, to_chunk=end, edit_id=eid)
+        for (start, text, eid), end in zip(spans, ends, strict=True)
+    ]
 
 
 class JobError(BaseModel):
@@ -446,23 +475,48 @@ class Video(BaseModel):
     error: JobError | None
 
     @classmethod
-    def of(cls, job: Job, *, model: str, fps: float, segments: int, queue_position: int | None,
-           edits: list[Any] = (), chunks_total: int | None = None) -> Video:  # fmt: skip
+    def of(
+        cls,
+        job: Job,
+        *,
+        model: str,
+        fps: float,
+        segments: int,
+        queue_position: int | None,
+        edits: list[Any] = (),
+        chunks_total: int | None = None,
+    ) -> Video:
         """``chunks_total``: the planned chunks while the job has not reported its own."""
         p = job.params
         done = job.finished_at is not None and job.ended
         total = job.chunks_total if job.chunks_total is not None else chunks_total
         return cls(
-            id=job.id, model=model, status=job.status, mode=p["mode"], prompt=p["prompts"][0], prompts=p["prompts"],
+            id=job.id,
+            model=model,
+            status=job.status,
+            mode=p["mode"],
+            prompt=p["prompts"][0],
+            prompts=p["prompts"],
             prompt_timeline=prompt_timeline(p["prompts"], list(edits), total),
-            seed=p["seed"], num_frames=p["num_frames"], size=f"{p['size'][0]}x{p['size'][1]}",
-            seconds=f"{p['num_frames'] / fps:g}", created_at=int(job.created_at),
-            completed_at=int(job.finished_at) if done else None, progress=_progress(job),
-            chunks_done=job.chunks_done, chunks_total=total, step=job.step, steps_total=job.steps_total,
-            frames_done=job.frames_done, segments=segments, queue_position=queue_position, parent_id=job.parent_id,
+            seed=p["seed"],
+            num_frames=p["num_frames"],
+            size=f"{p['size'][0]}x{p['size'][1]}",
+            seconds=f"{p['num_frames'] / fps:g}",
+            created_at=int(job.created_at),
+            completed_at=int(job.finished_at) if done else None,
+            progress=_progress(job),
+            chunks_done=job.chunks_done,
+            chunks_total=total,
+            step=job.step,
+            steps_total=job.steps_total,
+            frames_done=job.frames_done,
+            segments=segments,
+            queue_position=queue_position,
+            parent_id=job.parent_id,
             remixed_from_video_id=job.parent_id,
-            timings=_timings(job), error=JobError(code="generation_failed", message=job.error) if job.error else None,
-        )  # fmt: skip
+            timings=_timings(job),
+            error=JobError(code="generation_failed", message=job.error) if job.error else None,
+        )
 
 
 def _round(value: float | None) -> float | None:
@@ -477,9 +531,11 @@ def _timings(job: Job) -> Timings:
         per_chunk = (last - first) / (job.chunks_done - 1)
     elif first is not None and started is not None and job.chunks_done == 1:
         per_chunk = first - started
-    return Timings(queue_wait_s=_round(None if started is None else started - created),
-                   time_to_first_chunk_s=_round(None if first is None or started is None else first - started),
-                   seconds_per_chunk=_round(per_chunk))  # fmt: skip
+    return Timings(
+        queue_wait_s=_round(None if started is None else started - created),
+        time_to_first_chunk_s=_round(None if first is None or started is None else first - started),
+        seconds_per_chunk=_round(per_chunk),
+    )
 
 
 def _progress(job: Job) -> int:

@@ -74,7 +74,9 @@ async def realtime_video(ws: WebSocket) -> None:
     svc: Service = ws.app.state.service
     await ws.accept()
     if not _authorized(ws, svc.api_key):
-        err = ApiError(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY' or ?api_key=KEY")
+        err = ApiError(
+            401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY' or ?api_key=KEY"
+        )
         await ws.send_json(_error(err))
         await ws.close(CLOSE_POLICY)
         return
@@ -86,8 +88,9 @@ async def realtime_video(ws: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
-    await ws.send_json({"type": "video.start", "request_id": job_id, "format": FORMAT,
-                        "config": svc.video(svc.job(job_id))})  # fmt: skip
+    await ws.send_json(
+        {"type": "video.start", "request_id": job_id, "format": FORMAT, "config": svc.video(svc.job(job_id))}
+    )
     sender = asyncio.create_task(_send_chunks(ws, svc, job_id, start))
     listener = asyncio.create_task(_listen(ws, svc, job_id))
     done, pending = await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
@@ -131,13 +134,21 @@ async def _send_chunks(ws: WebSocket, svc: Service, job_id: str, k: int) -> None
         job = svc.job(job_id)  # read before listing, so no segment written before the end is missed
         while files.segment(k).is_file():
             data = await run_in_threadpool(files.segment(k).read_bytes)
-            await ws.send_json({"type": "video.chunk_metadata", "request_id": job_id, "chunk_index": k,
-                                "bytes": len(data), "format": FORMAT})  # fmt: skip
+            await ws.send_json(
+                {
+                    "type": "video.chunk_metadata",
+                    "request_id": job_id,
+                    "chunk_index": k,
+                    "bytes": len(data),
+                    "format": FORMAT,
+                }
+            )
             await ws.send_bytes(data)
             k += 1
         if job.ended:
-            await ws.send_json({"type": "video.done", "request_id": job_id, "status": job.status, "chunks": k,
-                                "error": job.error})  # fmt: skip
+            await ws.send_json(
+                {"type": "video.done", "request_id": job_id, "status": job.status, "chunks": k, "error": job.error}
+            )
             return
         await asyncio.sleep(POLL_S)
 
@@ -170,8 +181,15 @@ def _handle(svc: Service, job_id: str, message: dict) -> dict | None:
         fields = {k: v for k, v in message.items() if k != "type"}
         edit = parse(PromptEdit, fields, svc.served, chunks=job.chunks_total)
         if job.status not in ("queued", "in_progress"):
-            raise ApiError(409, "job_ended", f"video {job_id} is {job.status}; only a queued or running job can be steered")
+            raise ApiError(
+                409, "job_ended", f"video {job_id} is {job.status}; only a queued or running job can be steered"
+            )
         edit_id = svc.store.add_edit(job_id, edit.from_chunk, edit.prompt)
-        return {"type": "session.interaction.queued", "request_id": job_id, "edit_id": edit_id,
-                "from_chunk": edit.from_chunk, "prompt": edit.prompt}  # fmt: skip
+        return {
+            "type": "session.interaction.queued",
+            "request_id": job_id,
+            "edit_id": edit_id,
+            "from_chunk": edit.from_chunk,
+            "prompt": edit.prompt,
+        }
     raise bad("type", f"unknown message type {kind!r}; use session.interaction, session.stop or session.ping")

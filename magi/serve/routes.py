@@ -78,10 +78,15 @@ class Service:
     def video(self, job: Job) -> dict[str, Any]:
         """The job as the API shows it."""
         planned = None if job.chunks_total is not None else planned_chunks(self.served, job.params)
-        return Video.of(job, model=self.model, fps=self.served.config.runtime.fps,
-                        segments=len(self.files(job.id).segments()),
-                        queue_position=self.store.queue_position(job.id) if job.status == "queued" else None,
-                        edits=self.store.edits(job.id), chunks_total=planned).model_dump()  # fmt: skip
+        return Video.of(
+            job,
+            model=self.model,
+            fps=self.served.config.runtime.fps,
+            segments=len(self.files(job.id).segments()),
+            queue_position=self.store.queue_position(job.id) if job.status == "queued" else None,
+            edits=self.store.edits(job.id),
+            chunks_total=planned,
+        ).model_dump()
 
     def files(self, job_id: str) -> JobFiles:
         return JobFiles(self.data_dir, job_id)
@@ -144,8 +149,9 @@ async def json_body(request: Request) -> dict:
 
 async def form_body(request: Request, limit: int, staging: Path) -> tuple[dict, tuple[str, Path] | None]:
     """Fields of a multipart form and its one upload (param, path), copied to ``staging`` within ``limit``."""
-    too_large = ApiError(413, "upload_too_large", f"the upload is over the limit of {limit} bytes "
-                                                  f"({limit / 2**20:g} MB)", "image")  # fmt: skip
+    too_large = ApiError(
+        413, "upload_too_large", f"the upload is over the limit of {limit} bytes ({limit / 2**20:g} MB)", "image"
+    )
     try:
         form = await _counting(request, limit + _FORM_SLACK).form(max_files=2, max_fields=100)
     except _TooLarge:
@@ -157,8 +163,11 @@ async def form_body(request: Request, limit: int, staging: Path) -> tuple[dict, 
     try:
         for key, value in form.multi_items():
             if isinstance(value, str):  # a repeated field becomes a list
-                fields[key] = [*fields[key], value] if isinstance(fields.get(key), list) else (
-                    [fields[key], value] if key in fields else value)  # fmt: skip
+                fields[key] = (
+                    [*fields[key], value]
+                    if isinstance(fields.get(key), list)
+                    else ([fields[key], value] if key in fields else value)
+                )
                 continue
             if key not in _UPLOAD_FIELDS:
                 raise bad(key, f"unexpected file field {key!r}; use image (i2v) or prefix_video (v2v)")
@@ -249,8 +258,9 @@ def _queue(svc: Service, params: dict, *, job_id: str | None = None, parent_id: 
 
 
 @router.get("/v1/videos")
-async def list_videos(svc: Svc, limit: int = 20, after: str | None = None,
-                      order: Literal["asc", "desc"] = "desc") -> dict:  # fmt: skip
+async def list_videos(
+    svc: Svc, limit: int = 20, after: str | None = None, order: Literal["asc", "desc"] = "desc"
+) -> dict:
     """A page of jobs (newest first by default); ``last_id`` is the next page's ``after``."""
     if not 1 <= limit <= 100:
         raise bad("limit", f"limit must be 1..100, got {limit}")
@@ -258,8 +268,13 @@ async def list_videos(svc: Svc, limit: int = 20, after: str | None = None,
         svc.job(after)
     jobs = svc.store.list(limit + 1, after, order)
     page = [svc.video(j) for j in jobs[:limit]]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(jobs) > limit}  # fmt: skip
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(jobs) > limit,
+    }
 
 
 @router.get("/v1/videos/{job_id}")
@@ -286,8 +301,12 @@ async def content(job_id: str, svc: Svc, variant: Literal["video", "thumbnail"] 
     job = svc.job(job_id)
     path = svc.files(job_id).video
     if not path.is_file():
-        raise ApiError(409, "not_ready", f"video {job_id} has no mp4 yet (status {job.status}); "
-                                         "it is written when the job completes or is cancelled")  # fmt: skip
+        raise ApiError(
+            409,
+            "not_ready",
+            f"video {job_id} has no mp4 yet (status {job.status}); "
+            "it is written when the job completes or is cancelled",
+        )
     if variant == "thumbnail":
         image = svc.files(job_id).dir / "thumbnail.png"
         if not image.is_file():
@@ -369,8 +388,10 @@ async def _events(svc: Service, job_id: str) -> AsyncIterator[dict]:
             return
         for edit in svc.store.edits(job_id, after=edit_seen):
             edit_seen = edit.id
-            yield {"event": "steer", "data": json.dumps({"edit_id": edit.id, "applies_from": edit.from_chunk,
-                                                         "prompt": edit.prompt[:200]})}  # fmt: skip
+            yield {
+                "event": "steer",
+                "data": json.dumps({"edit_id": edit.id, "applies_from": edit.from_chunk, "prompt": edit.prompt[:200]}),
+            }
         while files.segment(sent).is_file():
             yield {"event": "chunk", "data": json.dumps({"index": sent, "url": f"/v1/videos/{job_id}/stream/{sent}"})}
             sent += 1
@@ -403,15 +424,30 @@ async def steer(job_id: str, request: Request, svc: Svc) -> dict:
         raise ApiError(409, "job_ended", f"video {job_id} is {job.status}; only a queued or running job can be steered")
     applies, moved = _applies_from(svc, job, edit.from_chunk)
     if chunks is not None and applies >= chunks:
-        raise ApiError(409, "too_late", f"every chunk of video {job_id} has entered the denoising window; "
-                                        "an edit can no longer change it", "from_chunk")  # fmt: skip
+        raise ApiError(
+            409,
+            "too_late",
+            f"every chunk of video {job_id} has entered the denoising window; an edit can no longer change it",
+            "from_chunk",
+        )
     if len(svc.store.edits(job_id)) >= MAX_EDITS:
-        raise ApiError(409, "too_many_edits", f"video {job_id} has {MAX_EDITS} steering edits already, the most "
-                                              "one job takes; start a new job (or extend this one) to steer more")  # fmt: skip
+        raise ApiError(
+            409,
+            "too_many_edits",
+            f"video {job_id} has {MAX_EDITS} steering edits already, the most "
+            "one job takes; start a new job (or extend this one) to steer more",
+        )
     edit_id = svc.store.add_edit(job_id, applies, edit.prompt)
     logger.info("job %s steered: edit %d from chunk %d%s", job_id, edit_id, applies, f" ({moved})" if moved else "")
-    return {"object": "video.prompt_edit", "id": job_id, "edit_id": edit_id, "prompt": edit.prompt,
-            "from_chunk": edit.from_chunk, "applies_from": applies, "moved": moved}  # fmt: skip
+    return {
+        "object": "video.prompt_edit",
+        "id": job_id,
+        "edit_id": edit_id,
+        "prompt": edit.prompt,
+        "from_chunk": edit.from_chunk,
+        "applies_from": applies,
+        "moved": moved,
+    }
 
 
 def _applies_from(svc: Service, job: Job, from_chunk: int) -> tuple[int, str | None]:
@@ -424,8 +460,9 @@ def _applies_from(svc: Service, job: Job, from_chunk: int) -> tuple[int, str | N
         first = job.chunks_done + svc.served.config.runtime.window_size
     if from_chunk >= first:
         return from_chunk, None
-    return first, (f"chunks {from_chunk}..{first - 1} are done or in the denoising window; "
-                   f"the edit applies from chunk {first}")  # fmt: skip
+    return first, (
+        f"chunks {from_chunk}..{first - 1} are done or in the denoising window; the edit applies from chunk {first}"
+    )
 
 
 @router.post("/v1/videos/{job_id}/cancel")
@@ -448,7 +485,9 @@ def _worker_alive(svc: Service) -> bool:
         worker = json.loads((svc.data_dir / "worker.json").read_text())
     except (OSError, ValueError):
         return True
-    return isinstance(worker, dict) and worker.get("status") in ("loading", "ready", "error") and _alive(worker.get("pid"))
+    return (
+        isinstance(worker, dict) and worker.get("status") in ("loading", "ready", "error") and _alive(worker.get("pid"))
+    )
 
 
 @router.post("/v1/videos/{job_id}/extend", openapi_extra=request_schema(VideoExtend))
@@ -467,10 +506,12 @@ async def _continue(job_id: str, request: Request, svc: Service, *, remix: bool)
     parent = svc.job(job_id)
     body = await json_body(request)
     if parent.status != "completed":
-        raise ApiError(409, "not_completed", f"video {job_id} is {parent.status}; only a completed "
-                                             "video can be extended")  # fmt: skip
+        raise ApiError(
+            409, "not_completed", f"video {job_id} is {parent.status}; only a completed video can be extended"
+        )
     if not svc.files(job_id).state.is_file():
         raise ApiError(409, "no_state", f"video {job_id} has no saved generation state to continue from")
-    req = parse(VideoExtend, body, svc.served, parent=parent,
-                default_frames=parent.params["num_frames"] if remix else None)  # fmt: skip
+    req = parse(
+        VideoExtend, body, svc.served, parent=parent, default_frames=parent.params["num_frames"] if remix else None
+    )
     return svc.video(_queue(svc, req.params("extend", req.size), parent_id=job_id))

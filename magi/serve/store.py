@@ -52,8 +52,21 @@ CREATE TABLE IF NOT EXISTS edits (
 CREATE INDEX IF NOT EXISTS edits_job ON edits (job_id, id);
 """
 
-JOB_FIELDS = ("status", "started_at", "first_chunk_at", "last_chunk_at", "finished_at", "chunks_done", "chunks_total",
-           "step", "steps_total", "frames_done", "error", "cancel_requested", "attempts")  # fmt: skip
+JOB_FIELDS = (
+    "status",
+    "started_at",
+    "first_chunk_at",
+    "last_chunk_at",
+    "finished_at",
+    "chunks_done",
+    "chunks_total",
+    "step",
+    "steps_total",
+    "frames_done",
+    "error",
+    "cancel_requested",
+    "attempts",
+)
 
 
 def new_id() -> str:
@@ -122,8 +135,7 @@ class JobStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False,
-                                   isolation_level=None)  # fmt: skip
+        self._db = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         with self._lock:
@@ -136,8 +148,9 @@ class JobStore:
             self._db.close()
 
     # ---- jobs -------------------------------------------------------------------------------
-    def create(self, params: dict, *, max_queued: int | None = None, parent_id: str | None = None,
-               job_id: str | None = None) -> Job:  # fmt: skip
+    def create(
+        self, params: dict, *, max_queued: int | None = None, parent_id: str | None = None, job_id: str | None = None
+    ) -> Job:
         """Queue a job; ``QueueFull`` when ``max_queued`` jobs are already waiting.
 
         ``job_id``: an id from ``new_id()`` whose folder the caller filled first (uploads), so the
@@ -151,8 +164,10 @@ class JobStore:
                     (waiting,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
                     if waiting >= max_queued:
                         raise QueueFull(f"{waiting} jobs are queued already (the limit is {max_queued}); retry later")
-                self._db.execute("INSERT INTO jobs (id, status, params, parent_id, created_at) VALUES (?, 'queued', ?, ?, ?)",
-                                 (job_id, json.dumps(params), parent_id, time.time()))  # fmt: skip
+                self._db.execute(
+                    "INSERT INTO jobs (id, status, params, parent_id, created_at) VALUES (?, 'queued', ?, ?, ?)",
+                    (job_id, json.dumps(params), parent_id, time.time()),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -189,8 +204,8 @@ class JobStore:
         """The job the worker runs next: one left in progress (a killed server), else the oldest queued."""
         with self._lock:
             row = self._db.execute(
-                "SELECT * FROM jobs WHERE status IN ('in_progress', 'queued') "
-                "ORDER BY status = 'queued', seq LIMIT 1").fetchone()  # fmt: skip
+                "SELECT * FROM jobs WHERE status IN ('in_progress', 'queued') ORDER BY status = 'queued', seq LIMIT 1"
+            ).fetchone()
         return None if row is None else _job(row)
 
     def update(self, job_id: str, **fields: object) -> None:
@@ -213,24 +228,32 @@ class JobStore:
             raise ValueError(f"unknown job fields {sorted(bad)}")
         cols = "".join(f", {k} = ?" for k in fields)
         with self._lock:
-            cur = self._db.execute(f"UPDATE jobs SET status = 'in_progress'{cols} WHERE id = ? AND status IN "
-                                   "('queued', 'in_progress')", (*fields.values(), job_id))  # fmt: skip
+            cur = self._db.execute(
+                f"UPDATE jobs SET status = 'in_progress'{cols} WHERE id = ? AND status IN ('queued', 'in_progress')",
+                (*fields.values(), job_id),
+            )
         return cur.rowcount == 1
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Mark a job to be cancelled: a queued one ends now, a running one at its next step."""
         now = time.time()
         with self._lock:
-            self._db.execute("UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? "
-                             "WHERE id = ? AND status = 'queued'", (now, job_id))  # fmt: skip
+            self._db.execute(
+                "UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (now, job_id),
+            )
             self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'in_progress'", (job_id,))
         return self.get(job_id)
 
     def cancel_now(self, job_id: str) -> None:
         """End a job left ``in_progress`` with no worker to stop it as ``cancelled``."""
         with self._lock:
-            self._db.execute("UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? "
-                             "WHERE id = ? AND status = 'in_progress'", (time.time(), job_id))  # fmt: skip
+            self._db.execute(
+                "UPDATE jobs SET status = 'cancelled', cancel_requested = 1, finished_at = ? "
+                "WHERE id = ? AND status = 'in_progress'",
+                (time.time(), job_id),
+            )
 
     def queue_position(self, job_id: str) -> int | None:
         """Jobs ahead of a queued one (0: it runs next), None when it is not queued."""
@@ -238,8 +261,9 @@ class JobStore:
             row = self._db.execute("SELECT seq, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["status"] != "queued":
                 return None
-            (ahead,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE seq < ? AND status IN ('queued', 'in_progress')",
-                                        (row["seq"],)).fetchone()  # fmt: skip
+            (ahead,) = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE seq < ? AND status IN ('queued', 'in_progress')", (row["seq"],)
+            ).fetchone()
         return ahead
 
     def expired(self, keep: int, max_age_s: float | None = None) -> list[str]:
@@ -249,10 +273,14 @@ class JobStore:
             rows = self._db.execute(
                 "SELECT id, finished_at FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') AND id NOT IN "
                 "(SELECT parent_id FROM jobs WHERE parent_id IS NOT NULL AND status IN ('queued', 'in_progress')) "
-                "ORDER BY seq DESC").fetchall()  # fmt: skip
+                "ORDER BY seq DESC"
+            ).fetchall()
         now = time.time()
-        return [r["id"] for i, r in enumerate(rows)
-                if i >= keep or (max_age_s is not None and now - (r["finished_at"] or now) > max_age_s)]  # fmt: skip
+        return [
+            r["id"]
+            for i, r in enumerate(rows)
+            if i >= keep or (max_age_s is not None and now - (r["finished_at"] or now) > max_age_s)
+        ]
 
     def forget(self, job_id: str) -> None:
         """Remove a job's row and its steering edits (its files are the caller's)."""
@@ -263,15 +291,18 @@ class JobStore:
     # ---- steering ---------------------------------------------------------------------------
     def add_edit(self, job_id: str, from_chunk: int, prompt: str) -> int:
         with self._lock:
-            cur = self._db.execute("INSERT INTO edits (job_id, from_chunk, prompt, created_at) VALUES (?, ?, ?, ?)",
-                                   (job_id, int(from_chunk), prompt, time.time()))  # fmt: skip
+            cur = self._db.execute(
+                "INSERT INTO edits (job_id, from_chunk, prompt, created_at) VALUES (?, ?, ?, ?)",
+                (job_id, int(from_chunk), prompt, time.time()),
+            )
         return int(cur.lastrowid)
 
     def edits(self, job_id: str, after: int = 0) -> list[Edit]:
         """Steering edits of a job with id > ``after``, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM edits WHERE job_id = ? AND id > ? ORDER BY id",
-                                    (job_id, after)).fetchall()  # fmt: skip
+            rows = self._db.execute(
+                "SELECT * FROM edits WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after)
+            ).fetchall()
         return [Edit(**dict(r)) for r in rows]
 
 

@@ -113,8 +113,9 @@ class PgJobStore:
         return rows[0] if rows else None
 
     # ---- jobs -------------------------------------------------------------------------------
-    def create(self, params: dict, *, max_queued: int | None = None, parent_id: str | None = None,
-               job_id: str | None = None) -> Job:  # fmt: skip
+    def create(
+        self, params: dict, *, max_queued: int | None = None, parent_id: str | None = None, job_id: str | None = None
+    ) -> Job:
         """Queue a job; ``QueueFull`` when ``max_queued`` jobs are already waiting."""
         job_id = job_id or new_id()
         with self._lock, self._db.transaction():
@@ -123,9 +124,11 @@ class PgJobStore:
                 waiting = self._db.execute("SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued'").fetchone()["n"]
                 if waiting >= max_queued:
                     raise QueueFull(f"{waiting} jobs are queued already (the limit is {max_queued}); retry later")
-            row = self._db.execute("INSERT INTO jobs (id, status, params, parent_id, created_at) "
-                                   "VALUES (%s, 'queued', %s, %s, %s) RETURNING *",
-                                   (job_id, json.dumps(params), parent_id, time.time())).fetchone()  # fmt: skip
+            row = self._db.execute(
+                "INSERT INTO jobs (id, status, params, parent_id, created_at) "
+                "VALUES (%s, 'queued', %s, %s, %s) RETURNING *",
+                (job_id, json.dumps(params), parent_id, time.time()),
+            ).fetchone()
         return _job(row)
 
     def get(self, job_id: str) -> Job | None:
@@ -145,8 +148,10 @@ class PgJobStore:
 
     def next_job(self) -> Job | None:
         """The job a worker would claim next (read only; workers call ``claim``)."""
-        row = self._one(f"SELECT * FROM jobs WHERE status = 'queued' OR (status = 'in_progress' AND "
-                        f"(lease_until IS NULL OR lease_until < {_NOW})) ORDER BY status = 'queued', seq LIMIT 1")  # fmt: skip
+        row = self._one(
+            f"SELECT * FROM jobs WHERE status = 'queued' OR (status = 'in_progress' AND "
+            f"(lease_until IS NULL OR lease_until < {_NOW})) ORDER BY status = 'queued', seq LIMIT 1"
+        )
         return None if row is None else _job(row)
 
     def update(self, job_id: str, **fields: object) -> None:
@@ -165,10 +170,14 @@ class PgJobStore:
     def request_cancel(self, job_id: str) -> Job | None:
         """Mark a job to be cancelled: a queued one ends now, a running one at its next step."""
         with self._lock, self._db.transaction():
-            self._db.execute("UPDATE jobs SET status = 'cancelled', cancel_requested = TRUE, finished_at = %s "
-                             "WHERE id = %s AND status = 'queued'", (time.time(), job_id))  # fmt: skip
-            self._db.execute("UPDATE jobs SET cancel_requested = TRUE WHERE id = %s AND status = 'in_progress'",
-                             (job_id,))  # fmt: skip
+            self._db.execute(
+                "UPDATE jobs SET status = 'cancelled', cancel_requested = TRUE, finished_at = %s "
+                "WHERE id = %s AND status = 'queued'",
+                (time.time(), job_id),
+            )
+            self._db.execute(
+                "UPDATE jobs SET cancel_requested = TRUE WHERE id = %s AND status = 'in_progress'", (job_id,)
+            )
         return self.get(job_id)
 
     def start(self, job_id: str, **fields: object) -> bool:
@@ -177,24 +186,35 @@ class PgJobStore:
         if bad:
             raise ValueError(f"unknown job fields {sorted(bad)}")
         cols = "".join(f", {k} = %s" for k in fields)
-        row = self._one(f"UPDATE jobs SET status = 'in_progress'{cols} WHERE id = %s AND status IN "
-                        "('queued', 'in_progress') RETURNING seq", (*fields.values(), job_id))  # fmt: skip
+        row = self._one(
+            f"UPDATE jobs SET status = 'in_progress'{cols} WHERE id = %s AND status IN "
+            "('queued', 'in_progress') RETURNING seq",
+            (*fields.values(), job_id),
+        )
         return row is not None
 
     def cancel_now(self, job_id: str) -> None:
         """End a job left ``in_progress`` with no worker to stop it as ``cancelled``."""
-        self._all("UPDATE jobs SET status = 'cancelled', cancel_requested = TRUE, finished_at = %s "
-                  "WHERE id = %s AND status = 'in_progress' RETURNING seq", (time.time(), job_id))  # fmt: skip
+        self._all(
+            "UPDATE jobs SET status = 'cancelled', cancel_requested = TRUE, finished_at = %s "
+            "WHERE id = %s AND status = 'in_progress' RETURNING seq",
+            (time.time(), job_id),
+        )
 
     def expired(self, keep: int, max_age_s: float | None = None) -> list[str]:
         """Ended jobs beyond the newest ``keep`` ended ones, or that ended over ``max_age_s`` ago;
         never the parent of a job still waiting or running."""
-        rows = self._all("SELECT id, finished_at FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') "
-                         "AND id NOT IN (SELECT parent_id FROM jobs WHERE parent_id IS NOT NULL AND status IN "
-                         "('queued', 'in_progress')) ORDER BY seq DESC")  # fmt: skip
+        rows = self._all(
+            "SELECT id, finished_at FROM jobs WHERE status IN ('completed', 'failed', 'cancelled') "
+            "AND id NOT IN (SELECT parent_id FROM jobs WHERE parent_id IS NOT NULL AND status IN "
+            "('queued', 'in_progress')) ORDER BY seq DESC"
+        )
         now = time.time()
-        return [r["id"] for i, r in enumerate(rows)
-                if i >= keep or (max_age_s is not None and now - (r["finished_at"] or now) > max_age_s)]  # fmt: skip
+        return [
+            r["id"]
+            for i, r in enumerate(rows)
+            if i >= keep or (max_age_s is not None and now - (r["finished_at"] or now) > max_age_s)
+        ]
 
     def forget(self, job_id: str) -> None:
         """Remove a job's row and its steering edits (its files are the caller's)."""
@@ -207,8 +227,9 @@ class PgJobStore:
         row = self._one("SELECT seq, status FROM jobs WHERE id = %s", (job_id,))
         if row is None or row["status"] != "queued":
             return None
-        ahead = self._one("SELECT COUNT(*) AS n FROM jobs WHERE seq < %s AND status IN ('queued', 'in_progress')",
-                          (row["seq"],))  # fmt: skip
+        ahead = self._one(
+            "SELECT COUNT(*) AS n FROM jobs WHERE seq < %s AND status IN ('queued', 'in_progress')", (row["seq"],)
+        )
         return int(ahead["n"]) if ahead else 0
 
     # ---- leases -----------------------------------------------------------------------------
@@ -219,14 +240,19 @@ class PgJobStore:
 
     def renew(self, job_id: str, worker: str, lease_s: float) -> bool:
         """Extend ``worker``'s lease on a job; False when the job is no longer its own (run out and taken)."""
-        row = self._one(f"UPDATE jobs SET lease_until = {_NOW} + %s WHERE id = %s AND claimed_by = %s "
-                        "AND status = 'in_progress' RETURNING seq", (float(lease_s), job_id, worker))  # fmt: skip
+        row = self._one(
+            f"UPDATE jobs SET lease_until = {_NOW} + %s WHERE id = %s AND claimed_by = %s "
+            "AND status = 'in_progress' RETURNING seq",
+            (float(lease_s), job_id, worker),
+        )
         return row is not None
 
     def release(self, job_id: str, worker: str) -> None:
         """Give a running job back at once (a worker stopping cleanly): the next claim resumes it."""
-        self._all("UPDATE jobs SET lease_until = NULL, claimed_by = NULL WHERE id = %s AND claimed_by = %s "
-                  "RETURNING seq", (job_id, worker))  # fmt: skip
+        self._all(
+            "UPDATE jobs SET lease_until = NULL, claimed_by = NULL WHERE id = %s AND claimed_by = %s RETURNING seq",
+            (job_id, worker),
+        )
 
     def lease(self, job_id: str) -> tuple[str | None, float | None]:
         """(claimed_by, lease_until) of a job, lease_until on the database's clock."""
@@ -235,8 +261,10 @@ class PgJobStore:
 
     # ---- steering ---------------------------------------------------------------------------
     def add_edit(self, job_id: str, from_chunk: int, prompt: str) -> int:
-        row = self._one("INSERT INTO edits (job_id, from_chunk, prompt, created_at) VALUES (%s, %s, %s, %s) "
-                        "RETURNING id", (job_id, int(from_chunk), prompt, time.time()))  # fmt: skip
+        row = self._one(
+            "INSERT INTO edits (job_id, from_chunk, prompt, created_at) VALUES (%s, %s, %s, %s) RETURNING id",
+            (job_id, int(from_chunk), prompt, time.time()),
+        )
         assert row is not None
         return int(row["id"])
 

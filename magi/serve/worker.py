@@ -82,7 +82,7 @@ class Worker:
 
     def __init__(self, pipe: object, store: JobStore, data_dir: Path, *, parent: int | None = None,
                  poll_s: float = 0.2, lease_s: float | None = None, model: str | None = None,
-                 keep_jobs: int = KEEP_JOBS, keep_days: float | None = None) -> None:  # fmt: skip
+                 keep_jobs: int = KEEP_JOBS, keep_days: float | None = None) -> None:
         """``lease_s``: claim jobs with leases of that many s (a store with ``claim``: PostgreSQL)."""
         self.pipe, self.store, self.data_dir = pipe, store, Path(data_dir)
         self.parent, self.poll_s, self.lease_s = parent, poll_s, lease_s
@@ -136,7 +136,7 @@ class Worker:
             files.dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # the data folder is unwritable or full: fail this job, back off, go on
             return self._storage_fault(job_id, f"cannot create the job's folder ({one_line(err)}); make --data_dir "
-                                               "and its jobs folder writable by the server, with free space")  # fmt: skip
+                                               "and its jobs folder writable by the server, with free space")
         if self.fault is not None:
             self.fault, self.backoff_s = None, 0.0
             write_status(self.data_dir, status="ready", error=None, model=self.model)
@@ -148,7 +148,7 @@ class Worker:
             return self._end(job, files, "cancelled")
         if attempts > MAX_ATTEMPTS:
             return self._fail(job_id, f"the worker stopped {MAX_ATTEMPTS} times while running this job "
-                                      "(killed, or out of memory); not trying again")  # fmt: skip
+                                      "(killed, or out of memory); not trying again")
         try:
             with self._heartbeat(job_id):
                 stopped = self._generate(job, files)
@@ -213,7 +213,7 @@ class Worker:
             now = time.time()
             first = self.store.get(job_id).first_chunk_at or now
             self.store.update(job_id, chunks_done=done[0], frames_done=frames[0], first_chunk_at=first,
-                              last_chunk_at=now)  # fmt: skip
+                              last_chunk_at=now)
             _event(f"job {job_id} chunk {done[0] - 1} ({frames[0]} frames)")
 
         # Edits made while the job waited (or before a restart) apply from the first step;
@@ -223,13 +223,13 @@ class Worker:
             with contextlib.suppress(ValueError):
                 control.set_prompt(edit.from_chunk, edit.prompt, generated=True)
         common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
-                      control=control, on_chunk=on_chunk, progress=False)  # fmt: skip  (jobs report their own progress)
+                      control=control, on_chunk=on_chunk, progress=False)  # jobs report their own progress
         if state is not None and not state.meta.get("finished"):
             result = pipe.resume(state, None, **common)
         elif params["mode"] == "extend":
             parent = JobFiles(self.data_dir, job.parent_id)
             result = pipe.extend(parent.state, params["prompts"], params["num_frames"], None,
-                                 seed=params.get("seed"), **common)  # fmt: skip
+                                 seed=params.get("seed"), **common)
         else:
             inputs = {}
             if params.get("image"):
@@ -237,7 +237,7 @@ class Worker:
             if params.get("prefix_video"):
                 inputs["prefix_video_path"] = files.dir / params["prefix_video"]
             result = pipe.generate(params["mode"], params["prompts"], seed=params.get("seed"),
-                                   num_frames=params["num_frames"], **inputs, **common)  # fmt: skip
+                                   num_frames=params["num_frames"], **inputs, **common)
         self.store.update(job_id, chunks_total=result.chunks_total)
         if result.interrupted:
             return why[0] if why else "shutdown"
@@ -318,7 +318,7 @@ class Worker:
         self.fault = server_paths_hidden(message)
         self.backoff_s = min(MAX_BACKOFF_S, max(1.0, 2 * self.backoff_s))
         print(f"magi serve: job {job_id} failed: {self.fault}; next job in {self.backoff_s:g} s", file=sys.stderr,
-              flush=True)  # fmt: skip
+              flush=True)
         with contextlib.suppress(OSError):
             write_status(self.data_dir, status="error", error=self.fault, model=self.model)
         deadline = time.monotonic() + self.backoff_s
@@ -337,7 +337,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", required=True, help="the server's data folder (magi.db, jobs/)")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--db", help="the job store: a postgresql:// URL (shared by many workers) or a SQLite "
-                                     "file (default DATA_DIR/magi.db)")  # fmt: skip
+                                     "file (default DATA_DIR/magi.db)")
     parser.add_argument("--lease_s", type=float, default=LEASE_S,
                         help=f"with a postgresql:// --db: the job lease in s (default {LEASE_S:g})")
     parser.add_argument("--keep_jobs", type=int, default=KEEP_JOBS, help="ended jobs kept (default %(default)s)")
@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if shared:  # other workers may take the jobs this one cannot run
                 return 0
             return Worker(None, store, data_dir, parent=parent).refuse_forever(f"the worker cannot load the model: "
-                                                                               f"{message}")  # fmt: skip
+                                                                               f"{message}")
         finally:
             store.close()
     write_status(data_dir, status="ready", error=None, model=Path(args.config).stem)

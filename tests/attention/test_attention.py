@@ -17,7 +17,9 @@ from magi.attention.masks import (
 from tests.helpers import rel_l2
 
 
-def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
+def dense_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torch.Tensor, kr: torch.Tensor
+) -> torch.Tensor:
     """Masked softmax attention over the full score matrix in float64 (repeat K/V per head)."""
     n, g = q.shape[1], k.shape[1]
     k64 = k.double().repeat_interleave(n // g, dim=1)
@@ -32,7 +34,11 @@ def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qr: torch
 
 def _qkv(lq: int, lk: int, n: int = 4, g: int = 2, d: int = 8) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(lq, n, d, generator=gen), torch.randn(lk, g, d, generator=gen), torch.randn(lk, g, d, generator=gen)
+    return (
+        torch.randn(lq, n, d, generator=gen),
+        torch.randn(lk, g, d, generator=gen),
+        torch.randn(lk, g, d, generator=gen),
+    )
 
 
 def test_sdpa_matches_dense_reference_with_gqa_and_overlapping_key_ranges() -> None:

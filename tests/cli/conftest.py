@@ -16,8 +16,16 @@ from magi.config import preset_dict
 from magi.video_io import Mp4Writer
 from tests.cli.fakes import Recorder
 
-TOKEN_FLAGS = ("PAD_HQ", "PAD_DURATION", "PAD_STATIC", "PAD_DYNAMIC", "PAD_BORDERNESS",
-               "PAD_THREE_D_MODEL", "PAD_TWO_D_ANIME", "NEG_PROMPT")  # fmt: skip
+TOKEN_FLAGS = (
+    "PAD_HQ",
+    "PAD_DURATION",
+    "PAD_STATIC",
+    "PAD_DYNAMIC",
+    "PAD_BORDERNESS",
+    "PAD_THREE_D_MODEL",
+    "PAD_TWO_D_ANIME",
+    "NEG_PROMPT",
+)
 
 
 @pytest.fixture

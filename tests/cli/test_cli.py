@@ -22,21 +22,45 @@ ERRORS = [
     (["--mode", "i2v", "--prompt", "p"], "error: --mode i2v needs --image_path"),
     (["--mode", "v2v", "--prompt", "p"], "error: --mode v2v needs --prefix_video_path"),
     (["--mode", "i2v", "--prompt", "p", "--image_path", "nope.jpg"], "error: --image_path nope.jpg does not exist"),
-    (["--mode", "v2v", "--prompt", "p", "--prefix_video_path", "nope.mp4"], "error: --prefix_video_path nope.mp4 does not exist"),
+    (
+        ["--mode", "v2v", "--prompt", "p", "--prefix_video_path", "nope.mp4"],
+        "error: --prefix_video_path nope.mp4 does not exist",
+    ),
     (["--mode", "t2v", "--prompt", "p", "--image_path", "img.ppm"], "error: --image_path is only used with --mode i2v"),
     (["--mode", "x2v", "--prompt", "p"], "error: argument --mode: invalid choice: 'x2v'"),
     (["--mode", "t2v"], "error: --prompt is required (or --prompt_file"),
     (["--mode", "t2v", "--prompt", " "], "error: --prompt must not be empty"),
     (["--mode", "t2v", "--prompt", "p", "--output_path", "out.gif"], "error: --output_path out.gif must end in .mp4"),
-    (["--mode", "t2v", "--prompt", "p", "--save_tensors", "t.pt"], "error: --save_tensors t.pt must end in .safetensors"),
-    (["--mode", "t2v", "--prompt", "p", "--num_steps", "30"], "error: with --num_steps 30: cfg.json: 'runtime_config.num_steps' (30) must be divisible by window_size (4)"),
-    (["--mode", "t2v", "--prompt", "p", "--video_size_h", "100"], "error: with --video_size_h 100: cfg.json: 'runtime_config.video_size_h' (100) must be a multiple of 16"),
+    (
+        ["--mode", "t2v", "--prompt", "p", "--save_tensors", "t.pt"],
+        "error: --save_tensors t.pt must end in .safetensors",
+    ),
+    (
+        ["--mode", "t2v", "--prompt", "p", "--num_steps", "30"],
+        "error: with --num_steps 30: cfg.json: 'runtime_config.num_steps' (30) must be divisible by window_size (4)",
+    ),
+    (
+        ["--mode", "t2v", "--prompt", "p", "--video_size_h", "100"],
+        "error: with --video_size_h 100: cfg.json: 'runtime_config.video_size_h' (100) must be a multiple of 16",
+    ),
     (["--mode", "t2v", "--prompt", "p", "--seed", "x"], "error: argument --seed: invalid int value: 'x'"),
     (["--mode", "t2v", "--prompt", "p", "--device", "gpu"], "error: --device gpu is not a device"),
-    (["--mode", "t2v", "--prompt", "p", "--config", "missing.json"], "error: missing.json: cannot read the config file"),
-    (["--mode", "t2v", "--prompt", "p", "--prompt_file", "t.json"], "error: give either --prompt or --prompt_file, not both"),
-    (["--mode", "t2v", "--prompt", "p", "--attention_backend", "flash"], "error: --attention_backend flash: attention backend 'flash' runs bf16/fp16 on CUDA, not torch.bfloat16 on cpu"),
-    (["--mode", "t2v", "--prompt", "p", "--attention_backend", "xformers"], "error: argument --attention_backend: invalid choice: 'xformers'"),
+    (
+        ["--mode", "t2v", "--prompt", "p", "--config", "missing.json"],
+        "error: missing.json: cannot read the config file",
+    ),
+    (
+        ["--mode", "t2v", "--prompt", "p", "--prompt_file", "t.json"],
+        "error: give either --prompt or --prompt_file, not both",
+    ),
+    (
+        ["--mode", "t2v", "--prompt", "p", "--attention_backend", "flash"],
+        "error: --attention_backend flash: attention backend 'flash' runs bf16/fp16 on CUDA, not torch.bfloat16 on cpu",
+    ),
+    (
+        ["--mode", "t2v", "--prompt", "p", "--attention_backend", "xformers"],
+        "error: argument --attention_backend: invalid choice: 'xformers'",
+    ),
 ]
 
 
@@ -93,8 +117,24 @@ def test_special_tokens_needed_by_pad_flags(workdir, fake_pipeline, capsys, monk
 
 
 def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline):
-    argv = BASE + ["--mode", "i2v", "--image_path", "img.ppm", "--prompt", "a", "--prompt", "b",
-                   "--seed", "7", "--num_steps", "16", "--compat", "official", "--save_tensors", "t.safetensors"]
+    argv = BASE + [
+        "--mode",
+        "i2v",
+        "--image_path",
+        "img.ppm",
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--seed",
+        "7",
+        "--num_steps",
+        "16",
+        "--compat",
+        "official",
+        "--save_tensors",
+        "t.safetensors",
+    ]
     assert infer.main(argv) == 0
     (name0, build), (name1, gen) = fake_pipeline
     assert name0 == "from_config" and name1 == "generate"
@@ -104,9 +144,16 @@ def test_valid_call_reaches_pipeline_with_overrides(workdir, fake_pipeline):
     control = gen.pop("control")  # the CLI's own: its stop signals stop the run through it
     assert isinstance(control, Control) and not control.stopping and control.pending == 0  # no --steer
     assert gen == {
-        "mode": "i2v", "prompt": ["a", "b"], "output_path": "out.mp4", "image_path": "img.ppm",
-        "prefix_video_path": None, "save_tensors": "t.safetensors", "progress": True,
-        "save_state": None, "save_every": 1, "segments": None,  # no --save_state: no segment folder
+        "mode": "i2v",
+        "prompt": ["a", "b"],
+        "output_path": "out.mp4",
+        "image_path": "img.ppm",
+        "prefix_video_path": None,
+        "save_tensors": "t.safetensors",
+        "progress": True,
+        "save_state": None,
+        "save_every": 1,
+        "segments": None,  # no --save_state: no segment folder
     }
 
 
@@ -129,7 +176,10 @@ def test_prompt_file_timeline(workdir, fake_pipeline):
     "content, expected",
     [
         ([{"chunk": 1, "prompt": "a"}], "the first entry must be chunk 0 (got chunk 1)"),
-        ([{"chunk": 0, "prompt": "a"}, {"chunk": 0, "prompt": "b"}], "chunk indices must increase, but entry 1 has chunk 0 after 0"),
+        (
+            [{"chunk": 0, "prompt": "a"}, {"chunk": 0, "prompt": "b"}],
+            "chunk indices must increase, but entry 1 has chunk 0 after 0",
+        ),
         ([{"chunk": 0, "text": "a"}], 'entry 0 must be {"chunk": <int>, "prompt": "<text>"}'),
         ([{"chunk": -1, "prompt": "a"}], "entry 0 needs a chunk index >= 0"),
         ([{"chunk": 0, "prompt": ""}], "entry 0 needs a chunk index >= 0 and a non-empty prompt"),
@@ -139,7 +189,9 @@ def test_prompt_file_timeline(workdir, fake_pipeline):
 )
 def test_prompt_file_errors(workdir, content, expected):
     (workdir / "t.json").write_text(json.dumps(content))
-    with pytest.raises(infer.UsageError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}")):
+    with pytest.raises(
+        infer.UsageError, match=expected.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}")
+    ):
         infer.read_prompt_file("t.json")
 
 
@@ -154,9 +206,22 @@ def test_subprocess_help_and_error():
     run = subprocess.run([sys.executable, "-m", "magi.infer", "--help"], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0 and "--prefix_video_path" in run.stdout and "--prompt_file" in run.stdout
     run = subprocess.run(
-        [sys.executable, "-m", "magi.infer", "--config", "example/4.5B/4.5B_base_config.json", "--mode", "i2v",
-         "--prompt", "p", "--output_path", "o.mp4"],
-        capture_output=True, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "magi.infer",
+            "--config",
+            "example/4.5B/4.5B_base_config.json",
+            "--mode",
+            "i2v",
+            "--prompt",
+            "p",
+            "--output_path",
+            "o.mp4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert run.returncode == 2
     assert run.stderr == "error: --mode i2v needs --image_path\n"
@@ -169,12 +234,20 @@ def test_speed_and_memory_flags_reach_from_config(workdir, fake_pipeline):
     build = fake_pipeline[0][1]
     # defaults: auto attention, nothing streamed, no compile, VAE placement follows --offload
     assert (build["attention_backend"], build["offload_blocks"], build["compile"], build["vae_offload"]) == (
-        "auto", False, False, None)
+        "auto",
+        False,
+        False,
+        None,
+    )
     fake_pipeline.clear()
     assert infer.main(argv + ["--attention_backend", "sdpa", "--offload", "--compile", "--vae_offload", "off"]) == 0
     build = fake_pipeline[0][1]
     assert (build["attention_backend"], build["offload_blocks"], build["compile"], build["vae_offload"]) == (
-        "sdpa", True, True, False)
+        "sdpa",
+        True,
+        True,
+        False,
+    )
 
 
 # ------------------------------------------------------------------------ QA regressions
@@ -192,13 +265,25 @@ def test_output_below_a_file_is_one_line_exit_2(workdir, fake_pipeline, capsys):
     assert "notes.txt is a file" in _one_line(capsys.readouterr().err)
     argv = BASE + ["--mode", "t2v", "--prompt", "p", "--save_tensors", "notes.txt/t.safetensors"]
     assert infer.main(argv) == 2
-    assert _one_line(capsys.readouterr().err).startswith("error: --save_tensors notes.txt/t.safetensors: notes.txt is a file")
+    assert _one_line(capsys.readouterr().err).startswith(
+        "error: --save_tensors notes.txt/t.safetensors: notes.txt is a file"
+    )
     assert fake_pipeline == []
 
 
 def test_output_folder_is_created_and_probed_before_loading(workdir, fake_pipeline, capsys):
-    argv = BASE[:2] + ["--mode", "t2v", "--prompt", "p", "--output_path", "new/deeper/out.mp4",
-                       "--device", "cpu", "--save_tensors", "t/x.safetensors"]
+    argv = BASE[:2] + [
+        "--mode",
+        "t2v",
+        "--prompt",
+        "p",
+        "--output_path",
+        "new/deeper/out.mp4",
+        "--device",
+        "cpu",
+        "--save_tensors",
+        "t/x.safetensors",
+    ]
     assert infer.main(argv) == 0
     assert (workdir / "new/deeper").is_dir() and (workdir / "t").is_dir()
     assert list((workdir / "new/deeper").iterdir()) == []  # the probe left no file behind
@@ -228,11 +313,15 @@ def test_ctrl_c_before_generation_is_one_line_exit_130(workdir, fake_pipeline, c
     assert not (workdir / "out.mp4").exists()
 
 
-@pytest.mark.parametrize("error", [
-    real_pipeline.VideoWriteError("ffmpeg failed while writing out.mp4: [Errno 32] Broken pipe"),
-    PermissionError(13, "Permission denied"),
-    OSError(28, "No space left on device"),
-], ids=["ffmpeg", "permission", "disk_full"])  # fmt: skip
+@pytest.mark.parametrize(
+    "error",
+    [
+        real_pipeline.VideoWriteError("ffmpeg failed while writing out.mp4: [Errno 32] Broken pipe"),
+        PermissionError(13, "Permission denied"),
+        OSError(28, "No space left on device"),
+    ],
+    ids=["ffmpeg", "permission", "disk_full"],
+)
 def test_write_errors_during_generation_are_one_line_exit_1(workdir, fake_pipeline, capsys, monkeypatch, error):
     def fail(self, **kwargs):
         raise error
@@ -273,7 +362,8 @@ def test_device_check_is_the_pipelines(workdir, fake_pipeline, capsys, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert infer.main(BASE[:-1] + ["cuda:1", "--mode", "t2v", "--prompt", "p"]) == 2
     assert _one_line(capsys.readouterr().err) == (
-        "error: --device cuda:1: CUDA is not available on this machine; use cpu\n")
+        "error: --device cuda:1: CUDA is not available on this machine; use cpu\n"
+    )
     assert infer.main(BASE[:-1] + ["meta", "--mode", "t2v", "--prompt", "p"]) == 2
     assert _one_line(capsys.readouterr().err) == "error: --device meta: magi runs on cuda, cuda:N or cpu\n"
     assert fake_pipeline == []

@@ -94,8 +94,20 @@ def test_text_file_as_image_is_refused_before_any_model(tiny: Path, tmp_path: Pa
         with pytest.raises(ValueError, match="is a text file"):
             probe(path, "video")
     with pytest.raises(UsageError, match=r"--image_path: image .*notes\.png is a text file") as err:
-        prepare(["--config", str(tiny), "--mode", "i2v", "--prompt", "x", "--image_path", str(text),
-                 "--output_path", str(tmp_path / "o.mp4")])  # fmt: skip
+        prepare(
+            [
+                "--config",
+                str(tiny),
+                "--mode",
+                "i2v",
+                "--prompt",
+                "x",
+                "--image_path",
+                str(text),
+                "--output_path",
+                str(tmp_path / "o.mp4"),
+            ]
+        )
     assert len(str(err.value)) <= 200
     assert is_text("naïve café ☕\n".encode()) and not is_text(b"\x89PNG\r\n\x1a\n\0\0")
     assert not is_text(b"P3\n2 2\n255\n0 0 0 255 255 255\n")  # ASCII netpbm is a picture
@@ -139,8 +151,15 @@ def stopped(tiny: Path, tmp_path_factory) -> Path:
             mp.delenv(name, raising=False)
         pipe = MagiPipeline.from_config(tiny, device="cpu")
         control = Control()
-        pipe.generate("t2v", "a fox", num_frames=48, seed=5, save_state=root / "run.state", control=control,
-                      on_chunk=lambda chunk: control.stop())  # fmt: skip
+        pipe.generate(
+            "t2v",
+            "a fox",
+            num_frames=48,
+            seed=5,
+            save_state=root / "run.state",
+            control=control,
+            on_chunk=lambda chunk: control.stop(),
+        )
     assert not GenerationState.load(root / "run.state").meta["finished"]
     return root / "run.state"
 
@@ -159,20 +178,42 @@ def test_resume_refuses_flags_it_cannot_apply(tiny: Path, stopped: Path, tmp_pat
 
 def test_extend_of_an_extended_video(tiny: Path, tmp_path: Path) -> None:
     out, first, second = tmp_path / "v.mp4", tmp_path / "a.state", tmp_path / "b.state"
-    run = _cli(tiny, "--mode", "t2v", "--prompt", "a fox", "--num_frames", "24", "--output_path", str(out),
-               "--save_state", str(first))  # fmt: skip
+    run = _cli(
+        tiny,
+        "--mode",
+        "t2v",
+        "--prompt",
+        "a fox",
+        "--num_frames",
+        "24",
+        "--output_path",
+        str(out),
+        "--save_state",
+        str(first),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    more = _cli(tiny, "--extend", str(first), "--prompt", "it rains", "--num_frames", "24", "--output_path", str(out),
-                "--save_state", str(second))  # fmt: skip
+    more = _cli(
+        tiny,
+        "--extend",
+        str(first),
+        "--prompt",
+        "it rains",
+        "--num_frames",
+        "24",
+        "--output_path",
+        str(out),
+        "--save_state",
+        str(second),
+    )
     assert more.returncode == 0, more.stderr[-2000:]
     assert f"extended by 24 frames: {out} now holds 48 frames" in more.stdout
-    again = _cli(tiny, "--extend", str(second), "--prompt", "it snows", "--num_frames", "24",
-                 "--output_path", str(out))  # fmt: skip
+    again = _cli(tiny, "--extend", str(second), "--prompt", "it snows", "--num_frames", "24", "--output_path", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"extended by 24 frames: {out} now holds 72 frames" in again.stdout and _frames(out) == 72
     alone = tmp_path / "alone.mp4"  # written to a new file: only the new frames, said so
-    apart = _cli(tiny, "--extend", str(second), "--prompt", "it snows", "--num_frames", "24",
-                 "--output_path", str(alone))  # fmt: skip
+    apart = _cli(
+        tiny, "--extend", str(second), "--prompt", "it snows", "--num_frames", "24", "--output_path", str(alone)
+    )
     assert apart.returncode == 0 and _frames(alone) == 24
     assert "written alone to" in apart.stdout and "has 48 frames" in apart.stdout
 
@@ -186,8 +227,18 @@ def test_missing_files_errors_fit_one_line(tmp_path: Path, monkeypatch: pytest.M
     data = tiny_config_dict(tmp_path / ("a-long-folder-name" * 8))  # nothing there: all three missing
     (tmp_path / "nock.json").write_text(json.dumps(data))
     with pytest.raises(UsageError) as err:
-        prepare(["--config", str(tmp_path / "nock.json"), "--mode", "t2v", "--prompt", "x",
-                 "--output_path", str(tmp_path / "o.mp4")])  # fmt: skip
+        prepare(
+            [
+                "--config",
+                str(tmp_path / "nock.json"),
+                "--mode",
+                "t2v",
+                "--prompt",
+                "x",
+                "--output_path",
+                str(tmp_path / "o.mp4"),
+            ]
+        )
     text = str(err.value)
     assert text.startswith("nock.json: 'runtime_config.load': no DiT weights in") and "(+2 more missing)" in text
     assert "magi.download" in text and len(text) <= 200

@@ -50,8 +50,10 @@ def test_non_utf8_argv_bytes_in_a_real_process(workdir):
     env = {**os.environ, "PYTHONPATH": str(REPO), "LC_ALL": "C.UTF-8"}
     run = subprocess.run(argv, capture_output=True, env=env, cwd=workdir, timeout=120)
     assert run.returncode == 2, run.stderr
-    assert run.stderr.decode().strip() == ("error: --prompt is not valid UTF-8 text (byte 0xe9 at character 3); "
-                                           "pass UTF-8 text (check the terminal's or file's encoding)")  # fmt: skip
+    assert run.stderr.decode().strip() == (
+        "error: --prompt is not valid UTF-8 text (byte 0xe9 at character 3); "
+        "pass UTF-8 text (check the terminal's or file's encoding)"
+    )
 
 
 def test_prompt_file_not_utf8_names_the_file(workdir, fake_pipeline, capsys):
@@ -91,8 +93,10 @@ def test_nested_timeline_entry_is_shown_short(workdir, fake_pipeline, capsys):
 def test_timeline_chunk_beyond_the_video_is_refused_without_expanding(workdir, fake_pipeline, capsys):
     (workdir / "huge.json").write_text(json.dumps([{"chunk": 1_000_000_000, "prompt": "x"}]))
     err = _refused(T2V + ["--prompt_file", "huge.json"], capsys, fake_pipeline)
-    assert err == ("error: --prompt_file huge.json: entry 0 starts at chunk 1000000000 but the video has "
-                   "only 4 chunks (num_frames 96); lower it or raise --num_frames")  # fmt: skip
+    assert err == (
+        "error: --prompt_file huge.json: entry 0 starts at chunk 1000000000 but the video has "
+        "only 4 chunks (num_frames 96); lower it or raise --num_frames"
+    )
 
 
 def test_timeline_last_chunk_is_accepted_and_the_next_refused(workdir, fake_pipeline, capsys):
@@ -132,8 +136,10 @@ def test_save_tensors_where_no_file_can_be_created(workdir, fake_pipeline, capsy
     locked.mkdir()
     monkeypatch.setattr(os, "open", refuse)
     err = _refused(T2V + ["--prompt", "p", "--save_tensors", "locked/t.safetensors"], capsys, fake_pipeline)
-    assert err == ("error: --save_tensors locked/t.safetensors: cannot create a file in locked "
-                   "(Permission denied); choose a writable folder")  # fmt: skip
+    assert err == (
+        "error: --save_tensors locked/t.safetensors: cannot create a file in locked "
+        "(Permission denied); choose a writable folder"
+    )
     (locked / "t.safetensors").write_bytes(b"old")  # an existing file: the probe goes beside it
     err = _refused(T2V + ["--prompt", "p", "--save_tensors", "locked/t.safetensors"], capsys, fake_pipeline)
     assert "cannot create a file in locked (Permission denied)" in err
@@ -170,8 +176,10 @@ def test_v2v_output_onto_the_prefix_video_is_refused(workdir, fake_pipeline, cap
     before = (workdir / "pre.mp4").read_bytes()
     argv = BASE[:2] + ["--mode", "v2v", "--prompt", "p", "--prefix_video_path", "pre.mp4", "--output_path", output]
     err = _refused(argv, capsys, fake_pipeline)
-    assert err == (f"error: --output_path {output} is the --prefix_video_path: writing it would overwrite "
-                   "the input video; choose another --output_path")  # fmt: skip
+    assert err == (
+        f"error: --output_path {output} is the --prefix_video_path: writing it would overwrite "
+        "the input video; choose another --output_path"
+    )
     assert (workdir / "pre.mp4").read_bytes() == before
 
 
@@ -179,17 +187,21 @@ def test_v2v_output_onto_the_prefix_video_is_refused(workdir, fake_pipeline, cap
 def test_huge_frame_is_refused_before_loading(workdir, fake_pipeline, capsys, machine):
     err = _refused(T2V + ["--prompt", "p", "--video_size_h", "100000"], capsys, fake_pipeline)
     # 4.5B: 6 x 6250 x 45 tokens x ffn 12288 float32 = 77.2 GiB for one chunk's widest layer
-    assert err == ("error: --video_size_h 100000 x --video_size_w 720 x --num_frames 96: one chunk "
-                   "(chunk_width 6 latent frames, 24 video frames) needs 77.2 GiB for its DiT activations "
-                   "(1687500 tokens) but this machine has 64.0 GiB of memory; lower the size or "
-                   "runtime_config.chunk_width")  # fmt: skip
+    assert err == (
+        "error: --video_size_h 100000 x --video_size_w 720 x --num_frames 96: one chunk "
+        "(chunk_width 6 latent frames, 24 video frames) needs 77.2 GiB for its DiT activations "
+        "(1687500 tokens) but this machine has 64.0 GiB of memory; lower the size or "
+        "runtime_config.chunk_width"
+    )
 
 
 def test_ten_million_frames_are_refused_for_the_noise_file(workdir, fake_pipeline, capsys, machine):
     err = _refused(T2V + ["--prompt", "p", "--num_frames", "10000000"], capsys, fake_pipeline)
     # 2500002 latent frames x 16 x 90 x 90 float32
-    assert err.startswith("error: --video_size_h 720 x --video_size_w 720 x --num_frames 10000000: the initial "
-                          "noise (416667 chunks of 6 latent frames) needs 1207.0 GiB in TMPDIR (")  # fmt: skip
+    assert err.startswith(
+        "error: --video_size_h 720 x --video_size_w 720 x --num_frames 10000000: the initial "
+        "noise (416667 chunks of 6 latent frames) needs 1207.0 GiB in TMPDIR ("
+    )
     assert err.endswith("has 100.0 GiB free); lower num_frames or the size")
 
 

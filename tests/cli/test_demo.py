@@ -21,7 +21,11 @@ def test_packaged_tiny_config_is_the_example_one() -> None:
         example["runtime_config"].pop(key)
     assert example == TINY_CONFIG
     paths = tiny_config_dict("/x/ck")["runtime_config"]
-    assert (paths["load"], paths["t5_pretrained"], paths["vae_pretrained"]) == ("/x/ck/magi/tiny", "/x/ck/t5", "/x/ck/vae")
+    assert (paths["load"], paths["t5_pretrained"], paths["vae_pretrained"]) == (
+        "/x/ck/magi/tiny",
+        "/x/ck/t5",
+        "/x/ck/vae",
+    )
 
 
 def test_demo_runs_from_any_directory(tmp_path: Path) -> None:
@@ -38,5 +42,7 @@ def test_demo_runs_from_any_directory(tmp_path: Path) -> None:
     assert sum(1 for _ in gen) == 20 and tuple(meta["size"]) == (64, 64)
     tiny = tmp_path / "cache" / "tiny"
     assert (tiny / "special_tokens.npz").is_file() and (tiny / "magi" / "tiny" / "inference_weight").is_dir()
-    assert json.loads((tiny / "tiny_config.json").read_text())["runtime_config"]["load"] == str(tiny.resolve() / "magi" / "tiny")
+    assert json.loads((tiny / "tiny_config.json").read_text())["runtime_config"]["load"] == str(
+        tiny.resolve() / "magi" / "tiny"
+    )
     assert "done: 20 frames" in proc.stdout + proc.stderr

@@ -45,7 +45,10 @@ def test_selection_is_exactly_one_checkpoint_plus_t5_and_vae(name):
     assert dl.allow_patterns(name) == [f"ckpt/magi/{name}/{sub}/*", "ckpt/t5/*", "ckpt/vae/*"]
     assert sorted(chosen) == sorted(
         [f for f in REPO_FILES if f.startswith(("ckpt/t5/", "ckpt/vae/"))]
-        + [f"ckpt/magi/{name}/{sub}/model.safetensors.index.json", f"ckpt/magi/{name}/{sub}/model-00001-of-00002.safetensors"]
+        + [
+            f"ckpt/magi/{name}/{sub}/model.safetensors.index.json",
+            f"ckpt/magi/{name}/{sub}/model-00001-of-00002.safetensors",
+        ]
     )
     assert not any(f.startswith("ckpt/magi/") and f"/{name}/" not in f for f in chosen)
 
@@ -72,7 +75,10 @@ def test_offline_fails_with_one_line_saying_what_to_fetch(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("error: cannot get 4.5B_distill (HF_HUB_OFFLINE is set and the weights are not in")
-    assert "download ckpt/magi/4.5B_distill/inference_weight.distill/, ckpt/t5/ and ckpt/vae/ from https://huggingface.co/sand-ai/MAGI-1" in err
+    assert (
+        "download ckpt/magi/4.5B_distill/inference_weight.distill/, ckpt/t5/ and ckpt/vae/ from https://huggingface.co/sand-ai/MAGI-1"
+        in err
+    )
     assert f"{dl.SPECIAL_TOKENS_URL} to {tmp_path / 'dl' / 'special_tokens.npz'}" in err
 
 
@@ -86,7 +92,9 @@ def test_network_failure_gives_the_same_advice(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("huggingface_hub.snapshot_download", no_connection)
     assert dl.main(["24B_base", "--dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot get 24B_base (cannot reach huggingface.co and nothing is cached); download ckpt/magi/24B_base/inference_weight/")
+    assert err.startswith(
+        "error: cannot get 24B_base (cannot reach huggingface.co and nothing is cached); download ckpt/magi/24B_base/inference_weight/"
+    )
     assert err.count("\n") == 1
 
 

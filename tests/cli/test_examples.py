@@ -35,8 +35,7 @@ def _run(root: Path, script: str, env: dict[str, str], cwd: Path | str = "/") ->
     (bin_dir / "python").chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if k not in ("SPECIAL_TOKEN_PATH", "GPUS_PER_NODE", "NNODES")}
     clean.update(env, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    done = subprocess.run(["bash", str(target)], cwd=cwd, env=clean, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(["bash", str(target)], cwd=cwd, env=clean, capture_output=True, text=True, timeout=60)
     if done.returncode:
         return {"STATUS": str(done.returncode), "STDERR": done.stderr.strip()}
     return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
@@ -77,8 +76,9 @@ def test_tiny_run_sh_from_another_folder(tmp_path: Path) -> None:
     caller = tmp_path / "elsewhere"
     caller.mkdir()
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUTPUT_PATH="v.mp4")
-    done = subprocess.run(["bash", str(target)], cwd=caller, env=env, capture_output=True, text=True,
-                          timeout=60, check=True)
+    done = subprocess.run(
+        ["bash", str(target)], cwd=caller, env=env, capture_output=True, text=True, timeout=60, check=True
+    )
     args = next(line for line in done.stdout.splitlines() if line.startswith("ARGS="))
     assert f"--output_path {caller / 'v.mp4'}" in args
 
@@ -102,8 +102,7 @@ def test_run_sh_paths_relative_to_the_caller(tmp_path: Path, script: str) -> Non
 
 @pytest.mark.parametrize("script", ["4.5B/run.sh", "24B/run.sh"])
 @pytest.mark.parametrize(("mode", "variable"), [("i2v", "IMAGE_PATH"), ("v2v", "PREFIX_VIDEO_PATH")])
-def test_run_sh_says_the_official_assets_are_not_shipped(tmp_path: Path, script: str, mode: str,
-                                                          variable: str) -> None:
+def test_run_sh_says_the_official_assets_are_not_shipped(tmp_path: Path, script: str, mode: str, variable: str) -> None:
     report = _run(tmp_path, script, {"MODE": mode})
     assert report["STATUS"] == "2"
     assert report["STDERR"].startswith(f"error: MODE={mode} needs {variable}=")

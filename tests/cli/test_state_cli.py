@@ -20,9 +20,27 @@ FRAMES = 8 * 24
 
 def _start(tiny: Path, tmp: Path) -> tuple[subprocess.Popen, Path, Path]:
     out, state = tmp / "out.mp4", tmp / "run.state"
-    proc = subprocess.Popen(infer_argv(tiny, "--mode", "t2v", "--prompt", "a fox", "--num_frames", str(FRAMES),
-                                 "--seed", "5", "--output_path", str(out), "--save_state", str(state)),
-                            env=infer_env(tiny), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        infer_argv(
+            tiny,
+            "--mode",
+            "t2v",
+            "--prompt",
+            "a fox",
+            "--num_frames",
+            str(FRAMES),
+            "--seed",
+            "5",
+            "--output_path",
+            str(out),
+            "--save_state",
+            str(state),
+        ),
+        env=infer_env(tiny),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, out, state
 
 
@@ -37,9 +55,26 @@ def _wait_for_chunks(state: Path, proc: subprocess.Popen, n: int) -> None:
 
 def _reference(tiny: Path, tmp: Path) -> dict[str, torch.Tensor]:
     path = tmp / "whole.safetensors"
-    subprocess.run(infer_argv(tiny, "--mode", "t2v", "--prompt", "a fox", "--num_frames", str(FRAMES), "--seed", "5",
-                        "--output_path", str(tmp / "whole.mp4"), "--save_tensors", str(path)),
-                   env=infer_env(tiny), check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        infer_argv(
+            tiny,
+            "--mode",
+            "t2v",
+            "--prompt",
+            "a fox",
+            "--num_frames",
+            str(FRAMES),
+            "--seed",
+            "5",
+            "--output_path",
+            str(tmp / "whole.mp4"),
+            "--save_tensors",
+            str(path),
+        ),
+        env=infer_env(tiny),
+        check=True,
+        capture_output=True,
+    )
     return load_file(str(path))
 
 
@@ -56,20 +91,36 @@ def test_sigterm_then_resume_gives_one_file_equal_to_the_plain_run(tiny: Path, t
     saved = GenerationState.load(state).meta
     assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == saved["frames_done"] > 0
     tail = tmp_path / "tail.safetensors"
-    done = subprocess.run(infer_argv(tiny, "--resume", str(state), "--output_path", str(out), "--save_tensors", str(tail)),
-                          env=infer_env(tiny), capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        infer_argv(tiny, "--resume", str(state), "--output_path", str(out), "--save_tensors", str(tail)),
+        env=infer_env(tiny),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     got = load_file(str(tail))["final_latent"]
     cw = got.shape[2] // (8 - saved["chunks_done"])
     assert torch.equal(got, reference["final_latent"][:, :, saved["chunks_done"] * cw :])
     assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == FRAMES
-    again = subprocess.run(infer_argv(tiny, "--resume", str(state), "--output_path", str(out)),
-                           env=infer_env(tiny), capture_output=True, text=True, timeout=120)  # fmt: skip
+    again = subprocess.run(
+        infer_argv(tiny, "--resume", str(state), "--output_path", str(out)),
+        env=infer_env(tiny),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 2 and "finished run" in again.stderr
     # ... and extended from its exact latents, appended to the same file
-    more = subprocess.run(infer_argv(tiny, "--extend", str(state), "--prompt", "the fox sleeps", "--num_frames", "48",
-                               "--output_path", str(out)), env=infer_env(tiny), capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    more = subprocess.run(
+        infer_argv(
+            tiny, "--extend", str(state), "--prompt", "the fox sleeps", "--num_frames", "48", "--output_path", str(out)
+        ),
+        env=infer_env(tiny),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert more.returncode == 0, more.stderr[-2000:]
     assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == FRAMES + 48
 
@@ -86,8 +137,13 @@ def test_kill_9_then_resume_from_the_last_saved_state(tiny: Path, tmp_path: Path
     saved = GenerationState.load(state).meta  # the last state written before the kill
     assert not saved["finished"]
     tail = tmp_path / "tail.safetensors"
-    done = subprocess.run(infer_argv(tiny, "--resume", str(state), "--output_path", str(out), "--save_tensors", str(tail)),
-                          env=infer_env(tiny), capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        infer_argv(tiny, "--resume", str(state), "--output_path", str(out), "--save_tensors", str(tail)),
+        env=infer_env(tiny),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     got = load_file(str(tail))["final_latent"]
     cw = got.shape[2] // (8 - saved["chunks_done"])
@@ -97,5 +153,7 @@ def test_kill_9_then_resume_from_the_last_saved_state(tiny: Path, tmp_path: Path
     assert "does not hold the earlier" not in done.stderr
     assert sorted(p.name for p in (tmp_path / "run.state.chunks").iterdir()) == [f"{k:05d}.mp4" for k in range(8)]
     assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == FRAMES
-    frames = [imageio_ffmpeg.count_frames_and_secs(str(p))[0] for p in sorted((tmp_path / "run.state.chunks").iterdir())]
+    frames = [
+        imageio_ffmpeg.count_frames_and_secs(str(p))[0] for p in sorted((tmp_path / "run.state.chunks").iterdir())
+    ]
     assert frames == [24] * 8

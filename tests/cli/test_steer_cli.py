@@ -36,11 +36,15 @@ def test_watcher_reads_complete_lines_and_skips_bad_ones(tmp_path: Path) -> None
     watcher.poll()
     assert _pending(control) == []
     with open(path, "a") as f:
-        f.write('pt": "' + BIRD + '"}\n\nnot json\n' + _line(-1, "x") + _line(1, "  ") + '{"chunk": 1}\n' + _line(4, FOX))
+        f.write(
+            'pt": "' + BIRD + '"}\n\nnot json\n' + _line(-1, "x") + _line(1, "  ") + '{"chunk": 1}\n' + _line(4, FOX)
+        )
     watcher.poll()
     assert _pending(control) == [(2, BIRD, True), (4, FOX, True)]
     assert watcher.applied == [(2, BIRD), (4, FOX)]
-    assert len(warnings) == 4 and all(w.startswith(f"--steer {path} line ") and w.endswith("; skipped") for w in warnings)
+    assert len(warnings) == 4 and all(
+        w.startswith(f"--steer {path} line ") and w.endswith("; skipped") for w in warnings
+    )
     assert [w.split(":")[0].rsplit(" ", 1)[1] for w in warnings] == ["3", "4", "5", "6"]  # line numbers
     watcher.poll()  # nothing new: nothing applied twice
     assert len(_pending(control)) == 2
@@ -79,8 +83,20 @@ def test_check_file_names_the_line(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_a_bad_steer_file_before_loading(tiny: Path, tmp_path: Path, capsys) -> None:
-    base = ["--config", str(tiny), "--device", "cpu", "--mode", "t2v", "--prompt", FOX,
-            "--num_frames", "48", "--output_path", str(tmp_path / "o.mp4")]  # fmt: skip
+    base = [
+        "--config",
+        str(tiny),
+        "--device",
+        "cpu",
+        "--mode",
+        "t2v",
+        "--prompt",
+        FOX,
+        "--num_frames",
+        "48",
+        "--output_path",
+        str(tmp_path / "o.mp4"),
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(_line(2, BIRD))  # 48 frames: generated chunks 0 .. 1
     cases = {
@@ -106,18 +122,50 @@ def test_cli_steered_from_a_file_equals_the_timeline_run(tiny: Path, tmp_path: P
     chunks = 16
     common = ["--mode", "t2v", "--num_frames", str(24 * chunks), "--seed", "5"]
     timeline = tmp_path / "timeline.json"
-    timeline.write_text(json.dumps([{"chunk": 0, "prompt": FOX}, {"chunk": 2, "prompt": BIRD},
-                                    {"chunk": 15, "prompt": "the fox sleeps"}]))  # fmt: skip
-    subprocess.run(infer_argv(tiny, *common, "--prompt_file", str(timeline), "--output_path", str(tmp_path / "t.mp4"),
-                        "--save_tensors", str(tmp_path / "t.safetensors")),
-                   env=infer_env(tiny), check=True, capture_output=True, timeout=300)  # fmt: skip
+    timeline.write_text(
+        json.dumps(
+            [{"chunk": 0, "prompt": FOX}, {"chunk": 2, "prompt": BIRD}, {"chunk": 15, "prompt": "the fox sleeps"}]
+        )
+    )
+    subprocess.run(
+        infer_argv(
+            tiny,
+            *common,
+            "--prompt_file",
+            str(timeline),
+            "--output_path",
+            str(tmp_path / "t.mp4"),
+            "--save_tensors",
+            str(tmp_path / "t.safetensors"),
+        ),
+        env=infer_env(tiny),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
     steer, state = tmp_path / "steer.jsonl", tmp_path / "run.state"
     steer.write_text(_line(2, BIRD))
-    proc = subprocess.Popen(infer_argv(tiny, *common, "--prompt", FOX, "--steer", str(steer), "--save_state", str(state),
-                                 "--output_path", str(tmp_path / "s.mp4"), "--save_tensors",
-                                 str(tmp_path / "s.safetensors")),
-                            env=infer_env(tiny), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        infer_argv(
+            tiny,
+            *common,
+            "--prompt",
+            FOX,
+            "--steer",
+            str(steer),
+            "--save_state",
+            str(state),
+            "--output_path",
+            str(tmp_path / "s.mp4"),
+            "--save_tensors",
+            str(tmp_path / "s.safetensors"),
+        ),
+        env=infer_env(tiny),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = Path(f"{state}.chunks") / "00000.mp4"
         deadline = time.monotonic() + 240

@@ -129,7 +129,11 @@ RULES = [
     ("runtime_config.load", 3, "'runtime_config.load' must be a path string"),
     ("runtime_config.video_size_h", 100, "'runtime_config.video_size_h' (100) must be a multiple of 16"),
     ("runtime_config.video_size_w", 721, "use 720 or 736"),
-    ("runtime_config.num_steps", 30, "'runtime_config.num_steps' (30) must be divisible by window_size (4) (the official code would silently produce no frames); use 28"),
+    (
+        "runtime_config.num_steps",
+        30,
+        "'runtime_config.num_steps' (30) must be divisible by window_size (4) (the official code would silently produce no frames); use 28",
+    ),
     ("runtime_config.noise2clean_kvrange", [5, 4, 3], "must be divisible by the length of noise2clean_kvrange (3)"),
     ("runtime_config.window_size", 0, "'runtime_config.window_size' must be >= 1, got 0"),
     ("runtime_config.chunk_width", 0, "'runtime_config.chunk_width' must be >= 1, got 0"),
@@ -138,14 +142,30 @@ RULES = [
     ("runtime_config.cfg_number", 1, "must be 3 for base models"),
     ("engine_config.distill", True, "must be 1 for distill or fp8_quant models"),
     ("engine_config.fp8_quant", True, "must be 1 for distill or fp8_quant models"),
-    ("runtime_config.text_scales", [7.5, 0.0], "cfg lists must have the same non-zero length (cfg_t_range has 5, prev_chunk_scales has 5, text_scales has 2)"),
+    (
+        "runtime_config.text_scales",
+        [7.5, 0.0],
+        "cfg lists must have the same non-zero length (cfg_t_range has 5, prev_chunk_scales has 5, text_scales has 2)",
+    ),
     ("runtime_config.cfg_t_range", [0.3, 0.1, 0.0, 0.5, 0.9], "'runtime_config.cfg_t_range' must be increasing"),
     ("engine_config.cp_size", 16, "'engine_config.cp_size' (16) must divide num_attention_heads (24)"),
-    ("engine_config.cp_size", 12, "'engine_config.cp_size' (12) must divide num_query_groups (8) or be a multiple of it"),
+    (
+        "engine_config.cp_size",
+        12,
+        "'engine_config.cp_size' (12) must divide num_query_groups (8) or be a multiple of it",
+    ),
     ("engine_config.pp_size", 4, "'engine_config.pp_size' (4) must divide num_layers (34)"),
-    ("engine_config.cp_strategy", "cp_ulyses", "'engine_config.cp_strategy' is 'cp_ulyses'; did you mean 'cp_ulysses'?"),
+    (
+        "engine_config.cp_strategy",
+        "cp_ulyses",
+        "'engine_config.cp_strategy' is 'cp_ulyses'; did you mean 'cp_ulysses'?",
+    ),
     ("engine_config.ulysses_overlap_degree", 0, "'engine_config.ulysses_overlap_degree' must be -1 or >= 1"),
-    ("model_config.params_dtype", "torch.bfloat", "'model_config.params_dtype' is 'torch.bfloat'; did you mean 'torch.bfloat16'?"),
+    (
+        "model_config.params_dtype",
+        "torch.bfloat",
+        "'model_config.params_dtype' is 'torch.bfloat'; did you mean 'torch.bfloat16'?",
+    ),
     ("model_config.params_dtype", "fp8", "use one of torch.bfloat16, torch.float16, torch.float32"),
     ("model_config.num_query_groups", 5, "num_attention_heads' (24) must be divisible by num_query_groups (5)"),
     ("model_config.cond_gating_ratio", 0.5, "'model_config.cond_gating_ratio' must be 1.0"),
@@ -258,10 +278,25 @@ def _write(tmp_path: Path, section: str, key: str, value: object) -> Path:
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("runtime_config", "scale_factor", float("inf"), "'runtime_config.scale_factor' must be a finite number, got Infinity"),
+        (
+            "runtime_config",
+            "scale_factor",
+            float("inf"),
+            "'runtime_config.scale_factor' must be a finite number, got Infinity",
+        ),
         ("runtime_config", "clean_t", float("nan"), "'runtime_config.clean_t' must be a finite number, got NaN"),
-        ("runtime_config", "cfg_t_range", [0.0, float("nan")], "'runtime_config.cfg_t_range' must be a list of finite numbers"),
-        ("model_config", "layernorm_epsilon", float("-inf"), "'model_config.layernorm_epsilon' must be a finite number"),
+        (
+            "runtime_config",
+            "cfg_t_range",
+            [0.0, float("nan")],
+            "'runtime_config.cfg_t_range' must be a list of finite numbers",
+        ),
+        (
+            "model_config",
+            "layernorm_epsilon",
+            float("-inf"),
+            "'model_config.layernorm_epsilon' must be a finite number",
+        ),
         ("runtime_config", "seed", 2**64, r"'runtime_config.seed' \(18446744073709551616\) does not fit in 64 bits"),
         ("runtime_config", "seed", -(2**63) - 1, "does not fit in 64 bits"),
     ],
@@ -284,7 +319,21 @@ def test_every_seed_torch_accepts_is_valid(tmp_path: Path, seed: int) -> None:
 def test_cli_seed_override_is_checked_before_loading(tmp_path: Path, capsys) -> None:
     from magi.infer import main
 
-    status = main(["--config", str(TINY_CONFIG), "--mode", "t2v", "--prompt", "a cat", "--seed", str(2**70),
-                   "--output_path", str(tmp_path / "out.mp4"), "--device", "cpu"])
+    status = main(
+        [
+            "--config",
+            str(TINY_CONFIG),
+            "--mode",
+            "t2v",
+            "--prompt",
+            "a cat",
+            "--seed",
+            str(2**70),
+            "--output_path",
+            str(tmp_path / "out.mp4"),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "does not fit in 64 bits" in err[0]

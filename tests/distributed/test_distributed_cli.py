@@ -33,16 +33,42 @@ def _infer(reference_dir: Path, tmp_path: Path, cp: int) -> tuple[subprocess.Com
     out.mkdir()
     launcher = [sys.executable]
     if cp > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(cp),
-                     "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
-    args = ["-m", "magi.infer", "--config", str(_config(reference_dir, tmp_path, cp)), "--mode", "t2v",
-            "--prompt", "Good Boy", "--num_frames", "24", "--device", "cpu",
-            "--output_path", str(out / "video.mp4"), "--save_tensors", str(out / "tensors.safetensors")]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1",
-               SPECIAL_TOKEN_PATH=str(reference_dir / "special_tokens.npz"))  # fmt: skip
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(cp),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+        ]
+    args = [
+        "-m",
+        "magi.infer",
+        "--config",
+        str(_config(reference_dir, tmp_path, cp)),
+        "--mode",
+        "t2v",
+        "--prompt",
+        "Good Boy",
+        "--num_frames",
+        "24",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out / "video.mp4"),
+        "--save_tensors",
+        str(out / "tensors.safetensors"),
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT),
+        OMP_NUM_THREADS="1",
+        SPECIAL_TOKEN_PATH=str(reference_dir / "special_tokens.npz"),
+    )
     # Checkpoint paths in the tiny configs are relative to the reference folder, as officially.
-    proc = subprocess.run(launcher + args, cwd=reference_dir, env=env, capture_output=True, text=True,
-                          timeout=240)  # fmt: skip
+    proc = subprocess.run(launcher + args, cwd=reference_dir, env=env, capture_output=True, text=True, timeout=240)
     return proc, out
 
 

@@ -19,12 +19,29 @@ from magi.models.vae import TileSpec, ViTVAE, tiled_decode, tiled_encode
 from tests.distributed.ranks import assert_all_ok, engine, run_ranks, single_thread
 
 DDCONFIG = {
-    "video_size": 32, "video_length": 16, "patch_size": 8, "patch_length": 4, "in_chans": 3,
-    "z_chans": 16, "double_z": True, "embed_dim": 256, "depth": 1, "num_heads": 4,
-    "mlp_ratio": 2.0, "qkv_bias": True, "qk_scale": None, "ln_in_attn": True,
-    "with_cls_token": True, "conv_last_layer": True, "use_rope": False, "use_final_proj": False,
-    "norm_code": False, "drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0,
-}  # fmt: skip
+    "video_size": 32,
+    "video_length": 16,
+    "patch_size": 8,
+    "patch_length": 4,
+    "in_chans": 3,
+    "z_chans": 16,
+    "double_z": True,
+    "embed_dim": 256,
+    "depth": 1,
+    "num_heads": 4,
+    "mlp_ratio": 2.0,
+    "qkv_bias": True,
+    "qk_scale": None,
+    "ln_in_attn": True,
+    "with_cls_token": True,
+    "conv_last_layer": True,
+    "use_rope": False,
+    "use_final_proj": False,
+    "norm_code": False,
+    "drop_rate": 0.0,
+    "attn_drop_rate": 0.0,
+    "drop_path_rate": 0.0,
+}
 SMALL_TILES = TileSpec(size=32, frames=12)  # 4x4-latent tiles, 3 latent frames: many tiles
 
 

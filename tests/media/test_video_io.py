@@ -38,8 +38,9 @@ def make_png(path: Path, pix_fmt: str, source: str = "testsrc=size=40x24:rate=1"
 
 
 def make_video(path: Path, seconds: float = 2, rate: int = 30, size: str = "80x48") -> Path:
-    ffmpeg("-f", "lavfi", "-i", f"testsrc=size={size}:rate={rate}", "-t", str(seconds),
-           "-pix_fmt", "yuv420p", str(path))
+    ffmpeg(
+        "-f", "lavfi", "-i", f"testsrc=size={size}:rate={rate}", "-t", str(seconds), "-pix_fmt", "yuv420p", str(path)
+    )
     return path
 
 
@@ -58,8 +59,9 @@ def test_official_image_resize_matches_fixture(reference_dir: Path) -> None:
 
 def test_official_prefix_video_matches_fixture(reference_dir: Path) -> None:
     tensors, _ = load_fixture(reference_dir, "pipeline_v2v_4p5b_base")
-    frames = load_prefix_video(reference_dir / "example/assets/prefix_video.mp4", 24, (64, 64),
-                               visible_frames=96, compat="official")
+    frames = load_prefix_video(
+        reference_dir / "example/assets/prefix_video.mp4", 24, (64, 64), visible_frames=96, compat="official"
+    )
     assert torch.equal(frames, tensors["input.prefix_frames_thwc_uint8"])  # first 32, exact
 
 
@@ -94,8 +96,9 @@ def test_v2v_first_chunk_decodes_to_13_frames(reference_dir: Path, vae16: ViTVAE
 # ---------------------------------------------------------------------------- resizing, prefix
 def _bands(tmp_path: Path) -> Path:
     # 128x64: four 32-px vertical bands black | red | green | white
-    src = ("color=black:s=32x64[a];color=red:s=32x64[b];color=lime:s=32x64[c];"
-           "color=white:s=32x64[d];[a][b][c][d]hstack=4")
+    src = (
+        "color=black:s=32x64[a];color=red:s=32x64[b];color=lime:s=32x64[c];color=white:s=32x64[d];[a][b][c][d]hstack=4"
+    )
     path = tmp_path / "bands.png"
     ffmpeg("-f", "lavfi", "-i", src, "-frames:v", "1", "-pix_fmt", "rgb24", str(path))
     return path
@@ -181,8 +184,17 @@ def test_unreadable_inputs(tmp_path: Path) -> None:
 
 
 def test_zero_frame_video(tmp_path: Path) -> None:
-    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=24", "-frames:v", "0", "-c:v", "libx264",
-           str(tmp_path / "zero.mp4"))
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x48:rate=24",
+        "-frames:v",
+        "0",
+        "-c:v",
+        "libx264",
+        str(tmp_path / "zero.mp4"),
+    )
     with pytest.raises(ValueError, match="no decodable frames"):
         load_video(tmp_path / "zero.mp4", 24)
 

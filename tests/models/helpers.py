@@ -15,28 +15,54 @@ from magi.fp8 import swap_fp8_linears
 from magi.models.dit import DiT
 
 OFFICIAL_4P5B = ModelConfig(
-    num_layers=34, hidden_size=3072, ffn_hidden_size=12288, num_attention_heads=24, num_query_groups=8,
-    kv_channels=128, x_rescale_factor=1.0, half_channel_vae=False, in_channels=16, out_channels=16,
-    gated_linear_unit=False, caption_channels=4096,
-)  # fmt: skip
+    num_layers=34,
+    hidden_size=3072,
+    ffn_hidden_size=12288,
+    num_attention_heads=24,
+    num_query_groups=8,
+    kv_channels=128,
+    x_rescale_factor=1.0,
+    half_channel_vae=False,
+    in_channels=16,
+    out_channels=16,
+    gated_linear_unit=False,
+    caption_channels=4096,
+)
 OFFICIAL_24B = ModelConfig(
-    num_layers=48, hidden_size=6144, ffn_hidden_size=16384, num_attention_heads=48, num_query_groups=8,
-    kv_channels=128, x_rescale_factor=0.1, half_channel_vae=True, in_channels=32, out_channels=32,
-    gated_linear_unit=True, caption_channels=4096,
-)  # fmt: skip
+    num_layers=48,
+    hidden_size=6144,
+    ffn_hidden_size=16384,
+    num_attention_heads=48,
+    num_query_groups=8,
+    kv_channels=128,
+    x_rescale_factor=0.1,
+    half_channel_vae=True,
+    in_channels=32,
+    out_channels=32,
+    gated_linear_unit=True,
+    caption_channels=4096,
+)
 
 
 def reference_config(reference_dir: Path, name: str) -> MagiConfig:
     """A tiny reference config with its checkpoint path made absolute."""
     cfg = load_config(reference_dir / "configs" / f"{name}.json")
     load = Path(cfg.runtime.load)
-    return cfg.replace(runtime=dataclasses.replace(cfg.runtime, load=str(load if load.is_absolute() else reference_dir / load)))
+    return cfg.replace(
+        runtime=dataclasses.replace(cfg.runtime, load=str(load if load.is_absolute() else reference_dir / load))
+    )
 
 
 SMALL = ModelConfig(
-    num_layers=3, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16,
-    caption_channels=16, caption_max_length=4,
-)  # fmt: skip
+    num_layers=3,
+    hidden_size=32,
+    ffn_hidden_size=64,
+    num_attention_heads=2,
+    num_query_groups=1,
+    kv_channels=16,
+    caption_channels=16,
+    caption_max_length=4,
+)
 
 
 def small_cfg(root: Path, model: ModelConfig = SMALL, fp8: bool = False, distill: bool = False) -> MagiConfig:
@@ -76,9 +102,16 @@ def assert_loaded_equals(model: DiT, state: dict[str, torch.Tensor]) -> None:
 
 def small_config(**overrides: object) -> ModelConfig:
     base = dict(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2, kv_channels=16,
-        caption_channels=32, caption_max_length=8, params_dtype="torch.float32",
-    )  # fmt: skip
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=16,
+        caption_channels=32,
+        caption_max_length=8,
+        params_dtype="torch.float32",
+    )
     return ModelConfig(**{**base, **overrides})
 
 

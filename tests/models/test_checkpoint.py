@@ -70,7 +70,9 @@ def test_pipeline_stage_loads_only_its_layers_renumbered(tmp_path: Path) -> None
     # global layer 1 is quantised (fp8), global layer 2 is the last one (bf16)
     key = "self_attention.linear_qkv.q.weight"
     assert loaded[f"videodit_blocks.layers.0.{key}"].dtype == torch.float8_e4m3fn
-    assert torch.equal(loaded[f"videodit_blocks.layers.0.{key}"].float(), state[f"videodit_blocks.layers.1.{key}"].float())
+    assert torch.equal(
+        loaded[f"videodit_blocks.layers.0.{key}"].float(), state[f"videodit_blocks.layers.1.{key}"].float()
+    )
     assert torch.equal(loaded[f"videodit_blocks.layers.1.{key}"], state[f"videodit_blocks.layers.2.{key}"])
     assert not any(k.startswith("videodit_blocks.layers.2.") for k in loaded)
 
@@ -143,7 +145,9 @@ def test_shard_listed_but_absent(tmp_path: Path) -> None:
     folder = tmp_path / "inference_weight"
     write_sharded(folder, random_state())
     (folder / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors listed in the checkpoint index does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match="model-00002-of-00002.safetensors listed in the checkpoint index does not exist"
+    ):
         load_dit(small_cfg(tmp_path), "cpu")
 
 
@@ -173,7 +177,10 @@ def test_mis_shaped_keys(tmp_path: Path) -> None:
     state = random_state()
     state["final_linear.linear.weight"] = torch.zeros(5, 32)
     write_sharded(tmp_path / "inference_weight", state)
-    with pytest.raises(ValueError, match=r"1 mis-shaped key\(s\): final_linear.linear.weight \[5, 32\] \(model \[64, 32\]\).*another model_config"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 mis-shaped key\(s\): final_linear.linear.weight \[5, 32\] \(model \[64, 32\]\).*another model_config",
+    ):
         load_dit(small_cfg(tmp_path), "cpu")
 
 

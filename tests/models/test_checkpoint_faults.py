@@ -155,8 +155,12 @@ WIDTH = 8
 
 def _good_tokens(path: Path) -> Path:
     rng = np.random.default_rng(0)
-    np.savez(path, caption_token=rng.standard_normal((1, WIDTH)), logo_token=rng.standard_normal((1, WIDTH)),
-             other_tokens=rng.standard_normal((20, WIDTH)))
+    np.savez(
+        path,
+        caption_token=rng.standard_normal((1, WIDTH)),
+        logo_token=rng.standard_normal((1, WIDTH)),
+        other_tokens=rng.standard_normal((20, WIDTH)),
+    )
     return path
 
 
@@ -169,7 +173,7 @@ def _member_cut(path: Path) -> None:
     # the zip directory survives but a member's bytes are damaged (a bad copy)
     data = bytearray(_good_tokens(path).read_bytes())
     start = data.index(b"\x93NUMPY")
-    data[start:start + 10] = b"\x00" * 10
+    data[start : start + 10] = b"\x00" * 10
     path.write_bytes(bytes(data))
 
 
@@ -178,21 +182,55 @@ BAD_TOKEN_FILES = {
     "empty": (lambda p: p.write_bytes(b""), "not a readable .npz"),
     "not_a_zip": (lambda p: p.write_bytes(b"<html>404 Not Found</html>"), "not a readable .npz"),
     "damaged_member": (_member_cut, "not a readable .npz"),
-    "missing_array": (lambda p: np.savez(p, caption_token=np.ones((1, WIDTH)), other_tokens=np.ones((20, WIDTH))),
-                      "has no array 'logo_token'"),
-    "too_few_rows": (lambda p: np.savez(p, caption_token=np.ones((1, WIDTH)), logo_token=np.ones((1, WIDTH)),
-                                        other_tokens=np.ones((5, WIDTH))), r"other_tokens has shape \[5, 8\]"),
-    "one_dimensional": (lambda p: np.savez(p, caption_token=np.ones(WIDTH), logo_token=np.ones((1, WIDTH)),
-                                           other_tokens=np.ones((20, WIDTH))), r"caption_token has shape \[8\]"),
-    "width_mismatch": (lambda p: np.savez(p, caption_token=np.ones((1, 4)), logo_token=np.ones((1, WIDTH)),
-                                          other_tokens=np.ones((20, WIDTH))), "disagree on the token width"),
-    "object_array": (lambda p: np.savez(p, caption_token=np.array([[None] * WIDTH], dtype=object),
-                                        logo_token=np.ones((1, WIDTH)), other_tokens=np.ones((20, WIDTH))),
-                     "not a readable .npz"),
-    "strings": (lambda p: np.savez(p, caption_token=np.array([["x"] * WIDTH]), logo_token=np.ones((1, WIDTH)),
-                                   other_tokens=np.ones((20, WIDTH))), "not finite floating data"),
-    "nan": (lambda p: np.savez(p, caption_token=np.full((1, WIDTH), np.nan), logo_token=np.ones((1, WIDTH)),
-                               other_tokens=np.ones((20, WIDTH))), "not finite floating data"),
+    "missing_array": (
+        lambda p: np.savez(p, caption_token=np.ones((1, WIDTH)), other_tokens=np.ones((20, WIDTH))),
+        "has no array 'logo_token'",
+    ),
+    "too_few_rows": (
+        lambda p: np.savez(
+            p, caption_token=np.ones((1, WIDTH)), logo_token=np.ones((1, WIDTH)), other_tokens=np.ones((5, WIDTH))
+        ),
+        r"other_tokens has shape \[5, 8\]",
+    ),
+    "one_dimensional": (
+        lambda p: np.savez(
+            p, caption_token=np.ones(WIDTH), logo_token=np.ones((1, WIDTH)), other_tokens=np.ones((20, WIDTH))
+        ),
+        r"caption_token has shape \[8\]",
+    ),
+    "width_mismatch": (
+        lambda p: np.savez(
+            p, caption_token=np.ones((1, 4)), logo_token=np.ones((1, WIDTH)), other_tokens=np.ones((20, WIDTH))
+        ),
+        "disagree on the token width",
+    ),
+    "object_array": (
+        lambda p: np.savez(
+            p,
+            caption_token=np.array([[None] * WIDTH], dtype=object),
+            logo_token=np.ones((1, WIDTH)),
+            other_tokens=np.ones((20, WIDTH)),
+        ),
+        "not a readable .npz",
+    ),
+    "strings": (
+        lambda p: np.savez(
+            p,
+            caption_token=np.array([["x"] * WIDTH]),
+            logo_token=np.ones((1, WIDTH)),
+            other_tokens=np.ones((20, WIDTH)),
+        ),
+        "not finite floating data",
+    ),
+    "nan": (
+        lambda p: np.savez(
+            p,
+            caption_token=np.full((1, WIDTH), np.nan),
+            logo_token=np.ones((1, WIDTH)),
+            other_tokens=np.ones((20, WIDTH)),
+        ),
+        "not finite floating data",
+    ),
 }
 
 
@@ -253,8 +291,7 @@ def _bin_faults(path: Path, fault: str) -> str:
     return "not a readable PyTorch weights file.*truncated or corrupt: download it again"
 
 
-BIN_FAULTS = ["pickled_class", "legacy_pickled_class", "truncated_zip", "empty", "random_bytes",
-              "not_a_state_dict"]
+BIN_FAULTS = ["pickled_class", "legacy_pickled_class", "truncated_zip", "empty", "random_bytes", "not_a_state_dict"]
 
 
 @pytest.mark.parametrize("fault", BIN_FAULTS)

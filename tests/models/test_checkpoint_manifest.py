@@ -70,8 +70,11 @@ def test_check_finds_mis_shaped_key_from_the_manifest(tmp_path: Path) -> None:
     key = "videodit_blocks.layers.1.mlp.linear_fc2.weight"
     state[key] = torch.zeros(32, 65, dtype=state[key].dtype)
     write_sharded(tmp_path / "inference_weight", state)
-    with pytest.raises(ValueError, match=r"1 mis-shaped key\(s\): videodit_blocks\.layers\.1\.mlp\.linear_fc2\.weight "
-                                         r"\[32, 65\] \(model \[32, 64\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 mis-shaped key\(s\): videodit_blocks\.layers\.1\.mlp\.linear_fc2\.weight "
+        r"\[32, 65\] \(model \[32, 64\]\)",
+    ):
         check_dit_checkpoint(small_cfg(tmp_path))
 
 
@@ -110,8 +113,10 @@ def test_magi_1_1_checkpoint_refused_before_reading_tensors(
     message = str(excinfo.value)
     assert "\n" not in message and len(message) <= 200
     message = message.removeprefix(f"{tmp_path.name}/")
-    assert message == ("inference_weight is a MAGI-1.1 checkpoint (2 stacked videodit_blocks.layers.<name> "
-                       "tensors, 48 layers); MAGI-1.1 is not supported yet: use MAGI-1 (v1.0) weights")
+    assert message == (
+        "inference_weight is a MAGI-1.1 checkpoint (2 stacked videodit_blocks.layers.<name> "
+        "tensors, 48 layers); MAGI-1.1 is not supported yet: use MAGI-1 (v1.0) weights"
+    )
 
 
 def test_numbered_layer_keys_are_not_taken_for_stacked() -> None:

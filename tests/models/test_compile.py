@@ -98,7 +98,11 @@ def test_wrong_caption_counts_fail_with_one_line(model: DiT) -> None:
 def test_attention_backends_compile_without_breaks(backend: str) -> None:
     check_backend(backend, "cpu", torch.float32)  # imports it, as the pipeline does before loading
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(200, 4, 16, generator=g), torch.randn(300, 2, 16, generator=g), torch.randn(300, 2, 16, generator=g)
+    q, k, v = (
+        torch.randn(200, 4, 16, generator=g),
+        torch.randn(300, 2, 16, generator=g),
+        torch.randn(300, 2, 16, generator=g),
+    )
     q_pairs, k_pairs = ((0, 100), (100, 200)), ((0, 100), (50, 300))
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -109,7 +113,6 @@ def test_attention_backends_compile_without_breaks(backend: str) -> None:
     out = torch.compile(call, fullgraph=True, backend="aot_eager")(q, k, v)
     ref = attention(q, k, v, torch.tensor(q_pairs), torch.tensor(k_pairs), backend="sdpa")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
 
 
 def _windows(model: DiT, count: int, after_each: Callable[[int], None] = lambda sp: None) -> list[torch.Tensor]:

@@ -33,8 +33,9 @@ def _truncate(path: Path) -> None:
 
 def _config(root: Path, tmp_path: Path) -> Path:
     raw = json.loads(TINY_CONFIG.read_text())
-    raw["runtime_config"].update(load=str(root / "magi" / "tiny"), t5_pretrained=str(root / "t5"),
-                                 vae_pretrained=str(root / "vae"))
+    raw["runtime_config"].update(
+        load=str(root / "magi" / "tiny"), t5_pretrained=str(root / "t5"), vae_pretrained=str(root / "vae")
+    )
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))
     return path
@@ -84,8 +85,22 @@ def test_cli_corrupt_shard_is_one_error_line(tiny: Path, tmp_path: Path, capsys,
     _truncate(tiny / "magi/tiny/inference_weight/model-00001-of-00002.safetensors")
     monkeypatch.setenv("SPECIAL_TOKEN_PATH", str(tiny / "special_tokens.npz"))
     out = tmp_path / "out.mp4"
-    status = main(["--config", str(_config(tiny, tmp_path)), "--mode", "t2v", "--prompt", "a cat",
-                   "--num_frames", "24", "--output_path", str(out), "--device", "cpu"])
+    status = main(
+        [
+            "--config",
+            str(_config(tiny, tmp_path)),
+            "--mode",
+            "t2v",
+            "--prompt",
+            "a cat",
+            "--num_frames",
+            "24",
+            "--output_path",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     # found by the start-up check of the shard headers, before any model loads (was exit 1 after loading)
     assert status == 2 and not out.exists()
@@ -106,8 +121,11 @@ def test_writer_unwritable_folder_fails_at_once(tmp_path: Path, monkeypatch) -> 
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "touch", refuse)
-    with pytest.raises(ValueError, match=f"cannot write the output video in {tmp_path} "
-                                         r"\(Permission denied\); choose a writable folder"):
+    with pytest.raises(
+        ValueError,
+        match=f"cannot write the output video in {tmp_path} "
+        r"\(Permission denied\); choose a writable folder",
+    ):
         vio.Mp4Writer(tmp_path / "out.mp4", fps=24)
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
@@ -129,8 +147,20 @@ def test_audio_only_input_says_so(tmp_path: Path) -> None:
     import imageio_ffmpeg
 
     audio = tmp_path / "song.mp4"
-    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "sine=frequency=440:duration=1", str(audio)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=1",
+            str(audio),
+        ],
+        check=True,
+    )
     with pytest.raises(ValueError, match=f"cannot use video {audio}: it has no decodable frames \\(no video stream"):
         vio.load_video(audio, 24)
     with pytest.raises(ValueError, match="it has no decodable frames"):
@@ -151,7 +181,10 @@ def test_tiny_script_out_below_a_file(tmp_path: Path, capsys) -> None:
     (tmp_path / "notes.txt").write_text("x")
     status = tiny_script().main(["--out", str(tmp_path / "notes.txt" / "ck")])
     assert status == 2
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'notes.txt'} is a file, not a folder; choose another --out"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {tmp_path / 'notes.txt'} is a file, not a folder; choose another --out"
+    )
 
 
 # ------------------------------------------------------------------------- damaged side files
@@ -182,5 +215,6 @@ def test_download_dir_blocked_by_a_file(tmp_path: Path, capsys, monkeypatch) -> 
     (tmp_path / "downloads").write_text("x")
     assert download_main(["4.5B_base", "--dir", str(tmp_path / "downloads")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: cannot create the target folder {tmp_path / 'downloads'} "
-                   "(a file is in the way); choose another --dir")
+    assert err == (
+        f"error: cannot create the target folder {tmp_path / 'downloads'} (a file is in the way); choose another --dir"
+    )

@@ -46,7 +46,9 @@ FP8_TOL = 2e-2
         ("24B_distill_quant", OFFICIAL_24B, True),
     ],
 )
-def test_state_dict_matches_official_manifest(reference_dir: Path, name: str, model_config: ModelConfig, fp8: bool) -> None:
+def test_state_dict_matches_official_manifest(
+    reference_dir: Path, name: str, model_config: ModelConfig, fp8: bool
+) -> None:
     manifest = json.loads((reference_dir / "manifests" / f"official_dit_{name}.json").read_text())
     with torch.device("meta"):
         model = DiT(model_config)
@@ -90,7 +92,9 @@ def distill_step(num_steps: int, interval: float) -> float:
     return 4 / interval * 2 if num_steps == 12 else num_steps / 2
 
 
-def run_pass(model: DiT, cfg: MagiConfig, tensors: dict, meta: dict, tag: str, k: int) -> tuple[torch.Tensor, KVCache | None, int]:
+def run_pass(
+    model: DiT, cfg: MagiConfig, tensors: dict, meta: dict, tag: str, k: int
+) -> tuple[torch.Tensor, KVCache | None, int]:
     """Rebuild pass k of call <tag> from the call inputs and run it; returns (out, cache, slice_point)."""
     pre, cw = f"call.{tag}.pass{k}", cfg.runtime.chunk_width
     info, kwargs = meta["passes"][pre], meta["passes"][pre]["kwargs"]
@@ -145,7 +149,10 @@ def test_forward_parity_fp32(reference_dir: Path, case: str, config: str, tag: s
     ref = tensors[f"call.{tag}.pass{k}.out"]
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert rel_l2(out, ref) <= FP32_TOL
-    if meta["passes"][f"call.{tag}.pass{k}"]["update_kv_cache"] and f"call.{tag}.kv_cache_after_clean_chunk.layer0" in tensors:
+    if (
+        meta["passes"][f"call.{tag}.pass{k}"]["update_kv_cache"]
+        and f"call.{tag}.kv_cache_after_clean_chunk.layer0" in tensors
+    ):
         for layer in range(len(model.videodit_blocks.layers)):
             got = cache.read(layer, sp, sp + 1, torch.device("cpu"))
             assert rel_l2(got, tensors[f"call.{tag}.kv_cache_after_clean_chunk.layer{layer}"]) <= FP32_TOL
@@ -168,7 +175,11 @@ def test_forward_parity_fp8(reference_dir: Path, tag: str) -> None:
 
 
 def test_random_init_runs_and_is_finite() -> None:
-    model = DiT(small_config(gated_linear_unit=True, half_channel_vae=True, in_channels=32, out_channels=32, x_rescale_factor=0.1))
+    model = DiT(
+        small_config(
+            gated_linear_unit=True, half_channel_vae=True, in_channels=32, out_channels=32, x_rescale_factor=0.1
+        )
+    )
     x, t, y, mask = dit_inputs()
     kv_range = torch.tensor([[0, 8], [0, 16]])
     v = model(x, t, y, mask, torch.tensor([False]), kv_range)

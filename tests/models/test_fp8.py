@@ -75,9 +75,15 @@ def test_quantised_linear_approximates_the_bf16_linear() -> None:
 
 def test_swap_replaces_seven_linears_in_inner_layers_only() -> None:
     cfg = ModelConfig(
-        num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16,
-        caption_channels=16, caption_max_length=4,
-    )  # fmt: skip
+        num_layers=4,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        num_query_groups=1,
+        kv_channels=16,
+        caption_channels=16,
+        caption_max_length=4,
+    )
     with torch.device("meta"):
         model = swap_fp8_linears(DiT(cfg), cfg.num_layers)
     kinds = [
@@ -93,9 +99,15 @@ def test_swap_replaces_seven_linears_in_inner_layers_only() -> None:
 
 def test_random_fp8_model_runs() -> None:
     cfg = ModelConfig(
-        num_layers=3, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16,
-        caption_channels=16, caption_max_length=4,
-    )  # fmt: skip
+        num_layers=3,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        num_query_groups=1,
+        kv_channels=16,
+        caption_channels=16,
+        caption_max_length=4,
+    )
     torch.manual_seed(0)
     model = swap_fp8_linears(DiT(cfg), cfg.num_layers, quantize_weights=True)
     x, y = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 4, 16)

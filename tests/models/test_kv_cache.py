@@ -71,9 +71,16 @@ def test_offload_keeps_rows_on_cpu_and_copies_them() -> None:
 def _tiny_dit() -> DiT:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=1, kv_channels=16,
-        caption_channels=16, caption_max_length=4, params_dtype="torch.float32",
-    )  # fmt: skip
+        num_layers=2,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        num_query_groups=1,
+        kv_channels=16,
+        caption_channels=16,
+        caption_max_length=4,
+        params_dtype="torch.float32",
+    )
     return DiT(cfg)
 
 
@@ -92,10 +99,30 @@ def test_dit_with_bounded_cache_equals_full_history_call() -> None:
     cache = KVCache(max_chunks=2)
     for chunk in range(5):
         xs = x[:, :, 2 * chunk : 2 * chunk + 2]
-        model(xs, t[:, :1], y[chunk : chunk + 1], mask[:1], drop, block_causal_kv_range(chunk, [1], c),
-              slice_point=chunk, kv_cache=cache, cache_write_chunks=1)  # fmt: skip
+        model(
+            xs,
+            t[:, :1],
+            y[chunk : chunk + 1],
+            mask[:1],
+            drop,
+            block_causal_kv_range(chunk, [1], c),
+            slice_point=chunk,
+            kv_cache=cache,
+            cache_write_chunks=1,
+        )
     assert cache.chunks(0) == [3, 4]
-    last = model(x[:, :, 10:], t[:, :1], y[5:], mask[:1], drop, block_causal_kv_range(5, [3], c), slice_point=5, kv_cache=cache)
+    last = model(
+        x[:, :, 10:], t[:, :1], y[5:], mask[:1], drop, block_causal_kv_range(5, [3], c), slice_point=5, kv_cache=cache
+    )
     assert torch.allclose(last, full[:, :, 10:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no rows for chunk"):
-        model(x[:, :, 10:], t[:, :1], y[5:], mask[:1], drop, block_causal_kv_range(5, [4], c), slice_point=5, kv_cache=cache)
+        model(
+            x[:, :, 10:],
+            t[:, :1],
+            y[5:],
+            mask[:1],
+            drop,
+            block_causal_kv_range(5, [4], c),
+            slice_point=5,
+            kv_cache=cache,
+        )

@@ -17,9 +17,15 @@ from magi.models.kv_cache import KVCache
 from magi.offload import offload_blocks
 
 TINY = ModelConfig(
-    num_layers=3, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
-    kv_channels=16, caption_channels=32, params_dtype="torch.float32",
-)  # fmt: skip
+    num_layers=3,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=16,
+    caption_channels=32,
+    params_dtype="torch.float32",
+)
 CHUNK_TOKENS = 6 * 4 * 4  # 6 latent frames x 4 x 4 patches (8 x 8 latents)
 
 

@@ -99,18 +99,23 @@ def test_single_string_rejected(t5_root: Path) -> None:
 
 
 def test_start_up_check_does_not_import_transformers(t5_root: Path) -> None:
-    code = ("import sys; from magi.models.text_encoder import check_t5_folder; "
-            f"print(check_t5_folder({str(t5_root)!r})); print('transformers' in sys.modules)")
+    code = (
+        "import sys; from magi.models.text_encoder import check_t5_folder; "
+        f"print(check_t5_folder({str(t5_root)!r})); print('transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(t5_root / "t5-v1_1-xxl"), "False"]
 
 
-@pytest.mark.parametrize(("name", "content", "expected"), [
-    ("config.json", b"{", "config.json is not a readable T5 config"),
-    ("config.json", b"[1, 2]", "config.json is not a readable T5 config"),
-    ("tokenizer_config.json", b"\xff\xfe{", "tokenizer_config.json is damaged"),
-    ("spiece.model", b"garbage", "spiece.model or tokenizer_config.json is damaged"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("config.json", b"{", "config.json is not a readable T5 config"),
+        ("config.json", b"[1, 2]", "config.json is not a readable T5 config"),
+        ("tokenizer_config.json", b"\xff\xfe{", "tokenizer_config.json is damaged"),
+        ("spiece.model", b"garbage", "spiece.model or tokenizer_config.json is damaged"),
+    ],
+)
 def test_start_up_check_names_a_damaged_side_file(
     tmp_path: Path, t5_root: Path, name: str, content: bytes, expected: str
 ) -> None:

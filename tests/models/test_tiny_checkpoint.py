@@ -97,7 +97,11 @@ def test_t5_and_tokenizer_load_back(tiny):
 
 def test_special_tokens(tiny):
     data = np.load(tiny / "special_tokens.npz")
-    assert {k: data[k].shape for k in data.files} == {"caption_token": (1, 64), "logo_token": (1, 64), "other_tokens": (100, 64)}
+    assert {k: data[k].shape for k in data.files} == {
+        "caption_token": (1, 64),
+        "logo_token": (1, 64),
+        "other_tokens": (100, 64),
+    }
     assert data["other_tokens"].dtype == np.float64
     np.testing.assert_allclose(np.linalg.norm(data["other_tokens"], axis=1), 8.0, rtol=1e-12)
 
@@ -117,12 +121,26 @@ def test_tiny_config_passes_the_cli_checks(tiny, monkeypatch, tmp_path):
     from magi import infer
 
     data = json.loads(TINY_CONFIG.read_text())
-    data["runtime_config"].update(load=str(tiny / "magi/tiny"), t5_pretrained=str(tiny / "t5"), vae_pretrained=str(tiny / "vae"))
+    data["runtime_config"].update(
+        load=str(tiny / "magi/tiny"), t5_pretrained=str(tiny / "t5"), vae_pretrained=str(tiny / "vae")
+    )
     (tmp_path / "c.json").write_text(json.dumps(data))
     monkeypatch.setenv("SPECIAL_TOKEN_PATH", str(tiny / "special_tokens.npz"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    cfg, request, _ = infer.prepare(["--config", str(tmp_path / "c.json"), "--mode", "t2v", "--prompt", "Good Boy",
-                                     "--output_path", str(tmp_path / "o.mp4"), "--device", "cpu"])
+    cfg, request, _ = infer.prepare(
+        [
+            "--config",
+            str(tmp_path / "c.json"),
+            "--mode",
+            "t2v",
+            "--prompt",
+            "Good Boy",
+            "--output_path",
+            str(tmp_path / "o.mp4"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert cfg.model.num_layers == 3 and request.prompt == "Good Boy"
 
 
@@ -133,15 +151,31 @@ def test_cli_generates_an_mp4_from_the_tiny_checkpoint(tiny, monkeypatch, tmp_pa
     from magi import infer
 
     data = json.loads(TINY_CONFIG.read_text())
-    data["runtime_config"].update(load=str(tiny / "magi/tiny"), t5_pretrained=str(tiny / "t5"), vae_pretrained=str(tiny / "vae"))
+    data["runtime_config"].update(
+        load=str(tiny / "magi/tiny"), t5_pretrained=str(tiny / "t5"), vae_pretrained=str(tiny / "vae")
+    )
     (tmp_path / "c.json").write_text(json.dumps(data))
     monkeypatch.setenv("SPECIAL_TOKEN_PATH", str(tiny / "special_tokens.npz"))
     monkeypatch.setenv("PAD_HQ", "1")
     monkeypatch.setenv("PAD_DURATION", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "out.mp4"
-    argv = ["--config", str(tmp_path / "c.json"), "--mode", "t2v", "--prompt", "Good Boy", "--prompt", "Bad Cat",
-            "--num_frames", "48", "--output_path", str(out), "--device", "cpu"]
+    argv = [
+        "--config",
+        str(tmp_path / "c.json"),
+        "--mode",
+        "t2v",
+        "--prompt",
+        "Good Boy",
+        "--prompt",
+        "Bad Cat",
+        "--num_frames",
+        "48",
+        "--output_path",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert infer.main(argv) == 0
     frames = iio.imread(out)  # [F, H, W, 3]
     assert frames.shape == (48, 64, 64, 3) and frames.dtype.name == "uint8"

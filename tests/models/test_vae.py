@@ -28,11 +28,28 @@ FP32_TOL = 1e-5  # float32 reimplementation vs float32 reference: accumulation o
 BF16_TOL = 1e-2
 
 TINY_DDCONFIG = {
-    "video_size": 32, "video_length": 16, "patch_size": 8, "patch_length": 4, "in_chans": 3,
-    "z_chans": 16, "double_z": True, "embed_dim": 256, "depth": 1, "num_heads": 4,
-    "mlp_ratio": 2.0, "qkv_bias": True, "qk_scale": None, "ln_in_attn": True,
-    "with_cls_token": True, "conv_last_layer": True, "use_rope": False, "use_final_proj": False,
-    "norm_code": False, "drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": 0.0,
+    "video_size": 32,
+    "video_length": 16,
+    "patch_size": 8,
+    "patch_length": 4,
+    "in_chans": 3,
+    "z_chans": 16,
+    "double_z": True,
+    "embed_dim": 256,
+    "depth": 1,
+    "num_heads": 4,
+    "mlp_ratio": 2.0,
+    "qkv_bias": True,
+    "qk_scale": None,
+    "ln_in_attn": True,
+    "with_cls_token": True,
+    "conv_last_layer": True,
+    "use_rope": False,
+    "use_final_proj": False,
+    "norm_code": False,
+    "drop_rate": 0.0,
+    "attn_drop_rate": 0.0,
+    "drop_path_rate": 0.0,
 }
 
 
@@ -87,8 +104,7 @@ def test_pipe_encode_decode_bf16(fixture: dict, vae16: ViTVAE) -> None:
     assert latent.dtype == torch.bfloat16 and latent.shape == (1, 16, 6, 8, 8)
     assert rel_l2(latent, fixture["pipe.latent_scaled"]) <= BF16_TOL
     decoded = tiled_decode(vae16, fixture["pipe.latent_scaled"].float() / SCALE, TileSpec())
-    frames = rearrange((decoded * 127.5 + 127.5).clamp(0, 255).to(torch.uint8),
-                       "b c t h w -> (b t) c h w")
+    frames = rearrange((decoded * 127.5 + 127.5).clamp(0, 255).to(torch.uint8), "b c t h w -> (b t) c h w")
     diff = (frames.int() - fixture["pipe.decoded_tchw_uint8"].int()).abs()
     assert frames.shape == (24, 3, 64, 64) and diff.max() <= 2
 
@@ -99,8 +115,7 @@ def test_tiled_blending_bf16(fixture: dict, vae16: ViTVAE) -> None:
     latent = tiled_encode(vae16, x, spec)
     assert latent.shape == (1, 16, 4, 12, 10)
     assert rel_l2(latent, fixture["tiled.latent"]) <= BF16_TOL
-    decoded = rearrange(tiled_decode(vae16, fixture["tiled.latent"].float(), spec),
-                        "b c t h w -> (b t) c h w")
+    decoded = rearrange(tiled_decode(vae16, fixture["tiled.latent"].float(), spec), "b c t h w -> (b t) c h w")
     assert decoded.shape == (13, 3, 96, 80)  # official quirk: 3 + 1 latents -> 12 + 1 frames
     assert rel_l2(decoded, fixture["tiled.decoded_float"]) <= BF16_TOL
 
@@ -185,8 +200,11 @@ def test_load_vae_errors(reference_dir: Path, tmp_path: Path) -> None:
     state["encoder.extra"] = torch.zeros(1)
     state["encoder.cls_token"] = torch.zeros(1, 1, 8)
     save_file(state, str(weights))
-    with pytest.raises(ValueError, match=r"missing \['decoder.norm.bias'\].*encoder.extra.*"
-                                         r"encoder.cls_token"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['decoder.norm.bias'\].*encoder.extra.*"
+        r"encoder.cls_token",
+    ):
         load_vae(folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderKL"}))

@@ -10,8 +10,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "magi"
-ENTRY_MODULES = {"magi.infer", "magi.cli", "magi.serve.__main__", "magi.serve.worker", "magi.plan",
-                 "magi.download", "magi.demo"}  # fmt: skip
+ENTRY_MODULES = {
+    "magi.infer",
+    "magi.cli",
+    "magi.serve.__main__",
+    "magi.serve.worker",
+    "magi.plan",
+    "magi.download",
+    "magi.demo",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -33,7 +40,9 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str,
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base.split(".")[0] != "magi":
                 continue
             for alias in node.names:  # `from magi import video_io` imports a module
@@ -101,9 +110,13 @@ def test_no_import_cycle_in_magi() -> None:
 
 def test_no_module_imports_another_modules_private_names() -> None:
     modules = _modules()
-    bad = [f"{path.relative_to(REPO)}:{line} takes {target}.{n}"
-           for name, path in modules.items() for target, names, line in _imports(name, path, modules)
-           for n in names if n.startswith("_") and not n.startswith("__") and target != name]  # fmt: skip
+    bad = [
+        f"{path.relative_to(REPO)}:{line} takes {target}.{n}"
+        for name, path in modules.items()
+        for target, names, line in _imports(name, path, modules)
+        for n in names
+        if n.startswith("_") and not n.startswith("__") and target != name
+    ]
     assert bad == []
 
 

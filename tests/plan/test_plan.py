@@ -80,7 +80,12 @@ def _hand_count(cfg, r: int, keys: list[int], caption: int) -> int:
     d, f, hd, n, g = m.hidden_size, m.ffn_hidden_size, m.kv_channels, m.num_attention_heads, m.num_query_groups
     dc, dx = int(d * m.cond_hidden_ratio), int(d * m.xattn_cond_hidden_ratio)
     patch = m.t_patch_size * m.patch_size**2
-    c = rt.chunk_width // m.t_patch_size * (rt.video_size_h // 8 // m.patch_size) * (rt.video_size_w // 8 // m.patch_size)
+    c = (
+        rt.chunk_width
+        // m.t_patch_size
+        * (rt.video_size_h // 8 // m.patch_size)
+        * (rt.video_size_w // 8 // m.patch_size)
+    )
     s, ntok = r * c, r * caption
     fc1 = 2 * f if m.gated_linear_unit else f
     layer = 2 * s * (2 * d * n * hd + 2 * d * g * hd + 2 * n * hd * d + d * fc1 + f * d)
@@ -107,7 +112,10 @@ def test_totals_kv_and_fit(cfg, tiny_plan):
     assert tiny_plan.kv_cache_device_bytes == m.num_layers * row  # 1 cached chunk
     off = magi_plan.estimate(cfg, kv_offload=True, t5_on_gpu=False, cp_size=1)
     assert off.kv_cache_device_bytes == 0 and off.kv_cache_host_bytes == tiny_plan.kv_cache_device_bytes
-    assert tiny_plan.peak_bytes == tiny_plan.weights_bytes + tiny_plan.kv_cache_device_bytes + tiny_plan.activation_peak_bytes
+    assert (
+        tiny_plan.peak_bytes
+        == tiny_plan.weights_bytes + tiny_plan.kv_cache_device_bytes + tiny_plan.activation_peak_bytes
+    )
     fit = magi_plan.estimate(cfg, gpu_memory_bytes=tiny_plan.peak_bytes)
     assert fit.fits
 
@@ -123,8 +131,12 @@ def test_check_fits_refuses_in_one_line_naming_a_setting(cfg):
 
 
 def test_cli_json(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "magi.plan", "--config_file", TINY, "--gpu_mem", "1GiB", "--json"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "magi.plan", "--config_file", TINY, "--gpu_mem", "1GiB", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     got = json.loads(out)
     for key in ("weights_bytes", "peak_bytes", "flops_per_window_step", "flops_total", "fits"):
         assert key in got

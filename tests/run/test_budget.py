@@ -69,7 +69,8 @@ def test_noise_beyond_the_free_temporary_space_is_refused():
     assert str(err.value) == (
         "--video_size_h 64 x --video_size_w 64 x --num_frames 10000000: the initial noise "
         "(416667 chunks of 6 latent frames) needs 9.5 GiB in TMPDIR (/scratch has 2.0 GiB free); "
-        "lower num_frames or the size")
+        "lower num_frames or the size"
+    )
     budget.check_budget(est, 10 * GIB, 64 * GIB)  # fits once there is room
 
 
@@ -77,8 +78,9 @@ def test_small_noise_stays_in_memory_and_is_checked_against_it():
     est = budget.estimate(_tiny(), "t2v", 96, 0, noise_spill_bytes=10**9)
     budget.check_budget(est, 0, 64 * GIB)  # under the spill threshold: no disk needed
     with pytest.raises(ValueError, match=r"needs 0\.0 GiB in memory"):
-        budget.check_budget(dataclasses.replace(est, chunk_latent_bytes=0, chunk_frame_bytes=0,
-                                                chunk_activation_bytes=0), 0, 1000)  # fmt: skip
+        budget.check_budget(
+            dataclasses.replace(est, chunk_latent_bytes=0, chunk_frame_bytes=0, chunk_activation_bytes=0), 0, 1000
+        )
 
 
 def test_a_huge_frame_is_refused_for_its_chunk():
@@ -89,15 +91,19 @@ def test_a_huge_frame_is_refused_for_its_chunk():
     assert str(err.value) == (
         "video_size_h 100000 x video_size_w 64 x num_frames 96: one chunk (chunk_width 6 latent "
         "frames, 24 video frames) needs 1.7 GiB for its decoded frames but this machine has "
-        "1.0 GiB of memory; lower the size or runtime_config.chunk_width")
+        "1.0 GiB of memory; lower the size or runtime_config.chunk_width"
+    )
     budget.check_budget(est, 1000 * GIB, 2 * GIB)
 
 
 def test_an_absurd_chunk_width_is_refused():
     est = budget.estimate(_tiny(chunk_width=1_000_000), "t2v", 96, 0)
     assert est.chunks == 1 and est.frames_per_chunk == 3_999_997  # 1e6 = 3 x 333333 + a lone tile frame
-    with pytest.raises(ValueError, match=r"one chunk \(chunk_width 1000000 latent frames, 3999997 video "
-                                         r"frames\) needs 183\.1 GiB for its decoded frames"):
+    with pytest.raises(
+        ValueError,
+        match=r"one chunk \(chunk_width 1000000 latent frames, 3999997 video "
+        r"frames\) needs 183\.1 GiB for its decoded frames",
+    ):
         budget.check_budget(est, 10**15, 64 * GIB)
 
 

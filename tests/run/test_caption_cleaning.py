@@ -82,7 +82,7 @@ CASES: list[tuple[str, str]] = [
     # everything at once: 4 (HTML), 3 (URL), 5 (handle), 13 (#12), 20 (1080x1920), 21 (page 3),
     # 7, 16, 25 -- the official fixture prompt, checked against its stored text below as well.
     (
-        'A <b>Cat</b> &amp; a DOG running in the forest at sunset -- https://example.com/cat.png '
+        "A <b>Cat</b> &amp; a DOG running in the forest at sunset -- https://example.com/cat.png "
         '@user "Close-up", camera slowly dolly-in; 4k 1080x1920 #12 page 3',
         'a cat a dog running in the forest at sunset - "close-up", camera slowly dolly-in; 4k',
     ),

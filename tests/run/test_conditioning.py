@@ -57,16 +57,17 @@ def fixture_prompt(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_caption_table_matches_official(
-    reference_dir, tiny_tokens: SpecialTokens, case: str
-) -> None:
+def test_caption_table_matches_official(reference_dir, tiny_tokens: SpecialTokens, case: str) -> None:
     tensors, meta = load_fixture(reference_dir, f"pipeline_{case}")
     chunk_width = meta["config_content"]["runtime_config"]["chunk_width"]
     prefix = tensors.get("input.prefix_latent")  # i2v / v2v: [1, 16, P, H, W]
     prefix_frames = 0 if prefix is None else prefix.shape[2]
     emb, mask = fixture_prompt(tensors)
     y, y_mask = build_caption_table(
-        emb, mask, null_table(reference_dir, CASES[case]), tiny_tokens,
+        emb,
+        mask,
+        null_table(reference_dir, CASES[case]),
+        tiny_tokens,
         chunk_num=meta["transport"]["chunk_num"],
         clean_chunk_num=prefix_frames // chunk_width,
         options=SpecialTokenOptions.from_env(meta["environment"]),
@@ -103,13 +104,25 @@ def small_case(tokens: SpecialTokens, length: int = 64) -> tuple[torch.Tensor, .
 
 def test_token_order_with_every_switch(tiny_tokens: SpecialTokens) -> None:
     emb, mask, null = small_case(tiny_tokens)
-    every = SpecialTokenOptions(static_first_frames=True, dynamic_first_frames=True,
-                                borderness=True, three_d_model=True, two_d_anime=True,
-                                negative_prompt=True)
+    every = SpecialTokenOptions(
+        static_first_frames=True,
+        dynamic_first_frames=True,
+        borderness=True,
+        three_d_model=True,
+        two_d_anime=True,
+        negative_prompt=True,
+    )
     y, y_mask = build_caption_table(emb, mask, null, tiny_tokens, chunk_num=2, options=every)
     # Applied STATIC, DYNAMIC, BORDERNESS, HQ, 3D, 2D, DURATION: each prepends, last ends first.
-    order = ["DURATION_TOKEN_2", "TWO_D_ANIME_TOKEN", "THREE_D_MODEL_TOKEN", "HQ_TOKEN",
-             "BORDERNESS_TOKEN", "DYNAMIC_FIRST_FRAMES_TOKEN", "STATIC_FIRST_FRAMES_TOKEN"]
+    order = [
+        "DURATION_TOKEN_2",
+        "TWO_D_ANIME_TOKEN",
+        "THREE_D_MODEL_TOKEN",
+        "HQ_TOKEN",
+        "BORDERNESS_TOKEN",
+        "DYNAMIC_FIRST_FRAMES_TOKEN",
+        "STATIC_FIRST_FRAMES_TOKEN",
+    ]
     expected = torch.cat([torch.stack([tiny_tokens.token(n) for n in order]), emb[0]])[:64]
     assert torch.equal(y[0, 0], expected)
     assert torch.equal(y_mask[0, 0, :12], torch.ones(12)) and y_mask[0, 0, 12:].sum() == 0
@@ -143,15 +156,14 @@ def test_per_chunk_prompts(tiny_tokens: SpecialTokens) -> None:
     emb_b = emb_a.flip(-1)
     two = torch.cat([emb_a, emb_b])
     masks = mask.expand(2, -1)
-    y, _ = build_caption_table(two, masks, null, tiny_tokens, chunk_num=5, clean_chunk_num=1,
-                               chunk_prompts=[0, 1, 1, 0])
+    y, _ = build_caption_table(
+        two, masks, null, tiny_tokens, chunk_num=5, clean_chunk_num=1, chunk_prompts=[0, 1, 1, 0]
+    )
     for chunk, emb in zip(range(1, 5), [emb_a, emb_b, emb_b, emb_a]):
         assert torch.equal(y[0, chunk, 2:], emb[0, :-2])
     # One prompt per generated chunk needs no index list; a list of tensors works as well.
-    y_list, _ = build_caption_table([emb_a[0], emb_b[0]], [mask[0], mask[0]], null, tiny_tokens,
-                                    chunk_num=2)
-    y_idx, _ = build_caption_table(two, masks, null, tiny_tokens, chunk_num=2,
-                                   chunk_prompts=[0, 1])
+    y_list, _ = build_caption_table([emb_a[0], emb_b[0]], [mask[0], mask[0]], null, tiny_tokens, chunk_num=2)
+    y_idx, _ = build_caption_table(two, masks, null, tiny_tokens, chunk_num=2, chunk_prompts=[0, 1])
     assert torch.equal(y_list, y_idx)
     with pytest.raises(ValueError, match="2 prompts for 3 generated chunks"):
         build_caption_table(two, masks, null, tiny_tokens, chunk_num=3)
@@ -187,11 +199,10 @@ def test_float16_rounding_is_numpy_straight_from_float64(reference_dir) -> None:
 def test_env_switches() -> None:
     assert SpecialTokenOptions.from_env({}) == SpecialTokenOptions()  # run.sh defaults
     assert SpecialTokenOptions().prompt_tokens() == ["HQ_TOKEN", "DURATION_TOKEN"]
-    opts = SpecialTokenOptions.from_env({"PAD_HQ": "0", "PAD_DURATION": "off",
-                                         "PAD_STATIC": "Enabled", "NEG_PROMPT": "Y",
-                                         "PAD_TWO_D_ANIME": " 1"})  # no strip, as official
-    assert opts == SpecialTokenOptions(hq=False, duration=False, static_first_frames=True,
-                                       negative_prompt=True)
+    opts = SpecialTokenOptions.from_env(
+        {"PAD_HQ": "0", "PAD_DURATION": "off", "PAD_STATIC": "Enabled", "NEG_PROMPT": "Y", "PAD_TWO_D_ANIME": " 1"}
+    )  # no strip, as official
+    assert opts == SpecialTokenOptions(hq=False, duration=False, static_first_frames=True, negative_prompt=True)
 
 
 def test_special_token_lookup(reference_dir, tmp_path: Path, monkeypatch) -> None:
@@ -220,7 +231,6 @@ def test_bad_special_token_file(tmp_path: Path) -> None:
     np.savez(bad, caption_token=np.zeros((1, 8)), logo_token=np.zeros((1, 8)))
     with pytest.raises(ValueError, match="no array 'other_tokens'"):
         load_special_tokens(bad)
-    np.savez(bad, caption_token=np.zeros((1, 8)), logo_token=np.zeros((1, 8)),
-             other_tokens=np.zeros((5, 8)))
+    np.savez(bad, caption_token=np.zeros((1, 8)), logo_token=np.zeros((1, 8)), other_tokens=np.zeros((5, 8)))
     with pytest.raises(ValueError, match="other_tokens has shape"):
         load_special_tokens(bad)

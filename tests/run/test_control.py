@@ -35,13 +35,20 @@ def test_control_steers_a_generate_call(pipe: MagiPipeline, tmp_path: Path) -> N
         if info.step == 0:
             control.set_prompt(3, "a blue bird over the sea")
 
-    pipe.generate("t2v", "a red fox in the snow", num_frames=FRAMES, callback=callback, control=control,
-                  save_tensors=tmp_path / "steered.safetensors")  # fmt: skip
+    pipe.generate(
+        "t2v",
+        "a red fox in the snow",
+        num_frames=FRAMES,
+        callback=callback,
+        control=control,
+        save_tensors=tmp_path / "steered.safetensors",
+    )
     timeline = ["a red fox in the snow"] * 3 + ["a blue bird over the sea"]
     pipe.generate("t2v", timeline, num_frames=FRAMES, save_tensors=tmp_path / "timeline.safetensors")
     pipe.generate("t2v", "a red fox in the snow", num_frames=FRAMES, save_tensors=tmp_path / "plain.safetensors")
-    steered, planned, plain = (_tensors(tmp_path / f"{n}.safetensors")["final_latent"]
-                               for n in ("steered", "timeline", "plain"))  # fmt: skip
+    steered, planned, plain = (
+        _tensors(tmp_path / f"{n}.safetensors")["final_latent"] for n in ("steered", "timeline", "plain")
+    )
     assert torch.equal(steered, planned)
     per_chunk = steered.shape[2] // CHUNKS
     assert torch.equal(steered[:, :, : 3 * per_chunk], plain[:, :, : 3 * per_chunk])  # chunks 0-2 untouched
@@ -73,8 +80,17 @@ def test_stop_then_resume_from_an_older_state_joins_one_video(pipe: MagiPipeline
     out, seg, state = tmp_path / "fox.mp4", tmp_path / "fox.chunks", tmp_path / "fox.state"
     control = Control()
     on_chunk, seen = stop_after(2, control)
-    first = pipe.generate("t2v", prompt, num_frames=FRAMES, output_path=out, segments=seg, save_state=state,
-                          control=control, on_chunk=on_chunk, save_tensors=tmp_path / "a.safetensors")  # fmt: skip
+    first = pipe.generate(
+        "t2v",
+        prompt,
+        num_frames=FRAMES,
+        output_path=out,
+        segments=seg,
+        save_state=state,
+        control=control,
+        on_chunk=on_chunk,
+        save_tensors=tmp_path / "a.safetensors",
+    )
     assert first.interrupted and first.chunks_done == 2 and seen == [0, 1]
     assert sorted(p.name for p in seg.glob("*.mp4")) == ["00000.mp4", "00001.mp4"]
     assert _frames(out) == 48  # the chunks done, joined and playable
@@ -103,12 +119,19 @@ def test_generated_chunk_indices_skip_the_v2v_prefix(pipe: MagiPipeline, tmp_pat
     starts or made during it."""
     prefix = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(5))  # one clean chunk
     timeline = ["a red fox in the snow"] * 2 + ["a blue bird over the sea"]
-    pipe.generate("v2v", timeline, num_frames=4 * 24, prefix_latent=prefix,
-                  save_tensors=tmp_path / "timeline.safetensors")  # fmt: skip
+    pipe.generate(
+        "v2v", timeline, num_frames=4 * 24, prefix_latent=prefix, save_tensors=tmp_path / "timeline.safetensors"
+    )
     before = Control()
     before.set_prompt(2, "a blue bird over the sea", generated=True)  # queued: the plan is unknown yet
-    pipe.generate("v2v", "a red fox in the snow", num_frames=4 * 24, prefix_latent=prefix, control=before,
-                  save_tensors=tmp_path / "before.safetensors")  # fmt: skip
+    pipe.generate(
+        "v2v",
+        "a red fox in the snow",
+        num_frames=4 * 24,
+        prefix_latent=prefix,
+        control=before,
+        save_tensors=tmp_path / "before.safetensors",
+    )
     during = Control()
 
     def callback(info: StepInfo) -> None:
@@ -117,8 +140,15 @@ def test_generated_chunk_indices_skip_the_v2v_prefix(pipe: MagiPipeline, tmp_pat
             with pytest.raises(ValueError, match=r"outside this video's generated chunks 0 \.\. 3"):
                 during.set_prompt(4, "x", generated=True)
 
-    pipe.generate("v2v", "a red fox in the snow", num_frames=4 * 24, prefix_latent=prefix, control=during,
-                  callback=callback, save_tensors=tmp_path / "during.safetensors")  # fmt: skip
+    pipe.generate(
+        "v2v",
+        "a red fox in the snow",
+        num_frames=4 * 24,
+        prefix_latent=prefix,
+        control=during,
+        callback=callback,
+        save_tensors=tmp_path / "during.safetensors",
+    )
     want = _tensors(tmp_path / "timeline.safetensors")["final_latent"]
     for name in ("before", "during"):
         assert torch.equal(_tensors(tmp_path / f"{name}.safetensors")["final_latent"], want), name

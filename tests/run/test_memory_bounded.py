@@ -27,8 +27,9 @@ SLACK = 1000  # Python memory blocks allowed to differ (97 seen over 10 chunks, 
 @pytest.fixture(scope="module")
 def pipe(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> MagiPipeline:
     """A CPU pipeline on the shared tiny checkpoint, 4 steps per chunk, window 4."""
-    config = write_tiny_config(tmp_path_factory.mktemp("memory") / "config.json", tiny_checkpoint,
-                               num_steps=4, window_size=4)  # fmt: skip
+    config = write_tiny_config(
+        tmp_path_factory.mktemp("memory") / "config.json", tiny_checkpoint, num_steps=4, window_size=4
+    )
     os.environ["SPECIAL_TOKEN_PATH"] = str(tiny_checkpoint / "special_tokens.npz")
     return MagiPipeline.from_config(config, device="cpu")
 
@@ -56,8 +57,16 @@ def _measure(pipe: MagiPipeline, tmp_path: Path, steer: bool, **kwargs: object) 
         if done[0] in (FIRST, LAST):
             seen[done[0]] = live_bytes()
 
-    result = pipe.generate("t2v", "a quiet street", output_path=tmp_path / "out.mp4", num_frames=CHUNKS * CHUNK,
-                           seed=3, on_chunk=on_chunk, control=control, **kwargs)  # fmt: skip
+    result = pipe.generate(
+        "t2v",
+        "a quiet street",
+        output_path=tmp_path / "out.mp4",
+        num_frames=CHUNKS * CHUNK,
+        seed=3,
+        on_chunk=on_chunk,
+        control=control,
+        **kwargs,
+    )
     assert result.frames_written == CHUNKS * CHUNK
     return seen
 

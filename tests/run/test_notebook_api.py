@@ -69,8 +69,9 @@ def test_resolve_pretrained_cases(tiny: Path, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ the output object
-def test_call_returns_np_frames_and_writes_nothing(pipe: MagiPipeline, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_call_returns_np_frames_and_writes_nothing(
+    pipe: MagiPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     out = pipe("a red car", num_frames=20, seed=3)
     assert isinstance(out.frames, np.ndarray) and out.frames.dtype == np.uint8

@@ -49,8 +49,16 @@ def test_lazy_captions_equal_the_full_table(reference_dir) -> None:
     options = SpecialTokenOptions()
     chunk_num, offset = 13, 2
     chunk_prompts = [0, 1, 1, 2, 2, 2, 0, 1, 2, 2, 2]
-    y, m = build_caption_table(emb, mask, null, tokens, chunk_num=chunk_num,
-                               clean_chunk_num=offset, chunk_prompts=chunk_prompts, options=options)
+    y, m = build_caption_table(
+        emb,
+        mask,
+        null,
+        tokens,
+        chunk_num=chunk_num,
+        clean_chunk_num=offset,
+        chunk_prompts=chunk_prompts,
+        options=options,
+    )
     lazy = ChunkCaptions(emb, mask, null, tokens, options, chunk_prompts, offset)
     for kind in (PROMPT, NULL):
         chunks = list(range(offset, chunk_num)) if kind == PROMPT else list(range(chunk_num))
@@ -81,8 +89,9 @@ def test_whole_pipeline_matches_official(official_env: Path, tmp_path: Path, cas
     if meta["video"]:
         inputs["prefix_video_path"] = str(official_env / meta["video"])
     out, saved = tmp_path / "out.mp4", tmp_path / "out.safetensors"
-    result = pipe.generate(meta["mode"], meta["prompt"], output_path=out, save_tensors=saved,
-                           noise=tensors["noise.initial_x"], **inputs)  # fmt: skip
+    result = pipe.generate(
+        meta["mode"], meta["prompt"], output_path=out, save_tensors=saved, noise=tensors["noise.initial_x"], **inputs
+    )
     got = load_file(str(saved))
     offset = meta["transport"]["chunk_num"] - len(meta["chunks"])  # v2v: whole prefix chunks
     expect = tensors["output.final_latent"][:, :, offset * 6 :]
@@ -98,8 +107,9 @@ def test_whole_pipeline_matches_official(official_env: Path, tmp_path: Path, cas
 @pytest.fixture(scope="module")
 def tiny_config(tiny_checkpoint: Path, tmp_path_factory) -> Path:
     """The tiny example config (4 steps per chunk, window 4) with absolute paths to the tiny checkpoint."""
-    return write_tiny_config(tmp_path_factory.mktemp("tiny") / "config.json", tiny_checkpoint,
-                             num_steps=4, window_size=4)
+    return write_tiny_config(
+        tmp_path_factory.mktemp("tiny") / "config.json", tiny_checkpoint, num_steps=4, window_size=4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +184,7 @@ def test_failed_run_leaves_nothing(tiny_pipe: MagiPipeline, tmp_path: Path) -> N
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        tiny_pipe.generate("t2v", "a", output_path=out, num_frames=96, callback=explode,
-                           save_tensors=out_saved)  # fmt: skip
+        tiny_pipe.generate("t2v", "a", output_path=out, num_frames=96, callback=explode, save_tensors=out_saved)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -198,8 +207,13 @@ DRIVER = textwrap.dedent(
 def test_ctrl_c_leaves_a_playable_partial_mp4(tiny_config: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "partial.mp4"
     env = dict(os.environ, PYTHONPATH=str(REPO), SPECIAL_TOKEN_PATH=str(tiny_checkpoint / "special_tokens.npz"))
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tiny_config), str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(tiny_config), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("FINISHED 1"):  # chunk 0 is written, chunk 1 is on its way
@@ -230,12 +244,10 @@ def test_magi_i2v_and_v2v_honour_num_frames(tiny_pipe: MagiPipeline, tmp_path: P
     clip = tmp_path / "prefix.mp4"
     with Mp4Writer(clip, 24) as writer:  # 40 frames: magi keeps the last 40 // 4 * 4 = 40
         writer.append(torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8, generator=g))
-    i2v = tiny_pipe.generate("i2v", "a cat", image_path=image, output_path=tmp_path / "i2v.mp4",
-                             num_frames=30)  # fmt: skip
+    i2v = tiny_pipe.generate("i2v", "a cat", image_path=image, output_path=tmp_path / "i2v.mp4", num_frames=30)
     assert i2v.chunks_total == 2 and _read_back(tmp_path / "i2v.mp4") == (30, (64, 64), 24.0)
     # v2v: P = 10 prefix latents -> 1 whole prefix chunk, chunk 1 holds 4 prefix latents
-    v2v = tiny_pipe.generate("v2v", "a cat", prefix_video_path=clip, output_path=tmp_path / "v2v.mp4",
-                             num_frames=30)  # fmt: skip
+    v2v = tiny_pipe.generate("v2v", "a cat", prefix_video_path=clip, output_path=tmp_path / "v2v.mp4", num_frames=30)
     assert v2v.frames_written == 30 and _read_back(tmp_path / "v2v.mp4") == (30, (64, 64), 24.0)
 
 
@@ -244,15 +256,20 @@ def _latents(pipe: MagiPipeline) -> list[torch.Tensor]:
     return [c.latent for c in pipe.stream("t2v", "a red car", num_frames=30, seed=5)]
 
 
-@pytest.mark.parametrize("options, tolerance", [
-    ({"offload_blocks": True}, 0.0),  # DiT layers streamed from host; VAE on the host too
-    ({"vae_offload": True}, 0.0),
-    ({"noise_spill_bytes": 0}, 0.0),  # initial noise in a temporary file, read chunk by chunk
-    ({"compile": {"backend": "eager"}}, 1e-6),  # dynamo tracing of every layer
-    ({"attention_backend": "flex"}, 1e-5),  # eager FlexAttention on CPU vs SDPA
-], ids=["offload_blocks", "vae_offload", "noise_spill", "compile", "flex"])  # fmt: skip
-def test_options_give_the_plain_final_latent(tiny_pipe: MagiPipeline, tiny_config: Path,
-                                             options: dict, tolerance: float) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "options, tolerance",
+    [
+        ({"offload_blocks": True}, 0.0),  # DiT layers streamed from host; VAE on the host too
+        ({"vae_offload": True}, 0.0),
+        ({"noise_spill_bytes": 0}, 0.0),  # initial noise in a temporary file, read chunk by chunk
+        ({"compile": {"backend": "eager"}}, 1e-6),  # dynamo tracing of every layer
+        ({"attention_backend": "flex"}, 1e-5),  # eager FlexAttention on CPU vs SDPA
+    ],
+    ids=["offload_blocks", "vae_offload", "noise_spill", "compile", "flex"],
+)
+def test_options_give_the_plain_final_latent(
+    tiny_pipe: MagiPipeline, tiny_config: Path, options: dict, tolerance: float
+) -> None:
     from magi import attention
 
     plain = _latents(tiny_pipe)

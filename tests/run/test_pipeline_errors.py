@@ -20,8 +20,16 @@ from magi.pipeline import MagiPipeline, VideoWriteError, find_special_tokens, re
 from magi.prepare import Request, prepare
 from tests.helpers import TINY_CONFIG
 
-TOKEN_FLAGS = ("PAD_HQ", "PAD_DURATION", "PAD_STATIC", "PAD_DYNAMIC", "PAD_BORDERNESS",
-               "PAD_THREE_D_MODEL", "PAD_TWO_D_ANIME", "NEG_PROMPT")  # fmt: skip
+TOKEN_FLAGS = (
+    "PAD_HQ",
+    "PAD_DURATION",
+    "PAD_STATIC",
+    "PAD_DYNAMIC",
+    "PAD_BORDERNESS",
+    "PAD_THREE_D_MODEL",
+    "PAD_TWO_D_ANIME",
+    "NEG_PROMPT",
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +40,9 @@ def tiny_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     ck = root / "checkpoints"
     ck.symlink_to(tiny_checkpoint, target_is_directory=True)
     raw = json.loads(TINY_CONFIG.read_text())
-    raw["runtime_config"].update(load=str(ck / "magi" / "tiny"), t5_pretrained=str(ck / "t5"),
-                                 vae_pretrained=str(ck / "vae"), num_steps=4)  # fmt: skip
+    raw["runtime_config"].update(
+        load=str(ck / "magi" / "tiny"), t5_pretrained=str(ck / "t5"), vae_pretrained=str(ck / "vae"), num_steps=4
+    )
     (root / "config.json").write_text(json.dumps(raw))
     (root / "special_tokens.npz").write_bytes((ck / "special_tokens.npz").read_bytes())
     return root
@@ -70,14 +79,16 @@ def _one_line(err: BaseException) -> str:
 
 
 # ------------------------------------------------------------------ #5 interrupted before chunk 0
-def test_interrupt_before_the_first_chunk_says_nothing_written(tiny_pipe: MagiPipeline, tmp_path: Path,
-                                                               clean_env: Path, caplog) -> None:  # fmt: skip
+def test_interrupt_before_the_first_chunk_says_nothing_written(
+    tiny_pipe: MagiPipeline, tmp_path: Path, clean_env: Path, caplog
+) -> None:
     def ctrl_c(info) -> None:
         raise KeyboardInterrupt  # a second Ctrl-C during the first step
 
     out = tmp_path / "v.mp4"
-    result = tiny_pipe.generate("t2v", "a", output_path=out, num_frames=24, callback=ctrl_c,
-                                save_tensors=tmp_path / "t.safetensors")  # fmt: skip
+    result = tiny_pipe.generate(
+        "t2v", "a", output_path=out, num_frames=24, callback=ctrl_c, save_tensors=tmp_path / "t.safetensors"
+    )
     assert result.interrupted and result.chunks_done == 0 and result.output_path is None
     assert result.summary() == "interrupted before the first chunk was done; nothing written"
     # the library logs it (never prints): one warning line
@@ -87,15 +98,19 @@ def test_interrupt_before_the_first_chunk_says_nothing_written(tiny_pipe: MagiPi
 
 
 # ------------------------------------------------------------------------------ #6 device check
-@pytest.mark.parametrize("device, expected", [
-    ("cuda", "device cuda: CUDA is not available on this machine; use cpu"),
-    ("cuda:0", "device cuda:0: CUDA is not available on this machine; use cpu"),
-    ("foo", "device foo is not a device; use cuda, cuda:N or cpu"),
-    ("meta", "device meta: magi runs on cuda, cuda:N or cpu"),
-    (3.5, "device 3.5 is not a device; use cuda, cuda:N or cpu"),
-])  # fmt: skip
-def test_bad_device_is_one_value_error_before_loading(tiny_dir: Path, no_loading: None, monkeypatch,
-                                                      device: object, expected: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "device, expected",
+    [
+        ("cuda", "device cuda: CUDA is not available on this machine; use cpu"),
+        ("cuda:0", "device cuda:0: CUDA is not available on this machine; use cpu"),
+        ("foo", "device foo is not a device; use cuda, cuda:N or cpu"),
+        ("meta", "device meta: magi runs on cuda, cuda:N or cpu"),
+        (3.5, "device 3.5 is not a device; use cuda, cuda:N or cpu"),
+    ],
+)
+def test_bad_device_is_one_value_error_before_loading(
+    tiny_dir: Path, no_loading: None, monkeypatch, device: object, expected: str
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine
     with pytest.raises(ValueError) as info:
         MagiPipeline.from_config(tiny_dir / "config.json", device=device)
@@ -111,24 +126,30 @@ def test_device_helper_defaults_and_labels(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda:1")
-    with pytest.raises(ValueError, match=r"^device cuda:2: this machine has 2 CUDA device\(s\) \(cuda:0 \.\. cuda:1\)$"):
+    with pytest.raises(
+        ValueError, match=r"^device cuda:2: this machine has 2 CUDA device\(s\) \(cuda:0 \.\. cuda:1\)$"
+    ):
         resolve_device("cuda:2")
 
 
 # ------------------------------------------------------------------------ #7 request arguments
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"prompt": None}, "prompt must be a string or a list of strings, got NoneType"),
-    ({"prompt": 5}, "prompt must be a string or a list of strings, got int"),
-    ({"prompt": ["a", None]}, "prompt must be a non-empty string or a non-empty list of non-empty strings"),
-    ({"num_frames": 24.5}, "num_frames must be a whole number, got 24.5 (float)"),
-    ({"num_frames": "24"}, "num_frames must be a whole number, got '24' (str)"),
-    ({"num_frames": True}, "num_frames must be a whole number, got True (bool)"),
-    ({"seed": "x"}, "seed must be a whole number, got 'x' (str)"),
-    ({"seed": 1.0}, "seed must be a whole number, got 1.0 (float)"),
-    ({"seed": 2**64}, f"seed {2**64} does not fit in 64 bits, as torch.manual_seed needs"),
-])  # fmt: skip
-def test_bad_request_types_are_one_value_error(tiny_pipe: MagiPipeline, tmp_path: Path,
-                                               kwargs: dict, expected: str) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"prompt": None}, "prompt must be a string or a list of strings, got NoneType"),
+        ({"prompt": 5}, "prompt must be a string or a list of strings, got int"),
+        ({"prompt": ["a", None]}, "prompt must be a non-empty string or a non-empty list of non-empty strings"),
+        ({"num_frames": 24.5}, "num_frames must be a whole number, got 24.5 (float)"),
+        ({"num_frames": "24"}, "num_frames must be a whole number, got '24' (str)"),
+        ({"num_frames": True}, "num_frames must be a whole number, got True (bool)"),
+        ({"seed": "x"}, "seed must be a whole number, got 'x' (str)"),
+        ({"seed": 1.0}, "seed must be a whole number, got 1.0 (float)"),
+        ({"seed": 2**64}, f"seed {2**64} does not fit in 64 bits, as torch.manual_seed needs"),
+    ],
+)
+def test_bad_request_types_are_one_value_error(
+    tiny_pipe: MagiPipeline, tmp_path: Path, kwargs: dict, expected: str
+) -> None:
     request = {"mode": "t2v", "prompt": "a", "num_frames": 24, "output_path": tmp_path / "v.mp4", **kwargs}
     with pytest.raises(ValueError) as info:
         tiny_pipe.generate(**request)
@@ -140,13 +161,16 @@ def test_bad_request_types_are_one_value_error(tiny_pipe: MagiPipeline, tmp_path
 
 def test_numpy_integers_are_whole_numbers(tiny_pipe: MagiPipeline) -> None:
     np = pytest.importorskip("numpy")
-    run = prepare(tiny_pipe.engine, tiny_pipe.prompts, Request("t2v", ("a",), seed=np.int64(7), num_frames=np.int32(24)))
+    run = prepare(
+        tiny_pipe.engine, tiny_pipe.prompts, Request("t2v", ("a",), seed=np.int64(7), num_frames=np.int32(24))
+    )
     assert run.seed == 7 and type(run.seed) is int and run.plan.chunk_num == 1
 
 
 # ------------------------------------------------------- #8 special tokens next to the config
-def test_api_finds_special_tokens_next_to_the_config(tiny_dir: Path, tiny_pipe: MagiPipeline, clean_env: Path,
-                                                     monkeypatch) -> None:  # fmt: skip
+def test_api_finds_special_tokens_next_to_the_config(
+    tiny_dir: Path, tiny_pipe: MagiPipeline, clean_env: Path, monkeypatch
+) -> None:
     # no $SPECIAL_TOKEN_PATH, no example/assets/ in the working directory: the file next to the
     # config (where magi.download writes it) is used, as the CLI does
     assert find_special_tokens(tiny_pipe.config) == tiny_dir / "special_tokens.npz"
@@ -163,14 +187,17 @@ def test_api_finds_special_tokens_next_to_the_config(tiny_dir: Path, tiny_pipe: 
     assert not torch.equal(plain[0].latent, named[0].latent)  # the tokens did change the captions
 
 
-def test_missing_special_tokens_fail_before_loading(tiny_dir: Path, clean_env: Path, no_loading: None,
-                                                    monkeypatch) -> None:  # fmt: skip
+def test_missing_special_tokens_fail_before_loading(
+    tiny_dir: Path, clean_env: Path, no_loading: None, monkeypatch
+) -> None:
     lonely = clean_env / "config.json"  # no special_tokens.npz next to this copy
     lonely.write_text((tiny_dir / "config.json").read_text())
     with pytest.raises(FileNotFoundError) as info:
         MagiPipeline.from_config(lonely, device="cpu")
     assert _one_line(info.value).startswith("special_tokens.npz not found: set SPECIAL_TOKEN_PATH")
-    assert str(info.value).endswith("(needed for HQ_TOKEN, DURATION_TOKEN; PAD_HQ and PAD_DURATION are on unless set to 0)")
+    assert str(info.value).endswith(
+        "(needed for HQ_TOKEN, DURATION_TOKEN; PAD_HQ and PAD_DURATION are on unless set to 0)"
+    )
     monkeypatch.setenv("SPECIAL_TOKEN_PATH", "nope.npz")
     with pytest.raises(FileNotFoundError, match=r"^SPECIAL_TOKEN_PATH=nope.npz does not exist"):
         MagiPipeline.from_config(tiny_dir / "config.json", device="cpu")
@@ -197,8 +224,9 @@ def test_missing_t5_is_reported_before_the_dit_loads(tiny_dir: Path, clean_env: 
 
 
 # ---------------------------------------------------------------------- #3 the mp4 writer failing
-def test_writer_failure_is_a_video_write_error_and_leaves_nothing(tiny_pipe: MagiPipeline, tmp_path: Path,
-                                                                  monkeypatch) -> None:  # fmt: skip
+def test_writer_failure_is_a_video_write_error_and_leaves_nothing(
+    tiny_pipe: MagiPipeline, tmp_path: Path, monkeypatch
+) -> None:
     def broken(self, frames) -> None:
         self.abort()
         raise RuntimeError(f"ffmpeg failed while writing {self.path}: [Errno 28] No space left on device")

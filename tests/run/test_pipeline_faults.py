@@ -29,8 +29,14 @@ from tests.helpers import REPO_ROOT as REPO, TINY_CONFIG
 
 def _config(root: Path, ck: Path, load: Path | None = None) -> Path:
     cfg = load_config(TINY_CONFIG)
-    runtime = dataclasses.replace(cfg.runtime, load=str(load or ck / "magi" / "tiny"), t5_pretrained=str(ck / "t5"),
-                                  vae_pretrained=str(ck / "vae"), num_steps=4, window_size=4)  # fmt: skip
+    runtime = dataclasses.replace(
+        cfg.runtime,
+        load=str(load or ck / "magi" / "tiny"),
+        t5_pretrained=str(ck / "t5"),
+        vae_pretrained=str(ck / "vae"),
+        num_steps=4,
+        window_size=4,
+    )
     path = root / ("config.json" if load is None else "config_nan.json")
     save_config(cfg.replace(runtime=runtime), path)
     return path
@@ -54,8 +60,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 256 KiB tmpfs (ENOSPC once full); skips where this process may not mount."""
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {done.stderr.strip()}")
     try:
@@ -92,12 +99,16 @@ DRIVER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_and_sighup_keep_a_playable_partial_mp4(tiny: tuple[Path, Path], tmp_path: Path,
-                                                        signum: int) -> None:  # fmt: skip
+def test_sigterm_and_sighup_keep_a_playable_partial_mp4(tiny: tuple[Path, Path], tmp_path: Path, signum: int) -> None:
     out = tmp_path / "partial.mp4"
     env = dict(os.environ, PYTHONPATH=str(REPO), SPECIAL_TOKEN_PATH=str(tiny[1] / "special_tokens.npz"))
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tiny[0]), str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(tiny[0]), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("FINISHED 1"):
@@ -148,8 +159,9 @@ def nan_config(tiny: tuple[Path, Path]) -> Path:
     return _config(cfg_path.parent, ck, load=dst)
 
 
-def test_nan_weights_fail_with_one_line_and_write_nothing(nan_config: Path, tiny: tuple[Path, Path],
-                                                         tmp_path: Path) -> None:  # fmt: skip
+def test_nan_weights_fail_with_one_line_and_write_nothing(
+    nan_config: Path, tiny: tuple[Path, Path], tmp_path: Path
+) -> None:
     os.environ["SPECIAL_TOKEN_PATH"] = str(tiny[1] / "special_tokens.npz")
     bad = MagiPipeline.from_config(nan_config, device="cpu")
     out = tmp_path / "black.mp4"
@@ -162,9 +174,29 @@ def test_nan_weights_fail_with_one_line_and_write_nothing(nan_config: Path, tiny
 def test_nan_weights_cli_exit_1(nan_config: Path, tiny: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "black.mp4"
     env = dict(os.environ, PYTHONPATH=str(REPO), SPECIAL_TOKEN_PATH=str(tiny[1] / "special_tokens.npz"))
-    done = subprocess.run([sys.executable, "-m", "magi.infer", "--config", str(nan_config), "--mode", "t2v",
-                           "--prompt", "a", "--num_frames", "24", "--output_path", str(out), "--device", "cpu"],
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "magi.infer",
+            "--config",
+            str(nan_config),
+            "--mode",
+            "t2v",
+            "--prompt",
+            "a",
+            "--num_frames",
+            "24",
+            "--output_path",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "NaN/Inf" in errors[0] and "Traceback" not in done.stderr

@@ -27,15 +27,23 @@ def whole(pipe: MagiPipeline, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 def _interrupted(pipe: MagiPipeline, folder: Path) -> tuple[Path, Path]:
     state, tensors = folder / "run.state", folder / "run.safetensors"
-    result = pipe.generate("t2v", "a fox", num_frames=CHUNKS * CHUNK, seed=5, save_tensors=tensors,
-                           save_state=state, callback=stop_at(STOP))  # fmt: skip
+    result = pipe.generate(
+        "t2v",
+        "a fox",
+        num_frames=CHUNKS * CHUNK,
+        seed=5,
+        save_tensors=tensors,
+        save_state=state,
+        callback=stop_at(STOP),
+    )
     assert result.interrupted and result.chunks_done == STOP
     assert load_file(str(tensors))["final_latent"].shape[2] == STOP * CW
     return state, tensors
 
 
-def test_resume_continues_the_interrupted_runs_tensors(pipe: MagiPipeline, tmp_path: Path,
-                                                       whole: dict[str, torch.Tensor]) -> None:  # fmt: skip
+def test_resume_continues_the_interrupted_runs_tensors(
+    pipe: MagiPipeline, tmp_path: Path, whole: dict[str, torch.Tensor]
+) -> None:
     state, tensors = _interrupted(pipe, tmp_path)
     pipe.resume(state, save_tensors=tensors)
     got = load_file(str(tensors))
@@ -46,7 +54,10 @@ def test_resume_continues_the_interrupted_runs_tensors(pipe: MagiPipeline, tmp_p
 
 @pytest.mark.parametrize("earlier", ["missing", "another_run", "truncated"])
 def test_resume_with_another_file_warns_and_keeps_the_new_chunks(
-    pipe: MagiPipeline, tmp_path: Path, whole: dict[str, torch.Tensor], earlier: str,
+    pipe: MagiPipeline,
+    tmp_path: Path,
+    whole: dict[str, torch.Tensor],
+    earlier: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     state, tensors = _interrupted(pipe, tmp_path)
@@ -57,7 +68,10 @@ def test_resume_with_another_file_warns_and_keeps_the_new_chunks(
         if earlier == "another_run":  # same shapes, other values
             t["final_latent"] = t["final_latent"] + 1
         else:  # one chunk short
-            t = {"final_latent": t["final_latent"][:, :, :CW].contiguous(), "video_tchw_uint8": t["video_tchw_uint8"][:CHUNK]}
+            t = {
+                "final_latent": t["final_latent"][:, :, :CW].contiguous(),
+                "video_tchw_uint8": t["video_tchw_uint8"][:CHUNK],
+            }
         save_file(t, str(tensors))
     with caplog.at_level(logging.WARNING, logger="magi.sinks"):
         pipe.resume(state, save_tensors=tensors)

@@ -22,17 +22,27 @@ def test_resume_points_of_the_plan() -> None:
 
 
 @pytest.mark.parametrize("mode", ["t2v", "i2v", "v2v"])
-def test_stop_after_4_of_8_chunks_and_resume_is_bit_identical(pipe: MagiPipeline, media, tmp_path: Path,
-                                                              mode: str) -> None:  # fmt: skip
+def test_stop_after_4_of_8_chunks_and_resume_is_bit_identical(
+    pipe: MagiPipeline, media, tmp_path: Path, mode: str
+) -> None:
     inputs = media[mode]
     prompts = ["a walk", "a run", "a jump"]
     whole = tmp_path / "whole.safetensors"
     pipe.generate(mode, prompts, **inputs, num_frames=8 * CHUNK, seed=11, save_tensors=whole)
     reference = load_file(str(whole))
     out, state = tmp_path / "out.mp4", tmp_path / "run.state"
-    first = pipe.generate(mode, prompts, **inputs, num_frames=8 * CHUNK, seed=11, output_path=out,
-                          save_state=state, save_every=3, callback=stop_at(4),
-                          save_tensors=tmp_path / "a.safetensors")  # fmt: skip
+    first = pipe.generate(
+        mode,
+        prompts,
+        **inputs,
+        num_frames=8 * CHUNK,
+        seed=11,
+        output_path=out,
+        save_state=state,
+        save_every=3,
+        callback=stop_at(4),
+        save_tensors=tmp_path / "a.safetensors",
+    )
     assert first.interrupted and first.chunks_done == 4
     saved = GenerationState.load(state)
     assert saved.meta["chunks_done"] == 4 and not saved.meta["finished"]
@@ -79,8 +89,15 @@ def test_refusals(pipe: MagiPipeline, tiny: Path, tmp_path: Path) -> None:
 
 def test_extend_equals_v2v_from_the_same_latents(pipe: MagiPipeline, tmp_path: Path) -> None:
     out, state = tmp_path / "first.mp4", tmp_path / "first.state"
-    pipe.generate("t2v", "a calm lake", num_frames=5 * CHUNK, seed=2, output_path=out, save_state=state,
-                  save_tensors=tmp_path / "first.safetensors")  # fmt: skip
+    pipe.generate(
+        "t2v",
+        "a calm lake",
+        num_frames=5 * CHUNK,
+        seed=2,
+        output_path=out,
+        save_state=state,
+        save_tensors=tmp_path / "first.safetensors",
+    )
     saved = GenerationState.load(state)
     assert saved.meta["finished"] and sorted(int(k.split(".")[1]) for k in saved.extra) == [1, 2, 3, 4]
     first = load_file(str(tmp_path / "first.safetensors"))["final_latent"]
@@ -88,11 +105,13 @@ def test_extend_equals_v2v_from_the_same_latents(pipe: MagiPipeline, tmp_path: P
         unfinished = tmp_path / "u.state"
         pipe.generate("t2v", "a", num_frames=6 * CHUNK, save_state=unfinished, callback=stop_at(3))
         pipe.extend(unfinished, "x", 48)
-    ext = pipe.extend(state, "a storm comes", 3 * CHUNK, output_path=out, seed=9,
-                      save_tensors=tmp_path / "ext.safetensors")  # fmt: skip
+    ext = pipe.extend(
+        state, "a storm comes", 3 * CHUNK, output_path=out, seed=9, save_tensors=tmp_path / "ext.safetensors"
+    )
     direct = tmp_path / "direct.safetensors"
-    pipe.generate("v2v", "a storm comes", prefix_latent=first[:, :, 6:], num_frames=3 * CHUNK, seed=9,
-                  save_tensors=direct)  # fmt: skip
+    pipe.generate(
+        "v2v", "a storm comes", prefix_latent=first[:, :, 6:], num_frames=3 * CHUNK, seed=9, save_tensors=direct
+    )
     got, want = load_file(str(tmp_path / "ext.safetensors")), load_file(str(direct))
     assert torch.equal(got["final_latent"], want["final_latent"])
     assert torch.equal(got["video_tchw_uint8"], want["video_tchw_uint8"])

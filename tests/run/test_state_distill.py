@@ -31,9 +31,15 @@ def tiny_distill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("state_distill")
     ck = root / "checkpoints"
     cfg = load_config(TINY_CONFIG)
-    runtime = dataclasses.replace(cfg.runtime, load=str(ck / "magi" / "tiny"), t5_pretrained=str(ck / "t5"),
-                                  vae_pretrained=str(ck / "vae"), num_steps=STEPS, window_size=4,
-                                  cfg_number=1)  # fmt: skip
+    runtime = dataclasses.replace(
+        cfg.runtime,
+        load=str(ck / "magi" / "tiny"),
+        t5_pretrained=str(ck / "t5"),
+        vae_pretrained=str(ck / "vae"),
+        num_steps=STEPS,
+        window_size=4,
+        cfg_number=1,
+    )
     engine = dataclasses.replace(cfg.engine, distill=True)
     save_config(cfg.replace(runtime=runtime, engine=engine), root / "config.json")
     make_tiny(ck, root / "config.json")  # its engine flags name the folder: inference_weight.distill
@@ -69,8 +75,9 @@ def _blend_scale(pipe: MagiPipeline) -> float:
 
 
 @pytest.mark.parametrize("mode", ["t2v", "i2v", "v2v"])
-def test_distill_stop_after_4_of_8_chunks_and_resume_is_bit_identical(distill: MagiPipeline, media,
-                                                                      tmp_path: Path, mode: str) -> None:  # fmt: skip
+def test_distill_stop_after_4_of_8_chunks_and_resume_is_bit_identical(
+    distill: MagiPipeline, media, tmp_path: Path, mode: str
+) -> None:
     pipe = distill
     inputs = media[mode]
     prompts = ["a walk", "a run", "a jump"]
@@ -78,9 +85,18 @@ def test_distill_stop_after_4_of_8_chunks_and_resume_is_bit_identical(distill: M
     pipe.generate(mode, prompts, **inputs, num_frames=8 * CHUNK, seed=11, save_tensors=whole)
     reference = load_file(str(whole))
     out, state = tmp_path / "out.mp4", tmp_path / "run.state"
-    first = pipe.generate(mode, prompts, **inputs, num_frames=8 * CHUNK, seed=11, output_path=out,
-                          save_state=state, save_every=3, callback=stop_at(4),
-                          save_tensors=tmp_path / "a.safetensors")  # fmt: skip
+    first = pipe.generate(
+        mode,
+        prompts,
+        **inputs,
+        num_frames=8 * CHUNK,
+        seed=11,
+        output_path=out,
+        save_state=state,
+        save_every=3,
+        callback=stop_at(4),
+        save_tensors=tmp_path / "a.safetensors",
+    )
     assert first.interrupted and first.chunks_done == 4
     saved = GenerationState.load(state)
     assert saved.meta["chunks_done"] == 4 and not saved.meta["finished"]
@@ -101,16 +117,22 @@ def test_distill_stop_after_4_of_8_chunks_and_resume_is_bit_identical(distill: M
         pipe.resume(state, tmp_path / "again.mp4")
 
 
-def test_distill_and_base_states_refuse_each_other(distill: MagiPipeline, base: MagiPipeline,
-                                                   tmp_path: Path) -> None:  # fmt: skip
+def test_distill_and_base_states_refuse_each_other(distill: MagiPipeline, base: MagiPipeline, tmp_path: Path) -> None:
     assert distill.identity()["checkpoint_hash"] == base.identity()["checkpoint_hash"]
     assert distill.identity()["config_hash"] != base.identity()["config_hash"]
     states = {}
     for name, pipe in (("distill", distill), ("base", base)):
         states[name] = tmp_path / f"{name}.state"
-        run = pipe.generate("t2v", "a", num_frames=3 * CHUNK, seed=5, output_path=tmp_path / f"{name}.mp4",
-                            save_state=states[name], callback=stop_at(1),
-                            save_tensors=tmp_path / f"{name}.safetensors")  # fmt: skip
+        run = pipe.generate(
+            "t2v",
+            "a",
+            num_frames=3 * CHUNK,
+            seed=5,
+            output_path=tmp_path / f"{name}.mp4",
+            save_state=states[name],
+            callback=stop_at(1),
+            save_tensors=tmp_path / f"{name}.safetensors",
+        )
         assert run.interrupted and run.chunks_done == 1
         assert GenerationState.load(states[name]).meta["settings"]["distill"] is (name == "distill")
     # the two really sample differently (same weights, seed and prompt)

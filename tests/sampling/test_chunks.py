@@ -59,9 +59,7 @@ def test_plan_matches_every_official_call(reference_dir, case: str) -> None:
     assert len(steps) == len(calls) == plan.total_steps
     assert meta["transport"]["total_forward_steps"] == plan.total_steps
     for step, call in zip(steps, calls):
-        kwargs = official_call_kwargs(
-            plan, step, ts, ec["distill_nearly_clean_chunk_threshold"], ec["shortcut_mode"]
-        )
+        kwargs = official_call_kwargs(plan, step, ts, ec["distill_nearly_clean_chunk_threshold"], ec["shortcut_mode"])
         assert kwargs == call["kwargs"], (case, call["index"])
         # int vs float distill_interval is part of the official record too
         assert type(kwargs["distill_interval"]) is type(call["kwargs"]["distill_interval"])
@@ -90,7 +88,7 @@ def _simulate(plan: ChunkPlan) -> None:
     n, o = plan.num_steps, plan.offset
     progress: dict[int, int] = {}
     finished, released, refreshed, entered = [], [], [], []
-    cache: list[int] = list(range(o))[-plan.max_cached_chunks():] if o else []
+    cache: list[int] = list(range(o))[-plan.max_cached_chunks() :] if o else []
     for g, step in enumerate(plan.steps()):
         assert step.index == g
         assert 1 <= len(step.chunks) <= plan.window_size
@@ -112,7 +110,7 @@ def _simulate(plan: ChunkPlan) -> None:
             lo = step.extra + 1 - plan.visible_chunks(plan.num_steps)
             assert step.kv_ranges[0] == (max(0, lo), step.extra + 1)
             refreshed.append(step.extra)
-            cache = (cache + [step.extra])[-plan.max_cached_chunks():]
+            cache = (cache + [step.extra])[-plan.max_cached_chunks() :]
         if step.finished is not None:
             assert progress[step.finished] == n
             finished.append(step.finished)

@@ -75,8 +75,9 @@ def test_final_latent_parity(reference_dir, case: str) -> None:
     prefix = tensors.get("input.prefix_latent")
     plan = settings.plan(chunk_num, 0 if prefix is None else prefix.shape[2])
     counted = CountingModel(model)
-    chunks = denoise(counted, plan, settings, fixture_captions(tensors, chunk_num),
-                     tensors["noise.initial_x"], prefix=prefix)  # fmt: skip
+    chunks = denoise(
+        counted, plan, settings, fixture_captions(tensors, chunk_num), tensors["noise.initial_x"], prefix=prefix
+    )
     got = dict(chunks)
     assert list(got) == list(plan.generated_chunks)
     cw = plan.chunk_width
@@ -105,9 +106,16 @@ def test_zero_weight_passes_are_skipped(reference_dir) -> None:
 def _tiny_model(seed: int = 0) -> DiT:
     from magi.config import ModelConfig
 
-    cfg = ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2,
-                      num_query_groups=1, kv_channels=32, caption_channels=16,
-                      params_dtype="torch.float32")  # fmt: skip
+    cfg = ModelConfig(
+        num_layers=1,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=2,
+        num_query_groups=1,
+        kv_channels=32,
+        caption_channels=16,
+        params_dtype="torch.float32",
+    )
     torch.manual_seed(seed)
     model = DiT(cfg)
     for p in model.parameters():
@@ -160,8 +168,17 @@ def test_bad_inputs_fail_with_clear_errors() -> None:
     with pytest.raises(ValueError, match="prefix latent frames"):
         next(denoise(model, settings.plan(2, 1), settings, caps, noise))
     with pytest.raises(ValueError, match="max_cached_chunks"):
-        next(denoise(model, settings.plan(6, 24), settings, caps, torch.zeros(1, 16, 36, 4, 4),
-                     KVCache(1), prefix=torch.zeros(1, 16, 24, 4, 4)))  # fmt: skip
+        next(
+            denoise(
+                model,
+                settings.plan(6, 24),
+                settings,
+                caps,
+                torch.zeros(1, 16, 36, 4, 4),
+                KVCache(1),
+                prefix=torch.zeros(1, 16, 24, 4, 4),
+            )
+        )
     distill = SamplerSettings(num_steps=4, window_size=4, distill=True, cfg_number=3)
     with pytest.raises(ValueError, match="cfg_number"):
         next(denoise(model, distill.plan(2), distill, caps, noise))
@@ -230,8 +247,14 @@ def test_spilled_noise_bounds_host_memory() -> None:
 
     def growth_mib(spill_bytes: int, chunks: int) -> float:
         """Peak RSS growth (MiB) of drawing the noise of ``chunks`` 720p chunks and reading each."""
-        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(spill_bytes), str(chunks)], capture_output=True,
-                             text=True, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), check=True)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS_PROBE, str(spill_bytes), str(chunks)],
+            capture_output=True,
+            text=True,
+            cwd=repo,
+            env=dict(os.environ, PYTHONPATH=str(repo)),
+            check=True,
+        )
         return float(out.stdout.strip().splitlines()[-1])
 
     in_memory = growth_mib(2**40, 24)

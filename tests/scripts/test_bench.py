@@ -50,9 +50,15 @@ def test_per_token_flops_equal_the_built_layer_weights(bench) -> None:
     with torch.device("meta"):
         model = DiT(bench.TINY_MODEL)
     layer = model.videodit_blocks.layers[0]
-    token_linears = [layer.self_attention.linear_qkv.q, layer.self_attention.linear_qkv.qx,
-                     layer.self_attention.linear_qkv.k, layer.self_attention.linear_qkv.v,
-                     layer.self_attention.linear_proj, layer.mlp.linear_fc1, layer.mlp.linear_fc2]  # fmt: skip
+    token_linears = [
+        layer.self_attention.linear_qkv.q,
+        layer.self_attention.linear_qkv.qx,
+        layer.self_attention.linear_qkv.k,
+        layer.self_attention.linear_qkv.v,
+        layer.self_attention.linear_proj,
+        layer.mlp.linear_fc1,
+        layer.mlp.linear_fc2,
+    ]
     per_token = sum(m.weight.numel() for m in token_linears)
     one = bench.pass_flops(bench.TINY_MODEL, 1, [0], [0])["linear"]
     patch_and_head = model.x_embedder.weight.numel() + model.final_linear.linear.weight.numel()
@@ -61,8 +67,20 @@ def test_per_token_flops_equal_the_built_layer_weights(bench) -> None:
 
 def test_bench_cpu_smoke_run_reports_every_field(tmp_path: Path, bench) -> None:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(BENCH), "--device", "cpu", "--iters", "1", "--warmup", "0",
-           "--peak", "0.001", "--json", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--device",
+        "cpu",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--peak",
+        "0.001",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -83,8 +101,16 @@ def test_bench_cpu_smoke_run_reports_every_field(tmp_path: Path, bench) -> None:
 
 
 def test_base_step_has_three_cfg_passes(bench) -> None:
-    runtime = {"window_size": 4, "num_steps": 8, "chunk_width": 6, "noise2clean_kvrange": [5, 4, 3, 2],
-               "clean_chunk_kvrange": 1, "clean_t": 0.9999, "threshold": 0.3, "shortcut_mode": "8,16,16"}  # fmt: skip
+    runtime = {
+        "window_size": 4,
+        "num_steps": 8,
+        "chunk_width": 6,
+        "noise2clean_kvrange": [5, 4, 3, 2],
+        "clean_chunk_kvrange": 1,
+        "clean_t": 0.9999,
+        "threshold": 0.3,
+        "shortcut_mode": "8,16,16",
+    }
     steps = bench.window_steps(runtime, distill=False, caption_tokens=20)
     text, prev, uncond = steps["refresh"]
     assert (text.name, prev.name, uncond.name) == ("text", "prev", "uncond")
@@ -102,8 +128,7 @@ def test_fp8_compare_skips_on_cpu(bench) -> None:
 
 def test_floor_of_the_4p5b_distill_video(bench) -> None:
     """720x720, 96 frames (4 chunks), 16 steps: 28 steps, one pass each."""
-    report = bench.bench_floor(bench.parse_args(["--device", "cpu", "--floor", "--model", "4.5B",
-                                                 "--num-steps", "16"]))  # fmt: skip
+    report = bench.bench_floor(bench.parse_args(["--device", "cpu", "--floor", "--model", "4.5B", "--num-steps", "16"]))
     assert report["tokens_per_chunk"] == 6 * 45 * 45 and report["steps"] == 28 and report["passes"] == 28
     assert report["total"] == report["linear"] + report["attention"]
     assert report["seconds_at_peak"] == pytest.approx(report["total"] / 989e12)
@@ -161,10 +186,26 @@ TINY_CHECKPOINTS = REPO_ROOT / "example" / "tiny" / "checkpoints"
 )
 def test_e2e_mode_on_the_tiny_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "e2e.json"
-    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(TINY_CHECKPOINTS / "special_tokens.npz"),
-           "PAD_HQ": "1", "PAD_DURATION": "1"}  # fmt: skip
-    cmd = [sys.executable, str(BENCH), "--e2e", "--device", "cpu", "--config", str(TINY_CONFIG),
-           "--num-frames", "48", "--offload", "--json", str(out)]  # fmt: skip
+    env = {
+        **os.environ,
+        "SPECIAL_TOKEN_PATH": str(TINY_CHECKPOINTS / "special_tokens.npz"),
+        "PAD_HQ": "1",
+        "PAD_DURATION": "1",
+    }
+    cmd = [
+        sys.executable,
+        str(BENCH),
+        "--e2e",
+        "--device",
+        "cpu",
+        "--config",
+        str(TINY_CONFIG),
+        "--num-frames",
+        "48",
+        "--offload",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())

@@ -34,8 +34,19 @@ def running_server(
     with the real worker, else ``--no_worker``); its console goes to ``root/server.log``."""
     write_tiny_config(root / "config.json", ck, **runtime)
     data, port, log = root / "data", free_port(), root / "server.log"
-    cmd = [sys.executable, "-m", "magi.serve", "--config", str(root / "config.json"), "--data_dir", str(data),
-           "--port", str(port), *([] if worker else ["--no_worker"]), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "magi.serve",
+        "--config",
+        str(root / "config.json"),
+        "--data_dir",
+        str(data),
+        "--port",
+        str(port),
+        *([] if worker else ["--no_worker"]),
+        *args,
+    ]
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(ck / "special_tokens.npz")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
@@ -85,8 +96,15 @@ class FakeWorker:
                 w.append(torch.full((FRAMES, 3, 64, 64), value_of(job.id), dtype=torch.uint8))
             files.state.write_bytes(b"state")
             now = time.time()
-            self.store.update(job.id, status="completed", started_at=now, finished_at=now, chunks_done=1,
-                              chunks_total=1, frames_done=FRAMES)  # fmt: skip
+            self.store.update(
+                job.id,
+                status="completed",
+                started_at=now,
+                finished_at=now,
+                chunks_done=1,
+                chunks_total=1,
+                frames_done=FRAMES,
+            )
 
     def close(self) -> None:
         self._stop.set()

@@ -42,8 +42,9 @@ def postgres_server() -> Iterator[str]:
     run = dict(check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=root)
     subprocess.run([*wrap, f"{bindir}/initdb", "-D", data, "-U", "magi", "-A", "trust", "--no-sync"], **run)
     opts = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c full_page_writes=off"
-    subprocess.run([*wrap, f"{bindir}/pg_ctl", "-D", data, "-o", opts, "-l", os.path.join(root, "log"), "-w", "start"],
-                   **run)  # fmt: skip
+    subprocess.run(
+        [*wrap, f"{bindir}/pg_ctl", "-D", data, "-o", opts, "-l", os.path.join(root, "log"), "-w", "start"], **run
+    )
     try:
         yield f"postgresql://magi@127.0.0.1:{port}/postgres"
     finally:

@@ -39,8 +39,21 @@ def pg_url() -> Iterator[str]:
 
 
 def _worker(config: Path, data: Path, url: str, env: dict, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "magi.serve.worker", "--config", str(config), "--data_dir", str(data),
-           "--db", url, "--lease_s", str(LEASE_S), "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "magi.serve.worker",
+        "--config",
+        str(config),
+        "--data_dir",
+        str(data),
+        "--db",
+        url,
+        "--lease_s",
+        str(LEASE_S),
+        "--device",
+        "cpu",
+    ]
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -78,8 +91,15 @@ def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
     data, logs = tmp_path / "shared", [tmp_path / "a.log", tmp_path / "b.log"]
     store = PgJobStore(pg_url)
-    params = {"mode": "t2v", "prompts": ["a long walk"], "seed": 21, "num_frames": 30 * CHUNK, "size": None,
-              "image": None, "prefix_video": None}  # fmt: skip
+    params = {
+        "mode": "t2v",
+        "prompts": ["a long walk"],
+        "seed": 21,
+        "num_frames": 30 * CHUNK,
+        "size": None,
+        "image": None,
+        "prefix_video": None,
+    }
     a = _worker(config, data, pg_url, env, logs[0])
     b = None
     try:
@@ -110,8 +130,18 @@ def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
 
 def test_serve_with_an_unreachable_db_is_one_error_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
     config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint)
-    cmd = [sys.executable, "-m", "magi.serve", "--config", str(config), "--data_dir", str(tmp_path / "d"),
-           "--db", "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2", "--no_worker"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "magi.serve",
+        "--config",
+        str(config),
+        "--data_dir",
+        str(tmp_path / "d"),
+        "--db",
+        "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2",
+        "--no_worker",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
     line = run.stderr.strip()
@@ -122,8 +152,21 @@ def test_serve_with_db_runs_a_job_through_http(pg_url: str, tiny_checkpoint: Pat
     config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
     port, log = free_port(), tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "magi.serve", "--config", str(config), "--data_dir", str(tmp_path / "d"),
-           "--db", pg_url, "--port", str(port), "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "magi.serve",
+        "--config",
+        str(config),
+        "--data_dir",
+        str(tmp_path / "d"),
+        "--db",
+        pg_url,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     store = PgJobStore(pg_url)
@@ -166,16 +209,26 @@ def test_a_worker_leaves_a_job_whose_lease_it_lost_and_releases_its_job_on_sigte
     store = PgJobStore(pg_url)
     while store.claim("drain", 3600) is not None:  # the module's earlier jobs out of the way
         pass
-    long = {"mode": "t2v", "prompts": ["long"], "seed": 1, "num_frames": 30 * CHUNK, "size": None, "image": None,
-            "prefix_video": None}  # fmt: skip
+    long = {
+        "mode": "t2v",
+        "prompts": ["long"],
+        "seed": 1,
+        "num_frames": 30 * CHUNK,
+        "size": None,
+        "image": None,
+        "prefix_video": None,
+    }
     a = _worker(config, data, pg_url, env, logs[0])
     try:
         _until(lambda: _ready(data, a), "the worker to load", logs)
         stolen = store.create(long)
         _until(lambda: store.get(stolen.id).chunks_done >= 1, "the first chunk", logs)
         with psycopg.connect(pg_url, autocommit=True) as db:  # another worker took it (a's lease "ran out")
-            db.execute("UPDATE jobs SET claimed_by = 'thief', lease_until = extract(epoch from clock_timestamp()) "
-                       "+ 3600 WHERE id = %s", (stolen.id,))  # fmt: skip
+            db.execute(
+                "UPDATE jobs SET claimed_by = 'thief', lease_until = extract(epoch from clock_timestamp()) "
+                "+ 3600 WHERE id = %s",
+                (stolen.id,),
+            )
         short = store.create({**long, "num_frames": CHUNK})
         _until(lambda: store.get(short.id).status == "completed", "the next job", logs)
         left = store.get(stolen.id)

@@ -39,9 +39,27 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
     port, data, log = free_port(), root / "data", root / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "magi.serve", "--config", str(config), "--data_dir", str(data),
-                                 "--port", str(port), "--device", "cpu", "--api_key", KEY],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "magi.serve",
+                "--config",
+                str(config),
+                "--data_dir",
+                str(data),
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--api_key",
+                KEY,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     deadline = time.monotonic() + 120
     while True:

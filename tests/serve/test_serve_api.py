@@ -52,9 +52,28 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     ck = tiny_checkpoint
     write_tiny_config(root / "config.json", ck)
     data, port, log = root / "data", free_port(), root / "server.log"
-    cmd = [sys.executable, "-m", "magi.serve", "--config", str(root / "config.json"), "--data_dir", str(data),
-           "--port", str(port), "--api_key", KEY, "--no_worker", "--max_frames", str(MAX_FRAMES),
-           "--max_pixels", str(MAX_PIXELS), "--max_queued", str(MAX_QUEUED), "--max_upload_mb", str(MAX_UPLOAD_MB)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "magi.serve",
+        "--config",
+        str(root / "config.json"),
+        "--data_dir",
+        str(data),
+        "--port",
+        str(port),
+        "--api_key",
+        KEY,
+        "--no_worker",
+        "--max_frames",
+        str(MAX_FRAMES),
+        "--max_pixels",
+        str(MAX_PIXELS),
+        "--max_queued",
+        str(MAX_QUEUED),
+        "--max_upload_mb",
+        str(MAX_UPLOAD_MB),
+    ]
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(ck / "special_tokens.npz")}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
@@ -137,37 +156,42 @@ def test_auth(server: Server) -> None:
     assert httpx.get(server.url + "/static/no-such-file.js").status_code == 404  # open, just missing
     health = server.client.get("/health").json()
     assert health == {"status": "ok", "worker": {"status": "starting"}}
-    (server.data_dir / "worker.json").write_text(json.dumps({"pid": 1, "status": "ready", "error": None, "model": "tiny"}))
+    (server.data_dir / "worker.json").write_text(
+        json.dumps({"pid": 1, "status": "ready", "error": None, "model": "tiny"})
+    )
     assert server.client.get("/health").json()["worker"]["status"] == "ready"
     (server.data_dir / "worker.json").unlink()
 
 
 # ---- validation -----------------------------------------------------------------------------
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "mode": "t3v"}, "mode"),
-    ({"prompt": "x", "mode": "extend"}, "mode"),
-    ({"prompt": "   "}, "prompt"),
-    ({}, "prompt"),
-    ({"prompts": "a fox"}, "prompts"),
-    ({"prompts": ["a fox", 3]}, "prompts"),
-    ({"prompts": []}, "prompts"),
-    ({"prompt": "x", "prompts": ["y"]}, "prompts"),
-    ({"prompts": ["a"] * 9, "num_frames": 48}, "prompts"),  # 48 frames are 2 chunks
-    ({"prompt": "x", "num_frames": 0}, "num_frames"),
-    ({"prompt": "x", "num_frames": MAX_FRAMES + 1}, "num_frames"),
-    ({"prompt": "x", "num_frames": "many"}, "num_frames"),
-    ({"prompt": "x", "seconds": 1000}, "seconds"),
-    ({"prompt": "x", "size": "64"}, "size"),
-    ({"prompt": "x", "size": "64x60"}, "size"),
-    ({"prompt": "x", "size": [64, 64]}, "size"),
-    ({"prompt": "x", "size": "256x256"}, "size"),  # over max_pixels
-    ({"prompt": "x", "seed": "lucky"}, "seed"),
-    ({"prompt": "x", "seed": 2**64}, "seed"),
-    ({"prompt": "x", "seed": True}, "seed"),
-    ({"prompt": "x", "model": 5}, "model"),
-    ({"prompt": "x", "mode": "i2v"}, "image"),
-    ({"prompt": "x", "mode": "v2v"}, "prefix_video"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "x", "mode": "t3v"}, "mode"),
+        ({"prompt": "x", "mode": "extend"}, "mode"),
+        ({"prompt": "   "}, "prompt"),
+        ({}, "prompt"),
+        ({"prompts": "a fox"}, "prompts"),
+        ({"prompts": ["a fox", 3]}, "prompts"),
+        ({"prompts": []}, "prompts"),
+        ({"prompt": "x", "prompts": ["y"]}, "prompts"),
+        ({"prompts": ["a"] * 9, "num_frames": 48}, "prompts"),  # 48 frames are 2 chunks
+        ({"prompt": "x", "num_frames": 0}, "num_frames"),
+        ({"prompt": "x", "num_frames": MAX_FRAMES + 1}, "num_frames"),
+        ({"prompt": "x", "num_frames": "many"}, "num_frames"),
+        ({"prompt": "x", "seconds": 1000}, "seconds"),
+        ({"prompt": "x", "size": "64"}, "size"),
+        ({"prompt": "x", "size": "64x60"}, "size"),
+        ({"prompt": "x", "size": [64, 64]}, "size"),
+        ({"prompt": "x", "size": "256x256"}, "size"),  # over max_pixels
+        ({"prompt": "x", "seed": "lucky"}, "seed"),
+        ({"prompt": "x", "seed": 2**64}, "seed"),
+        ({"prompt": "x", "seed": True}, "seed"),
+        ({"prompt": "x", "model": 5}, "model"),
+        ({"prompt": "x", "mode": "i2v"}, "image"),
+        ({"prompt": "x", "mode": "v2v"}, "prefix_video"),
+    ],
+)
 def test_validation_errors(server: Server, body: dict, param: str) -> None:
     before = len(server.store.list(1000))
     _error(server.client.post("/v1/videos", json=body), 400, param)
@@ -175,10 +199,20 @@ def test_validation_errors(server: Server, body: dict, param: str) -> None:
 
 
 def test_bad_bodies_and_unknown_ids(server: Server) -> None:
-    _error(server.client.post("/v1/videos", content=b"{not json", headers={"content-type": "application/json"}), 400, None)
+    _error(
+        server.client.post("/v1/videos", content=b"{not json", headers={"content-type": "application/json"}), 400, None
+    )
     _error(server.client.post("/v1/videos", json=["a list"]), 400, None)
-    for method, path in (("GET", ""), ("GET", "/content"), ("GET", "/stream"), ("GET", "/stream/0"),
-                         ("GET", "/events"), ("POST", "/cancel"), ("POST", "/extend"), ("POST", "/prompt")):  # fmt: skip
+    for method, path in (
+        ("GET", ""),
+        ("GET", "/content"),
+        ("GET", "/stream"),
+        ("GET", "/stream/0"),
+        ("GET", "/events"),
+        ("POST", "/cancel"),
+        ("POST", "/extend"),
+        ("POST", "/prompt"),
+    ):
         r = server.client.request(method, f"/v1/videos/video_nope{path}", json={})
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
     _error(server.client.get("/v1/videos", params={"limit": 0}), 400, "limit")
@@ -192,9 +226,22 @@ def test_defaults_and_seconds(server: Server) -> None:
     assert job["seconds"] == "4" and job["progress"] == 0 and job["queue_position"] == 0
     assert job["timings"] == {"queue_wait_s": None, "time_to_first_chunk_s": None, "seconds_per_chunk": None}
     job = _create(server, num_frames=None, seconds=2, prompt=None, prompts=["a", "b"], seed=7, size="64x128")
-    assert (job["num_frames"], job["prompt"], job["prompts"], job["seed"], job["size"]) == (48, "a", ["a", "b"], 7, "64x128")
-    assert server.store.get(job["id"])["params"] == {"mode": "t2v", "prompts": ["a", "b"], "seed": 7, "num_frames": 48,
-                                                     "size": [64, 128], "image": None, "prefix_video": None}  # fmt: skip
+    assert (job["num_frames"], job["prompt"], job["prompts"], job["seed"], job["size"]) == (
+        48,
+        "a",
+        ["a", "b"],
+        7,
+        "64x128",
+    )
+    assert server.store.get(job["id"])["params"] == {
+        "mode": "t2v",
+        "prompts": ["a", "b"],
+        "seed": 7,
+        "num_frames": 48,
+        "size": [64, 128],
+        "image": None,
+        "prefix_video": None,
+    }
 
 
 # ---- uploads --------------------------------------------------------------------------------
@@ -210,8 +257,11 @@ def test_uploads(server: Server, media: dict[str, bytes]) -> None:
     assert r.status_code == 200 and r.json()["mode"] == "i2v"
     server.store.request_cancel(r.json()["id"])
 
-    r = server.client.post("/v1/videos", data={"num_frames": "48", "prompts": '["a", "b"]'},
-                           files={"prefix_video": ("clip.mp4", media["video"])})  # fmt: skip
+    r = server.client.post(
+        "/v1/videos",
+        data={"num_frames": "48", "prompts": '["a", "b"]'},
+        files={"prefix_video": ("clip.mp4", media["video"])},
+    )
     assert r.status_code == 200, r.text
     job = server.store.get(r.json()["id"])
     assert job["params"]["mode"] == "v2v" and job["params"]["prefix_video"] == "input.mp4"
@@ -223,17 +273,29 @@ def test_upload_errors(server: Server, media: dict[str, bytes]) -> None:
     before = len(server.store.list(1000))
     post = server.client.post
     _error(post("/v1/videos", data={"prompt": "x"}, files={"image": ("a.png", b"not an image at all")}), 422, "image")
-    _error(post("/v1/videos", data={"prompt": "x"}, files={"prefix_video": ("a.mp4", media["image"])}), 422, "prefix_video")
+    _error(
+        post("/v1/videos", data={"prompt": "x"}, files={"prefix_video": ("a.mp4", media["image"])}), 422, "prefix_video"
+    )
     _error(post("/v1/videos", data={"prompt": "x"}, files={"image": ("a.png", b"")}), 422, "image")
     big = b"\0" * int(MAX_UPLOAD_MB * 2**20 + 100)
     err = _error(post("/v1/videos", data={"prompt": "x"}, files={"image": ("a.png", big)}), 413, "image")
     assert err["code"] == "upload_too_large"
-    _error(post("/v1/videos", data={"prompt": "x", "mode": "t2v"}, files={"image": ("a.ppm", media["image"])}), 400, "image")
-    _error(post("/v1/videos", data={"prompt": "x", "mode": "i2v"}, files={"prefix_video": ("a.mp4", media["video"])}),
-           400, "image")  # fmt: skip
+    _error(
+        post("/v1/videos", data={"prompt": "x", "mode": "t2v"}, files={"image": ("a.ppm", media["image"])}),
+        400,
+        "image",
+    )
+    _error(
+        post("/v1/videos", data={"prompt": "x", "mode": "i2v"}, files={"prefix_video": ("a.mp4", media["video"])}),
+        400,
+        "image",
+    )
     _error(post("/v1/videos", data={"prompt": ""}, files={"image": ("a.ppm", media["image"])}), 400, "prompt")
-    _error(post("/v1/videos", data={"prompt": "x", "size": "256x256"}, files={"image": ("a.ppm", media["image"])}),
-           400, "size")  # fmt: skip
+    _error(
+        post("/v1/videos", data={"prompt": "x", "size": "256x256"}, files={"image": ("a.ppm", media["image"])}),
+        400,
+        "size",
+    )
     assert len(server.store.list(1000)) == before  # no job, half-made or not
     assert not any((server.data_dir / "uploads").iterdir())  # and no staged files left behind
     jobs_dir = server.data_dir / "jobs"
@@ -285,12 +347,19 @@ def test_prompt(server: Server) -> None:
     body = r.json()
     assert (body["id"], body["from_chunk"], body["prompt"]) == (job["id"], 1, "now it rains")
     assert [(e["id"], e["from_chunk"], e["prompt"]) for e in server.store.edits(job["id"])] == [
-        (body["edit_id"], 1, "now it rains")]  # fmt: skip
-    for bad, param in (({"prompt": "x"}, "from_chunk"), ({"from_chunk": -1, "prompt": "x"}, "from_chunk"),
-                       ({"from_chunk": "a", "prompt": "x"}, "from_chunk"), ({"from_chunk": 0, "prompt": ""}, "prompt")):  # fmt: skip
+        (body["edit_id"], 1, "now it rains")
+    ]
+    for bad, param in (
+        ({"prompt": "x"}, "from_chunk"),
+        ({"from_chunk": -1, "prompt": "x"}, "from_chunk"),
+        ({"from_chunk": "a", "prompt": "x"}, "from_chunk"),
+        ({"from_chunk": 0, "prompt": ""}, "prompt"),
+    ):
         _error(server.client.post(f"/v1/videos/{job['id']}/prompt", json=bad), 400, param)
     server.store.update(job["id"], status="in_progress", chunks_total=2)
-    _error(server.client.post(f"/v1/videos/{job['id']}/prompt", json={"from_chunk": 2, "prompt": "x"}), 400, "from_chunk")
+    _error(
+        server.client.post(f"/v1/videos/{job['id']}/prompt", json={"from_chunk": 2, "prompt": "x"}), 400, "from_chunk"
+    )
     server.store.update(job["id"], status="completed", finished_at=time.time())
     _error(server.client.post(f"/v1/videos/{job['id']}/prompt", json={"from_chunk": 1, "prompt": "x"}), 409, None)
 
@@ -311,7 +380,12 @@ def test_extend(server: Server) -> None:
     assert r.status_code == 200, r.text
     child = r.json()
     assert (child["mode"], child["parent_id"], child["num_frames"], child["size"], child["seed"]) == (
-        "extend", job["id"], 24, job["size"], job["seed"])  # fmt: skip
+        "extend",
+        job["id"],
+        24,
+        job["size"],
+        job["seed"],
+    )
     assert server.store.get(child["id"])["params"]["mode"] == "extend"
     r = server.client.post(f"/v1/videos/{job['id']}/extend", json={**body, "seconds": 2, "num_frames": None, "seed": 9})
     assert (r.json()["num_frames"], r.json()["seed"]) == (48, 9)
@@ -360,9 +434,9 @@ def _read_events(lines, until: str, out: list) -> None:
     event = None
     for line in lines:
         if line.startswith("event: "):
-            event = line[len("event: "):]
+            event = line[len("event: ") :]
         elif line.startswith("data: "):
-            out.append((event, json.loads(line[len("data: "):])))
+            out.append((event, json.loads(line[len("data: ") :])))
             if event == until:
                 return
 
@@ -409,11 +483,15 @@ def test_content_ranges(server: Server) -> None:
     r = server.client.get(url)
     assert r.status_code == 200 and r.content == whole and r.headers["accept-ranges"] == "bytes"
     n = len(whole)
-    for header, (a, b) in (("bytes=0-9", (0, 9)), ("bytes=10-", (10, n - 1)), ("bytes=-5", (n - 5, n - 1)),
-                           (f"bytes=5-{n + 100}", (5, n - 1))):  # fmt: skip
+    for header, (a, b) in (
+        ("bytes=0-9", (0, 9)),
+        ("bytes=10-", (10, n - 1)),
+        ("bytes=-5", (n - 5, n - 1)),
+        (f"bytes=5-{n + 100}", (5, n - 1)),
+    ):
         r = server.client.get(url, headers={"Range": header})
         assert r.status_code == 206, (header, r.text)
-        assert r.headers["content-range"] == f"bytes {a}-{b}/{n}" and r.content == whole[a:b + 1]
+        assert r.headers["content-range"] == f"bytes {a}-{b}/{n}" and r.content == whole[a : b + 1]
     for header in (f"bytes={n}-", "bytes=9-3"):
         r = server.client.get(url, headers={"Range": header})
         assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{n}", header
@@ -440,9 +518,11 @@ def test_supervisor_restarts_a_crashed_worker(tmp_path: Path) -> None:
     assert not sup._thread.is_alive() and done.read_text() == "x"  # exit 0: not restarted
 
     termed = tmp_path / "termed"
-    waits = (f"import signal, sys, time\n"
-             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(termed)!r}, 'w').write('saved'), sys.exit(0)))\n"
-             f"open({str(runs)!r}, 'w').write('up')\ntime.sleep(60)")  # fmt: skip
+    waits = (
+        f"import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(termed)!r}, 'w').write('saved'), sys.exit(0)))\n"
+        f"open({str(runs)!r}, 'w').write('up')\ntime.sleep(60)"
+    )
     sup = Supervisor([sys.executable, "-c", waits])
     sup.start()
     while runs.read_text() != "up" and time.monotonic() < deadline + 20:
@@ -457,8 +537,15 @@ def test_store_rows_are_typed(tmp_path: Path) -> None:
     from magi.serve.store import Edit, Job
 
     store = JobStore(tmp_path / "magi.db")
-    params = {"mode": "t2v", "prompts": ["a"], "seed": 3, "num_frames": 24, "size": [64, 64], "image": None,
-              "prefix_video": None}  # fmt: skip
+    params = {
+        "mode": "t2v",
+        "prompts": ["a"],
+        "seed": 3,
+        "num_frames": 24,
+        "size": [64, 64],
+        "image": None,
+        "prefix_video": None,
+    }
     job = store.create(params)
     assert isinstance(job, Job) and job.status == "queued" and job["status"] == "queued" and not job.ended
     assert job.params == params and job.cancel_requested is False and job.chunks_done == 0 and job.chunks_total is None
@@ -472,6 +559,11 @@ def test_store_rows_are_typed(tmp_path: Path) -> None:
         job["no_such_column"]
     edit_id = store.add_edit(job.id, 1, "rain")
     (edit,) = store.edits(job.id)
-    assert isinstance(edit, Edit) and (edit.id, edit.job_id, edit.from_chunk, edit.prompt) == (edit_id, job.id, 1, "rain")
+    assert isinstance(edit, Edit) and (edit.id, edit.job_id, edit.from_chunk, edit.prompt) == (
+        edit_id,
+        job.id,
+        1,
+        "rain",
+    )
     assert store.edits(job.id, after=edit_id) == []
     store.close()

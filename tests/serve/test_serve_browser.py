@@ -19,7 +19,9 @@ import pytest
 
 pytest.importorskip("fastapi", reason="magi serve needs the serve extra: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the browser tests use httpx: pip install -e '.[test]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright (pip install playwright; the driver only)")  # fmt: skip
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the browser tests need playwright (pip install playwright; the driver only)"
+)
 
 from magi.serve.store import JobStore  # noqa: E402
 from tests.helpers import REPO_ROOT as REPO, free_port, write_tiny_config  # noqa: E402
@@ -29,8 +31,14 @@ KEY = "browser-test-key"
 # 20 chunks of 24 frames at 64x64: a few seconds of work on CPU, long enough that the first
 # chunks play while the later ones are generated
 NUM_FRAMES = 480
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--autoplay-policy=no-user-gesture-required"]  # fmt: skip
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium browser (Debian: apt-get install chromium)")
 
@@ -42,8 +50,21 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     ck = tiny_checkpoint
     write_tiny_config(root / "config.json", ck, num_steps=8, window_size=4)
     data, port = root / "data", free_port()
-    cmd = [sys.executable, "-m", "magi.serve", "--config", str(root / "config.json"), "--data_dir", str(data),
-           "--port", str(port), "--device", "cpu", "--api_key", KEY]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "magi.serve",
+        "--config",
+        str(root / "config.json"),
+        "--data_dir",
+        str(data),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--api_key",
+        KEY,
+    ]
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(ck / "special_tokens.npz")}
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)

@@ -35,7 +35,9 @@ def setup(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(ck / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
     g = torch.Generator().manual_seed(5)
     image = root / "start.ppm"
-    image.write_bytes(b"P6 64 64 255\n" + torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=g).numpy().tobytes())
+    image.write_bytes(
+        b"P6 64 64 255\n" + torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=g).numpy().tobytes()
+    )
     video = root / "prefix.mp4"
     with Mp4Writer(video, 24) as w:
         w.append(torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8, generator=g))
@@ -49,10 +51,25 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(data_dir.parent / f"{data_dir.name}-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "magi.serve", "--config", str(setup["config"]),
-                                      "--data_dir", str(data_dir), "--port", str(self.port), "--device", "cpu"],
-                                     env=setup["env"], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "magi.serve",
+                "--config",
+                str(setup["config"]),
+                "--data_dir",
+                str(data_dir),
+                "--port",
+                str(self.port),
+                "--device",
+                "cpu",
+            ],
+            env=setup["env"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.client = httpx.Client(base_url=self.url, timeout=30)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -130,13 +147,19 @@ def server(setup: dict):
 def test_t2v_i2v_v2v_submit_poll_download(server: Server, setup: dict, tmp_path: Path) -> None:
     t2v = server.submit(prompt="a red fox", num_frames=2 * CHUNK, seed=7)
     with open(setup["image"], "rb") as f:
-        r = server.client.post("/v1/videos", data={"prompt": "a lake", "num_frames": "30"},
-                               files={"image": ("start.ppm", f, "image/x-portable-pixmap")})  # fmt: skip
+        r = server.client.post(
+            "/v1/videos",
+            data={"prompt": "a lake", "num_frames": "30"},
+            files={"image": ("start.ppm", f, "image/x-portable-pixmap")},
+        )
     assert r.status_code == 200, r.text
     i2v = r.json()["id"]
     with open(setup["video"], "rb") as f:
-        r = server.client.post("/v1/videos", data={"prompt": "the sea", "num_frames": "24"},
-                               files={"prefix_video": ("prefix.mp4", f, "video/mp4")})  # fmt: skip
+        r = server.client.post(
+            "/v1/videos",
+            data={"prompt": "the sea", "num_frames": "24"},
+            files={"prefix_video": ("prefix.mp4", f, "video/mp4")},
+        )
     assert r.status_code == 200, r.text
     v2v = r.json()["id"]
     for job_id, mode, frames in ((t2v, "t2v", 2 * CHUNK), (i2v, "i2v", 30), (v2v, "v2v", 24)):

@@ -27,10 +27,13 @@ def client(tiny_checkpoint: Path, tmp_path: Path) -> TestClient:
     app.state.store.close()
 
 
-@pytest.mark.parametrize("err, status, code", [
-    (OSError(errno.ENOSPC, "No space left on device"), 507, "insufficient_storage"),
-    (RuntimeError("/srv/secret/place broke"), 500, "internal_error"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "err, status, code",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 507, "insufficient_storage"),
+        (RuntimeError("/srv/secret/place broke"), 500, "internal_error"),
+    ],
+)
 def test_unforeseen_errors_answer_json(client: TestClient, monkeypatch, err: Exception, status: int, code: str) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise err

@@ -36,8 +36,20 @@ def setup(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def _serve_cmd(setup: dict, data: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "magi.serve", "--config", str(setup["config"]), "--data_dir", str(data),
-            "--port", str(port), "--device", "cpu", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "magi.serve",
+        "--config",
+        str(setup["config"]),
+        "--data_dir",
+        str(data),
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 class Server:
@@ -47,8 +59,13 @@ class Server:
         self.port, self.data = free_port(), data
         self.log_path = data.parent / f"{data.name}-{self.port}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(_serve_cmd(setup, data, self.port, *extra), env=setup["env"], stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            _serve_cmd(setup, data, self.port, *extra),
+            env=setup["env"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -125,8 +142,13 @@ def test_a_graceful_stop_mid_job_resumes_to_every_frame(setup: dict, tmp_path: P
 
 
 def _run_server(setup: dict, data: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_serve_cmd(setup, data, port, "--no_worker", *extra), env=setup["env"],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        _serve_cmd(setup, data, port, "--no_worker", *extra),
+        env=setup["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_a_corrupt_database_is_one_error_line_and_exit_2(setup: dict, tmp_path: Path) -> None:
@@ -204,13 +226,19 @@ def test_an_upload_killed_midway_leaves_no_staging_files(setup: dict, tmp_path: 
     srv = Server(setup, data, "--no_worker", ready=False)
     try:
         boundary = "b0undary"
-        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na cat\r\n--{boundary}\r\n"
-                f"Content-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-                "Content-Type: image/png\r\n\r\n").encode()  # fmt: skip
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na cat\r\n--{boundary}\r\n'
+            f'Content-Disposition: form-data; name="image"; filename="x.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
         with socket.create_connection(("127.0.0.1", srv.port)) as conn:
-            conn.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                         + f"boundary={boundary}\r\nContent-Length: 5000000\r\n\r\n".encode() + head
-                         + b"\x89PNG" + b"\0" * 200_000)  # fmt: skip
+            conn.sendall(
+                b"POST /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                + f"boundary={boundary}\r\nContent-Length: 5000000\r\n\r\n".encode()
+                + head
+                + b"\x89PNG"
+                + b"\0" * 200_000
+            )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not any((data / "uploads").glob("*")):
                 time.sleep(0.05)

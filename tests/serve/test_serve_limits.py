@@ -112,8 +112,9 @@ def test_finished_jobs_are_kept_by_the_retention_rule(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_job_stuck_before_its_first_step_with_no_worker_is_cancelled_at_once(client: TestClient,
-                                                                                tmp_path: Path) -> None:  # fmt: skip
+def test_a_job_stuck_before_its_first_step_with_no_worker_is_cancelled_at_once(
+    client: TestClient, tmp_path: Path
+) -> None:
     job = client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 24}).json()["id"]
     worker = JobStore(tmp_path / "data" / "magi.db")
     try:

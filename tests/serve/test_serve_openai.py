@@ -34,8 +34,9 @@ def served(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_create_poll_retrieve_download_thumbnail(served, tmp_path: Path) -> None:
     url, client, _ = served
-    video = client.videos.create_and_poll(prompt="a red fox in the snow", seconds="1", size="64x64",
-                                          poll_interval_ms=50)  # fmt: skip
+    video = client.videos.create_and_poll(
+        prompt="a red fox in the snow", seconds="1", size="64x64", poll_interval_ms=50
+    )
     assert video.status == "completed" and video.id.startswith("video_") and video.progress == 100
     assert (video.size, video.seconds, video.object) == ("64x64", "1", "video")
     again = client.videos.retrieve(video.id)
@@ -109,8 +110,13 @@ def test_head_and_429(served) -> None:
     url, client, worker = served
     auth = {"Authorization": f"Bearer {KEY}"}
     video = client.videos.create_and_poll(prompt="head", seconds="1", poll_interval_ms=50)
-    for path in ("/health", "/v1/videos", f"/v1/videos/{video.id}", f"/v1/videos/{video.id}/content",
-                 f"/v1/videos/{video.id}/events"):  # fmt: skip
+    for path in (
+        "/health",
+        "/v1/videos",
+        f"/v1/videos/{video.id}",
+        f"/v1/videos/{video.id}/content",
+        f"/v1/videos/{video.id}/events",
+    ):
         get = httpx.get(url + path, headers=auth, timeout=20) if not path.endswith("events") else None
         head = httpx.head(url + path, headers=auth, timeout=20)
         assert head.status_code == 200 and head.content == b"", (path, head.status_code)

@@ -35,15 +35,18 @@ def _error(r: httpx.Response, param: str | None, status: int = 400) -> dict:
     return err
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "a fox", "frames": 48}, "frames"),
-    ({"prompt": "a fox", "num_frames": 24, "negative_prompt": "x"}, "negative_prompt"),
-    ({"prompt": "a fox", "num_frames": [24]}, "num_frames"),
-    ({"prompt": 5}, "prompt"),
-    ({"prompt": "a fox", "seconds": {"s": 1}}, "seconds"),
-    ({"prompt": "a fox", "num_frames": 2**63}, "num_frames"),
-    ({"prompt": "a fox", "size": 64}, "size"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "a fox", "frames": 48}, "frames"),
+        ({"prompt": "a fox", "num_frames": 24, "negative_prompt": "x"}, "negative_prompt"),
+        ({"prompt": "a fox", "num_frames": [24]}, "num_frames"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": "a fox", "seconds": {"s": 1}}, "seconds"),
+        ({"prompt": "a fox", "num_frames": 2**63}, "num_frames"),
+        ({"prompt": "a fox", "size": 64}, "size"),
+    ],
+)
 def test_create_refuses_unknown_and_mistyped_fields(served, body: dict, param: str) -> None:
     _, client, _ = served
     err = _error(client.post("/v1/videos", json=body), param)
@@ -57,15 +60,18 @@ def test_unknown_form_field_is_refused(served) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] in ("frames", "unused"), r.text
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"from_chunk": 2**63, "prompt": "x"}, "from_chunk"),
-    ({"from_chunk": -1, "prompt": "x"}, "from_chunk"),
-    ({"from_chunk": 1.5, "prompt": "x"}, "from_chunk"),
-    ({"from_chunk": "one", "prompt": "x"}, "from_chunk"),
-    ({"from_chunk": 5, "prompt": "x"}, "from_chunk"),  # the queued 24-frame job has 1 chunk
-    ({"from_chunk": 0, "prompt": "x", "chunk": 0}, "chunk"),
-    ({"from_chunk": 0}, "prompt"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"from_chunk": 2**63, "prompt": "x"}, "from_chunk"),
+        ({"from_chunk": -1, "prompt": "x"}, "from_chunk"),
+        ({"from_chunk": 1.5, "prompt": "x"}, "from_chunk"),
+        ({"from_chunk": "one", "prompt": "x"}, "from_chunk"),
+        ({"from_chunk": 5, "prompt": "x"}, "from_chunk"),  # the queued 24-frame job has 1 chunk
+        ({"from_chunk": 0, "prompt": "x", "chunk": 0}, "chunk"),
+        ({"from_chunk": 0}, "prompt"),
+    ],
+)
 def test_prompt_edit_ranges_are_400(served, body: dict, param: str) -> None:
     _, client, _ = served
     job = client.post("/v1/videos", json={"prompt": "a fox", "num_frames": 24}).json()
@@ -107,10 +113,32 @@ def test_schemathesis_finds_no_server_error(served, tmp_path: Path) -> None:
         job = client.post("/v1/videos", json={"prompt": "a fox", "num_frames": 24}).json()
         config = tmp_path / "schemathesis.toml"  # the path operations are fuzzed on a real, completed job
         config.write_text(f'[parameters]\n"path.job_id" = "{job["id"]}"\n')
-        cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{url}/openapi.json",
-               "--checks", "not_a_server_error", "--max-examples", "25", "--seed", "1",
-               "--header", f"Authorization: Bearer {KEY}", "--exclude-path-regex", "/(stream|events)",
-               "--request-timeout", "20", "--no-color", "--phases", "examples,coverage,fuzzing", "--workers", "1"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "--config-file",
+            str(config),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--header",
+            f"Authorization: Bearer {KEY}",
+            "--exclude-path-regex",
+            "/(stream|events)",
+            "--request-timeout",
+            "20",
+            "--no-color",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--workers",
+            "1",
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=420, check=False, cwd=tmp_path)
     finally:
         worker.close()

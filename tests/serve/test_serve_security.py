@@ -27,8 +27,19 @@ KEY = "s3cret-key-from-a-file"
 
 def _start(root: Path, name: str, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "magi.serve", "--config", str(root / "config.json"), "--data_dir",
-           str(root / name), "--port", str(port), "--no_worker", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "magi.serve",
+        "--config",
+        str(root / "config.json"),
+        "--data_dir",
+        str(root / name),
+        "--port",
+        str(port),
+        "--no_worker",
+        *extra,
+    ]
     log = open(root / f"{name}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MAGI_API_KEY": ""})
     url = f"http://127.0.0.1:{port}"
@@ -59,9 +70,11 @@ def servers(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_cross_site_posts_are_refused_without_a_key(servers: dict) -> None:
     url = servers["open"]
     body = '{"prompt": "a cat", "num_frames": 24}'
-    for headers in ({"Origin": "https://evil.example", "Content-Type": "text/plain"},
-                    {"Origin": "null", "Content-Type": "application/x-www-form-urlencoded"},
-                    {"Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"}):  # fmt: skip
+    for headers in (
+        {"Origin": "https://evil.example", "Content-Type": "text/plain"},
+        {"Origin": "null", "Content-Type": "application/x-www-form-urlencoded"},
+        {"Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"},
+    ):
         r = httpx.post(url + "/v1/videos", content=body, headers=headers)
         assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin", r.text
     assert httpx.get(url + "/v1/videos", headers={"Origin": "https://evil.example"}).status_code == 200  # reads: CORS
@@ -97,9 +110,25 @@ def test_a_key_on_the_command_line_is_warned_about(servers: dict) -> None:
     root = servers["root"]
     (root / "corrupt").mkdir()
     (root / "corrupt" / "magi.db").write_bytes(b"junk" * 100)  # the server stops right after the warning
-    out = subprocess.run([sys.executable, "-m", "magi.serve", "--config", str(root / "config.json"), "--data_dir",
-                          str(root / "corrupt"), "--port", str(free_port()), "--api_key", "k", "--no_worker"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "magi.serve",
+            "--config",
+            str(root / "config.json"),
+            "--data_dir",
+            str(root / "corrupt"),
+            "--port",
+            str(free_port()),
+            "--api_key",
+            "k",
+            "--no_worker",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2, out.stderr
     assert "warning: --api_key on the command line is visible" in out.stderr, out.stderr
 
@@ -124,8 +153,14 @@ def test_slow_clients_cannot_pile_up_connections(servers: dict) -> None:
 def _handshake(url: str, host: str, origin: str | None) -> bytes:
     """The status line of a raw WebSocket handshake to the realtime route with these headers."""
     port = int(url.rsplit(":", 1)[1])
-    lines = ["GET /v1/realtime/video HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
-             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]  # fmt: skip
+    lines = [
+        "GET /v1/realtime/video HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
     if origin is not None:
         lines.append(f"Origin: {origin}")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
@@ -140,4 +175,4 @@ def test_cross_site_websockets_and_foreign_hosts_are_refused(servers: dict) -> N
     assert b" 403 " in _handshake(url, own, "https://evil.example") + b" "
     assert b" 403 " in _handshake(url, "attacker.example", None) + b" "
     assert b" 101 " in _handshake(url, own, url) + b" "  # the server's own page
-    assert b" 101 " in _handshake(url, own, None)  + b" "  # a client that sends no Origin
+    assert b" 101 " in _handshake(url, own, None) + b" "  # a client that sends no Origin

@@ -71,8 +71,13 @@ def test_steering_is_answered_shown_and_announced(served) -> None:
     store.update(job["id"], status="completed", finished_at=time.time())
     with client.stream("GET", f"/v1/videos/{job['id']}/events") as events:
         text = "".join(events.iter_text()).replace("\r\n", "\n")
-    steers = [json.loads(line[5:]) for block in text.split("\n\n") if "event: steer" in block
-              for line in block.splitlines() if line.startswith("data:")]  # fmt: skip
+    steers = [
+        json.loads(line[5:])
+        for block in text.split("\n\n")
+        if "event: steer" in block
+        for line in block.splitlines()
+        if line.startswith("data:")
+    ]
     assert [(s["edit_id"], s["applies_from"], s["prompt"]) for s in steers] == [
         (queued["edit_id"], 0, "a wolf"),
         (late["edit_id"], window, "a bear"),

@@ -33,8 +33,20 @@ def _chunk(i: int, frames: int) -> VideoChunk:
 
 def _decoded(source: str | Path) -> tuple[list[int], list[int]]:
     """(pts in frames, mean grey level) of every decoded frame of ``source``, a file or a URL."""
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(source), "-map", "0:v", "-vf", "format=gray",
-           "-f", "framecrc", "-"]  # fmt: skip
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-v",
+        "error",
+        "-i",
+        str(source),
+        "-map",
+        "0:v",
+        "-vf",
+        "format=gray",
+        "-f",
+        "framecrc",
+        "-",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
     pts = [int(line.split(",")[2]) for line in done.stdout.splitlines() if line and not line.startswith("#")]
     raw = subprocess.run([*cmd[:-3], "-f", "rawvideo", "-"], capture_output=True, timeout=60, check=True).stdout
