@@ -111,14 +111,19 @@ def _attempts(data: Path, job_id: str) -> int:
         store.close()
 
 
+STOP_CHUNKS = 48  # 1152 frames, under the server's 1440
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_graceful_stop_mid_job_resumes_to_every_frame(setup: dict, tmp_path: Path, signum: int) -> None:
     data = tmp_path / "data"
     srv = Server(setup, data)
     try:
-        r = srv.client.post("/v1/videos", json={"prompt": "a long walk", "num_frames": 12 * CHUNK, "seed": 2})
+        # long enough that the stop lands mid-job also on an idle machine (a tiny chunk takes ~0.1 s)
+        r = srv.client.post("/v1/videos", json={"prompt": "a long walk", "num_frames": STOP_CHUNKS * CHUNK, "seed": 2})
         job_id = r.json()["id"]
         srv.wait(job_id, until=lambda j: j["chunks_done"] >= 1)
+        assert srv.job(job_id)["status"] == "in_progress"
         start = time.monotonic()
         if signum == signal.SIGINT:
             os.killpg(srv.proc.pid, signum)  # Ctrl-C in a terminal: the whole process group
@@ -134,7 +139,7 @@ def test_a_graceful_stop_mid_job_resumes_to_every_frame(setup: dict, tmp_path: P
     try:
         job = srv.wait(job_id)
         assert job["status"] == "completed", job
-        assert job["frames_done"] == 12 * CHUNK
+        assert job["frames_done"] == STOP_CHUNKS * CHUNK
         assert srv.client.get(f"/v1/videos/{job_id}/content").status_code == 200
         assert _attempts(data, job_id) == 1
     finally:
