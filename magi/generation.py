@@ -34,6 +34,7 @@ from magi.sampling.chunks import ChunkPlan, Step
 from magi.sampling.denoise import denoise
 from magi.sampling.noise import InitialNoise
 from magi.sinks import Outputs, StateSaver, progress_bar, show_progress
+from magi.state import state_identity
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ def chunks(
     frame budget; ``saver`` sees every resume point."""
     plan = run.plan
     cache = KVCache(plan.max_cached_chunks(), offload=engine.config.engine.kv_offload)
+    # What a saved state must match (hashes the checkpoint's index): once per run, not per chunk.
+    identity = None if saver is None else state_identity(engine.config, engine.compat)
     # Closed however the run ends (done, error, Ctrl-C, generator dropped): frees the noise's
     # memory or temporary file.
     with initial_noise(engine, run) as noise:
@@ -204,7 +207,7 @@ def chunks(
 
         def at_step(step: Step, window: dict[int, torch.Tensor]) -> None:
             if saver is not None and step.finished is not None:
-                saver.chunk_done(snapshot(engine, run, step.index + 1, window))
+                saver.chunk_done(snapshot(run, step.index + 1, window, identity))
 
         for index, latent in denoise(
             engine.dit,

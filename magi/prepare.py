@@ -24,7 +24,7 @@ from magi.prompts import PromptEncoder
 from magi.request import check_frames, check_mode, check_prompts_fit, check_seed, prompt_list
 from magi.sampling.chunks import ChunkPlan
 from magi.sampling.denoise import SamplerSettings
-from magi.state import GenerationState, StateError, state_identity, state_tail
+from magi.state import GenerationState, StateError, state_tail
 
 # Clean chunks a state keeps for extend: what a new chunk can still see (max(kv range) - 1 with
 # the shipped (5, 4, 3, 2)); the first generated chunks of an extension attend to them.
@@ -163,7 +163,7 @@ def extension_prefix(state: GenerationState, where: object) -> torch.Tensor:
     return torch.cat([t for _, t in tail], dim=2)
 
 
-def snapshot(engine: Engine, run: Run, next_step: int, window: dict[int, torch.Tensor]) -> GenerationState:
+def snapshot(run: Run, next_step: int, window: dict[int, torch.Tensor], identity: dict) -> GenerationState:
     """The state after step next_step - 1 (copies of the live window's latents, on CPU)."""
     caps = run.captions
     meta = {
@@ -183,7 +183,7 @@ def snapshot(engine: Engine, run: Run, next_step: int, window: dict[int, torch.T
         "chunk_prompts": caps.chunk_prompts,
         "special_tokens": dataclasses.asdict(caps.options),
         "settings": dataclasses.asdict(run.settings),
-        "identity": state_identity(engine.config, engine.compat),
+        "identity": identity,
     }
     window = {c: t.detach().float().cpu().clone() for c, t in window.items()}
     prefix = None if run.prefix is None else run.prefix.detach().cpu()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import numbers
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 MODES = ("t2v", "i2v", "v2v")
@@ -268,8 +267,3 @@ def parse_steer_line(raw: bytes) -> tuple[int, str]:
         raise RequestError(f"prompt must be a non-empty string, got {text!r}"[:200], "prompt")
     check_text(text, "prompt")
     return from_chunk, text
-
-
-def check_prompts(prompts: Sequence[str], name: str = "prompt") -> list[str]:
-    """Each of a list of prompts checked as ``check_text`` (for prompt lists from the HTTP API)."""
-    return [check_text(p, name) for p in prompts]

@@ -27,9 +27,6 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.25
 
 
-parse_line = parse_steer_line  # (from_chunk, prompt) of one line; RequestError naming what is wrong
-
-
 def check_file(path: str | Path, chunks: int | None = None) -> None:
     """Check the complete lines a steer file holds already (before a run starts).
 
@@ -48,7 +45,7 @@ def check_file(path: str | Path, chunks: int | None = None) -> None:
         if not raw.strip():
             continue
         try:
-            from_chunk, _ = parse_line(raw)
+            from_chunk, _ = parse_steer_line(raw)
         except ValueError as err:
             raise ValueError(f"--steer {path} line {number}: {err}") from None
         if chunks is not None and from_chunk >= chunks:
@@ -124,7 +121,7 @@ class SteerFile:
             return
         where = f"--steer {self.path} line {self._line}"
         try:
-            from_chunk, text = parse_line(raw)
+            from_chunk, text = parse_steer_line(raw)
             self.control.set_prompt(from_chunk, text, generated=True)
         except ValueError as err:
             self._warn(f"{where}: {err}; skipped")
