@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from magi.serve.protocol import MAX_FRAMES, MAX_PIXELS, MAX_QUEUED, MAX_UPLOAD_BYTES
-from magi.serve.worker import KEEP_JOBS
+from magi.serve.worker import KEEP_JOBS, LEASE_S
 
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 30.0
@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_CONNECTIONS,
         help=f"most open connections; more get 503 at once, so slow clients cannot pile up (default {MAX_CONNECTIONS})",
     )
+    p.add_argument("--lease_s", type=float, default=LEASE_S, metavar="S",
+                   help=f"with a postgresql:// --db: a dead worker's job is claimable again after S s (default {LEASE_S:g})")  # fmt: skip
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run as a Ray Serve application: an HTTP ingress and --replicas worker replicas (pip install "
+                        "'magi[ray]'); ADDRESS: 'auto', ray://host:port, or none to start a local Ray")  # fmt: skip
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: worker replicas (default 1)")
+    p.add_argument("--max_replicas", type=int, default=None, metavar="M",
+                   help="with --ray: autoscale between --replicas and M replicas by the job queue's length")  # fmt: skip
     p.add_argument("--no_worker", action="store_true", help=argparse.SUPPRESS)  # API tests: no model
     return p
 
@@ -126,6 +134,11 @@ def _check(args: argparse.Namespace) -> None:
     for flag in ("max_frames", "max_pixels", "max_queued", "max_connections"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+        raise UsageError(f"--replicas must be >= 1 and --max_replicas >= --replicas, got {args.replicas} and "
+                         f"{args.max_replicas}")  # fmt: skip
+    if not args.lease_s > 0:
+        raise UsageError(f"--lease_s must be > 0, got {args.lease_s}")
     if args.keep_jobs < 0:
         raise UsageError(f"--keep_jobs must be >= 0, got {args.keep_jobs}")
     if args.keep_days is not None and not args.keep_days > 0:
@@ -213,6 +226,15 @@ class Supervisor:
                   file=sys.stderr, flush=True)  # fmt: skip
             self._stopping.wait(RESTART_DELAY_S)
 
+    def pid(self) -> int | None:
+        """The running worker's pid (None between restarts)."""
+        proc = self._proc
+        return None if proc is None or proc.poll() is not None else proc.pid
+
+    def alive(self) -> bool:
+        """Whether it still runs or restarts the worker (False once it exited 0 or was stopped)."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM the worker (it saves its job's state) and wait up to ``timeout`` s, then kill it."""
         with self._lock:
@@ -251,6 +273,28 @@ def _serve(app: object, args: argparse.Namespace) -> None:
     Server(config).run()  # returns once the server has stopped
 
 
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    """``--ray``: the same API as a Ray Serve application (``magi.serve.ray_app``) until SIGINT / SIGTERM."""
+    try:
+        from magi.serve import ray_app
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
+    options = ray_app.RayServeOptions(
+        config=str(Path(args.config).resolve()), data_dir=str(Path(args.data_dir).resolve()), db=args.db,
+        replicas=args.replicas, max_replicas=args.max_replicas, lease_s=args.lease_s, device=args.device,
+        api_key=args.api_key, max_frames=args.max_frames, max_pixels=args.max_pixels, max_queued=args.max_queued,
+        max_upload_bytes=int(args.max_upload_mb * 2**20), keep_jobs=args.keep_jobs, keep_days=args.keep_days,
+        bound_host=args.host, allowed_hosts=hosts)  # fmt: skip
+    try:
+        ray_app.run_on_ray(options, None if args.ray == "local" else args.ray, args.host, args.port, threading.Event())
+    except (ValueError, ConnectionError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _console_log() -> None:
     """One line per job event (queued, steered, ...) of the ``magi.serve`` logger on stderr."""
     log = logging.getLogger("magi.serve")
@@ -279,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a == "--api_key" or a.startswith("--api_key=") for a in argv):
         print("warning: --api_key on the command line is visible to every user in ps; use MAGI_API_KEY or "
               "--api_key_file", file=sys.stderr)  # fmt: skip
+    if args.ray is not None:
+        return _serve_on_ray(args)
     try:
         app = _app(args)
     except UsageError as err:
@@ -291,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd += ["--db", args.db]
         if args.device:
             cmd += ["--device", args.device]
-        cmd += ["--keep_jobs", str(args.keep_jobs)] + (["--keep_days", str(args.keep_days)] if args.keep_days else [])
+        cmd += ["--lease_s", str(args.lease_s), "--keep_jobs", str(args.keep_jobs)]
+        cmd += ["--keep_days", str(args.keep_days)] if args.keep_days else []
         supervisor = Supervisor(cmd)
         supervisor.start()
     try:

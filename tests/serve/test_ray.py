@@ -1,0 +1,234 @@
+"""magi serve as a Ray Serve application (``magi.serve.ray_app``) on a local Ray cluster the module
+starts once (4 logical CPUs standing in for GPUs, no dashboard), over a real PostgreSQL and one
+shared data folder, with 2 worker replicas on the tiny checkpoint and a 2 s lease:
+
+- two jobs submitted through the HTTP ingress run at once on the two replicas (``claimed_by``
+  differs), each replica in its own STRICT_PACK placement group;
+- the replica running a long job is SIGKILLed mid-job: the other replica claims the job once the
+  lease ran out, resumes it, and the video equals an uninterrupted run of the same request;
+- a history of every job's ``claimed_by`` / attempts, polled all along, shows one claimant per
+  attempt and no claim before the previous claimant's lease ran out;
+- deleting the application (Serve stops the replicas) saves the running job and releases it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="the Ray Serve tests need ray: pip install -e '.[ray]'")
+serve = pytest.importorskip("ray.serve", reason="the Ray Serve tests need ray[serve]: pip install -e '.[ray]'")
+psycopg = pytest.importorskip("psycopg", reason="the shared job store needs psycopg 3: pip install -e '.[postgres]'")
+imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="decoding the videos needs imageio-ffmpeg")
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
+
+from magi.serve.ray_app import APP_NAME, QUEUE_METRIC, RayServeOptions, application, check, placement, queue_policy  # noqa: E402
+from magi.serve.store_pg import PgJobStore  # noqa: E402
+from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
+from tests.serve.pg import pg_bin, postgres_server  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+TIMEOUT = 300.0  # s for one step of the scenario on a loaded 2-core machine
+LEASE_S = 2.0
+LONG = 16  # chunks of the job that is killed mid-way
+
+
+def _until(check: Callable[[], object], what: str) -> object:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    if pg_bin() is None:
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint: Path) -> Iterator[int]:
+    """A local Ray cluster with Serve's HTTP proxy on a free port (yielded); stopped at the end."""
+    saved = os.environ.get("SPECIAL_TOKEN_PATH")
+    os.environ["SPECIAL_TOKEN_PATH"] = str(tiny_checkpoint / "special_tokens.npz")  # inherited by the replicas
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if saved is None:
+                os.environ.pop("SPECIAL_TOKEN_PATH", None)
+            else:
+                os.environ["SPECIAL_TOKEN_PATH"] = saved
+
+
+class History:
+    """Polls every job's (claimed_by, attempts, lease_until) with the database's clock, in a thread."""
+
+    def __init__(self, url: str) -> None:
+        self.rows: dict[str, list[tuple[float, str | None, int, float | None]]] = {}
+        self._stop = threading.Event()
+        self._db = psycopg.connect(url, autocommit=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            now = self._db.execute("SELECT extract(epoch from clock_timestamp())").fetchone()[0]
+            for job_id, who, attempts, until in self._db.execute(
+                "SELECT id, claimed_by, attempts, lease_until FROM jobs"
+            ).fetchall():
+                seen = self.rows.setdefault(job_id, [])
+                if not seen or seen[-1][1:3] != (who, attempts) or seen[-1][3] != until:
+                    seen.append((float(now), who, attempts, until))
+
+    def claims(self, job_id: str) -> list[tuple[float, str, int, float | None]]:
+        """The job's claims in order: (first seen at, claimant, attempts then, its last lease end)."""
+        out: list = []
+        for at, who, attempts, until in self.rows.get(job_id, []):
+            if who is None:
+                continue
+            if out and out[-1][1] == who:
+                out[-1] = (out[-1][0], who, attempts, until)
+            else:
+                out.append((at, who, attempts, until))
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._db.close()
+
+
+@pytest.fixture(scope="module")
+def deployed(cluster: int, pg_url: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    root = tmp_path_factory.mktemp("ray")
+    config = write_tiny_config(root / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
+    data = root / "shared"
+    opts = RayServeOptions(config=str(config), data_dir=str(data), db=pg_url, replicas=2, lease_s=LEASE_S, device="cpu")
+    serve.run(application(opts), name=APP_NAME, route_prefix="/")
+    store, history = PgJobStore(pg_url), History(pg_url)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{cluster}", timeout=60)
+    try:
+        yield SimpleNamespace(data=data, store=store, history=history, client=client, jobs={})
+    finally:
+        client.close()
+        history.close()
+        store.close()
+        serve.delete(APP_NAME)
+
+
+def _submit(client: httpx.Client, **body: object) -> str:
+    r = client.post("/v1/videos", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def _frames(path: Path) -> torch.Tensor:
+    reader = imageio_ffmpeg.read_frames(str(path))
+    w, h = next(reader)["size"]
+    return torch.stack([torch.frombuffer(bytearray(f), dtype=torch.uint8).reshape(h, w, 3) for f in reader])
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_two_jobs_at_once_run_on_the_two_replicas(deployed: SimpleNamespace) -> None:
+    d = deployed
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    assert len(groups) == 2 and all(g["strategy"] == "STRICT_PACK" for g in groups), groups
+    assert all(list(g["bundles"].values()) == [{"CPU": 1.0}] for g in groups), groups
+    long = _submit(d.client, prompt="a long walk", num_frames=LONG * CHUNK, seed=21)
+    _until(lambda: d.store.get(long).chunks_done >= 1, "the long job's first chunk")
+    short = _submit(d.client, prompt="a short hop", num_frames=CHUNK, seed=3)
+    _until(lambda: d.store.get(short).status == "completed", "the short job")
+    assert d.store.get(long).status == "in_progress", "the long job ended before the short one: lengthen it"
+    first, second = d.store.lease(long)[0], d.store.lease(short)[0]
+    assert first.split(":")[1] != second.split(":")[1], (first, second)  # two worker processes ...
+    assert _ppid(int(first.split(":")[1])) != _ppid(int(second.split(":")[1]))  # ... of two replicas
+    d.jobs.update(long=long, first=first, second=second)
+
+
+def test_a_killed_replica_s_job_resumes_on_the_other_to_the_same_frames(deployed: SimpleNamespace) -> None:
+    d = deployed
+    if "long" not in d.jobs:
+        pytest.skip("needs the jobs of test_two_jobs_at_once_run_on_the_two_replicas")
+    long, first, second = d.jobs["long"], d.jobs["first"], d.jobs["second"]
+    assert d.store.get(long).status == "in_progress", "the long job ended before its replica could be killed"
+    os.kill(_ppid(int(first.split(":")[1])), signal.SIGKILL)  # the replica actor; its worker dies with it
+    _until(lambda: d.store.lease(long)[0] != first, "another worker to claim the job")
+    assert d.store.lease(long)[0] == second, "the job was not resumed by the surviving replica's worker"
+    done = _until(lambda: (j := d.store.get(long)).ended and j, "the resumed job to finish")
+    assert done.status == "completed" and done.attempts == 2, done
+    again = _submit(d.client, prompt="a long walk", num_frames=LONG * CHUNK, seed=21)  # uninterrupted
+    assert _until(lambda: (j := d.store.get(again)).ended and j, "the same request again").status == "completed"
+    resumed = _frames(d.data / "jobs" / long / "video.mp4")
+    assert len(resumed) == LONG * CHUNK
+    assert torch.equal(resumed, _frames(d.data / "jobs" / again / "video.mp4"))
+
+
+def test_no_job_ever_had_two_claimants_at_once(deployed: SimpleNamespace) -> None:
+    d = deployed
+    if "long" not in d.jobs:
+        pytest.skip("needs the jobs of the tests above")
+    time.sleep(0.2)  # one more poll of the history
+    for job_id in d.history.rows:
+        claims = d.history.claims(job_id)
+        assert [attempts for _, _, attempts, _ in claims] == list(range(1, len(claims) + 1)), claims
+        for before, after in zip(claims, claims[1:]):
+            assert after[0] >= before[3], f"{job_id} claimed by {after[1]} before {before[1]}'s lease ran out"
+    claims = d.history.claims(d.jobs["long"])
+    assert [who for _, who, _, _ in claims] == [d.jobs["first"], d.jobs["second"]], claims
+
+
+def test_deleting_the_application_saves_and_releases_the_running_job(deployed: SimpleNamespace) -> None:
+    d = deployed
+    job = _submit(d.client, prompt="interrupted", num_frames=LONG * CHUNK, seed=5)
+    _until(lambda: d.store.get(job).chunks_done >= 1, "the job's first chunk")
+    serve.delete(APP_NAME)  # Serve stops every replica; each SIGTERMs its worker
+    row = d.store.get(job)
+    assert row.status == "in_progress" and row.chunks_done < LONG, row
+    assert d.store.lease(job) == (None, None)  # released: claimable at once, no lease to wait for
+    assert (d.data / "jobs" / job / "state.safetensors").is_file()
+
+
+def test_queue_policy_asks_one_replica_per_waiting_job() -> None:
+    ctx = SimpleNamespace(aggregated_metrics={QUEUE_METRIC: {"r1": 3.0, "r2": 2.0}}, target_num_replicas=1)
+    assert queue_policy(ctx) == (3, {})
+    assert queue_policy(SimpleNamespace(aggregated_metrics={}, target_num_replicas=2)) == (2, {})
+
+
+def test_placement_and_the_world_size_check(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    gpu = placement(2, gpu=True)
+    assert gpu["placement_group_bundles"] == [{"GPU": 1, "CPU": 1}] * 2
+    assert gpu["placement_group_strategy"] == "STRICT_PACK" and gpu["ray_actor_options"]["num_gpus"] == 1
+    config = write_tiny_config(tmp_path / "c.json", tiny_checkpoint)
+    assert check(RayServeOptions(config=str(config), data_dir=str(tmp_path))) == 1
+    with pytest.raises(ValueError, match="replicas"):
+        check(RayServeOptions(config=str(config), data_dir=str(tmp_path), replicas=2, max_replicas=1))
+    raw = json.loads(config.read_text())
+    raw["engine_config"].update(cp_size=2, cp_strategy="cp_ulysses")
+    (tmp_path / "cp2.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"cp_size x pp_size is 2: distributed workers on Ray are not supported yet"):
+        check(RayServeOptions(config=str(tmp_path / "cp2.json"), data_dir=str(tmp_path)))
