@@ -151,7 +151,8 @@ def _check(args: argparse.Namespace) -> None:
         check_paths(load_config(args.config))
     except ConfigError as err:
         raise UsageError(str(err)) from None
-    _check_port(args.host, args.port)
+    if args.ray in (None, "local"):  # joining a Ray cluster: its Serve proxy may already listen there
+        _check_port(args.host, args.port)
     if args.api_key_file:
         try:
             lines = Path(args.api_key_file).read_text().splitlines()

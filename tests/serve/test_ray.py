@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -232,3 +234,31 @@ def test_placement_and_the_world_size_check(tiny_checkpoint: Path, tmp_path: Pat
     (tmp_path / "cp2.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"cp_size x pp_size is 2: distributed workers on Ray are not supported yet"):
         check(RayServeOptions(config=str(tmp_path / "cp2.json"), data_dir=str(tmp_path)))
+
+
+def test_magi_serve_ray_joins_the_cluster_resumes_the_saved_job_and_stops_on_sigint(
+    cluster: int, deployed: SimpleNamespace, pg_url: str, tmp_path: Path
+) -> None:
+    d = deployed
+    saved = [j for j in d.history.rows if d.store.get(j).status == "in_progress"]
+    assert len(saved) == 1, "needs the job test_deleting_the_application_saves_... left"
+    config = d.data.parent / "config.json"
+    cmd = [sys.executable, "-m", "magi.serve", "--ray", "auto", "--replicas", "1", "--config", str(config),
+           "--data_dir", str(d.data), "--db", pg_url, "--lease_s", str(LEASE_S), "--device", "cpu",
+           "--port", str(cluster)]  # fmt: skip
+    log = tmp_path / "cli.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        done = _until(lambda: (j := d.store.get(saved[0])).ended and j, "the saved job to be resumed")
+        assert done.status == "completed" and done.chunks_done == LONG, done
+        new = _submit(d.client, prompt="through the CLI", num_frames=CHUNK, seed=8)
+        assert _until(lambda: (j := d.store.get(new)).ended and j, "a new job").status == "completed"
+        assert "on Ray (auto), 1 worker replica(s)" in log.read_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert APP_NAME not in serve.status().applications  # deleted on the way out; the cluster stays
