@@ -262,3 +262,23 @@ def test_magi_serve_ray_joins_the_cluster_resumes_the_saved_job_and_stops_on_sig
             proc.kill()
             proc.wait()
     assert APP_NAME not in serve.status().applications  # deleted on the way out; the cluster stays
+
+
+def test_autoscaling_adds_a_replica_for_a_second_waiting_job(deployed: SimpleNamespace, pg_url: str) -> None:
+    d = deployed
+    assert APP_NAME not in serve.status().applications, "needs the application of the tests above deleted"
+    for job in d.store.list(limit=100):  # the earlier tests' jobs out of the count
+        if not job.ended:
+            d.store.update(job.id, status="cancelled")
+    config = d.data.parent / "config.json"
+    opts = RayServeOptions(config=str(config), data_dir=str(d.data), db=pg_url, replicas=1, max_replicas=2,
+                           lease_s=LEASE_S, device="cpu")  # fmt: skip
+    serve.run(application(opts), name=APP_NAME, route_prefix="/")
+    assert serve.status().applications[APP_NAME].deployments["Workers"].replica_states == {"RUNNING": 1}
+    jobs = [_submit(d.client, prompt="busy", num_frames=3 * LONG * CHUNK, seed=i) for i in range(2)]
+    # the one replica runs one job; the other waits until the queue's length brings a second replica
+    _until(lambda: all(d.store.lease(j)[0] for j in jobs), "both jobs claimed")
+    first, second = (d.store.lease(j)[0] for j in jobs)
+    assert _ppid(int(first.split(":")[1])) != _ppid(int(second.split(":")[1])), (first, second)
+    assert serve.status().applications[APP_NAME].deployments["Workers"].replica_states == {"RUNNING": 2}
+    serve.delete(APP_NAME)
