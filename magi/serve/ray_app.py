@@ -37,7 +37,7 @@ try:
 except ImportError as err:  # one line for the CLI; the extra is optional
     raise ImportError(f"Ray Serve is not installed ({err}); pip install 'magi[ray]'") from None
 
-from magi.config import load_config
+from magi.config import check_paths, load_config
 from magi.serve.protocol import MAX_FRAMES, MAX_PIXELS, MAX_QUEUED, MAX_UPLOAD_BYTES
 from magi.serve.worker import KEEP_JOBS, LEASE_S
 
@@ -72,9 +72,11 @@ class RayServeOptions:
 
 
 def world_size(config: str | Path) -> int:
-    """The config's cp x pp world: the ranks (GPUs) one replica needs."""
-    engine = load_config(config).engine
-    return engine.cp_size * engine.pp_size
+    """The config's cp x pp world: the ranks (GPUs) one replica needs; ConfigError (a ValueError) when
+    the config is invalid or its checkpoint paths are missing (here: on the deploying machine)."""
+    cfg = load_config(config)
+    check_paths(cfg)
+    return cfg.engine.cp_size * cfg.engine.pp_size
 
 
 def placement(world: int, gpu: bool) -> dict[str, Any]:

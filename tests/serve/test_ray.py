@@ -123,7 +123,7 @@ class History:
 
 
 @pytest.fixture(scope="module")
-def deployed(cluster: int, pg_url: str, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def deployed(pg_url: str, cluster: int, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     root = tmp_path_factory.mktemp("ray")
     config = write_tiny_config(root / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
     data = root / "shared"
@@ -227,6 +227,11 @@ def test_placement_and_the_world_size_check(tiny_checkpoint: Path, tmp_path: Pat
     assert gpu["placement_group_strategy"] == "STRICT_PACK" and gpu["ray_actor_options"]["num_gpus"] == 1
     config = write_tiny_config(tmp_path / "c.json", tiny_checkpoint)
     assert check(RayServeOptions(config=str(config), data_dir=str(tmp_path))) == 1
+    with pytest.raises(ValueError, match="no DiT weights"):
+        raw = json.loads(config.read_text())
+        raw["runtime_config"]["load"] = str(tmp_path / "nowhere")
+        (tmp_path / "gone.json").write_text(json.dumps(raw))
+        check(RayServeOptions(config=str(tmp_path / "gone.json"), data_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="replicas"):
         check(RayServeOptions(config=str(config), data_dir=str(tmp_path), replicas=2, max_replicas=1))
     raw = json.loads(config.read_text())
