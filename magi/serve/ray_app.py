@@ -220,7 +220,9 @@ def application(options: RayServeOptions, *, gpu: bool | None = None) -> Any:
         scale = {"num_replicas": "auto", "autoscaling_config": {
             "min_replicas": options.replicas, "max_replicas": options.max_replicas,
             "initial_replicas": options.replicas, "upscale_delay_s": 0.0, "downscale_delay_s": DOWNSCALE_DELAY_S,
-            "metrics_interval_s": 2.0, "look_back_period_s": 4.0,  # jobs queue for seconds, not milliseconds
+            # jobs queue for seconds, not milliseconds; metrics_interval_s is deprecated in Ray 2.60 (a
+            # warning; env variables are to replace it) but still honoured, and it is per deployment
+            "metrics_interval_s": 2.0, "look_back_period_s": 4.0,
             "policy": {"policy_function": f"{__name__}:queue_policy"}}}  # fmt: skip
     opts = asdict(options)
     workers = Workers.options(**placement(world, gpu), **scale).bind(opts)
