@@ -16,6 +16,7 @@ Legend: L tokens, N query heads, G K/V heads, D head dim, c tokens per chunk, R 
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -401,3 +402,26 @@ def vae_weights_bytes(vae_config) -> int:
     with torch.device("meta"):
         vae = ViTVAE(vae_config).to(torch.bfloat16)
     return sum(p.nbytes for p in vae.parameters()) + sum(b.nbytes for b in vae.buffers())
+
+
+# ---- the T5 encode of one prompt ---------------------------------------------------------------
+@functools.cache
+def t5_encode_peak(d_model: int, d_ff: int, layers: int, heads: int, d_kv: int, vocab: int, length: int) -> int:
+    """Peak bytes created by one prompt's T5 encode (``T5Encoder.encode``: transformers'
+    T5EncoderModel, eager attention, float32, ``length`` tokens) on fake tensors, weights not
+    included. Two layers stand for all: layer 0 makes the relative position bias every layer reads,
+    and the others have the same shapes."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=min(layers, 2),
+                      num_heads=heads, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)  # fmt: skip
+    config._attn_implementation = "eager"  # as T5Encoder.from_pretrained
+    with torch.device("meta"):
+        model = T5EncoderModel(config).eval()
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        model.to_empty(device="cpu")
+    ids, mask = torch.zeros(1, length, dtype=torch.long), torch.ones(1, length, dtype=torch.long)
+    with torch.no_grad(), fake_mode, LiveBytes() as live:
+        model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    return live.peak

@@ -14,7 +14,8 @@ What is simulated: DiT weights (fp8 swap included), the activation peak of the l
 step, the VAE decode peak of one chunk. fp8 Linears take the GPU path (``torch._scaled_mm``,
 ``magi.fp8.planning_cuda_path``). What is arithmetic: the VAE's bf16 weights (resident next to the
 DiT), the KV cache (max cached chunks x layers x K/V row bytes), T5 (the T5-v1.1-XXL encoder's
-float32 weights when ``t5_device`` is a GPU; its activations are not simulated), context
+float32 weights when ``t5_device`` is a GPU, plus one prompt's encode simulated on fake tensors
+with transformers' T5), context
 parallelism (activations and FLOPs divided by cp_size). Not counted: caption tensors copied to
 the device (< 0.1 GiB), CUDA context and allocator slack.
 
@@ -46,6 +47,7 @@ from magi.fake_run import (
     peak_calls,
     planning_attention,
     record_denoise,
+    t5_encode_peak,
     vae_decode_peak,
     vae_weights_bytes,
 )
@@ -54,7 +56,7 @@ from magi.models.vae import CONFIG_NAME, VAEConfig, read_vae_config
 __all__ = [
     "FLOP_RULES", "GIB", "GPUS", "FullCaptions", "LiveBytes", "Plan", "Simulation", "assemble", "attention",
     "check_fits", "configured", "describe", "estimate", "options", "pass_cost", "planning_attention", "simulate",
-    "t5_bytes", "t5_on_gpu_of", "vae_config_of", "vae_decode_peak", "with_video",
+    "t5_bytes", "t5_encode_peak", "t5_on_gpu_of", "vae_config_of", "vae_decode_peak", "with_video",
 ]  # fmt: skip
 
 GIB = 2**30
@@ -150,13 +152,14 @@ def simulate(cfg: MagiConfig, vae_config: VAEConfig | None = None) -> Simulation
 
 
 # ---- the public estimate -----------------------------------------------------------------------
-def t5_bytes(on_gpu: bool) -> int:
-    """T5-v1.1-XXL encoder weights in float32 (the official numerics) when it runs on the GPU."""
+def t5_bytes(on_gpu: bool, length: int = 800) -> int:
+    """T5-v1.1-XXL encoder on the GPU: its float32 weights (the official numerics) plus the peak of
+    one prompt's encode of ``length`` tokens on fake tensors; 0 when T5 runs on the CPU."""
     if not on_gpu:
         return 0
     d, f, n, h, dk, vocab = (T5_XXL[k] for k in ("d_model", "d_ff", "layers", "heads", "d_kv", "vocab"))
     per_layer = 4 * d * h * dk + 3 * d * f + 2 * d  # q k v o, gated FFN, 2 RMSNorms
-    return 4 * (n * per_layer + vocab * d + d)
+    return 4 * (n * per_layer + vocab * d + d) + t5_encode_peak(d, f, n, h, dk, vocab, length)
 
 
 def estimate(cfg: MagiConfig, *, num_frames: int | None = None, video_size_h: int | None = None,
@@ -193,7 +196,7 @@ def assemble(cfg: MagiConfig, run: Simulation, rt, fp8: bool, kv_offload: bool, 
     kv = run.max_cached_chunks * m.num_layers * run.chunk_tokens * m.num_query_groups * 2 * m.kv_channels
     kv = kv * m.dtype.itemsize // cp
     device_kv, host_kv = (0, kv) if kv_offload else (kv, 0)
-    act, t5 = -(-run.activation_peak_bytes // cp), t5_bytes(t5_on_gpu)
+    act, t5 = -(-run.activation_peak_bytes // cp), t5_bytes(t5_on_gpu, m.caption_max_length)
     # The VAE decodes each clean chunk between DiT passes (DiT activations freed); T5 encodes
     # new prompts with the DiT and the VAE loaded.
     resident = run.weights_bytes + run.vae_weights_bytes + device_kv

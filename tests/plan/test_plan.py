@@ -192,3 +192,22 @@ def test_vae_decode_peak_matches_a_real_cpu_decode_within_5_percent(cfg):
         frames = decode_to_uint8(vae, latent, fps=rt.fps, scale_factor=rt.scale_factor)
     assert frames.shape == (24, 3, 320, 384)
     assert abs(predicted - live.peak) / live.peak < 0.05
+
+
+def test_t5_encode_peak_matches_a_real_cpu_encode_within_5_percent():
+    """One prompt's encode (800 tokens, float32, eager attention, as ``T5Encoder.encode``) of a
+    4-layer T5 v1.1 encoder: the fake run (2 layers) against the real run's tracked peak."""
+    transformers = pytest.importorskip("transformers")
+    d, f, n, h, dk, vocab = 64, 128, 4, 4, 16, 512
+    predicted = magi_plan.t5_encode_peak(d, f, n, h, dk, vocab, 800)
+    config = transformers.T5Config(vocab_size=vocab, d_model=d, d_kv=dk, d_ff=f, num_layers=n, num_heads=h,
+                                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(config).eval()
+    ids, mask = torch.randint(2, vocab, (1, 800)), torch.ones(1, 800, dtype=torch.long)
+    mask[:, 300:] = 0
+    with torch.no_grad(), magi_plan.LiveBytes() as live:
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    assert out.shape == (1, 800, d) and predicted > 0
+    assert abs(predicted - live.peak) / live.peak < 0.05
