@@ -27,6 +27,9 @@ Legend: M rows (tokens), K in features, O out features.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +38,21 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # float32 elements held at once by a block of quantisation / fallback GEMM (16 MiB).
 BLOCK_ELEMENTS = 1 << 22
+_planning = False  # set by planning_cuda_path (magi.plan's fake-tensor runs)
+
+
+@contextmanager
+def planning_cuda_path() -> Iterator[None]:
+    """Inside, fp8 Linears take the path of a GPU with fp8 tensor cores (``torch._scaled_mm``) on
+    any device, and quantisation runs its first row block only (every block allocates alike).
+    For ``magi.plan``'s fake tensors, whose values are never read; not for real runs."""
+    global _planning
+    before, _planning = _planning, True
+    try:
+        yield
+    finally:
+        _planning = before
+
 
 PER_TENSOR_NAMES = (
     "self_attention.linear_qkv.q",
@@ -55,7 +73,8 @@ def quantize_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     inv = scale.float().reshape(-1)
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape, dtype=FP8, device=x.device)
-    for block, dst in zip(_row_blocks(rows), _row_blocks(out)):
+    pairs = list(zip(_row_blocks(rows), _row_blocks(out)))
+    for block, dst in pairs[:1] if _planning else pairs:
         q = (
             block.to(torch.float32, copy=True).div_(inv).clamp_(-FP8_MAX, FP8_MAX)
         )  # one float32 block, updated in place
@@ -96,7 +115,7 @@ def _fallback_matmul(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, out_
 
 def _scaled_mm_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     """fp8 tensor cores exist (sm89+) and the GEMM's K and O are multiples of 16."""
-    if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < (8, 9):
+    if not _planning and (a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < (8, 9)):
         return False
     return a.shape[1] % 16 == 0 and w.shape[0] % 16 == 0
 

@@ -10,12 +10,16 @@ from dataclasses import replace
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from magi import plan as magi_plan
 from magi.attention import sdpa
 from magi.config import load_config
+from magi.media.latents import decode_to_uint8
 from magi.models.dit import DiT
+from magi.models.vae import VAEConfig, ViTVAE
 from magi.sampling.denoise import SamplerSettings, denoise
+from magi.tiny import TINY_VAE_DDCONFIG
 
 TINY = "example/tiny/config.json"
 
@@ -112,10 +116,10 @@ def test_totals_kv_and_fit(cfg, tiny_plan):
     assert tiny_plan.kv_cache_device_bytes == m.num_layers * row  # 1 cached chunk
     off = magi_plan.estimate(cfg, kv_offload=True, t5_on_gpu=False, cp_size=1)
     assert off.kv_cache_device_bytes == 0 and off.kv_cache_host_bytes == tiny_plan.kv_cache_device_bytes
-    assert (
-        tiny_plan.peak_bytes
-        == tiny_plan.weights_bytes + tiny_plan.kv_cache_device_bytes + tiny_plan.activation_peak_bytes
-    )
+    resident = tiny_plan.weights_bytes + tiny_plan.vae_weights_bytes + tiny_plan.kv_cache_device_bytes
+    during = max(tiny_plan.activation_peak_bytes, tiny_plan.vae_decode_peak_bytes)
+    assert tiny_plan.vae_weights_bytes > 0 and tiny_plan.vae_decode_peak_bytes > 0
+    assert tiny_plan.peak_bytes == resident + during
     fit = magi_plan.estimate(cfg, gpu_memory_bytes=tiny_plan.peak_bytes)
     assert fit.fits
 
@@ -132,12 +136,78 @@ def test_check_fits_refuses_in_one_line_naming_a_setting(cfg):
 
 def test_cli_json(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "magi.plan", "--config_file", TINY, "--gpu_mem", "1GiB", "--json"],
+        [sys.executable, "-m", "magi.plan", "--config_file", TINY, "--gpu_mem", "8GiB", "--json"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     got = json.loads(out)
-    for key in ("weights_bytes", "peak_bytes", "flops_per_window_step", "flops_total", "fits"):
+    for key in ("weights_bytes", "peak_bytes", "flops_per_window_step", "flops_total", "fits", "vae_decode_peak_bytes"):
         assert key in got
     assert got["fits"] is True
+
+
+def _flash_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """The fused CPU kernel's FLOPs for the real run: QKᵀ and PV, 2·b·h·l·m·(D + Dv)."""
+    b, h, lq, d = q_shape
+    return 2 * b * h * lq * k_shape[2] * (d + v_shape[3])
+
+
+def test_video_flops_equal_a_real_cpu_runs_count(cfg, tiny_plan):
+    """The plan measures one pass per shape and adds attention from the ranges; a real run of the
+    whole tiny loop, every pass through torch's FLOP counter, gives the same number."""
+    torch.manual_seed(0)
+    m, rt = cfg.model, cfg.runtime
+    dit = DiT(m).promote_precision().eval()
+    settings = SamplerSettings.from_config(cfg, prev_chunks_scale_value=0.7)
+    plan = settings.plan(tiny_plan.chunks)
+    noise = torch.randn(1, m.in_channels, plan.chunk_num * rt.chunk_width, rt.video_size_h // 8, rt.video_size_w // 8)
+    caps = magi_plan.FullCaptions(m.caption_max_length, m.caption_channels)
+    rules = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _flash_flops}
+    with magi_plan.planning_attention(), FlopCounterMode(display=False, custom_mapping=rules) as counter:
+        for _ in denoise(dit, plan, settings, caps, noise):
+            pass
+    assert tiny_plan.flops_total == counter.get_total_flops()
+
+
+def test_fp8_activation_peak_is_at_most_bf16s(cfg):
+    """On fake tensors the fp8 Linears take the GPU path (``_scaled_mm``), whose only extra
+    memory is the e4m3 input copy: no float32 copies of weights or inputs."""
+    bf16 = magi_plan.pass_cost(cfg, 5, 1)[0]
+    fp8 = magi_plan.pass_cost(replace(cfg, engine=replace(cfg.engine, fp8_quant=True)), 5, 1)[0]
+    assert 0 < fp8 <= bf16
+
+
+def test_vae_decode_peak_matches_a_real_cpu_decode_within_5_percent(cfg):
+    """One chunk's tiled decode (2 x 2 spatial tiles, 2 temporal tiles) of a 4-block bf16 VAE:
+    the fake run (2 blocks, each tile shape decoded once) against the real decode's tracked peak."""
+    torch.manual_seed(0)
+    vae_cfg = replace(VAEConfig.from_dict(TINY_VAE_DDCONFIG), depth=4)
+    video = magi_plan.with_video(cfg, video_size_h=320, video_size_w=384)
+    rt = video.runtime
+    predicted = magi_plan.vae_decode_peak(video, vae_cfg)
+    vae = ViTVAE(vae_cfg).to(torch.bfloat16).eval()
+    latent = torch.randn(1, 16, rt.chunk_width, rt.video_size_h // 8, rt.video_size_w // 8)
+    with magi_plan.LiveBytes() as live:
+        frames = decode_to_uint8(vae, latent, fps=rt.fps, scale_factor=rt.scale_factor)
+    assert frames.shape == (24, 3, 320, 384)
+    assert abs(predicted - live.peak) / live.peak < 0.05
+
+
+def test_t5_encode_peak_matches_a_real_cpu_encode_within_5_percent():
+    """One prompt's encode (800 tokens, float32, eager attention, as ``T5Encoder.encode``) of a
+    4-layer T5 v1.1 encoder: the fake run (2 layers) against the real run's tracked peak."""
+    transformers = pytest.importorskip("transformers")
+    d, f, n, h, dk, vocab = 64, 128, 4, 4, 16, 512
+    predicted = magi_plan.t5_encode_peak(d, f, n, h, dk, vocab, 800)
+    config = transformers.T5Config(vocab_size=vocab, d_model=d, d_kv=dk, d_ff=f, num_layers=n, num_heads=h,
+                                   feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(config).eval()
+    ids, mask = torch.randint(2, vocab, (1, 800)), torch.ones(1, 800, dtype=torch.long)
+    mask[:, 300:] = 0
+    with torch.no_grad(), magi_plan.LiveBytes() as live:
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    assert out.shape == (1, 800, d) and predicted > 0
+    assert abs(predicted - live.peak) / live.peak < 0.05
