@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -23,10 +22,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from magi.serve.protocol import MAX_FRAMES, MAX_PIXELS, MAX_QUEUED, MAX_UPLOAD_BYTES
+from magi.serve.supervisor import Supervisor
 from magi.serve.worker import KEEP_JOBS, LEASE_S
 
-RESTART_DELAY_S = 1.0
-STOP_TIMEOUT_S = 30.0
 MAX_CONNECTIONS = 200
 KEEP_ALIVE_S = 5  # an idle kept-alive connection is closed after this
 MAX_HEADER_BYTES = 64 * 2**10  # request line + headers; larger is refused by h11
@@ -114,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_CONNECTIONS,
         help=f"most open connections; more get 503 at once, so slow clients cannot pile up (default {MAX_CONNECTIONS})",
     )
+    _add_scale_flags(p)
+    p.add_argument("--no_worker", action="store_true", help=argparse.SUPPRESS)  # API tests: no model
+    return p
+
+
+def _add_scale_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of many workers: leases over a shared store, Ray Serve replicas."""
     p.add_argument("--lease_s", type=float, default=LEASE_S, metavar="S",
                    help=f"with a postgresql:// --db: a dead worker's job is claimable again after S s (default {LEASE_S:g})")  # fmt: skip
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
@@ -122,8 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="with --ray: worker replicas (default 1)")
     p.add_argument("--max_replicas", type=int, default=None, metavar="M",
                    help="with --ray: autoscale between --replicas and M replicas by the job queue's length")  # fmt: skip
-    p.add_argument("--no_worker", action="store_true", help=argparse.SUPPRESS)  # API tests: no model
-    return p
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -201,57 +204,6 @@ def _app(args: argparse.Namespace) -> object:
                          "queue, or restore it from a backup") from None  # fmt: skip
 
 
-class Supervisor:
-    """Runs the worker process, restarting it after a crash (non-zero exit) until ``stop()``."""
-
-    def __init__(self, cmd: list[str]) -> None:
-        self.cmd = cmd
-        self._stopping = threading.Event()
-        self._proc: subprocess.Popen | None = None
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="magi-worker-supervisor", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            with self._lock:
-                if self._stopping.is_set():
-                    return
-                self._proc = subprocess.Popen(self.cmd)
-            status = self._proc.wait()
-            if status == 0 or self._stopping.is_set():
-                return
-            print(f"magi serve: the worker exited with status {status}; restarting it in {RESTART_DELAY_S:g} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            self._stopping.wait(RESTART_DELAY_S)
-
-    def pid(self) -> int | None:
-        """The running worker's pid (None between restarts)."""
-        proc = self._proc
-        return None if proc is None or proc.poll() is not None else proc.pid
-
-    def alive(self) -> bool:
-        """Whether it still runs or restarts the worker (False once it exited 0 or was stopped)."""
-        return self._thread.is_alive()
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM the worker (it saves its job's state) and wait up to ``timeout`` s, then kill it."""
-        with self._lock:
-            self._stopping.set()
-            proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                print(f"magi serve: the worker did not exit within {timeout:g} s; killing it", file=sys.stderr)
-                proc.kill()
-                proc.wait()
-        self._thread.join(timeout=5)
-
-
 def _serve(app: object, args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -289,7 +241,13 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 2**20), keep_jobs=args.keep_jobs, keep_days=args.keep_days,
         bound_host=args.host, allowed_hosts=hosts)  # fmt: skip
     try:
-        ray_app.run_on_ray(options, None if args.ray == "local" else args.ray, args.host, args.port, threading.Event())
+        stop = threading.Event()
+
+        def on_ready() -> None:  # after ray.init and serve.run, which may install their own handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+
+        ray_app.run_on_ray(options, None if args.ray == "local" else args.ray, args.host, args.port, stop, on_ready)
     except (ValueError, ConnectionError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

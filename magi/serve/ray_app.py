@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ class _WorkerProcess:
     """The worker replica's child process: the existing worker loop, supervised."""
 
     def __init__(self, options: RayServeOptions, device: str) -> None:
-        from magi.serve.__main__ import Supervisor  # restarts a crashed worker, SIGTERMs it on stop
+        from magi.serve.supervisor import Supervisor  # restarts a crashed worker, SIGTERMs it on stop
 
         self.options = options
         cmd = [sys.executable, "-m", "magi.serve.worker", "--config", options.config, "--data_dir", options.data_dir,
@@ -242,16 +242,22 @@ def build(args: Mapping[str, str]) -> Any:
     return application(RayServeOptions(**values, api_key=os.environ.get("MAGI_API_KEY") or None))
 
 
-def run_on_ray(options: RayServeOptions, address: str | None, host: str, port: int, stop: threading.Event) -> None:
+def run_on_ray(
+    options: RayServeOptions,
+    address: str | None,
+    host: str,
+    port: int,
+    stop: threading.Event,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     """Deploy the application on Ray (started here when ``address`` is None) with Serve's HTTP proxy
-    on ``host:port``, until ``stop`` is set or SIGINT / SIGTERM arrives; then delete it (each worker
+    on ``host:port``, until ``stop`` is set (``on_ready`` runs once it is deployed: the CLI installs
+    its SIGINT / SIGTERM handlers there, after Ray's own); then delete it (each worker
     saves its running job) and shut down what was started here.
 
     Raises:
         ValueError: ``check`` refused the options. ConnectionError: the job store is unreachable.
     """
-    import signal
-
     from magi.serve.store_pg import open_store
 
     check(options)
@@ -263,8 +269,8 @@ def run_on_ray(options: RayServeOptions, address: str | None, host: str, port: i
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(options), name=APP_NAME, route_prefix="/")
-        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which may install its own
-            signal.signal(sig, lambda *_: stop.set())
+        if on_ready is not None:
+            on_ready()
         log.info("http://%s:%d/ on Ray (%s), %d worker replica(s)%s (data %s)", host, port, address or "local",
                  options.replicas, f" up to {options.max_replicas}" if options.max_replicas else "", options.data_dir)  # fmt: skip
         while not stop.wait(0.5):

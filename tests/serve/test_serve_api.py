@@ -499,7 +499,7 @@ def test_content_ranges(server: Server) -> None:
 
 # ---- the worker supervisor ------------------------------------------------------------------
 def test_supervisor_restarts_a_crashed_worker(tmp_path: Path) -> None:
-    from magi.serve.__main__ import Supervisor
+    from magi.serve.supervisor import Supervisor
 
     runs = tmp_path / "runs"
     crash = f"open({str(runs)!r}, 'a').write('x'); raise SystemExit(3)"
