@@ -193,7 +193,7 @@ class _FakeDiT(nn.Module):
     def forward(self, x, t, y, y_mask, text_dropped, kv_range, slice_point=0, kv_cache=None,
                 cache_write_chunks=0, distill_step=None):  # fmt: skip
         key = (tuple(x.shape), tuple(t.shape), tuple(y.shape), int(y_mask.sum()),
-               tuple(map(tuple, (kv_range - slice_point * self.chunk_tokens).tolist())),
+               tuple(map(tuple, (torch.as_tensor(kv_range) - slice_point * self.chunk_tokens).tolist())),
                cache_write_chunks, distill_step is None)  # fmt: skip
         if key not in self.seen:
             xf = self.fake_mode.from_tensor(x)
