@@ -120,7 +120,9 @@ class CaptionEmbedder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, cond_dim: int, xattn_dim: int) -> None:
         super().__init__()
-        table = torch.randn(cfg.caption_max_length, cfg.caption_channels) * 0.02
+        shape = (cfg.caption_max_length, cfg.caption_channels)
+        # On meta (the load's build; the checkpoint gives the values) arithmetic imports torch._dynamo (~1 s).
+        table = torch.empty(shape) if torch.empty(0).is_meta else torch.randn(shape) * 0.02
         self.null_caption_embedding = nn.Parameter(table)
         self.y_proj_xattn = nn.Sequential(nn.Linear(cfg.caption_channels, xattn_dim), nn.SiLU())
         self.y_proj_adaln = nn.Sequential(nn.Linear(cfg.caption_channels, cond_dim))
@@ -143,7 +145,9 @@ class LearnedRope3D(nn.Module):
     def __init__(self, head_dim: int) -> None:
         super().__init__()
         nb = head_dim // 8
-        self.bands = nn.Parameter(1.0 / 10000.0 ** (torch.arange(nb, dtype=torch.float32) / nb))
+        meta = torch.empty(0).is_meta  # as in CaptionEmbedder: no arithmetic on the meta device
+        bands = torch.empty(nb) if meta else 1.0 / 10000.0 ** (torch.arange(nb, dtype=torch.float32) / nb)
+        self.bands = nn.Parameter(bands)
 
     def forward(self, frames: int, hp: int, wp: int, frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [frames*hp*wp, 3*nb] float32 for frames [frame_offset, frame_offset + frames)

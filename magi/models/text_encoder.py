@@ -1,7 +1,8 @@
 """T5-v1.1-XXL text encoder: the official caption cleaning, tokenizer settings and encoder call.
 
-A thin wrapper over transformers' ``T5EncoderModel`` and ``T5Tokenizer`` (built from
-``spiece.model``). Behaviour follows shared/spec/text.md §1-2: every prompt is cleaned twice by
+A wrapper over the plain-PyTorch encoder and SentencePiece tokenizer of ``magi.models.t5``
+(features bit-identical to transformers' eager ``T5EncoderModel``; transformers is not imported,
+which saves seconds of start-up). Behaviour follows shared/spec/text.md §1-2: every prompt is cleaned twice by
 :func:`clean_caption`, tokenised to exactly 800 tokens (EOS appended, padding id 0, truncation on)
 and encoded in float32 with the attention mask passed to the encoder.
 
@@ -24,6 +25,8 @@ from pathlib import Path, PureWindowsPath
 from types import TracebackType
 
 import torch
+
+from magi.models.t5 import SentencePieceTokenizer, T5EncoderModel, T5Settings
 
 T5_SUBFOLDER = "t5-v1_1-xxl"  # fixed sub-folder name under runtime_config.t5_pretrained
 CAPTION_MAX_LENGTH = 800  # official caption_max_length; the special-token padding hard-codes it too
@@ -181,24 +184,30 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _read_tokenizer_and_config(folder: Path, tokenizer_cls: type, config_cls: type) -> tuple:
-    """T5 tokenizer and config of a HF folder; a damaged file is one error naming it."""
+def _read_tokenizer_and_config(folder: Path) -> tuple[SentencePieceTokenizer, T5Settings]:
+    """T5 tokenizer and encoder settings of a HF folder; a damaged file is one error naming it."""
+    path = folder / "config.json"
     try:
-        config = config_cls.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as err:  # bad JSON: OSError; a JSON array: TypeError
-        raise ValueError(
-            f"{folder / 'config.json'} is not a readable T5 config ({_first_line(err)}); download it again"
-        ) from None
+        settings = T5Settings.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is not a readable T5 config ({_first_line(err)}); download it again") from None
     try:
-        tokenizer = tokenizer_cls.from_pretrained(str(folder))
+        side = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        extra_ids = int(side.get("extra_ids", 100))
+    except FileNotFoundError:
+        extra_ids = 100  # optional file: T5's 100 sentinel tokens
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        extra_ids = -1
+    try:
+        if extra_ids < 0:
+            raise ValueError("tokenizer_config.json")
+        tokenizer = SentencePieceTokenizer(folder / "spiece.model", extra_ids)
     except (OSError, ValueError, RuntimeError, TypeError):
-        # transformers' own message misleads here: a damaged spiece.model makes it guess at
-        # other tokenizer formats and ask for packages (tiktoken, ...)
         raise ValueError(
             f"cannot load the T5 tokenizer from {folder}: spiece.model or "
             "tokenizer_config.json is damaged; download them again"
         ) from None
-    return tokenizer, config
+    return tokenizer, settings
 
 
 def _first_line(err: BaseException) -> str:
@@ -322,7 +331,7 @@ def _check_side_files(folder: Path) -> None:
     for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
         path = folder / name
         if name != "config.json" and not path.is_file():
-            continue  # optional: transformers falls back to defaults
+            continue  # optional: the tokenizer falls back to T5's defaults
         try:
             ok = isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -400,7 +409,11 @@ class T5Encoder:
     """
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: object, device: torch.device, max_length: int = CAPTION_MAX_LENGTH
+        self,
+        model: torch.nn.Module,
+        tokenizer: SentencePieceTokenizer,
+        device: torch.device,
+        max_length: int = CAPTION_MAX_LENGTH,
     ) -> None:
         self.model: torch.nn.Module | None = model
         self.tokenizer = tokenizer
@@ -425,12 +438,9 @@ class T5Encoder:
             max_length: caption slots (official caption_max_length, 800).
         """
         folder = _resolve_folder(Path(t5_pretrained_root))
-        from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
-        tokenizer, config = _read_tokenizer_and_config(folder, T5Tokenizer, T5Config)
-        config._attn_implementation = "eager"  # the official transformers 4.42 T5 path
-        with torch.device("meta"):
-            model = T5EncoderModel(config)
+        tokenizer, settings = _read_tokenizer_and_config(folder)
+        with torch.device("meta"):  # no init work: the weights are assigned from the files
+            model = T5EncoderModel(settings)
         device = torch.device(device)
         _load_encoder_weights(model, _weight_files(folder), device, dtype)
         return cls(model.eval(), tokenizer, device, max_length)
@@ -438,16 +448,7 @@ class T5Encoder:
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Clean (twice) and tokenise -> (input_ids [n, Lcap] int64, mask [n, Lcap] int64)."""
         texts = [preprocess_prompt(p) for p in _check_prompts(prompts)]
-        out = self.tokenizer(
-            texts,
-            max_length=self.max_length,
-            padding="max_length",
-            truncation=True,
-            add_special_tokens=True,  # appends </s>
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        return out["input_ids"], out["attention_mask"]
+        return self.tokenizer(texts, self.max_length)  # </s> appended, padded with id 0
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,16 +467,15 @@ class T5Encoder:
         rows = []
         for i in range(ids.shape[0]):
             out = self.model(input_ids=ids[i : i + 1].to(self.device), attention_mask=mask[i : i + 1].to(self.device))
-            rows.append(out.last_hidden_state.float().cpu())  # [1, Lcap, Ccap]
+            rows.append(out.float().cpu())  # [1, Lcap, Ccap]
         return torch.cat(rows), mask
 
     def free(self) -> None:
         """Drop the encoder weights now (they are ~19 GB for T5-XXL in float32).
 
-        transformers' T5 modules form reference cycles, so dropping the model frees nothing
-        until a full garbage collection (about a second once transformers is imported); moving it
-        to the meta device releases every weight at once, and the small module skeleton left is
-        collected later."""
+        Moving the model to the meta device releases every weight at once, even while something
+        else still holds the module (a reference cycle would otherwise keep it until a full
+        garbage collection); the small module skeleton left is collected later."""
         on_cuda = self.device.type == "cuda"
         if self.model is not None:
             self.model.to("meta")

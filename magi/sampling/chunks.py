@@ -278,6 +278,11 @@ def token_ranges(chunk_ranges: Sequence[tuple[int, int]], tokens_per_chunk: int)
     return torch.tensor(chunk_ranges, dtype=torch.int64).reshape(-1, 2) * tokens_per_chunk
 
 
+def token_pairs(chunk_ranges: Sequence[tuple[int, int]], tokens_per_chunk: int) -> tuple[tuple[int, int], ...]:
+    """``token_ranges`` as host int pairs: the DiT reads them with no device-to-host copy."""
+    return tuple((int(lo) * tokens_per_chunk, int(hi) * tokens_per_chunk) for lo, hi in chunk_ranges)
+
+
 def step_times(step: Step, ts: torch.Tensor, clean_t: float) -> torch.Tensor:
     """Per call chunk times [R] float32: clean_t for the extra chunk, then ts[σ] oldest first."""
     times = ts[list(step.sigmas)]

@@ -29,10 +29,10 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from magi.attention.masks import isolated_kv_range
+from magi.attention.masks import Pairs, chunk_query_pairs
 from magi.config import MagiConfig
 from magi.models.kv_cache import KVCache
-from magi.sampling.chunks import ChunkPlan, Step, nearly_clean, step_times, token_ranges
+from magi.sampling.chunks import ChunkPlan, Step, nearly_clean, step_times, token_pairs
 from magi.sampling.guidance import (
     CfgScales,
     cfg_scales,
@@ -163,7 +163,7 @@ class _Loop:
         t: torch.Tensor,
         captions: tuple[torch.Tensor, torch.Tensor],
         text_dropped: bool,
-        kv_range: torch.Tensor,
+        kv_range: Pairs,
         slice_point: int,
         write: int,
         inner: int,
@@ -177,7 +177,7 @@ class _Loop:
             y.to(x.device),
             mask.to(x.device),
             flag,
-            kv_range.to(x.device),
+            kv_range,  # host int pairs: the forward reads nothing back for them
             slice_point=slice_point,
             kv_cache=self.kv_cache if use_cache else None,
             cache_write_chunks=write,
@@ -307,7 +307,7 @@ def _cfg_velocity(loop: _Loop, step: Step, x: torch.Tensor, times: torch.Tensor)
     """3-pass CFG velocity of the denoising chunks: [R, C, cw, H, W] float32."""
     n_extra = len(step.call_chunks) - len(step.chunks)
     scales = cfg_scales(times[n_extra:].tolist(), *_cfg_lists(loop.settings))
-    kv = token_ranges(step.kv_ranges, loop.tokens)
+    kv = token_pairs(step.kv_ranges, loop.tokens)
     t = times[None]  # [1, R_call]
     write = n_extra  # only the refreshed clean chunk's K/V are kept
     null_kinds = [NULL] * len(step.call_chunks)
@@ -337,7 +337,7 @@ def _uncond_pass(
     xb = chunks[needed]  # [U, C, cw, H, W]
     tb = times[n_extra:][needed][:, None]  # [U, 1]
     caps = loop.captions.rows([NULL] * len(needed), [step.chunks[j] for j in needed])
-    kv = isolated_kv_range(len(needed), loop.tokens)
+    kv = chunk_query_pairs(len(needed), loop.tokens)  # each segment sees only itself
     out = loop.run_pass(xb, tb, caps, True, kv, 0, 0, step.inner, use_cache=False)
     return {j: out[i] for i, j in enumerate(needed)}
 
@@ -349,7 +349,7 @@ def _distill_velocity(loop: _Loop, step: Step, x: torch.Tensor, times: torch.Ten
     n_extra = n_call - len(step.chunks)
     kinds = [NULL] * n_extra + [PROMPT] * len(step.chunks)
     chunks = list(step.call_chunks)
-    kv = token_ranges(step.kv_ranges, loop.tokens)
+    kv = token_pairs(step.kv_ranges, loop.tokens)
     refine = nearly_clean(step, loop.ts, loop.settings.distill_nearly_clean_chunk_threshold)
     if refine:
         # Append a copy of the first denoising chunk (same latents, time, caption) that attends
@@ -360,7 +360,7 @@ def _distill_velocity(loop: _Loop, step: Step, x: torch.Tensor, times: torch.Ten
         kinds.append(PROMPT)
         chunks.append(step.chunks[0])
         end = step.slice_point + n_call
-        kv = torch.cat([kv, token_ranges([(end, end + 1)], loop.tokens)])
+        kv = kv + token_pairs([(end, end + 1)], loop.tokens)
     out = loop.run_pass(
         x, times[None], loop.captions.rows(kinds, chunks), False, kv, step.slice_point, n_extra, step.inner
     )
@@ -379,7 +379,7 @@ def _extract_prefix(loop: _Loop) -> None:
     x = loop.prefix[:, :, : o * cw]  # as encoded (bf16 from the VAE), like the official call
     t = torch.full((1, o), loop.settings.clean_t, dtype=torch.float32)
     caps = loop.captions.rows([NULL] * o, call.chunks)
-    kv = token_ranges(call.kv_ranges, loop.tokens)
+    kv = token_pairs(call.kv_ranges, loop.tokens)
     # The cache-writing pass is the text-dropped one for base models (adaLN row 799) and the
     # single conditional pass for distilled models.
     loop.run_pass(x, t, caps, loop.settings.cfg_number == 3, kv, 0, o, 0)
