@@ -4,6 +4,7 @@ imports transformers or torch._dynamo (seconds of CPU time on the tiny demo)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from magi.models.t5 import T5Settings, relative_buckets
 from magi.models.text_encoder import CAPTION_MAX_LENGTH, T5Encoder, preprocess_prompt
+from tests.helpers import REPO_ROOT
 
 PROMPTS = [
     "A dog runs on the beach",
@@ -91,7 +93,13 @@ def test_tiny_start_imports_neither_transformers_nor_dynamo(tiny: Path, tmp_path
         "print(sorted(m for m in ('transformers', 'torch._dynamo', 'sympy') if m in sys.modules))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tiny.parent, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, "-c", code],
+        cwd=tiny.parent,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
