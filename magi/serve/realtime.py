@@ -124,7 +124,7 @@ async def realtime_video(ws: WebSocket) -> None:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     if sender in done and sender.exception() is None:
-        await ws.close(1000)  # every chunk and video.done are out
+        await ws.close(1000)  # every chunk and session.done are out
     # else the client left: the job goes on, session.resume picks it up
 
 
@@ -219,7 +219,7 @@ def _handle(svc: Service, job_id: str, message: dict) -> dict | None:
         job = svc.job(job_id)
         if not job.ended:
             svc.store.request_cancel(job_id)
-        return None  # the chunks done so far, then video.done (cancelled)
+        return None  # the chunks done so far, then session.done (cancelled)
     if kind == "session.interaction":
         return _interaction(svc, svc.job(job_id), message)
     raise bad("type", f"unknown message type {kind!r}; use session.interaction, session.stop or session.ping")
