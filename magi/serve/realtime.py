@@ -27,7 +27,8 @@ Server to client:
   ``transport_chunk_index`` (the binary frame's number on this connection, from 0),
   ``generation_chunk_index`` (the chunk; null for the init), ``num_frames``, ``byte_length``,
   ``format``;
-  ``session.interaction.queued`` (``event_id``, ``edit_id``, ``from_chunk``, ``prompt``);
+  ``session.interaction.queued`` (``event_id``, and as ``POST /v1/videos/{id}/prompt`` answers:
+  ``edit_id``, ``prompt``, ``from_chunk``, ``applies_from``, ``moved``; the same 409s);
   ``session.done`` (``chunks``: the job's chunks done, ``stopped``: cancelled, ``status``,
   ``error``); ``error`` (``code``, ``message``, ``param``; the socket closes after an error in the
   opening message).
@@ -62,7 +63,7 @@ from starlette.concurrency import run_in_threadpool
 from magi.media.mp4 import fragment_frames
 from magi.serve.media import POLL_S, segment_pieces
 from magi.serve.protocol import ApiError, PromptEdit, VideoCreate, bad, parse
-from magi.serve.routes import Service
+from magi.serve.routes import Service, job_chunks, queue_edit
 from magi.serve.store import QueueFull
 
 FORMAT = "m4s"
@@ -246,15 +247,10 @@ def _interaction(svc: Service, job: Any, message: dict) -> dict:
             "from_chunk": interaction.get("from_chunk", job.chunks_done),
             "prompt": interaction["event"].get("prompt"),
         }
-    edit = parse(PromptEdit, fields, svc.served, chunks=job.chunks_total)
-    if job.status not in ("queued", "in_progress"):
-        raise ApiError(409, "job_ended", f"video {job.id} is {job.status}; only a queued or running job can be steered")
-    edit_id = svc.store.add_edit(job.id, edit.from_chunk, edit.prompt)
+    answer = queue_edit(svc, job, parse(PromptEdit, fields, svc.served, chunks=job_chunks(svc, job)))
     return {
         "type": "session.interaction.queued",
         "request_id": job.id,
-        "event_id": event_id or str(edit_id),
-        "edit_id": edit_id,
-        "from_chunk": edit.from_chunk,
-        "prompt": edit.prompt,
+        "event_id": event_id or str(answer["edit_id"]),
+        **{k: answer[k] for k in ("edit_id", "prompt", "from_chunk", "applies_from", "moved")},
     }
