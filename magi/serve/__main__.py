@@ -115,9 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_CONNECTIONS,
         help=f"most open connections; more get 503 at once, so slow clients cannot pile up (default {MAX_CONNECTIONS})",
     )
-    p.add_argument("--header_timeout", type=float, default=HEADER_TIMEOUT_S, metavar="S",
-                   help="close a connection whose request line and headers take longer than S seconds "
-                        f"(slowloris; default {HEADER_TIMEOUT_S:g})")  # fmt: skip
+    p.add_argument(
+        "--header_timeout",
+        type=float,
+        default=HEADER_TIMEOUT_S,
+        metavar="S",
+        help="close a connection whose request line and headers take longer than S seconds "
+        f"(slowloris; default {HEADER_TIMEOUT_S:g})",
+    )
     p.add_argument("--no_worker", action="store_true", help=argparse.SUPPRESS)  # API tests: no model
     return p
 

@@ -160,11 +160,21 @@ class HeaderGuard(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE and self._head_too_large(data):
             self._stop_clock()
-            body = json.dumps({"error": {"message": "the request line and headers are over "
-                               f"{self._max_head() // 1024} KB; send fewer or shorter headers",
-                               "type": "invalid_request_error", "param": None, "code": "headers_too_large"}})  # fmt: skip
-            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
-                                 b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body.encode()))  # fmt: skip
+            body = json.dumps(
+                {
+                    "error": {
+                        "message": "the request line and headers are over "
+                        f"{self._max_head() // 1024} KB; send fewer or shorter headers",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "headers_too_large",
+                    }
+                }
+            )
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
+                b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body.encode())
+            )
             self.transport.close()
             return
         super().data_received(data)

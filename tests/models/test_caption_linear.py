@@ -70,8 +70,18 @@ def _step_23(text: str) -> str:
 def test_urls_and_sizes_are_dropped_as_the_official_patterns_drop_them() -> None:
     rng = random.Random(1)
     alphabet = list("acomhtpswx1234.-/_:@% éх×ruZ") + [
-        "http:", "https://", "www:", ".com", ".co", ".it", "12x34.5", "1.2×3", "..", "a.b.com", "a@b.org/x",
-    ]  # fmt: skip
+        "http:",
+        "https://",
+        "www:",
+        ".com",
+        ".co",
+        ".it",
+        "12x34.5",
+        "1.2×3",
+        "..",
+        "a.b.com",
+        "a@b.org/x",
+    ]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 25))) for _ in range(30000)]
     texts += [unit * rng.randint(1, 300) for unit in _PATHOLOGICAL.values() for _ in range(20)]
     changed = 0

@@ -158,8 +158,23 @@ def test_a_small_video_claiming_20_hours_is_refused_from_its_header(
     from magi import video_io
 
     video = tmp_path / "20h.mp4"  # 72000 tiny frames at 1 fps: under 1 MB
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-f", "lavfi", "-i", "color=c=gray:s=16x16:r=1:d=72000",
-           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(video)]  # fmt: skip
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=gray:s=16x16:r=1:d=72000",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        str(video),
+    ]
     subprocess.run(cmd, check=True, timeout=300)
     decoded = []
     monkeypatch.setattr(video_io, "load_video", lambda *a, **k: decoded.append(a) or torch.zeros(0))

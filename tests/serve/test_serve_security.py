@@ -208,8 +208,10 @@ def test_request_headers_over_64_kb_are_refused_and_the_server_stays_up(servers:
     assert json.loads(body)["error"]["code"] == "headers_too_large"  # then the server closed it
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:  # the same, sent in pieces
         for i in range(66):  # just over 64 KB, so the server has read all of it when it answers
-            conn.sendall(("GET /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\n" if i == 0 else "")
-                         .encode() + f"X-Pad-{i}: {'p' * 1000}\r\n".encode())  # fmt: skip
+            conn.sendall(
+                ("GET /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\n" if i == 0 else "").encode()
+                + f"X-Pad-{i}: {'p' * 1000}\r\n".encode()
+            )
             time.sleep(0.005)
         assert b" 431 " in conn.recv(4096)
     small = "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(20))  # ~20 KB is fine
