@@ -251,15 +251,20 @@ def stop_aware(
         if callback is not None:
             callback(info)
         control.at_step(info)
-        stopping = control.stopping
-        if mesh is not None:  # a stop may reach the ranks at different steps: stop together
-            from magi.distributed import any_rank
-
-            stopping = any_rank(stopping, mesh)
-        if stopping:
-            raise StopRequested
+        _stop_if_stopped(control, mesh)  # a stop may reach the ranks at different steps: they stop together
 
     return hook
+
+
+def _stop_if_stopped(control: Control, mesh: object | None) -> None:
+    """StopRequested when ``control`` is stopping (on any rank: the ranks stop together)."""
+    stopping = control.stopping
+    if mesh is not None:
+        from magi.distributed import any_rank
+
+        stopping = any_rank(stopping, mesh)
+    if stopping:
+        raise StopRequested
 
 
 def execute(
@@ -286,6 +291,7 @@ def execute(
     try:
         run = prepare()
         control.bind(run, encoder.encode)
+        _stop_if_stopped(control, engine.mesh)  # a stop while preparing takes effect before the first step
         out.result.chunks_total = len(run.plan.generated_chunks)
         out.result.chunks_done, out.result.frames_written = run.chunks_done, run.frames_done
         if out.save_tensors is not None and run.chunks_done:  # resumed: the earlier chunks' tensors first

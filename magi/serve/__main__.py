@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from magi.serve.guard import HEADER_TIMEOUT_S, http_protocol
 from magi.serve.protocol import MAX_FRAMES, MAX_PIXELS, MAX_QUEUED, MAX_UPLOAD_BYTES
 from magi.serve.supervisor import Supervisor
 from magi.serve.worker import KEEP_JOBS, LEASE_S
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_CONNECTIONS,
         help=f"most open connections; more get 503 at once, so slow clients cannot pile up (default {MAX_CONNECTIONS})",
     )
+    p.add_argument("--header_timeout", type=float, default=HEADER_TIMEOUT_S, metavar="S",
+                   help="close a connection whose request line and headers take longer than S seconds "
+                        f"(slowloris; default {HEADER_TIMEOUT_S:g})")  # fmt: skip
     _add_scale_flags(p)
     p.add_argument("--no_worker", action="store_true", help=argparse.SUPPRESS)  # API tests: no model
     return p
@@ -144,6 +148,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--lease_s must be > 0, got {args.lease_s}")
     if args.keep_jobs < 0:
         raise UsageError(f"--keep_jobs must be >= 0, got {args.keep_jobs}")
+    if not args.header_timeout > 0:
+        raise UsageError(f"--header_timeout must be > 0 seconds, got {args.header_timeout}")
     if args.keep_days is not None and not args.keep_days > 0:
         raise UsageError(f"--keep_days must be > 0, got {args.keep_days}")
     if not args.max_upload_mb > 0:
@@ -216,7 +222,8 @@ def _serve(app: object, args: argparse.Namespace) -> None:
 
     # live routes (/stream, /events) never end on their own while a job runs: give them 2 s
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2,
-                            limit_concurrency=args.max_connections, timeout_keep_alive=KEEP_ALIVE_S, http="h11",
+                            limit_concurrency=args.max_connections, timeout_keep_alive=KEEP_ALIVE_S,
+                            http=http_protocol(args.header_timeout),
                             h11_max_incomplete_event_size=MAX_HEADER_BYTES)  # fmt: skip
     # uvicorn handles SIGINT / SIGTERM while it runs, then re-raises the signal to the handler it
     # found: make that a no-op, so the worker is still stopped cleanly (the default SIGTERM

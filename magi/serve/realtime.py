@@ -1,23 +1,49 @@
 """``WS /v1/realtime/video``: a realtime session over one job, in the shape of vLLM-Omni's
 "Streaming Video Output WebSocket API".
 
-Control messages are JSON text frames with a ``type``; each chunk is a ``video.chunk_metadata``
-message followed by exactly one binary frame, the chunk's segment: a complete fragmented MP4 of
-that chunk's frames, playable on its own (the same bytes as ``GET /v1/videos/{id}/stream/{k}``).
+The binary frames of a session are one CMAF stream, the same bytes as ``GET
+/v1/videos/{id}/stream/init.mp4`` then ``/stream/{k}.m4s`` for each chunk: first the init segment
+(ftyp + moov), then each chunk's fragments (moof + mdat) with timestamps going on from the chunk
+before. A client that concatenates the binary frames in receive order has one playable
+fragmented MP4 of every frame (vLLM-Omni's documented client behaviour); a MediaSource appends
+them as they come. Every binary frame follows a ``video.chunk_metadata`` text frame describing it.
 
 Client to server:
   ``session.start``       the request, as the JSON body of ``POST /v1/videos`` (t2v: prompt or prompts,
                           num_frames, seed, size); ``format`` may be given, only ``m4s`` exists
   ``session.resume``      ``id`` of an earlier session's video, ``from_chunk`` the first chunk still wanted
-  ``session.interaction`` ``from_chunk`` and ``prompt``: the prompt from that chunk on (steering)
-  ``session.stop``        cancel the job; the chunks done so far still arrive, then ``video.done``
+                          (the init segment is sent again first, then the fragments from that chunk)
+  ``session.interaction`` the prompt from a chunk on (steering), in vLLM-Omni's shape
+                          ``{"interaction": {"event_id", "event": {"prompt"}, "transition_chunks"}}``
+                          (``from_chunk`` in ``interaction`` optional: default the next chunk not yet
+                          done; ``transition_chunks`` only 0, a change applies at once) or magi's
+                          ``{"from_chunk", "prompt"}``
+  ``session.stop``        cancel the job; the chunks done so far still arrive, then ``session.done``
   ``session.ping``        answered with ``session.pong``
 Server to client:
-  ``video.start`` (``request_id``: the video id, ``format``, ``config``: the video object),
-  ``video.chunk_metadata`` (``chunk_index``, ``bytes``, ``format``) + one binary frame,
-  ``session.interaction.queued`` (``edit_id``, ``from_chunk``, ``prompt``), ``video.done``
-  (``status``, ``chunks``, ``error``), ``error`` (``code``, ``message``, ``param``; the socket closes
-  after an error in the opening message).
+  ``video.start`` (``request_id``: the video id, ``format``, ``config``: the video object);
+  ``video.chunk_metadata`` + one binary frame: ``kind`` (``init``: the init segment, once per
+  connection, before any media; ``media``: a chunk's fragments), ``request_id``,
+  ``transport_chunk_index`` (the binary frame's number on this connection, from 0),
+  ``generation_chunk_index`` (the chunk; null for the init), ``num_frames``, ``byte_length``,
+  ``format``;
+  ``session.interaction.queued`` (``event_id``, and as ``POST /v1/videos/{id}/prompt`` answers:
+  ``edit_id``, ``prompt``, ``from_chunk``, ``applies_from``, ``moved``; the same 409s);
+  ``session.done`` (``chunks``: the job's chunks done, ``stopped``: cancelled, ``status``,
+  ``error``); ``error`` (``code``, ``message``, ``param``; the socket closes after an error in the
+  opening message).
+
+vLLM-Omni's names, as its docs state them (docs/serving/streaming_video_output_api.md and its
+realtime prompt-interaction protocol in vllm-project/vllm-omni, read 2026-12): ``session.start``
+with ``format: "m4s"``, ``video.start`` (``request_id``, ``format``, ``config``),
+``video.chunk_metadata`` (``kind`` media / trailer, ``transport_chunk_index``,
+``generation_chunk_index``, ``num_frames``, ``byte_length``, ``started/active/completed_event_ids``)
+before each binary frame, ``session.interaction`` with ``interaction.event_id / event.prompt /
+transition_chunks``, ``session.interaction.queued`` (``event_id``), ``session.ping`` /
+``session.pong``, ``session.stop``, ``session.done`` (``chunks``, ``stopped``), ``error``. magi
+uses those names; it adds ``kind: "init"`` (vLLM-Omni puts its init inside the first media
+payload), ``session.resume`` and ``format`` in the metadata, and sends no event-id lists and no
+trailer (a fragmented stream needs none).
 
 A session is a job: a client that drops leaves it running, and a new connection with
 ``session.resume`` continues from the chunk it names. Auth as the HTTP routes: the
@@ -34,9 +60,10 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.concurrency import run_in_threadpool
 
-from magi.serve.media import POLL_S
+from magi.media.mp4 import fragment_frames
+from magi.serve.media import POLL_S, segment_pieces
 from magi.serve.protocol import ApiError, PromptEdit, VideoCreate, bad, parse
-from magi.serve.routes import Service
+from magi.serve.routes import Service, job_chunks, queue_edit
 from magi.serve.store import QueueFull
 
 FORMAT = "m4s"
@@ -98,7 +125,7 @@ async def realtime_video(ws: WebSocket) -> None:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     if sender in done and sender.exception() is None:
-        await ws.close(1000)  # every chunk and video.done are out
+        await ws.close(1000)  # every chunk and session.done are out
     # else the client left: the job goes on, session.resume picks it up
 
 
@@ -127,27 +154,45 @@ async def _open(svc: Service, message: dict) -> tuple[str, int]:
     return job.id, 0
 
 
+def _metadata(job_id: str, kind: str, index: int, chunk: int | None, data: bytes, frames: int) -> dict:
+    return {
+        "type": "video.chunk_metadata",
+        "request_id": job_id,
+        "kind": kind,
+        "transport_chunk_index": index,
+        "generation_chunk_index": chunk,
+        "num_frames": frames,
+        "byte_length": len(data),
+        "format": FORMAT,
+    }
+
+
 async def _send_chunks(ws: WebSocket, svc: Service, job_id: str, k: int) -> None:
-    """Each segment from ``k`` on as metadata + one binary frame, then ``video.done`` once the job ended."""
-    files = svc.files(job_id)
+    """The init segment, then each chunk's fragments from ``k`` on (metadata + one binary frame
+    each), then ``session.done`` once the job ended."""
+    files, sent = svc.files(job_id), 0
     while True:
         job = svc.job(job_id)  # read before listing, so no segment written before the end is missed
         while files.segment(k).is_file():
-            data = await run_in_threadpool(files.segment(k).read_bytes)
-            await ws.send_json(
-                {
-                    "type": "video.chunk_metadata",
-                    "request_id": job_id,
-                    "chunk_index": k,
-                    "bytes": len(data),
-                    "format": FORMAT,
-                }
-            )
-            await ws.send_bytes(data)
-            k += 1
+            init, fragments = await run_in_threadpool(segment_pieces, files.segment(k))
+            if sent == 0:  # the same init opens every segment: sent once, before any media
+                await ws.send_json(_metadata(job_id, "init", sent, None, init, 0))
+                await ws.send_bytes(init)
+                sent += 1
+            media = b"".join(fragments)
+            await ws.send_json(_metadata(job_id, "media", sent, k, media, sum(map(fragment_frames, fragments))))
+            await ws.send_bytes(media)
+            sent, k = sent + 1, k + 1
         if job.ended:
             await ws.send_json(
-                {"type": "video.done", "request_id": job_id, "status": job.status, "chunks": k, "error": job.error}
+                {
+                    "type": "session.done",
+                    "request_id": job_id,
+                    "chunks": k,
+                    "stopped": job.status == "cancelled",
+                    "status": job.status,
+                    "error": job.error,
+                }
             )
             return
         await asyncio.sleep(POLL_S)
@@ -175,21 +220,37 @@ def _handle(svc: Service, job_id: str, message: dict) -> dict | None:
         job = svc.job(job_id)
         if not job.ended:
             svc.store.request_cancel(job_id)
-        return None  # the chunks done so far, then video.done (cancelled)
+        return None  # the chunks done so far, then session.done (cancelled)
     if kind == "session.interaction":
-        job = svc.job(job_id)
-        fields = {k: v for k, v in message.items() if k != "type"}
-        edit = parse(PromptEdit, fields, svc.served, chunks=job.chunks_total)
-        if job.status not in ("queued", "in_progress"):
-            raise ApiError(
-                409, "job_ended", f"video {job_id} is {job.status}; only a queued or running job can be steered"
-            )
-        edit_id = svc.store.add_edit(job_id, edit.from_chunk, edit.prompt)
-        return {
-            "type": "session.interaction.queued",
-            "request_id": job_id,
-            "edit_id": edit_id,
-            "from_chunk": edit.from_chunk,
-            "prompt": edit.prompt,
-        }
+        return _interaction(svc, svc.job(job_id), message)
     raise bad("type", f"unknown message type {kind!r}; use session.interaction, session.stop or session.ping")
+
+
+def _interaction(svc: Service, job: Any, message: dict) -> dict:
+    """Queue a prompt edit from ``session.interaction`` (vLLM-Omni's ``interaction`` object, or
+    magi's ``from_chunk`` + ``prompt``); the ``session.interaction.queued`` reply."""
+    event_id = None
+    fields = {k: v for k, v in message.items() if k != "type"}
+    if "interaction" in fields:
+        interaction = fields.pop("interaction")
+        if fields or not isinstance(interaction, dict) or not isinstance(interaction.get("event"), dict):
+            raise bad("interaction", "session.interaction needs {'interaction': {'event': {'prompt': ...}}} alone")
+        event_id = interaction.get("event_id")
+        if event_id is not None and (not isinstance(event_id, str) or not event_id):
+            raise bad("interaction.event_id", "event_id must be a non-empty string")
+        if interaction.get("transition_chunks", 0) != 0:
+            raise bad(
+                "interaction.transition_chunks",
+                "magi applies a prompt change at once: give transition_chunks 0 or leave it out",
+            )
+        fields = {
+            "from_chunk": interaction.get("from_chunk", job.chunks_done),
+            "prompt": interaction["event"].get("prompt"),
+        }
+    answer = queue_edit(svc, job, parse(PromptEdit, fields, svc.served, chunks=job_chunks(svc, job)))
+    return {
+        "type": "session.interaction.queued",
+        "request_id": job.id,
+        "event_id": event_id or str(answer["edit_id"]),
+        **{k: answer[k] for k in ("edit_id", "prompt", "from_chunk", "applies_from", "moved")},
+    }

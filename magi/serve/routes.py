@@ -418,8 +418,19 @@ def _changed_prompts(video: dict, before: dict | None) -> dict:
 @router.post("/v1/videos/{job_id}/prompt", openapi_extra=request_schema(PromptEdit))
 async def steer(job_id: str, request: Request, svc: Svc) -> dict:
     job = svc.job(job_id)
-    chunks = job.chunks_total if job.chunks_total is not None else planned_chunks(svc.served, job.params)
-    edit = parse(PromptEdit, await json_body(request), svc.served, chunks=chunks)
+    edit = parse(PromptEdit, await json_body(request), svc.served, chunks=job_chunks(svc, job))
+    return queue_edit(svc, job, edit)
+
+
+def job_chunks(svc: Service, job: Job) -> int | None:
+    """The job's chunk count: known once it runs, else planned from its request (None: unknown)."""
+    return job.chunks_total if job.chunks_total is not None else planned_chunks(svc.served, job.params)
+
+
+def queue_edit(svc: Service, job: Job, edit: PromptEdit) -> dict:
+    """Queue a checked steering edit of ``job`` (HTTP and realtime): the ``video.prompt_edit``
+    answer, or ApiError 409 (ended, too late, too many edits)."""
+    job_id, chunks = job.id, job_chunks(svc, job)
     if job.status not in ("queued", "in_progress"):
         raise ApiError(409, "job_ended", f"video {job_id} is {job.status}; only a queued or running job can be steered")
     applies, moved = _applies_from(svc, job, edit.from_chunk)

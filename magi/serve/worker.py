@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from magi.generation import Control
     from magi.serve.store import Job, JobFiles, JobStore
 
 MAX_ATTEMPTS = 3  # runs of one job the worker starts before it calls the job failed
@@ -149,9 +150,12 @@ class Worker:
         if attempts > MAX_ATTEMPTS:
             return self._fail(job_id, f"the worker stopped {MAX_ATTEMPTS} times while running this job "
                                       "(killed, or out of memory); not trying again")
+        from magi.generation import Control
+
+        control, why = Control(), []
         try:
-            with self._heartbeat(job_id):
-                stopped = self._generate(job, files)
+            with self._heartbeat(job_id), self._cancel_watch(job_id, control, why):
+                stopped = self._generate(job, files, control, why)
         except Exception as err:  # a bad request, a full disk, ...: this job fails, the server goes on
             print(f"magi serve: job {job_id} failed: {one_line(err)}", file=sys.stderr, flush=True)
             return self._fail(job_id, one_line(err))
@@ -164,16 +168,14 @@ class Worker:
             return None
         return self._end(job, files, "cancelled" if stopped == "cancel" else "completed")
 
-    def _generate(self, job: Job, files: JobFiles) -> str | None:
-        """Run (or resume) the job into its segments and state; how it stopped, None if it finished."""
-        from magi.generation import Control
+    def _generate(self, job: Job, files: JobFiles, control: Control, why: list[str]) -> str | None:
+        """Run (or resume) the job into its segments and state under ``control`` (``why``: the
+        reasons it was stopped for); how it stopped, None if it finished."""
         from magi.serve.store import JobFiles
         from magi.state import GenerationState
 
         job_id, params = job.id, job.params
         pipe = self._pipe_for(params)
-        control = Control()
-        why: list[str] = []
         edits_seen = [0]
         state = GenerationState.load(files.state) if files.state.is_file() else None
         done = [0 if state is None else state.meta["chunks_done"]]
@@ -192,10 +194,6 @@ class Worker:
             if now - last_write[0] > 0.1 or info.finished is not None:
                 self.store.update(job_id, **fields)
                 last_write[0] = now
-            row = self.store.get(job_id)
-            if row is not None and row.cancel_requested:
-                why.append("cancel")
-                control.stop()
             if self.shutdown.requested:
                 why.append("shutdown")
                 control.stop()
@@ -222,6 +220,8 @@ class Worker:
             edits_seen[0] = edit.id
             with contextlib.suppress(ValueError):
                 control.set_prompt(edit.from_chunk, edit.prompt, generated=True)
+        if control.stopping or getattr(self.store.get(job_id), "cancel_requested", False):
+            return "cancel"  # cancelled while the job was set up: no model work at all
         common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
                       control=control, on_chunk=on_chunk, progress=False)  # jobs report their own progress
         if state is not None and not state.meta.get("finished"):
@@ -262,6 +262,33 @@ class Worker:
                     print(f"magi serve: cannot renew the lease of {job_id}: {one_line(err)}", file=sys.stderr)
 
         thread = threading.Thread(target=beat, name="magi-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    @contextlib.contextmanager
+    def _cancel_watch(self, job_id: str, control: Control, why: list[str]) -> Iterator[None]:
+        """Stop ``control`` as soon as the job's cancel is requested, looking every ``poll_s`` while
+        the block runs: also while the run prepares (a stopped Control ends it before its first
+        step), not only at the step boundaries."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(self.poll_s):
+                try:
+                    row = self.store.get(job_id)
+                except Exception as err:  # the database is away for a moment: look again
+                    print(f"magi serve: cannot read job {job_id}: {one_line(err)}", file=sys.stderr)
+                    continue
+                if row is not None and row.cancel_requested:
+                    why.append("cancel")
+                    control.stop()
+                    return
+
+        thread = threading.Thread(target=watch, name="magi-cancel-watch", daemon=True)
         thread.start()
         try:
             yield

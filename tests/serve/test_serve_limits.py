@@ -146,3 +146,39 @@ def test_uploads_are_checked_from_their_name_and_header_before_any_decode(client
         w.append(torch.zeros(100, 3, 64, 64, dtype=torch.uint8))
     error = _upload(client, "prefix_video", "long.mp4", long_video.read_bytes())
     assert "more than this server's limit of 48" in error["message"], error
+
+
+def test_a_small_video_claiming_20_hours_is_refused_from_its_header(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from magi import video_io
+
+    video = tmp_path / "20h.mp4"  # 72000 tiny frames at 1 fps: under 1 MB
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=gray:s=16x16:r=1:d=72000",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        str(video),
+    ]
+    subprocess.run(cmd, check=True, timeout=300)
+    decoded = []
+    monkeypatch.setattr(video_io, "load_video", lambda *a, **k: decoded.append(a) or torch.zeros(0))
+    start = time.monotonic()
+    error = _upload(client, "prefix_video", "20h.mp4", video.read_bytes())
+    assert "about 72000 frames (72000.0 s), more than this server's limit of 48" in error["message"], error
+    assert error["param"] == "prefix_video" and not decoded and time.monotonic() - start < 30

@@ -2,10 +2,12 @@
 cross-site POST (text/plain or a form, as any web page can send) is refused, and so is a Host
 name that is not the server's (DNS rebinding) unless --allowed_hosts names it; with a key the API
 docs need it too, the key comes from a file, a key on argv is warned about; the data folder and
-its database are private (0700 / 0600)."""
+its database are private (0700 / 0600); slow clients are closed (a request's headers have
+--header_timeout seconds) and request headers over 64 KB are refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -148,6 +150,73 @@ def test_slow_clients_cannot_pile_up_connections(servers: dict) -> None:
             s.close()
         proc.terminate()
         proc.wait(30)
+
+
+def _closed_after(conn: socket.socket, limit: float) -> float:
+    """Seconds until the server closes ``conn`` (reading what it sends); fails after ``limit``."""
+    start = time.monotonic()
+    conn.settimeout(limit)
+    while conn.recv(4096):
+        pass
+    return time.monotonic() - start
+
+
+def test_a_request_whose_headers_never_end_is_closed_after_the_header_timeout(servers: dict) -> None:
+    proc, url = _start(servers["root"], "slowloris", "--header_timeout", "1.5")
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as half:
+            half.sendall(b"GET /v1/videos HTTP/1.1\r\nHost: 127.0")  # half a header line, then nothing
+            assert 1.0 < _closed_after(half, 30) < 15
+        with socket.create_connection(("127.0.0.1", port)) as drip:  # a byte now and then does not help
+            start = time.monotonic()
+            drip.settimeout(0.3)
+            with pytest.raises(OSError):  # reset or closed (recv answers b"")
+                for byte in b"GET /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+                    drip.sendall(bytes([byte]))
+                    try:
+                        if drip.recv(4096) == b"":
+                            raise ConnectionResetError("closed")
+                    except TimeoutError:
+                        pass
+            assert time.monotonic() - start < 15
+        with socket.create_connection(("127.0.0.1", port)) as idle:  # a connection that sends nothing
+            assert 1.0 < _closed_after(idle, 30) < 15
+        with httpx.Client(base_url=url, timeout=10) as client:  # normal requests, kept alive, still work
+            assert client.get("/v1/videos").status_code == 200
+            time.sleep(0.5)
+            assert client.get("/v1/videos").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_request_headers_over_64_kb_are_refused_and_the_server_stays_up(servers: dict) -> None:
+    url = servers["open"]
+    port = int(url.rsplit(":", 1)[1])
+    headers = "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(70))  # ~70 KB
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        try:
+            conn.sendall(f"GET /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+            answer = b""
+            while chunk := conn.recv(4096):
+                answer += chunk
+        except ConnectionResetError:  # closed while sending: refused as well
+            answer = b""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0] == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+    assert json.loads(body)["error"]["code"] == "headers_too_large"  # then the server closed it
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:  # the same, sent in pieces
+        for i in range(66):  # just over 64 KB, so the server has read all of it when it answers
+            conn.sendall(
+                ("GET /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\n" if i == 0 else "").encode()
+                + f"X-Pad-{i}: {'p' * 1000}\r\n".encode()
+            )
+            time.sleep(0.005)
+        assert b" 431 " in conn.recv(4096)
+    small = "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(20))  # ~20 KB is fine
+    r = httpx.get(url + "/v1/videos", headers=dict(line.split(": ") for line in small.splitlines()), timeout=10)
+    assert r.status_code == 200, r.text
 
 
 def _handshake(url: str, host: str, origin: str | None) -> bytes:
