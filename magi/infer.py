@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_path", required=True, metavar="MP4", help="where to write the .mp4")
     overrides = parser.add_argument_group("overrides of runtime_config")
     overrides.add_argument("--seed", type=int, help="random seed")
-    overrides.add_argument("--num_frames", type=int, help="frames to generate (rounded up to whole chunks)")
+    overrides.add_argument("--num_frames", type=int,
+                           help="frames to generate (rounded up to whole chunks); with --resume, the video's new "
+                                "length (docs/CLI.md: which lengths a stopped run can take)")
     overrides.add_argument("--video_size_h", type=int, help="height in pixels (multiple of 16)")
     overrides.add_argument("--video_size_w", type=int, help="width in pixels (multiple of 16)")
     overrides.add_argument("--num_steps", type=int, help="denoising steps per chunk (multiple of window_size)")
@@ -435,22 +437,30 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argp
         raise UsageError("--resume takes the mode, prompts and inputs from the state; drop --mode, "
                          "--prompt, --prompt_file, --image_path and --prefix_video_path")
     cfg, state = _open_state(args, "--resume", args.resume, finished=False)
-    _check_resume_flags(args, state.meta)
+    _check_resume_flags(args, state, cfg)
     args.mode, args.resume_state = state.meta["mode"], state
     _check_steer(args, cfg, None)
     return cfg, Request(args.mode, state.meta["prompts"], args.output_path, save_tensors=args.save_tensors), args
 
 
-def _check_resume_flags(args: argparse.Namespace, meta: dict) -> None:
-    """--seed / --num_frames cannot change on resume (the noise and the chunk plan are the state's):
-    the state's own value is fine, another one is an error naming the flag (size and steps are
-    config fields: the state's identity check names them)."""
+def _check_resume_flags(args: argparse.Namespace, state: object, cfg: MagiConfig) -> None:
+    """--seed cannot change on resume (the noise is the state's): the state's own value is fine,
+    another one is an error naming the flag. --num_frames is applied by the library's rule
+    (``magi.prepare.resume_length``: more frames while the plan still agrees, never fewer than
+    written). Size and steps are config fields: the state's identity check names them."""
+    meta = state.meta
     if args.seed is not None and args.seed != meta["seed"]:
         raise UsageError(f"--seed {args.seed}: a resumed run keeps its seed ({meta['seed']}); drop --seed")
-    if args.num_frames is not None and args.num_frames != meta["limit"]:
-        keeps = "every frame of its chunks" if meta["limit"] is None else f"{meta['limit']} frames"
-        raise UsageError(f"--num_frames {args.num_frames}: a resumed run keeps its length ({keeps}); "
-                         "drop it, and --extend the finished run for more frames")
+    if args.num_frames is None:
+        return
+    from magi.prepare import resume_length
+
+    try:
+        chunks, _ = resume_length(state, cfg.runtime, args.num_frames, "--num_frames")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if chunks > meta["chunk_num"]:  # the longer video's noise must fit this machine
+        _budget(cfg, meta["mode"], args.compat)
 
 
 def _extended(result: object, args: argparse.Namespace) -> str:
@@ -504,7 +514,7 @@ def _run(pipe: object, cfg: MagiConfig, request: Request, args: argparse.Namespa
         earlier = segments_folder(args.resume)
         return pipe.resume(args.resume_state, request.output_path, progress=True,
                            save_state=args.save_state or args.resume, save_every=args.save_every,
-                           save_tensors=request.save_tensors,
+                           save_tensors=request.save_tensors, num_frames=args.num_frames,
                            segments=earlier if earlier.is_dir() else None, control=control)
     segments = None if args.save_state is None else segments_folder(args.save_state)
     return pipe.generate(**dataclasses.asdict(request), progress=True, save_state=args.save_state,
