@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import NoReturn
 
 from magi.config import ConfigError, MagiConfig, check_paths, check_world_size, load_config
-from magi.request import MODES, RequestError, check_prompts_fit, check_text, read_prompt_file
+from magi.request import MODES, RequestError, check_prompts_fit, check_text, read_prompt_file, shorten_paths, shown_path
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")  # magi.attention.BACKEND_CHOICES
 
@@ -167,7 +167,7 @@ def _existing_file(flag: str, path: str | None, mode: str) -> str:
     if path is None:
         raise UsageError(f"--mode {mode} needs {flag}")
     if not Path(path).is_file():
-        raise UsageError(f"{flag} {path} does not exist (relative paths start at {Path.cwd()})")
+        raise UsageError(f"{flag} {path} does not exist (relative paths start at {shown_path(Path.cwd())})")
     return path
 
 
@@ -210,8 +210,8 @@ def _config_error(err: ConfigError) -> UsageError:
     problems = getattr(err, "problems", ())
     if not problems:
         return UsageError(str(err))
-    where = Path(err.where).name
-    first = problems[0] if len(problems[0]) <= 110 else problems[0].split(" (")[0][:130]  # the parenthesis: docs
+    where, problem = Path(err.where).name, shorten_paths(problems[0])
+    first = problem if len(problem) <= 110 else problem.split(" (")[0][:130]  # the parenthesis: docs
     more = f" (+{len(problems) - 1} more missing)" if len(problems) > 1 else ""
     return UsageError(f"{where}: {first}{more}; get them: python -m magi.download <model>"[:200])
 
@@ -280,7 +280,7 @@ def _check_output(flag: str, path: str | None, probe_mp4: bool = False) -> None:
     target = Path(path)
     blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder; choose another path")
+        raise UsageError(f"{flag} {path}: {shown_path(blocker)} is a file, not a folder; choose another path")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -545,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             cfg, request, args = prepare(argv)
         except UsageError as err:  # (only the checks before any model loads are usage errors)
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {_message(err, argv, 200 - 7)}", file=sys.stderr)
             return 2
         return _generate(cfg, request, args)
     except _PipelineMissing as err:
@@ -561,9 +561,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a bug or a device failure: the traceback is the useful report
         if os.environ.get("MAGI_DEBUG"):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {first} (set MAGI_DEBUG=1 for the traceback)", file=sys.stderr)
+        hint = " (set MAGI_DEBUG=1 for the traceback)"
+        print(f"error: {_message(err, argv, 200 - 7 - len(hint))}{hint}", file=sys.stderr)
         return 1
+
+
+def _message(err: Exception, argv: Sequence[str] | None, most: int) -> str:
+    """One line of at most ``most`` characters: when longer, the long paths it quotes (those given
+    on the command line first) are elided in the middle (magi.request.shorten_paths)."""
+    from magi.request import one_line
+
+    text = one_line(str(err), 10**6)
+    if len(text) > most:
+        text = shorten_paths(text, *(sys.argv[1:] if argv is None else argv))
+    return one_line(text, most) or type(err).__name__
 
 
 def _video_write_error() -> type[Exception] | tuple[()]:
