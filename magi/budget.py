@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from magi.config import MagiConfig
+from magi.request import shown_path
 
 TEMPORAL_FACTOR = 4  # VAE temporal compression
 OFFICIAL_PREFIX_FRAMES = 32  # the official v2v reads exactly this many frames from the start
@@ -212,17 +213,18 @@ def check_budget(
         ValueError: one line naming the sizes and what to lower.
     """
     f = flag_prefix
-    what = f"{f}video_size_h {est.video_size_h} x {f}video_size_w {est.video_size_w} x {f}num_frames {est.num_frames}"
+    what = f"{est.video_size_w}x{est.video_size_h} px, {est.num_frames} frames"  # one line of <= 200 characters
     if ram_bytes is not None:
         _check_chunk(est, ram_bytes, what)
     if est.noise_bytes > est.noise_spill_bytes:  # the pipeline spills it to a temporary file
-        room, where = free_tmp_bytes, f"in TMPDIR ({tmp_dir or 'the temporary folder'} has {_gib(free_tmp_bytes)} free)"
+        folder = shown_path(tmp_dir or "the temporary folder", 30)
+        room, where = free_tmp_bytes, f"in TMPDIR ({folder}: {_gib(free_tmp_bytes)} free)"
     else:
         room, where = ram_bytes, f"in memory ({_gib(ram_bytes)})"
     if room is not None and est.noise_bytes > room:
         raise ValueError(
-            f"{what}: the initial noise ({est.chunks} chunks of {est.chunk_width} latent frames) "
-            f"needs {_gib(est.noise_bytes)} {where}; lower num_frames or the size"
+            f"{what}: the initial noise ({est.chunks} chunks) needs {_gib(est.noise_bytes)} {where}; "
+            f"lower {f}num_frames or the size"
         )
 
 
@@ -230,14 +232,13 @@ def _check_chunk(est: Estimate, ram_bytes: int, what: str) -> None:
     parts = {
         "latent": est.chunk_latent_bytes,
         "decoded frames": est.chunk_frame_bytes,
-        f"DiT activations ({est.chunk_tokens} tokens)": est.chunk_activation_bytes,
+        "DiT activations": est.chunk_activation_bytes,  # (est.chunk_tokens tokens x the widest layer)
     }
     part, size = max(parts.items(), key=lambda kv: kv[1])
     if size > ram_bytes:
         raise ValueError(
-            f"{what}: one chunk (chunk_width {est.chunk_width} latent frames, "
-            f"{est.frames_per_chunk} video frames) needs {_gib(size)} for its {part} but "
-            f"this machine has {_gib(ram_bytes)} of memory; lower the size or "
+            f"{what}: one chunk ({est.chunk_width} latent, {est.frames_per_chunk} video frames) needs "
+            f"{_gib(size)} for its {part}, over this machine's {_gib(ram_bytes)}; lower the size or "
             "runtime_config.chunk_width"
         )
 

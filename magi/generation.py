@@ -26,13 +26,13 @@ import torch
 
 from magi.engine import Engine
 from magi.models.kv_cache import KVCache
-from magi.prepare import TAIL_CHUNKS, Run, snapshot
+from magi.prepare import TAIL_CHUNKS, Run, added_noise_seed, snapshot
 from magi.prompts import PromptEncoder
 from magi.request import check_from_chunk, check_text
 from magi.results import GenerationResult, StepInfo, VideoChunk
 from magi.sampling.chunks import ChunkPlan, Step
 from magi.sampling.denoise import denoise
-from magi.sampling.noise import InitialNoise
+from magi.sampling.noise import InitialNoise, JoinedNoise
 from magi.sinks import Outputs, StateSaver, progress_bar, show_progress
 from magi.state import state_identity
 
@@ -174,7 +174,7 @@ class Control:
 
 
 # ---------------------------------------------------------------------------------- the loop
-def initial_noise(engine: Engine, run: Run) -> InitialNoise:
+def initial_noise(engine: Engine, run: Run) -> InitialNoise | JoinedNoise:
     """The only random draw: randn(shape) from a generator seeded with ``seed`` on the device.
 
     Held in host memory, or above ``noise_spill_bytes`` in a temporary file, and read chunk by
@@ -185,7 +185,17 @@ def initial_noise(engine: Engine, run: Run) -> InitialNoise:
         return InitialNoise.from_tensor(run.noise, cw)
     if run.per_chunk_noise:
         return InitialNoise.per_chunk(run.noise_shape, run.seed, cw)
-    return InitialNoise.draw(run.noise_shape, run.seed, cw, device=engine.device, spill_bytes=engine.noise_spill_bytes)
+    whole = InitialNoise.draw(run.noise_shape, run.seed, cw, device=engine.device, spill_bytes=engine.noise_spill_bytes)
+    if not run.noise_parts:
+        return whole
+    _, c, _, h, w = run.noise_shape  # a resumed run made longer: its added chunks' own draws
+    parts = [(0, whole)]
+    for first, n in run.noise_parts:
+        seed, shape = added_noise_seed(run.seed, first), (1, c, n * cw, h, w)
+        parts.append(
+            (first, InitialNoise.draw(shape, seed, cw, device=engine.device, spill_bytes=engine.noise_spill_bytes))
+        )
+    return JoinedNoise(parts)
 
 
 def chunks(

@@ -23,7 +23,7 @@ from types import ModuleType
 from typing import NoReturn
 
 from magi.config import ConfigError, MagiConfig, check_paths, check_world_size, load_config
-from magi.request import MODES, RequestError, check_prompts_fit, check_text, read_prompt_file
+from magi.request import MODES, RequestError, check_prompts_fit, check_text, read_prompt_file, shorten_paths, shown_path
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "flash")  # magi.attention.BACKEND_CHOICES
 
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_path", required=True, metavar="MP4", help="where to write the .mp4")
     overrides = parser.add_argument_group("overrides of runtime_config")
     overrides.add_argument("--seed", type=int, help="random seed")
-    overrides.add_argument("--num_frames", type=int, help="frames to generate (rounded up to whole chunks)")
+    overrides.add_argument("--num_frames", type=int,
+                           help="frames to generate (rounded up to whole chunks); with --resume, the video's new "
+                                "length (docs/CLI.md: which lengths a stopped run can take)")
     overrides.add_argument("--video_size_h", type=int, help="height in pixels (multiple of 16)")
     overrides.add_argument("--video_size_w", type=int, help="width in pixels (multiple of 16)")
     overrides.add_argument("--num_steps", type=int, help="denoising steps per chunk (multiple of window_size)")
@@ -165,7 +167,7 @@ def _existing_file(flag: str, path: str | None, mode: str) -> str:
     if path is None:
         raise UsageError(f"--mode {mode} needs {flag}")
     if not Path(path).is_file():
-        raise UsageError(f"{flag} {path} does not exist (relative paths start at {Path.cwd()})")
+        raise UsageError(f"{flag} {path} does not exist (relative paths start at {shown_path(Path.cwd())})")
     return path
 
 
@@ -208,8 +210,8 @@ def _config_error(err: ConfigError) -> UsageError:
     problems = getattr(err, "problems", ())
     if not problems:
         return UsageError(str(err))
-    where = Path(err.where).name
-    first = problems[0] if len(problems[0]) <= 110 else problems[0].split(" (")[0][:130]  # the parenthesis: docs
+    where, problem = Path(err.where).name, shorten_paths(problems[0])
+    first = problem if len(problem) <= 110 else problem.split(" (")[0][:130]  # the parenthesis: docs
     more = f" (+{len(problems) - 1} more missing)" if len(problems) > 1 else ""
     return UsageError(f"{where}: {first}{more}; get them: python -m magi.download <model>"[:200])
 
@@ -278,7 +280,7 @@ def _check_output(flag: str, path: str | None, probe_mp4: bool = False) -> None:
     target = Path(path)
     blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise UsageError(f"{flag} {path}: {blocker} is a file, not a folder; choose another path")
+        raise UsageError(f"{flag} {path}: {shown_path(blocker)} is a file, not a folder; choose another path")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -435,22 +437,30 @@ def _prepare_resume(args: argparse.Namespace) -> tuple[MagiConfig, Request, argp
         raise UsageError("--resume takes the mode, prompts and inputs from the state; drop --mode, "
                          "--prompt, --prompt_file, --image_path and --prefix_video_path")
     cfg, state = _open_state(args, "--resume", args.resume, finished=False)
-    _check_resume_flags(args, state.meta)
+    _check_resume_flags(args, state, cfg)
     args.mode, args.resume_state = state.meta["mode"], state
     _check_steer(args, cfg, None)
     return cfg, Request(args.mode, state.meta["prompts"], args.output_path, save_tensors=args.save_tensors), args
 
 
-def _check_resume_flags(args: argparse.Namespace, meta: dict) -> None:
-    """--seed / --num_frames cannot change on resume (the noise and the chunk plan are the state's):
-    the state's own value is fine, another one is an error naming the flag (size and steps are
-    config fields: the state's identity check names them)."""
+def _check_resume_flags(args: argparse.Namespace, state: object, cfg: MagiConfig) -> None:
+    """--seed cannot change on resume (the noise is the state's): the state's own value is fine,
+    another one is an error naming the flag. --num_frames is applied by the library's rule
+    (``magi.prepare.resume_length``: more frames while the plan still agrees, never fewer than
+    written). Size and steps are config fields: the state's identity check names them."""
+    meta = state.meta
     if args.seed is not None and args.seed != meta["seed"]:
         raise UsageError(f"--seed {args.seed}: a resumed run keeps its seed ({meta['seed']}); drop --seed")
-    if args.num_frames is not None and args.num_frames != meta["limit"]:
-        keeps = "every frame of its chunks" if meta["limit"] is None else f"{meta['limit']} frames"
-        raise UsageError(f"--num_frames {args.num_frames}: a resumed run keeps its length ({keeps}); "
-                         "drop it, and --extend the finished run for more frames")
+    if args.num_frames is None:
+        return
+    from magi.prepare import resume_length
+
+    try:
+        chunks, _ = resume_length(state, cfg.runtime, args.num_frames, "--num_frames")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if chunks > meta["chunk_num"]:  # the longer video's noise must fit this machine
+        _budget(cfg, meta["mode"], args.compat)
 
 
 def _extended(result: object, args: argparse.Namespace) -> str:
@@ -504,7 +514,7 @@ def _run(pipe: object, cfg: MagiConfig, request: Request, args: argparse.Namespa
         earlier = segments_folder(args.resume)
         return pipe.resume(args.resume_state, request.output_path, progress=True,
                            save_state=args.save_state or args.resume, save_every=args.save_every,
-                           save_tensors=request.save_tensors,
+                           save_tensors=request.save_tensors, num_frames=args.num_frames,
                            segments=earlier if earlier.is_dir() else None, control=control)
     segments = None if args.save_state is None else segments_folder(args.save_state)
     return pipe.generate(**dataclasses.asdict(request), progress=True, save_state=args.save_state,
@@ -535,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             cfg, request, args = prepare(argv)
         except UsageError as err:  # (only the checks before any model loads are usage errors)
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {_message(err, argv, 200 - 7)}", file=sys.stderr)
             return 2
         return _generate(cfg, request, args)
     except _PipelineMissing as err:
@@ -551,9 +561,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a bug or a device failure: the traceback is the useful report
         if os.environ.get("MAGI_DEBUG"):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {first} (set MAGI_DEBUG=1 for the traceback)", file=sys.stderr)
+        hint = " (set MAGI_DEBUG=1 for the traceback)"
+        print(f"error: {_message(err, argv, 200 - 7 - len(hint))}{hint}", file=sys.stderr)
         return 1
+
+
+def _message(err: Exception, argv: Sequence[str] | None, most: int) -> str:
+    """One line of at most ``most`` characters: when longer, the long paths it quotes (those given
+    on the command line first) are elided in the middle (magi.request.shorten_paths)."""
+    from magi.request import one_line
+
+    text = one_line(str(err), 10**6)
+    if len(text) > most:
+        text = shorten_paths(text, *(sys.argv[1:] if argv is None else argv))
+    return one_line(text, most) or type(err).__name__
 
 
 def _video_write_error() -> type[Exception] | tuple[()]:

@@ -38,7 +38,7 @@ from magi.generation import STOP_SIGNALS, Control, Generation, NonFiniteLatentEr
 from magi.hub import DEFAULT_VARIANT, resolve_pretrained
 from magi.models.vae import ViTVAE
 from magi.output import OUTPUT_TYPES, check_output_type, export_to_video
-from magi.prepare import TAIL_CHUNKS, Request, Run, check_request, extension_prefix, from_state, prepare
+from magi.prepare import TAIL_CHUNKS, Request, Run, check_request, extension_prefix, from_state, prepare, resume_length
 from magi.prompts import PROMPT_CACHE_SIZE, PromptEncoder, check_special_tokens, find_special_tokens
 from magi.request import COMPAT_MODES, MODES, check_compat
 from magi.results import GenerationResult, StepInfo, VideoChunk
@@ -266,7 +266,7 @@ class MagiPipeline:
                callback: StepCallback | None = None, progress: bool | None = None, save_state: str | Path | None = None,
                save_every: int = 1, save_tensors: str | Path | None = None, segments: str | Path | None = None,
                control: Control | None = None, on_chunk: ChunkCallback | None = None,
-               output_type: str | None = None) -> GenerationResult:  # fmt: skip
+               output_type: str | None = None, num_frames: int | None = None) -> GenerationResult:  # fmt: skip
         """Continue a run from a saved state, bit for bit as if it had never stopped.
 
         Args:
@@ -283,13 +283,20 @@ class MagiPipeline:
                 only this call's chunks (one warning says so).
             callback, progress, save_every, control, on_chunk, output_type: as for
                 :meth:`generate` (the frames of this call only).
+            num_frames: another length for the whole video (None: the state's). The chunks
+                finished and in flight stay as they are; added chunks take noise of their own
+                (``magi.prepare.resume_length`` / ``resumed_noise``; docs/CLI.md says what the
+                frames then equal).
 
         Raises:
             StateError: a damaged or edited state, one from another magi version, config,
                 checkpoint or compat mode, or a finished one; an output that does not hold the
                 state's frames (resumed twice into the same output).
+            RequestError: a ``num_frames`` below the frames written, or one whose chunk plan
+                differs before the resume point (the run had begun ending its video).
         """
         loaded, where = open_state(state, self.identity(), finished=False)
+        resume_length(loaded, self.config.runtime, num_frames)  # refused before any output opens
         earlier = None
         if segments is None:
             earlier = check_earlier_video(output_path, video_frames(loaded), where)
@@ -297,8 +304,8 @@ class MagiPipeline:
         saver = None if target is None else StateSaver(target, save_every, True)
         dest = Destinations(output_path, segments, loaded.meta["chunks_done"], on_chunk, save_tensors, earlier,
                             check_output_type(output_type))  # fmt: skip
-        return self._execute(lambda: from_state(self.engine, self.prompts, loaded), dest, callback, progress,
-                             saver, control)  # fmt: skip
+        return self._execute(lambda: from_state(self.engine, self.prompts, loaded, num_frames), dest, callback,
+                             progress, saver, control)  # fmt: skip
 
     def extend(self, state: str | Path | GenerationState, prompt: str | Sequence[str], num_frames: int,
                output_path: str | Path | None = None, *, seed: int | None = None,

@@ -1,5 +1,6 @@
 """A request -> a ``Run``: the checked request, its prefix latents, chunk plan and caption rows;
-or a saved state -> the ``Run`` that continues it; and back, a ``Run`` -> a state (``snapshot``).
+or a saved state -> the ``Run`` that continues it (``from_state``, made longer or shorter by
+``resume_length``'s rule); and back, a ``Run`` -> a state (``snapshot``).
 
 The rules a request must follow are ``magi.request``'s; the frame budget is ``magi.budget``'s.
 Nothing here denoises: the run loop (``magi.generation``) takes the ``Run``.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from magi.captions import ChunkCaptions
 from magi.conditioning import SpecialTokenOptions
 from magi.engine import Engine
 from magi.prompts import PromptEncoder
-from magi.request import check_frames, check_mode, check_prompts_fit, check_seed, prompt_list
+from magi.request import RequestError, check_frames, check_mode, check_prompts_fit, check_seed, prompt_list
 from magi.sampling.chunks import ChunkPlan
 from magi.sampling.denoise import SamplerSettings
 from magi.state import GenerationState, StateError, state_tail
@@ -51,6 +53,8 @@ class Run:
     chunks_done: int = 0
     tail: list[tuple[int, torch.Tensor]] = dataclasses.field(default_factory=list)  # last clean chunks
     earlier_frames: int = 0  # frames of the earlier video the output continues (an extension appended to it)
+    # chunks added on resume beyond noise_shape: (first chunk, chunks), each its own draw (added_noise_seed)
+    noise_parts: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,17 +121,31 @@ def prepare(engine: Engine, prompts: PromptEncoder, request: Request) -> Run:
     return Run(mode, plan, settings, captions, shape, seed, request.noise, request.per_chunk_noise, prefix, limit)
 
 
-def from_state(engine: Engine, prompts: PromptEncoder, state: GenerationState) -> Run:
-    """The prepared run that continues ``state`` (no T5, no VAE encode)."""
+def from_state(engine: Engine, prompts: PromptEncoder, state: GenerationState, num_frames: int | None = None) -> Run:
+    """The prepared run that continues ``state`` (no T5, no VAE encode); ``num_frames``: another
+    length for the video, by ``resume_length``'s rule (None: the state's own)."""
     m, device = state.meta, engine.device
-    settings = SamplerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["settings"].items()})
-    plan = settings.plan(m["chunk_num"], m["prefix_frames"])
+    settings = saved_settings(m)
+    chunk_num, limit = resume_length(state, engine.config.runtime, num_frames)
+    if chunk_num > m["chunk_num"]:  # the longer video's noise must fit, as for a new request
+        budget.check_request(
+            engine.config,
+            m["mode"],
+            num_frames,
+            m["prefix_frames"],
+            compat=engine.compat,
+            noise_spill_bytes=engine.noise_spill_bytes,
+            draw_noise=not m["per_chunk_noise"],
+        )
+    plan = settings.plan(chunk_num, m["prefix_frames"])
+    generated = len(plan.generated_chunks)  # a longer video: its added chunks keep the last prompt
+    chunk_prompts = (list(m["chunk_prompts"]) + [m["chunk_prompts"][-1]] * generated)[:generated]
     options = SpecialTokenOptions(**m["special_tokens"])
     captions = prompts.captions_from_state(
         state.prompt_emb,
         state.prompt_mask,
         m["prompts"],
-        m["chunk_prompts"],
+        chunk_prompts,
         options,
         plan.offset,
         engine.null_caption,
@@ -135,24 +153,118 @@ def from_state(engine: Engine, prompts: PromptEncoder, state: GenerationState) -
     )
     prefix = None if state.prefix is None else state.prefix.to(device)
     window = {c: t.to(device) for c, t in state.window.items()}
+    noise_shape, noise_parts = resumed_noise(m, chunk_num, settings.chunk_width)
     return Run(
         m["mode"],
         plan,
         settings,
         captions,
-        tuple(m["noise_shape"]),
+        noise_shape,
         m["seed"],
         None,
         m["per_chunk_noise"],
         prefix,
-        m["limit"],
+        limit,
         start_step=m["next_step"],
         window=window,
         frames_done=m["frames_done"],
         chunks_done=m["chunks_done"],
         tail=state_tail(state),
         earlier_frames=m.get("earlier_frames", 0),
+        noise_parts=noise_parts,
     )
+
+
+def saved_settings(meta: dict) -> SamplerSettings:
+    """The sampler settings a state recorded."""
+    return SamplerSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()})
+
+
+# ---- resuming with another length (docs/CLI.md, "--resume with another --num_frames") ----------
+def resume_length(
+    state: GenerationState, runtime: object, num_frames: object = None, flag: str = "num_frames"
+) -> tuple[int, int | None]:
+    """(chunk_num, frame limit) of the run that continues ``state`` as a ``num_frames``-frame video.
+
+    The one rule for the CLI (``--resume STATE --num_frames N``) and ``MagiPipeline.resume``: any
+    length works whose chunk plan takes the same steps as the saved one up to the resume point
+    (the chunks finished and in flight stay as they are) and that keeps the frames already
+    written. A longer video's added chunks get noise of their own (``resumed_noise``).
+
+    Args:
+        state: the unfinished state.
+        runtime: the run's ``RuntimeConfig`` (the same config the state was made with).
+        num_frames: the video's new length in frames; None keeps the state's.
+        flag: how errors name it ("--num_frames" on the command line).
+
+    Raises:
+        RequestError: fewer frames than already written, or a plan that differs before the
+            resume point (a shorter run had begun ending its video: finish it, then extend it).
+    """
+    m = state.meta
+    if num_frames is None:
+        return m["chunk_num"], m["limit"]
+    frames = check_frames(num_frames, flag)
+    if frames < m["frames_done"]:
+        raise RequestError(
+            f"{flag} {frames}: the stopped run has written {m['frames_done']} frames already; "
+            f"give at least that many, or drop {flag}",
+            flag,
+        )
+    compat = "official" if m["limit"] is None else "magi"  # official runs keep every frame
+    settings, p, tf = saved_settings(m), m["prefix_frames"], runtime.temporal_downsample_factor
+    tile = budget.tile_frames(runtime.fps, compat) // tf
+    chunks = budget.chunk_count(
+        m["mode"], frames, p, settings.chunk_width, compat=compat, temporal_factor=tf, tile_latents=tile
+    )
+    if chunks != m["chunk_num"] and not plans_agree(
+        settings.plan(m["chunk_num"], p), settings.plan(chunks, p), state.next_step
+    ):
+        if chunks > m["chunk_num"]:
+            raise RequestError(
+                f"{flag} {frames}: the stopped run had begun the steps that end its video, so a longer "
+                "plan differs before its resume point; finish the run, then extend it",
+                flag,
+            )
+        raise RequestError(
+            f"{flag} {frames}: the stopped run has started more chunks than a {frames}-frame video "
+            f"has ({chunks}); give more frames, or drop {flag}",
+            flag,
+        )
+    return chunks, None if compat == "official" else frames
+
+
+def plans_agree(saved: ChunkPlan, other: ChunkPlan, start: int) -> bool:
+    """Whether ``other`` takes exactly the steps of ``saved`` before step ``start``."""
+    if other.total_steps <= start:
+        return False
+    return all(a == b for a, b in zip(islice(saved.steps(), start), islice(other.steps(), start)))
+
+
+def added_noise_seed(seed: int, first_chunk: int) -> int:
+    """The seed of the noise of chunks added on resume from ``first_chunk`` on: seed + first_chunk
+    (wrapped into torch.manual_seed's range), as ``per_chunk_noise`` seeds chunk k with seed + k."""
+    return (seed + first_chunk) % 2**64
+
+
+def resumed_noise(meta: dict, chunk_num: int, chunk_width: int) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """(noise_shape, noise_parts) of a resumed run of ``chunk_num`` chunks.
+
+    Every chunk keeps the noise it had: the state's whole-video draw covers its chunks, and
+    chunks past every earlier draw get one more draw, [1, C, n·cw, H, W] from
+    ``added_noise_seed(seed, first)``. (Redrawing the longer shape instead would move every
+    chunk's values, the C channels being laid out one after the other, and the chunks in flight
+    already hold theirs.) Per-chunk noise needs no part: chunk k is drawn from seed + k.
+    """
+    shape = list(meta["noise_shape"])
+    parts = tuple(tuple(part) for part in meta.get("noise_parts", ()))
+    if meta["per_chunk_noise"]:
+        shape[2] = max(shape[2], chunk_num * chunk_width)  # the shape only bounds the chunk index
+        return tuple(shape), ()
+    covered = shape[2] // chunk_width + sum(n for _, n in parts)
+    if chunk_num > covered:
+        parts = (*parts, (covered, chunk_num - covered))
+    return tuple(shape), parts
 
 
 def extension_prefix(state: GenerationState, where: object) -> torch.Tensor:
@@ -173,6 +285,7 @@ def snapshot(run: Run, next_step: int, window: dict[int, torch.Tensor], identity
         "seed": run.seed,
         "per_chunk_noise": run.per_chunk_noise,
         "noise_shape": list(run.noise_shape),
+        "noise_parts": [list(part) for part in run.noise_parts],
         "limit": run.limit,
         "chunk_num": run.plan.chunk_num,
         "prefix_frames": run.plan.prefix_frames,

@@ -10,7 +10,9 @@ names the field it is about (the HTTP error's ``param``; None where no single fi
 - prompts against the video: ``check_prompts_fit`` (more prompts than generated chunks is an
   error everywhere), ``check_from_chunk`` (a steering edit's chunk);
 - files of prompts: ``read_prompt_file`` (a JSON list or a ``{"chunk", "prompt"}`` timeline) and
-  ``parse_steer_line`` (one line of a ``--steer`` file).
+  ``parse_steer_line`` (one line of a ``--steer`` file);
+- messages: ``shown_path`` / ``shorten_paths`` (a long path elided in the middle) and ``one_line``
+  (every error is one line of at most ``MAX_LINE`` characters).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ SEED_MIN, SEED_END = -(2**63), 2**64  # torch.manual_seed takes [-2**63, 2**64)
 # The text encoder reads 800 tokens (about 4000 characters of English); longer prompts are cut
 # there anyway. The cap keeps a huge prompt from tying up the caption cleaning.
 MAX_PROMPT_CHARS = 10_000
+
+
+MAX_LINE = 200  # an error message is one line of at most this many characters
+SHOWN_PATH = 60  # a path in a message: at most this many characters (the file name kept)
 
 
 class RequestError(ValueError):
@@ -221,7 +227,7 @@ def read_prompt_file(path: str | Path, video: tuple[int, int] | None = None, fla
 
     video: (generated chunks, num_frames) to refuse timeline entries beyond the video.
     """
-    where = f"{flag} {path}"
+    where = f"{flag} {shown_path(path)}"
     try:
         raw = Path(path).read_bytes()
     except OSError as err:
@@ -267,3 +273,47 @@ def parse_steer_line(raw: bytes) -> tuple[int, str]:
         raise RequestError(f"prompt must be a non-empty string, got {text!r}"[:200], "prompt")
     check_text(text, "prompt")
     return from_chunk, text
+
+
+# ---- messages -----------------------------------------------------------------------------------
+def shown_path(path: object, most: int = SHOWN_PATH) -> str:
+    """A path for a one-line message: as given when at most ``most`` characters, else its start and
+    its file name around "..." (``/data/runs/.../out.mp4``); a file name alone too long is cut."""
+    text = str(path)
+    if len(text) <= most:
+        return text
+    name = text.rstrip("/").rsplit("/", 1)[-1]
+    if len(name) > most - 8:
+        return "..." + name[-(most - 3) :]
+    return text[: most - len(name) - 4] + ".../" + name
+
+
+def shorten_paths(text: str, *paths: object) -> str:
+    """``text`` with every long one of ``paths`` (its resolved form and its folder too), then any
+    other long absolute path in it, written as ``shown_path``."""
+    forms: set[str] = set()
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            forms |= {str(path), str(Path(path).resolve()), str(Path(path).parent)}
+        except (OSError, ValueError, RuntimeError):  # not a path at all (a NUL byte, a link loop)
+            forms.add(str(path))
+    for form in sorted(forms, key=len, reverse=True):  # a whole path before its folder
+        if len(form) > SHOWN_PATH and form in text:
+            text = text.replace(form, shown_path(form))
+    return _LONG_PATH.sub(lambda match: shown_path(match[0]), text)
+
+
+_LONG_PATH = re.compile(rf"(?<![\w.:/])/[^\s'\"]{{{SHOWN_PATH},}}")  # a long absolute path in a message
+
+
+def one_line(text: str, most: int = MAX_LINE) -> str:
+    """The first line of ``text`` in at most ``most`` characters: a longer one keeps its start and
+    its end (where the fix is said) around " ... "."""
+    lines = str(text).strip().splitlines()
+    line = lines[0] if lines else ""
+    if len(line) <= most:
+        return line
+    head = (most - 5) // 2
+    return line[:head] + " ... " + line[len(line) - (most - 5 - head) :]

@@ -35,7 +35,7 @@ from magi.media.mp4 import (
     split_fmp4,
 )
 from magi.output import check_output_type, convert_frames
-from magi.request import whole_number
+from magi.request import shown_path, whole_number
 from magi.results import GenerationResult, VideoChunk
 from magi.state import GenerationState, StateError
 
@@ -312,10 +312,9 @@ def check_earlier_video(output_path: str | Path | None, frames: int, where: obje
 
     have = imageio_ffmpeg.count_frames_and_secs(str(output_path))[0]
     if have != frames:
-        raise StateError(
-            f"{output_path} holds {have} frames but {where} continues after {frames}: "
-            "it was resumed into this output already, or it is another video; "
-            "choose another output_path"
+        raise StateError(  # one line of <= 200 characters: the paths elided (magi.request.shown_path)
+            f"{shown_path(output_path, 36)} holds {have} frames, not the {frames} of {shown_path(where, 28)}: "
+            "resumed into this output already, or another video; choose another output_path"
         )
     return Path(output_path)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from magi.request import shown_path
 from magi.version import __version__
 
 FORMAT = "magi-generation-state/1"
@@ -86,7 +87,7 @@ class GenerationState:
             os.replace(tmp, path)
         except Exception as err:  # OSError, or safetensors' own error for a full disk
             tmp.unlink(missing_ok=True)
-            raise OSError(f"cannot write the generation state {path}: {err}".splitlines()[0]) from None
+            raise OSError(f"cannot write the generation state {shown_path(path)}: {err}".splitlines()[0]) from None
         return path
 
     @classmethod
@@ -99,22 +100,23 @@ class GenerationState:
         from safetensors import safe_open
 
         path = Path(path)
+        shown = shown_path(path)  # messages stay one line of <= 200 characters (magi.request)
         if not path.is_file():
-            raise StateError(f"generation state {path} does not exist")
+            raise StateError(f"generation state {shown} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as err:  # truncated / not safetensors
             raise StateError(
-                f"generation state {path} is damaged or not a state file "
-                f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+                f"generation state {shown} is damaged or not a state file "
+                f"({str(err).splitlines()[0][:80] if str(err) else type(err).__name__})"
             ) from None
         if metadata.get("format") != FORMAT:
-            raise StateError(f"{path} is not a magi generation state (format {metadata.get('format')!r})")
+            raise StateError(f"{shown} is not a magi generation state (format {metadata.get('format')!r})"[:200])
         text = metadata.get("meta", "")
         if _digest(text, tensors) != metadata.get("sha256"):
-            raise StateError(f"generation state {path} fails its checksum: it was edited or damaged")
+            raise StateError(f"generation state {shown} fails its checksum: it was edited or damaged")
         meta = json.loads(text)
         window = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("window.")}
         extra = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("extra.")}
@@ -138,7 +140,7 @@ class GenerationState:
             why = "another checkpoint (the weight files in runtime_config.load changed since it was saved)"
         else:
             return
-        raise StateError(f"{path} was made with {why}; use the same setup"[:200])
+        raise StateError(f"{shown_path(path)} was made with {why}; use the same setup"[:200])
 
 
 def _digest(text: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -222,7 +224,7 @@ def open_state(
         StateError: damaged, from another setup, or finished / unfinished against ``finished``.
     """
     loaded = state if isinstance(state, GenerationState) else GenerationState.load(state)
-    where = "the state" if isinstance(state, GenerationState) else state
+    where = "the state" if isinstance(state, GenerationState) else shown_path(state)
     loaded.check_compatible(identity, where)
     if finished and not loaded.meta.get("finished"):
         raise StateError(f"{where} is not a finished run; resume it first, then extend it")

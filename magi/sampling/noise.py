@@ -202,3 +202,29 @@ class InitialNoise:
             if got != run * 4:
                 raise OSError(f"noise file is short: chunk {k} channel {ci} read {got} bytes")
         return torch.from_numpy(out).view(1, c, self.chunk_width, h, w)
+
+
+class JoinedNoise:
+    """The noise of a video made longer on resume (``magi.prepare.resumed_noise``): consecutive
+    draws, part i covering the chunks from ``parts[i][0]`` on; ``chunk(k)`` reads the part that
+    holds absolute chunk k. Closing it closes every part."""
+
+    def __init__(self, parts: list[tuple[int, InitialNoise]]) -> None:
+        if not parts or parts[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(parts, parts[1:])):
+            raise ValueError(f"noise parts must start at chunk 0 and increase, got {[p[0] for p in parts]}")
+        self.parts = parts
+
+    def chunk(self, k: int) -> torch.Tensor:
+        """Chunk k's noise [1, C, cw, H, W], float32 on CPU."""
+        first, noise = next(part for part in reversed(self.parts) if part[0] <= k)
+        return noise.chunk(k - first)
+
+    def close(self) -> None:
+        for _, noise in self.parts:
+            noise.close()
+
+    def __enter__(self) -> JoinedNoise:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

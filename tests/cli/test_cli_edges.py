@@ -168,8 +168,11 @@ def test_resume_refuses_flags_it_cannot_apply(tiny: Path, stopped: Path, tmp_pat
     base = ["--config", str(tiny), "--resume", str(stopped), "--output_path", str(tmp_path / "o.mp4")]
     with pytest.raises(UsageError, match=r"^--seed 99: a resumed run keeps its seed \(5\); drop --seed$"):
         prepare([*base, "--seed", "99"])
-    with pytest.raises(UsageError, match=r"^--num_frames 96: a resumed run keeps its length \(48 frames\)"):
+    # its 2-chunk plan had begun ending the video at the resume point: no longer plan agrees with it
+    with pytest.raises(UsageError, match=r"^--num_frames 96: the stopped run had begun the steps that end its video"):
         prepare([*base, "--num_frames", "96"])
+    with pytest.raises(UsageError, match=r"^--num_frames 20: the stopped run has written 24 frames already"):
+        prepare([*base, "--num_frames", "20"])
     with pytest.raises(UsageError, match=r"runtime\.video_size_w 64, this run 128"):
         prepare([*base, "--video_size_w", "128"])
     _, request, args = prepare([*base, "--seed", "5", "--num_frames", "48"])  # the state's own values pass

@@ -188,10 +188,8 @@ def test_huge_frame_is_refused_before_loading(workdir, fake_pipeline, capsys, ma
     err = _refused(T2V + ["--prompt", "p", "--video_size_h", "100000"], capsys, fake_pipeline)
     # 4.5B: 6 x 6250 x 45 tokens x ffn 12288 float32 = 77.2 GiB for one chunk's widest layer
     assert err == (
-        "error: --video_size_h 100000 x --video_size_w 720 x --num_frames 96: one chunk "
-        "(chunk_width 6 latent frames, 24 video frames) needs 77.2 GiB for its DiT activations "
-        "(1687500 tokens) but this machine has 64.0 GiB of memory; lower the size or "
-        "runtime_config.chunk_width"
+        "error: 720x100000 px, 96 frames: one chunk (6 latent, 24 video frames) needs 77.2 GiB for its DiT "
+        "activations, over this machine's 64.0 GiB; lower the size or runtime_config.chunk_width"
     )
 
 
@@ -199,10 +197,9 @@ def test_ten_million_frames_are_refused_for_the_noise_file(workdir, fake_pipelin
     err = _refused(T2V + ["--prompt", "p", "--num_frames", "10000000"], capsys, fake_pipeline)
     # 2500002 latent frames x 16 x 90 x 90 float32
     assert err.startswith(
-        "error: --video_size_h 720 x --video_size_w 720 x --num_frames 10000000: the initial "
-        "noise (416667 chunks of 6 latent frames) needs 1207.0 GiB in TMPDIR ("
+        "error: 720x720 px, 10000000 frames: the initial noise (416667 chunks) needs 1207.0 GiB in TMPDIR ("
     )
-    assert err.endswith("has 100.0 GiB free); lower num_frames or the size")
+    assert err.endswith(": 100.0 GiB free); lower --num_frames or the size")
 
 
 def test_absurd_chunk_width_in_the_config_is_refused(workdir, fake_pipeline, capsys, machine):
@@ -210,7 +207,7 @@ def test_absurd_chunk_width_in_the_config_is_refused(workdir, fake_pipeline, cap
     data["runtime_config"]["chunk_width"] = 1_000_000
     (workdir / "wide.json").write_text(json.dumps(data))
     err = _refused(["--config", "wide.json", *T2V[2:], "--prompt", "p"], capsys, fake_pipeline)
-    assert "one chunk (chunk_width 1000000 latent frames, 3999997 video frames) needs" in err
+    assert "one chunk (1000000 latent, 3999997 video frames) needs" in err
     assert "lower the size or runtime_config.chunk_width" in err
 
 

@@ -67,10 +67,12 @@ def test_noise_beyond_the_free_temporary_space_is_refused():
     with pytest.raises(ValueError) as err:
         budget.check_budget(est, 2 * GIB, 64 * GIB, tmp_dir="/scratch", flag_prefix="--")
     assert str(err.value) == (
-        "--video_size_h 64 x --video_size_w 64 x --num_frames 10000000: the initial noise "
-        "(416667 chunks of 6 latent frames) needs 9.5 GiB in TMPDIR (/scratch has 2.0 GiB free); "
-        "lower num_frames or the size"
+        "64x64 px, 10000000 frames: the initial noise (416667 chunks) needs 9.5 GiB in TMPDIR "
+        "(/scratch: 2.0 GiB free); lower --num_frames or the size"
     )
+    with pytest.raises(ValueError) as err:  # a long TMPDIR is elided: the line stays <= 200 characters
+        budget.check_budget(est, 2 * GIB, 64 * GIB, tmp_dir="/scratch/" + "t" * 250, flag_prefix="--")
+    assert "(/scratch/" not in str(err.value) and "ttt: 2.0 GiB free)" in str(err.value) and len(str(err.value)) < 200
     budget.check_budget(est, 10 * GIB, 64 * GIB)  # fits once there is room
 
 
@@ -89,9 +91,8 @@ def test_a_huge_frame_is_refused_for_its_chunk():
         budget.check_budget(est, 1000 * GIB, GIB)
     # 24 frames x 3 x 100000 x 64 float32 = 1.7 GiB decoded (6 x 6250 x 4 tokens x 512: 0.3 GiB)
     assert str(err.value) == (
-        "video_size_h 100000 x video_size_w 64 x num_frames 96: one chunk (chunk_width 6 latent "
-        "frames, 24 video frames) needs 1.7 GiB for its decoded frames but this machine has "
-        "1.0 GiB of memory; lower the size or runtime_config.chunk_width"
+        "64x100000 px, 96 frames: one chunk (6 latent, 24 video frames) needs 1.7 GiB for its decoded "
+        "frames, over this machine's 1.0 GiB; lower the size or runtime_config.chunk_width"
     )
     budget.check_budget(est, 1000 * GIB, 2 * GIB)
 
@@ -101,8 +102,7 @@ def test_an_absurd_chunk_width_is_refused():
     assert est.chunks == 1 and est.frames_per_chunk == 3_999_997  # 1e6 = 3 x 333333 + a lone tile frame
     with pytest.raises(
         ValueError,
-        match=r"one chunk \(chunk_width 1000000 latent frames, 3999997 video "
-        r"frames\) needs 183\.1 GiB for its decoded frames",
+        match=r"one chunk \(1000000 latent, 3999997 video frames\) needs 183\.1 GiB for its decoded frames",
     ):
         budget.check_budget(est, 10**15, 64 * GIB)
 
