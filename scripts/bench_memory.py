@@ -221,10 +221,18 @@ def tree_rss(root: int) -> int:
         ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # fields after "(comm)": state, ppid
         children.setdefault(ppid, []).append(int(entry.name))
     total, todo, page = 0, [root], os.sysconf("SC_PAGE_SIZE")
+    try:
+        command = Path(f"/proc/{root}/cmdline").read_bytes()
+    except OSError:
+        return 0
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, ()))
         try:
+            # a child forked (vfork: sharing the parent's memory) before its exec shows the
+            # parent's command and resident set: counting it would count python twice
+            if pid != root and Path(f"/proc/{pid}/cmdline").read_bytes() == command:
+                continue
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
         except (OSError, ValueError, IndexError):
             continue
