@@ -30,6 +30,7 @@ example/tiny/config.json with distill true, cfg_number 1, num_steps 4 and the vi
 ``--save_tensors`` add those flags with paths in a temporary folder; arguments after ``--`` go to
 the CLI unchanged. Printed per length: frames, chunks, peak tree RSS, ratio to the shortest, wall
 time. The check: every ratio is at most ``--max-ratio`` (1.05; exit status 1 otherwise).
+``--config FILE`` measures that config (and its checkpoints) as it is instead.
 
     python scripts/bench_memory.py --cli --frames 96 960
     python scripts/bench_memory.py --cli --frames 96 960 2400 --save_state --steer --save_tensors
