@@ -237,7 +237,7 @@ class MagiPipeline:
             output_path: the .mp4 to write (None: generate without writing a video).
             save_tensors: also save ``final_latent`` (float32 [1, C, T, H/8, W/8], the clean
                 latents of the generated chunks) and ``video_tchw_uint8`` (the written frames)
-                to this .safetensors file (keeps them in memory until the end).
+                to this .safetensors file (written chunk by chunk through spill files beside it).
             progress: a per-chunk progress bar (rank 0 only); None (default): shown when stderr
                 is a terminal or in a notebook.
             save_state: write the generation state (``magi.state``) to this file every

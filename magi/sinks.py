@@ -2,20 +2,25 @@
 
 - ``Outputs``: the sinks of one ``generate`` / ``resume`` / ``extend`` call, fed chunk by chunk:
   the output mp4 (one continuous encode, or joined from segments), the ``SegmentSink``, the
-  tensors kept for ``save_tensors``, the timings of the ``GenerationResult``.
+  ``TensorSink`` of ``save_tensors``, the timings of the ``GenerationResult``.
 - ``SegmentSink``: every chunk as its own complete fragmented mp4 in a folder, written when the
   chunk is clean. With a saved state it makes a run survive ``kill -9``: the segments of the
   chunks the state covers stay valid, and resume joins them with the rest into one mp4. The
   HTTP service streams them to browsers (MediaSource) as they appear.
+- ``TensorSink``: the ``save_tensors`` file, its chunks spilled to disk as they come (bounded
+  memory) and assembled into one safetensors file at the end.
 - ``StateSaver``: writes the generation state (``magi.state``) at resume points.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import resource
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -53,7 +58,7 @@ class Outputs:
         segments: the per-chunk segment folder, or None.
         joined: with ``segments``, the mp4 to join them into at the end (also when stopped).
         on_chunk: called with each chunk once every sink has it.
-        save_tensors: the .safetensors file the latents and frames go to at the end (None: none).
+        save_tensors: the .safetensors file the latents and frames go to (``TensorSink``; None: none).
         append_to: the earlier run's mp4 the new chunks are appended to (resume / extend).
         output_type: also return the frames in this form (``magi.output``; None: keep none).
     """
@@ -74,9 +79,10 @@ class Outputs:
         self.segments, self.joined, self.on_chunk = segments, joined, on_chunk
         self.save_tensors, self.append_to = save_tensors, append_to
         self.output_type = check_output_type(output_type)
-        # frames / latents are kept only when asked for: else memory stays bounded by a chunk
-        self.keep_latents = save_tensors is not None or output_type == "latent"
-        self.keep_frames = save_tensors is not None or output_type not in (None, "latent")
+        # frames / latents are kept only when returned; save_tensors spills them to disk
+        self.tensors = TensorSink(Path(save_tensors)) if save_tensors is not None else None
+        self.keep_latents = output_type == "latent"
+        self.keep_frames = output_type not in (None, "latent")
         self.latents: list[torch.Tensor] = []
         self.frames: list[torch.Tensor] = []
         self.started = time.perf_counter()
@@ -96,6 +102,8 @@ class Outputs:
             self.segments.add(chunk)
         self.result.frames_written += len(chunk.frames)
         self.result.chunks_done += 1
+        if self.tensors is not None:
+            self.tensors.add(chunk.latent, chunk.frames)
         if self.keep_latents:
             self.latents.append(chunk.latent.float().cpu())
         if self.keep_frames:
@@ -109,17 +117,15 @@ class Outputs:
         """A resumed run's save_tensors start with the interrupted run's file at ``path`` when it
         holds exactly the state's ``chunks`` chunks and ``frames`` frames and ends in the state's
         clean chunks ``tail`` (absolute index, latent; ``offset`` prefix chunks); else a warning."""
-        earlier = earlier_tensors(path, tail, offset, chunks, frames)
-        if earlier is None:
+        if not is_earlier_tensors(path, tail, offset, chunks, frames):
             logger.warning(
                 "save_tensors %s is not the stopped run's file of its first %d chunks: it will hold "
                 "only the chunks generated after the resume",
                 path,
                 chunks,
             )
-            return
-        self.latents.append(earlier[0])
-        self.frames.append(earlier[1])
+        elif self.tensors is not None:
+            self.tensors.add_file(path)
 
     def returned_frames(self) -> None:
         """Put the kept frames (or latents) on the result in the form ``output_type`` names."""
@@ -133,6 +139,8 @@ class Outputs:
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
+        if self.tensors is not None:
+            self.tensors.abort()
 
     def finish(self, device: torch.device) -> GenerationResult:
         """Save tensors, close the mp4 (drop it when no frame exists), fill the timings.
@@ -140,15 +148,11 @@ class Outputs:
         The tensors go first: if they cannot be written the video is dropped too, so a failed
         run leaves nothing at the output path.
         """
-        save_tensors, append_to = self.save_tensors, self.append_to
+        append_to = self.append_to
         self.returned_frames()
-        if self.save_tensors is not None and self.latents:
-            tensors = {
-                "final_latent": torch.cat(self.latents, dim=2).contiguous(),
-                "video_tchw_uint8": torch.cat(self.frames).contiguous(),
-            }
+        if self.tensors is not None:
             try:
-                save_tensors_file(tensors, Path(save_tensors))
+                self.tensors.close()
             except OSError:
                 self.abort()
                 raise
@@ -344,47 +348,138 @@ def check_not_the_input(output_path: str | Path | None, prefix_video_path: str |
         )
 
 
-def save_tensors_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write the tensors beside ``path`` and rename: a full disk leaves no half-written file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+class TensorSink:
+    """The save_tensors file, written without holding the video: each chunk's latent and frames
+    are appended to two spill files beside ``path`` as they come; ``close`` streams them into the
+    bytes ``safetensors.torch.save_file`` writes for ``final_latent`` (the latents concatenated
+    on the time axis, float32) and ``video_tchw_uint8`` (the frames), under a temporary name
+    renamed to ``path``: the file appears only when complete. Disk: about twice the file at the end.
+    """
 
-    tmp = path.parent / f".{path.name[:200]}.magi-partial-{os.getpid()}.safetensors"
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
-        tmp.unlink(missing_ok=True)
-        why = getattr(err, "strerror", None) or str(err).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
-        raise OSError(f"cannot write save_tensors {path}: {why}; nothing was written") from None
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        stem = path.parent / f".{path.name[:150]}.magi-partial-{os.getpid()}"
+        self.spills = (Path(f"{stem}.latent"), Path(f"{stem}.frames"))
+        self.partial = Path(f"{stem}.safetensors")
+        self.files: tuple | None = None  # the open spills, from the first chunk on
+        self.latents: list[list[int]] = []  # shape of each latent piece [B, C, t, h, w], in order
+        self.frames: list[int] = []  # [frames so far, 3, H, W]
+
+    def _write(self, what: int, data: object) -> None:
+        try:
+            if self.files is None:
+                self.files = tuple(open(spill, "wb") for spill in self.spills)  # noqa: SIM115 (closed in close/abort)
+            self.files[what].write(data)
+        except OSError as err:
+            raise self._failed(err) from None
+
+    def _failed(self, err: OSError) -> OSError:
+        """Remove every trace; the one-line error to raise."""
+        self.abort()
+        return OSError(f"cannot write save_tensors {self.path}: {err.strerror or err}; nothing was written")
+
+    def add(self, latent: torch.Tensor, frames: torch.Tensor) -> None:
+        """Append one chunk: latent [B, C, t, h, w] (any dtype and device), frames [T, 3, H, W] uint8."""
+        latent = latent.detach().float().cpu().contiguous()
+        frames = frames.detach().cpu().contiguous()
+        self._write(0, latent.numpy().data)
+        self._write(1, frames.numpy().data)
+        self.latents.append(list(latent.shape))
+        self.frames = [(self.frames[0] if self.frames else 0) + len(frames), *frames.shape[1:]]
+
+    def add_file(self, path: Path) -> None:
+        """Append the tensors of a save_tensors file (a resumed run's earlier chunks), copied as bytes."""
+        with open(path, "rb") as src:
+            size = struct.unpack("<Q", src.read(8))[0]
+            header = json.loads(src.read(size))
+            for what, name in enumerate(("final_latent", "video_tchw_uint8")):
+                begin, end = header[name]["data_offsets"]
+                src.seek(8 + size + begin)
+                self._copy(src, end - begin, lambda block, what=what: self._write(what, block))
+        latent, video = header["final_latent"]["shape"], header["video_tchw_uint8"]["shape"]
+        self.latents.append(latent)
+        self.frames = [(self.frames[0] if self.frames else 0) + video[0], *video[1:]]
+
+    @staticmethod
+    def _copy(src: object, nbytes: int, write: Callable[[bytes], object]) -> None:
+        while nbytes > 0:
+            block = src.read(min(nbytes, 1 << 20))
+            if not block:
+                raise OSError(f"{src.name} ended early")
+            write(block)
+            nbytes -= len(block)
+
+    def close(self) -> None:
+        """Assemble the file from the spills and rename it to ``path`` (nothing when no chunk came)."""
+        if self.files is None:
+            return
+        for f in self.files:
+            f.close()
+        b, c, _, h, w = self.latents[0]
+        latent = [b, c, sum(shape[2] for shape in self.latents), h, w]
+        size = 4 * math.prod(latent)
+        header = {  # safetensors' order: the larger dtype first, then by name
+            "final_latent": {"dtype": "F32", "shape": latent, "data_offsets": [0, size]},
+            "video_tchw_uint8": {
+                "dtype": "U8",
+                "shape": self.frames,
+                "data_offsets": [size, size + math.prod(self.frames)],
+            },
+        }
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads its header to 8 bytes with spaces
+        try:
+            with open(self.partial, "wb") as out, open(self.spills[0], "rb") as latents:
+                out.write(struct.pack("<Q", len(raw)) + raw)
+                for channel in range(b * c):  # final_latent [B, C, T, h, w]: each channel's T frames in a row
+                    start = 0
+                    for shape in self.latents:
+                        block = 4 * math.prod(shape[2:])
+                        latents.seek(start + channel * block)
+                        self._copy(latents, block, out.write)
+                        start += 4 * math.prod(shape)
+                with open(self.spills[1], "rb") as frames:
+                    self._copy(frames, math.prod(self.frames), out.write)
+            os.replace(self.partial, self.path)
+        except OSError as err:
+            raise self._failed(err) from None
+        self.abort()  # the spills go
+
+    def abort(self) -> None:
+        """Remove the spills and the partial file (the finished file at ``path`` stays)."""
+        for f in self.files or ():
+            f.close()
+        self.files = None
+        for leftover in (*self.spills, self.partial):
+            leftover.unlink(missing_ok=True)
 
 
-def earlier_tensors(
-    path: Path, tail: list[tuple[int, torch.Tensor]], offset: int, chunks: int, frames: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(final_latent, video_tchw_uint8) of a save_tensors file that holds exactly ``chunks``
-    generated chunks and ``frames`` frames, whose chunks in ``tail`` equal those latents bit for
-    bit (so it is this run's file); None otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def is_earlier_tensors(path: Path, tail: list[tuple[int, torch.Tensor]], offset: int, chunks: int, frames: int) -> bool:
+    """Whether the save_tensors file at ``path`` holds exactly ``chunks`` generated chunks and
+    ``frames`` frames, and its chunks in ``tail`` equal those latents bit for bit (so it is this
+    run's file). Only those chunks' slices are read."""
+    from safetensors import SafetensorError, safe_open
 
     if not tail or not path.is_file():
-        return None
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError):
-        return None
-    latent, video = tensors.get("final_latent"), tensors.get("video_tchw_uint8")
+        return False
     cw = tail[0][1].shape[2]  # latent frames per chunk
-    if latent is None or video is None or len(video) != frames or latent.dim() != 5:
-        return None
-    if latent.shape[2] != chunks * cw or latent.shape[3:] != tail[0][1].shape[3:]:
-        return None
-    for index, clean in tail:
-        j = index - offset  # generated chunk j = latent frames [j*cw, (j+1)*cw)
-        if not 0 <= j < chunks or not torch.equal(latent[:, :, j * cw : (j + 1) * cw], clean.float()):
-            return None
-    return latent, video
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) != {"final_latent", "video_tchw_uint8"}:
+                return False
+            latent, video = f.get_slice("final_latent"), f.get_slice("video_tchw_uint8")
+            shape = latent.get_shape()
+            if latent.get_dtype() != "F32" or video.get_dtype() != "U8" or video.get_shape()[0] != frames:
+                return False
+            if len(shape) != 5 or shape[2] != chunks * cw or list(shape[3:]) != list(tail[0][1].shape[3:]):
+                return False
+            for index, clean in tail:
+                j = index - offset  # generated chunk j = latent frames [j*cw, (j+1)*cw)
+                if not 0 <= j < chunks or not torch.equal(latent[:, :, j * cw : (j + 1) * cw], clean.float()):
+                    return False
+    except (OSError, SafetensorError):
+        return False
+    return True
 
 
 def peak_memory(device: torch.device) -> int:

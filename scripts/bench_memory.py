@@ -19,6 +19,21 @@ length runs in a fresh process that draws the noise the way the pipeline does
 (``magi.sampling.noise.InitialNoise``) and reads every chunk's slice, once held in memory and once
 spilled to a temporary file; printed: the RSS growth of each. The check: the spilled growth for the
 longest video is at most 1.1x that for the shortest + 8 MiB.
+
+``--cli``: the real command line, as a user runs it (issue 24). Per length (``--frames``), a fresh
+``python -m magi.infer --config_file CONFIG --device cpu --mode t2v --prompt ... --num_frames N
+--output_path OUT.mp4 [flags]`` runs while the resident set size of its whole process tree (python
+and its ffmpeg children) is summed from /proc every 50 ms. CONFIG is the tiny *distill* model:
+example/tiny/config.json with distill true, cfg_number 1, num_steps 4 and the video size of
+``--size`` (192 x 192 by default), with a fresh tiny checkpoint written for it. ``--save_state``,
+``--steer`` (a steer file that changes the prompt at 1/4, 1/2 and 3/4 of the video) and
+``--save_tensors`` add those flags with paths in a temporary folder; arguments after ``--`` go to
+the CLI unchanged. Printed per length: frames, chunks, peak tree RSS, ratio to the shortest, wall
+time. The check: every ratio is at most ``--max-ratio`` (1.05; exit status 1 otherwise).
+``--config FILE`` measures that config (and its checkpoints) as it is instead.
+
+    python scripts/bench_memory.py --cli --frames 96 960
+    python scripts/bench_memory.py --cli --frames 96 960 2400 --save_state --steer --save_tensors
 """
 
 from __future__ import annotations
@@ -189,6 +204,138 @@ def run_noise(size: tuple[int, int], chunks: list[int]) -> int:
     return 0 if ok else 1
 
 
+CLI_MAX_RATIO = 1.05
+CLI_PROMPT = "a quiet street"
+STEER_PROMPTS = ("a street in the rain", "a street at night", "a street in the snow")
+
+
+def tree_rss(root: int) -> int:
+    """Summed resident set size in bytes of process ``root`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # fields after "(comm)": state, ppid
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo, page = 0, [root], os.sysconf("SC_PAGE_SIZE")
+    try:
+        command = Path(f"/proc/{root}/cmdline").read_bytes()
+    except OSError:
+        return 0
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, ()))
+        try:
+            # a child forked (vfork: sharing the parent's memory) before its exec shows the
+            # parent's command and resident set: counting it would count python twice
+            if pid != root and Path(f"/proc/{pid}/cmdline").read_bytes() == command:
+                continue
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def run_sampled(cmd: list[str], env: dict[str, str], log: Path, every: float = 0.05) -> dict[str, float]:
+    """Run ``cmd`` to its end, sampling its process tree's RSS every ``every`` s; peak and wall time."""
+    start = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        peak, status, rusage = 0, None, None
+        while status is None:
+            peak = max(peak, tree_rss(proc.pid))
+            pid, code, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                status, rusage = os.waitstatus_to_exitcode(code), usage
+            else:
+                time.sleep(every)
+        proc.returncode = status
+    return {
+        "rc": status,
+        "seconds": time.perf_counter() - start,
+        "peak_tree": peak,
+        "python_maxrss": rusage.ru_maxrss * 1024 if rusage else 0,
+    }
+
+
+def _distill_config(workdir: Path, size: tuple[int, int]) -> Path:
+    """The tiny distill config (distill, cfg_number 1, num_steps 4, video ``size``) with fresh weights."""
+    from magi.config import load_config, save_config
+    from magi.tiny import make_tiny_checkpoint
+
+    cfg = load_config(DEFAULT_CONFIG)
+    ck = workdir / "checkpoints"
+    paths = dict(load=str(ck / "magi" / "tiny"), t5_pretrained=str(ck / "t5"), vae_pretrained=str(ck / "vae"))
+    runtime = dataclasses.replace(
+        cfg.runtime, **paths, cfg_number=1, num_steps=4, video_size_h=size[0], video_size_w=size[1]
+    )
+    path = workdir / "config.json"
+    save_config(cfg.replace(runtime=runtime, engine=dataclasses.replace(cfg.engine, distill=True)), path)
+    print(f"writing a tiny distill checkpoint to {ck}", flush=True)
+    make_tiny_checkpoint(ck, path, seed=0)  # the engine flags name its weight folder
+    return path
+
+
+def _cli_command(args: argparse.Namespace, config: Path, frames: int, run_dir: Path) -> list[str]:
+    """The ``python -m magi.infer`` argv of one length, its flag paths inside ``run_dir``."""
+    cmd = [sys.executable, "-m", "magi.infer", "--config_file", str(config), "--device", "cpu", "--mode", "t2v"]
+    cmd += ["--prompt", CLI_PROMPT, "--num_frames", str(frames), "--output_path", str(run_dir / "out.mp4")]
+    if args.save_state:
+        cmd += ["--save_state", str(run_dir / "state")]
+    if args.save_tensors:
+        cmd += ["--save_tensors", str(run_dir / "tensors.safetensors")]
+    if args.steer:
+        chunks = _chunks(config, frames)
+        lines = [
+            json.dumps({"from_chunk": max(1, chunks * (i + 1) // 4), "prompt": text})
+            for i, text in enumerate(STEER_PROMPTS)
+        ]
+        (run_dir / "steer.jsonl").write_text("\n".join(lines) + "\n")
+        cmd += ["--steer", str(run_dir / "steer.jsonl")]
+    return cmd + list(args.cli_args)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """The ``--cli`` mode: peak process-tree RSS of the real CLI per length (module docstring)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        config = args.config if args.config != DEFAULT_CONFIG else _distill_config(Path(workdir), tuple(args.size))
+        env = dict(os.environ, PYTHONPATH=str(REPO), SPECIAL_TOKEN_PATH=_special_tokens(config) or "")
+        for frames in sorted(args.frames):
+            run_dir = Path(workdir) / f"run{frames}"
+            run_dir.mkdir()
+            cmd = _cli_command(args, config, frames, run_dir)
+            print(" ".join(cmd), flush=True)
+            r = run_sampled(cmd, env, run_dir / "log.txt")
+            if r["rc"] != 0:
+                print((run_dir / "log.txt").read_text()[-3000:], file=sys.stderr)
+                return int(r["rc"]) or 1
+            rows.append({"frames": frames, **r, "chunks": _chunks(config, frames)})
+            first = rows[0]["peak_tree"]
+            print(
+                f"{frames:6d} frames {rows[-1]['chunks']:>4} chunks: peak tree RSS {r['peak_tree'] / 1e6:7.1f} MB "
+                f"(python alone {r['python_maxrss'] / 1e6:7.1f} MB), ratio {r['peak_tree'] / first:.3f}, "
+                f"wall {r['seconds']:.0f} s",
+                flush=True,
+            )
+    worst = max(r["peak_tree"] for r in rows) / rows[0]["peak_tree"]
+    ok = worst <= args.max_ratio
+    print(f"largest ratio {worst:.3f} ({'ok' if ok else 'FAIL'}: must be <= {args.max_ratio})")
+    return 0 if ok else 1
+
+
+def _chunks(config: Path, frames: int) -> int:
+    """Chunks the CLI generates for ``frames`` frames (it rounds up to whole chunks)."""
+    from magi.config import load_config
+
+    rt = load_config(config).runtime
+    return math.ceil(frames / (rt.chunk_width * rt.temporal_downsample_factor))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="tiny config (official JSON)")
@@ -201,9 +348,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("H", "W"),
         help="measure the initial noise alone for an H x W video (no model)",
     )
+    cli = parser.add_argument_group("--cli: the real command line (python -m magi.infer)")
+    cli.add_argument("--cli", action="store_true", help="measure the CLI's process tree per --frames")
+    cli.add_argument("--frames", type=int, nargs="+", default=[96, 960], help="video lengths in frames")
+    cli.add_argument("--size", type=int, nargs=2, default=[192, 192], metavar=("H", "W"), help="video size")
+    cli.add_argument("--save_state", action="store_true", help="add --save_state (and chunk segments)")
+    cli.add_argument("--steer", action="store_true", help="add --steer with a file of three prompt changes")
+    cli.add_argument("--save_tensors", action="store_true", help="add --save_tensors")
+    cli.add_argument("--max-ratio", type=float, default=CLI_MAX_RATIO, help="bound on peak(N) / peak(shortest)")
+    cli.add_argument("cli_args", nargs="*", help="after --: further arguments for python -m magi.infer")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--spill-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cli:
+        return run_cli(args)
     if args.child is not None and args.noise:
         print(json.dumps(noise_child(args.child, tuple(args.noise), args.spill_bytes)), flush=True)
         return 0

@@ -1,6 +1,6 @@
 """Nothing is kept per chunk: the live tensors and Python objects of a run after chunk k and
-after chunk k + 10 are the same (tiny model, CPU). ``save_tensors`` is excluded: it keeps every
-chunk's latent and frames until the end by design (docs/PERFORMANCE.md)."""
+after chunk k + 10 are the same (tiny model, CPU), also with ``save_tensors`` (its chunks go to
+spill files on disk). Returned frames (``output_type``) are kept until the end by design."""
 
 from __future__ import annotations
 
@@ -74,11 +74,15 @@ def _measure(pipe: MagiPipeline, tmp_path: Path, steer: bool, **kwargs: object) 
     return seen
 
 
-@pytest.mark.parametrize("case", ["plain", "state_segments_steer"])
+@pytest.mark.parametrize("case", ["plain", "state_segments_steer_tensors"])
 def test_nothing_is_kept_per_chunk(pipe: MagiPipeline, tmp_path: Path, case: str) -> None:
     kwargs: dict[str, object] = {}
-    if case != "plain":  # the serve worker's path: state + per-chunk segments, steered
-        kwargs = {"save_state": tmp_path / "run.state", "segments": tmp_path / "segments"}
+    if case != "plain":  # the serve worker's path (state + per-chunk segments, steered) and save_tensors
+        kwargs = {
+            "save_state": tmp_path / "run.state",
+            "segments": tmp_path / "segments",
+            "save_tensors": tmp_path / "t.safetensors",
+        }
     seen = _measure(pipe, tmp_path, steer=case != "plain", **kwargs)
     (tensors_k, python_k), (tensors_k10, python_k10) = seen[FIRST], seen[LAST]
     assert tensors_k10 == tensors_k, f"live tensors grew by {tensors_k10 - tensors_k} bytes over 10 chunks"
@@ -86,7 +90,7 @@ def test_nothing_is_kept_per_chunk(pipe: MagiPipeline, tmp_path: Path, case: str
 
 
 def test_the_measure_sees_a_chunk_kept(pipe: MagiPipeline, tmp_path: Path) -> None:
-    """The guard is not blind: a sink that keeps each chunk (save_tensors does) is caught."""
-    seen = _measure(pipe, tmp_path, steer=False, save_tensors=tmp_path / "t.safetensors")
-    frames_and_latent = CHUNK * 3 * 64 * 64 + 16 * 6 * 8 * 8 * 4  # uint8 frames + float32 latent
-    assert seen[LAST][0] - seen[FIRST][0] == 10 * frames_and_latent
+    """The guard is not blind: keeping each chunk's frames (returned as output_type "pt") is caught."""
+    seen = _measure(pipe, tmp_path, steer=False, output_type="pt")
+    frames = CHUNK * 3 * 64 * 64  # uint8 frames of a chunk
+    assert seen[LAST][0] - seen[FIRST][0] == 10 * frames

@@ -1,6 +1,8 @@
 """save_tensors on a resumed run: the interrupted run's file is continued, so final_latent and
 the frames hold the whole video, equal to the uninterrupted run's; a file that is not the
-interrupted run's gives one warning and only the chunks generated after the resume."""
+interrupted run's gives one warning and only the chunks generated after the resume. The file is
+written chunk by chunk through spill files (bounded memory), yet holds the bytes
+``safetensors.torch.save`` writes for the whole tensors, and appears only when complete."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from magi.pipeline import MagiPipeline
 from tests.helpers import stop_at
@@ -81,3 +83,31 @@ def test_resume_with_another_file_warns_and_keeps_the_new_chunks(
     got = load_file(str(tensors))
     assert torch.equal(got["final_latent"], whole["final_latent"][:, :, STOP * CW :])
     assert torch.equal(got["video_tchw_uint8"], whole["video_tchw_uint8"][STOP * CHUNK :])
+
+
+def test_the_file_appears_complete_with_the_in_memory_writers_bytes(
+    pipe: MagiPipeline, tmp_path: Path, whole: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path / "t.safetensors"
+    during: list[list[str]] = []
+    pipe.generate(
+        "t2v",
+        "a fox",
+        num_frames=CHUNKS * CHUNK,
+        seed=5,
+        save_tensors=path,
+        on_chunk=lambda chunk: during.append(sorted(p.name for p in tmp_path.iterdir())),
+    )
+    assert len(during) == CHUNKS and all(path.name not in names for names in during)
+    assert path.read_bytes() == save(whole)  # byte for byte what save_file writes for the whole tensors
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no spill or partial file is left
+
+
+def test_a_resumed_file_has_the_uninterrupted_runs_bytes(
+    pipe: MagiPipeline, tmp_path: Path, whole: dict[str, torch.Tensor]
+) -> None:
+    state, tensors = _interrupted(pipe, tmp_path)
+    assert tensors.read_bytes() == save(load_file(str(tensors)))
+    pipe.resume(state, save_tensors=tensors)
+    assert tensors.read_bytes() == save(whole)
+    assert not [p.name for p in tmp_path.iterdir() if "magi-partial" in p.name]
