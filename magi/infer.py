@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="'official' restores every official behaviour magi changes on purpose "
                              "(v2v prefix selection, i2v resize, output frame rounding); default magi")
     parser.add_argument("--save_tensors", metavar="PATH.safetensors",
-                        help="also save the final latent and frames to this safetensors file (held in memory "
-                             "until the end: memory grows with the video); with --resume, the "
+                        help="also save the final latent and frames to this safetensors file (spilled to disk "
+                             "chunk by chunk, assembled at the end); with --resume, the "
                              "interrupted run's file at this path is continued, else it holds only "
                              "the chunks generated after the resume (a warning says so)")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
