@@ -132,6 +132,17 @@ class Control:
         with self._lock:
             self._pending.append((from_chunk, text, generated))
 
+    def open_from(self, info: StepInfo | None = None, *, generated: bool = False) -> int | None:
+        """The first chunk an edit made now still changes (None before the run starts): the
+        chunks before it have entered the window, those of ``info``'s step included when given
+        (from the step callback: its edits are applied once it returns). ``generated=True``
+        counts generated chunks (0 = the first after a v2v prefix); chunk_num once all entered."""
+        run = self._run
+        if run is None:
+            return None
+        first = self._frontier if info is None else max(self._frontier, max(info.chunks, default=-1) + 1)
+        return max(first - run.plan.offset, 0) if generated else first
+
     def stop(self, signum: int | None = None) -> None:
         """Stop after the current step (safe from any thread, a signal handler and the step callback)."""
         if signum is not None and self.stop_signal is None:

@@ -463,12 +463,13 @@ def queue_edit(svc: Service, job: Job, edit: PromptEdit) -> dict:
 
 def _applies_from(svc: Service, job: Job, from_chunk: int) -> tuple[int, str | None]:
     """The chunk an edit takes effect from and why, if later than asked: chunks that entered the
-    denoising window keep their prompt. A running job's window covers at most ``window_size``
-    chunks after those done; the worker moves an edit further only if the window moved on since."""
-    if job.status != "in_progress" or job.step == 0:
-        first = job.chunks_done  # not started yet, or resumed: nothing has entered past the done chunks
-    else:
-        first = job.chunks_done + svc.served.config.runtime.window_size
+    denoising window keep their prompt. The worker records the first chunk still open after each
+    step (``steer_from``); before its first step (queued, or resumed) nothing has entered past the
+    chunks done. Should the window move on before the worker reads the edit, it moves the edit on
+    and the job's ``prompt_timeline`` shows where it applies."""
+    first = job.chunks_done
+    if job.status == "in_progress" and job.steer_from is not None:
+        first = max(first, job.steer_from)
     if from_chunk >= first:
         return from_chunk, None
     return first, (

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     frames_done INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    steer_from INTEGER
 );
 CREATE TABLE IF NOT EXISTS edits (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -66,7 +67,9 @@ JOB_FIELDS = (
     "error",
     "cancel_requested",
     "attempts",
+    "steer_from",
 )
+ADDED_COLUMNS = {"steer_from": "INTEGER"}  # jobs columns newer than the first schema (added on open)
 
 
 def new_id() -> str:
@@ -110,6 +113,7 @@ class Job(_Fields):
     error: str | None
     cancel_requested: bool
     attempts: int
+    steer_from: int | None = None  # first generated chunk a steering edit can still change (None: unknown)
 
     @property
     def ended(self) -> bool:
@@ -142,6 +146,10 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            have = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in ADDED_COLUMNS.items():
+                if name not in have:  # a data folder made by an earlier magi
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -304,6 +312,11 @@ class JobStore:
                 "SELECT * FROM edits WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after)
             ).fetchall()
         return [Edit(**dict(r)) for r in rows]
+
+    def move_edit(self, edit_id: int, from_chunk: int) -> None:
+        """The worker applied an edit later than it was accepted for (the window moved on meanwhile)."""
+        with self._lock:
+            self._db.execute("UPDATE edits SET from_chunk = ? WHERE id = ?", (int(from_chunk), edit_id))
 
 
 def _job(row: sqlite3.Row) -> Job:

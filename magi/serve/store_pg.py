@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from magi.serve.store import JOB_FIELDS, STATUSES, Edit, Job, JobStore, QueueFull, new_id
+from magi.serve.store import ADDED_COLUMNS, JOB_FIELDS, STATUSES, Edit, Job, JobStore, QueueFull, new_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
     attempts INTEGER NOT NULL DEFAULT 0,
     claimed_by TEXT,
-    lease_until DOUBLE PRECISION
+    lease_until DOUBLE PRECISION,
+    steer_from INTEGER
 );
 CREATE TABLE IF NOT EXISTS edits (
     id BIGSERIAL PRIMARY KEY,
@@ -99,6 +100,8 @@ class PgJobStore:
         with self._lock, self._db.transaction():
             self._db.execute("SELECT pg_advisory_xact_lock(7461)")  # two first starts never race on CREATE
             self._db.execute(_SCHEMA)
+            for name, kind in ADDED_COLUMNS.items():  # a database made by an earlier magi
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -272,6 +275,11 @@ class PgJobStore:
         """Steering edits of a job with id > ``after``, oldest first."""
         rows = self._all("SELECT * FROM edits WHERE job_id = %s AND id > %s ORDER BY id", (job_id, after))
         return [Edit(**r) for r in rows]
+
+    def move_edit(self, edit_id: int, from_chunk: int) -> None:
+        """The worker applied an edit later than it was accepted for (the window moved on meanwhile)."""
+        with self._lock:
+            self._db.execute("UPDATE edits SET from_chunk = %s WHERE id = %s", (int(from_chunk), edit_id))
 
 
 def _job(row: dict) -> Job:

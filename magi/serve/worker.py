@@ -142,7 +142,7 @@ class Worker:
             self.fault, self.backoff_s = None, 0.0
             write_status(self.data_dir, status="ready", error=None, model=self.model)
         attempts = job.attempts + 1
-        if not self.store.start(job_id, attempts=attempts, started_at=job.started_at or time.time()):
+        if not self.store.start(job_id, attempts=attempts, started_at=job.started_at or time.time(), steer_from=None):
             return None  # cancelled between the queue read and now: it stays cancelled
         _event(f"job {job_id} started" + (f" (attempt {attempts})" if attempts > 1 else ""))
         if job.cancel_requested:
@@ -183,6 +183,7 @@ class Worker:
         if state is not None and state.meta.get("finished"):
             return None  # killed after the last chunk, before the job was marked done
         last_write = [0.0]
+        steer_from: list[int | None] = [None]
 
         def callback(info: object) -> None:
             if self._orphaned():
@@ -191,7 +192,10 @@ class Worker:
             fields: dict = {"step": info.step + 1, "steps_total": info.total_steps}
             if control.plan is not None:
                 fields["chunks_total"] = len(control.plan.generated_chunks)
-            if now - last_write[0] > 0.1 or info.finished is not None:
+            opened = control.open_from(info, generated=True)  # HTTP's answer to an edit uses it
+            if opened != steer_from[0]:
+                fields["steer_from"] = steer_from[0] = opened
+            if now - last_write[0] > 0.1 or info.finished is not None or "steer_from" in fields:
                 self.store.update(job_id, **fields)
                 last_write[0] = now
             if self.shutdown.requested:
@@ -204,6 +208,8 @@ class Worker:
                 edits_seen[0] = edit.id
                 with contextlib.suppress(ValueError):  # checked by the HTTP layer; a stale one is dropped
                     control.set_prompt(edit.from_chunk, edit.prompt, generated=True)
+                    if opened is not None and edit.from_chunk < opened:  # the window moved on since
+                        self.store.move_edit(edit.id, opened)
 
         def on_chunk(chunk: object) -> None:
             done[0] += 1

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="magi serve needs the serve extra: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the API tests use httpx: pip install -e '.[test]'")
+imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="decoding the videos needs imageio-ffmpeg")
 
 from magi.serve.protocol import prompt_timeline  # noqa: E402
 from magi.serve.store import Edit, JobStore  # noqa: E402
@@ -53,19 +55,21 @@ def test_steering_is_answered_shown_and_announced(served) -> None:
     ]
     queued = client.post(f"/v1/videos/{job['id']}/prompt", json={"from_chunk": 0, "prompt": "a wolf"}).json()
     assert (queued["applies_from"], queued["moved"], queued["from_chunk"]) == (0, None, 0)
-    store.update(job["id"], status="in_progress", started_at=time.time(), step=3, chunks_done=0, chunks_total=8)
+    # as the worker records it after a step: chunks 0..2 have entered the window
+    store.update(job["id"], status="in_progress", started_at=time.time(), step=3, chunks_done=0, chunks_total=8,
+                 steer_from=3)  # fmt: skip
     late = client.post(f"/v1/videos/{job['id']}/prompt", json={"from_chunk": 1, "prompt": "a bear"}).json()
-    window = 4  # the tiny config's window_size: chunks 0..3 may be in the window
+    window = 3  # the first chunk still open, exactly (not chunks_done + window_size = 4)
     assert late["from_chunk"] == 1 and late["applies_from"] == window and "window" in late["moved"]
     kept = client.post(f"/v1/videos/{job['id']}/prompt", json={"from_chunk": 7, "prompt": "a hare"}).json()
     assert (kept["applies_from"], kept["moved"]) == (7, None)
-    store.update(job["id"], step=20, chunks_done=5)
+    store.update(job["id"], step=20, chunks_done=5, steer_from=8)  # every chunk has entered
     r = client.post(f"/v1/videos/{job['id']}/prompt", json={"from_chunk": 7, "prompt": "a mole"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "too_late"
     shown = client.get(f"/v1/videos/{job['id']}").json()
     assert [(s["prompt"], s["from_chunk"], s["to_chunk"], s["edit_id"]) for s in shown["prompt_timeline"]] == [
-        ("a wolf", 0, 3, queued["edit_id"]),
-        ("a bear", 4, 6, late["edit_id"]),
+        ("a wolf", 0, 2, queued["edit_id"]),
+        ("a bear", 3, 6, late["edit_id"]),
         ("a hare", 7, 7, kept["edit_id"]),
     ]
     store.update(job["id"], status="completed", finished_at=time.time())
@@ -85,7 +89,7 @@ def test_steering_is_answered_shown_and_announced(served) -> None:
     ]
     lines = log.read_text()
     assert f"magi serve: job {job['id']} queued: t2v, 96 frames" in lines
-    assert f"magi serve: job {job['id']} steered: edit {late['edit_id']} from chunk {window} (chunks 1..3" in lines
+    assert f"magi serve: job {job['id']} steered: edit {late['edit_id']} from chunk {window} (chunks 1..2" in lines
 
 
 def test_the_console_has_a_line_per_job_event(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -107,3 +111,46 @@ def test_the_console_has_a_line_per_job_event(tiny_checkpoint: Path, tmp_path: P
         ("a fox", 0, 0),
         ("a hare", 1, 1),
     ]
+
+
+def _frames(data: bytes, path: Path) -> torch.Tensor:
+    path.write_bytes(data)
+    reader = imageio_ffmpeg.read_frames(str(path))
+    w, h = next(reader)["size"]
+    return torch.stack([torch.frombuffer(bytearray(f), dtype=torch.uint8).reshape(h, w, 3) for f in reader])
+
+
+def test_a_late_edit_is_answered_from_the_worker_s_window_and_shown_where_it_applied(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The worker records the first chunk still open after each step; POST /prompt answers from it,
+    and an edit the window overtook before the worker read it is moved on in the job's timeline:
+    the steered video equals a job whose prompt list is that timeline."""
+    with running_server(tmp_path, tiny_checkpoint, worker=True, num_steps=8, window_size=4) as (url, data, _):
+        client = httpx.Client(base_url=url, timeout=20)
+        store = JobStore(data / "magi.db")
+        job = client.post("/v1/videos", json={"prompt": "a fox", "num_frames": 8 * 24, "seed": 5}).json()
+        deadline = time.monotonic() + 240
+        while (row := store.get(job["id"])).steer_from is None or row.steer_from < 2:
+            assert time.monotonic() < deadline and not row.ended, row
+            time.sleep(0.01)
+        answer = client.post(f"/v1/videos/{job['id']}/prompt", json={"from_chunk": 0, "prompt": "a hare"}).json()
+        assert row.chunks_done <= row.steer_from <= answer["applies_from"] < 8, (row, answer)
+        sneaked = store.add_edit(job["id"], 1, "a mole")  # as if accepted just before the window moved on
+        while not (done := client.get(f"/v1/videos/{job['id']}").json())["status"] == "completed":
+            assert time.monotonic() < deadline, done
+            time.sleep(0.2)
+        assert store.get(job["id"]).steer_from == 8  # every chunk entered
+        spans = [(s["prompt"], s["from_chunk"], s["to_chunk"], s["edit_id"]) for s in done["prompt_timeline"]]
+        assert spans[0][:2] == ("a fox", 0) and spans[-1][0] == "a mole" and spans[-1][3] == sneaked, spans
+        assert spans[-1][1] >= answer["applies_from"] >= 2, spans  # moved on: chunk 1 had entered
+        prompts = [p for p, first, last, _ in spans for _ in range(first, last + 1)]
+        twin = client.post("/v1/videos", json={"prompts": prompts, "num_frames": 8 * 24, "seed": 5}).json()
+        while client.get(f"/v1/videos/{twin['id']}").json()["status"] != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        steered = _frames(client.get(f"/v1/videos/{job['id']}/content").content, tmp_path / "steered.mp4")
+        timeline = _frames(client.get(f"/v1/videos/{twin['id']}/content").content, tmp_path / "timeline.mp4")
+        assert torch.equal(steered, timeline)
+        client.close()
+        store.close()

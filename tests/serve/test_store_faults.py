@@ -67,3 +67,28 @@ def test_expired_and_forget_apply_the_retention_rule(store: object) -> None:
     assert store.expired(10, max_age_s=5) == [ids[3]]
     store.forget(ids[1])
     assert store.get(ids[1]) is None and store.edits(ids[1]) == [] and store.get(child) is not None
+
+
+def test_steer_from_and_moved_edits(store: object) -> None:
+    job = store.create({"mode": "t2v"}).id
+    assert store.get(job).steer_from is None
+    store.update(job, steer_from=3)
+    edit = store.add_edit(job, 1, "a storm")
+    store.move_edit(edit, 3)
+    assert store.get(job).steer_from == 3 and [(e.from_chunk, e.prompt) for e in store.edits(job)] == [(3, "a storm")]
+    assert store.start(job, attempts=1, steer_from=None) and store.get(job).steer_from is None  # a new attempt
+
+
+def test_a_data_folder_of_an_earlier_magi_gets_the_new_column(store: object, tmp_path: Path) -> None:
+    """Databases made before ``steer_from`` existed open, keep their jobs, and gain the column."""
+    drop = "ALTER TABLE jobs DROP COLUMN steer_from"
+    job = store.create({"mode": "t2v"}).id
+    store._db.execute(drop)  # as an earlier magi left it
+    url = getattr(store, "url", None)
+    again = open_store(url, tmp_path)
+    try:
+        assert again.get(job).steer_from is None and again.get(job).status == "queued"
+        again.update(job, steer_from=2)
+        assert again.get(job).steer_from == 2
+    finally:
+        again.close()
