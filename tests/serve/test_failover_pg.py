@@ -1,7 +1,8 @@
 """magi serve over the PostgreSQL store, and failover through it: two real workers (``python -m magi.serve.worker --db
 postgresql://...``, tiny checkpoint) share one data folder and one database the test starts; the
 worker running a job is killed with SIGKILL mid-job, the other claims it once its lease runs out,
-resumes it from the saved state, and the finished video equals an uninterrupted run's frames.
+resumes it from the saved state, and the finished video equals an uninterrupted run's frames, as
+does the live stream a client read from an HTTP server on the same store across the switch.
 Also: ``magi serve --db`` runs a job through HTTP, an unreachable database is one error line, a
 worker whose lease was taken leaves that job, and SIGTERM releases the running job at once."""
 
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -101,10 +103,14 @@ def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
         "prefix_video": None,
     }
     a = _worker(config, data, pg_url, env, logs[0])
-    b = None
+    b = http = None
+    streamed = tmp_path / "streamed.mp4"
     try:
+        http = _http_only(config, data, pg_url, env, tmp_path / "http.log")
         _until(lambda: _ready(data, a), "worker a to load", logs)
         job = store.create(params)
+        reader = threading.Thread(target=_save_stream, args=(http[1], job.id, streamed), daemon=True)
+        reader.start()  # a player's view: GET /stream from before the kill to the end
         _until(lambda: store.get(job.id).chunks_done >= 1, "the first chunk", logs)
         assert store.lease(job.id)[0].split(":")[1] == str(a.pid)
         b = _worker(config, data, pg_url, env, logs[1])
@@ -117,8 +123,10 @@ def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
         assert done.status == "completed" and done.attempts == 2, done
         again = store.create(params)  # the same request, run start to end by worker b
         assert _until(lambda: (j := store.get(again.id)).ended and j, "the second job", logs).status == "completed"
+        reader.join(TIMEOUT)
+        assert not reader.is_alive(), "the stream did not end with its job"
     finally:
-        for proc in (a, b):
+        for proc in (a, b, http and http[0]):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -126,6 +134,34 @@ def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
     resumed = _frames(data / "jobs" / job.id / "video.mp4")
     assert len(resumed) == 30 * CHUNK
     assert torch.equal(resumed, _frames(data / "jobs" / again.id / "video.mp4"))
+    assert torch.equal(_frames(streamed), resumed)  # the stream went on across the switch, every frame
+
+
+def _http_only(config: Path, data: Path, url: str, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    """(process, base url) of ``magi serve --no_worker`` on the shared store and folder, once it answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "magi.serve", "--no_worker", "--config", str(config), "--data_dir", str(data),
+           "--db", url, "--port", str(port)]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        try:
+            return httpx.get(base + "/openapi.json", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    _until(up, "the HTTP server", [log])
+    return proc, base
+
+
+def _save_stream(base: str, job_id: str, dest: Path) -> None:
+    with httpx.stream("GET", f"{base}/v1/videos/{job_id}/stream", timeout=TIMEOUT) as r, open(dest, "wb") as out:
+        r.raise_for_status()
+        for piece in r.iter_bytes():
+            out.write(piece)
 
 
 def test_serve_with_an_unreachable_db_is_one_error_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
