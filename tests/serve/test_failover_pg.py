@@ -26,6 +26,7 @@ httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip ins
 
 from magi.serve.store_pg import PgJobStore  # noqa: E402
 from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
+from tests.serve.live import running_server  # noqa: E402
 from tests.serve.pg import pg_bin, postgres_server  # noqa: E402
 
 TIMEOUT = 300.0  # s for one job on a loaded 2-core machine
@@ -89,9 +90,19 @@ def _frames(path: Path) -> torch.Tensor:
 def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
     pg_url: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
-    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
-    data, logs = tmp_path / "shared", [tmp_path / "a.log", tmp_path / "b.log"]
+    # an HTTP server (--no_worker) on the shared store and folder: a player's view of the switch
+    with running_server(tmp_path, tiny_checkpoint, "--db", pg_url, num_steps=4, window_size=4) as (base, data, _):
+        job, again = _kill_mid_job(tmp_path / "config.json", data, pg_url, tiny_checkpoint, base, tmp_path)
+    resumed = _frames(data / "jobs" / job / "video.mp4")
+    assert len(resumed) == 30 * CHUNK
+    assert torch.equal(resumed, _frames(data / "jobs" / again / "video.mp4"))
+
+
+def _kill_mid_job(config: Path, data: Path, pg_url: str, ck: Path, base: str, tmp_path: Path) -> tuple[str, str]:
+    """Worker a runs a job and is killed mid-way; worker b resumes it, then runs the same request
+    again start to end; a client streams the first job all along. The two job ids."""
+    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(ck / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
     store = PgJobStore(pg_url)
     params = {
         "mode": "t2v",
@@ -103,13 +114,11 @@ def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
         "prefix_video": None,
     }
     a = _worker(config, data, pg_url, env, logs[0])
-    b = http = None
-    streamed = tmp_path / "streamed.mp4"
+    b, streamed = None, tmp_path / "streamed.mp4"
     try:
-        http = _http_only(config, data, pg_url, env, tmp_path / "http.log")
         _until(lambda: _ready(data, a), "worker a to load", logs)
         job = store.create(params)
-        reader = threading.Thread(target=_save_stream, args=(http[1], job.id, streamed), daemon=True)
+        reader = threading.Thread(target=_save_stream, args=(base, job.id, streamed), daemon=True)
         reader.start()  # a player's view: GET /stream from before the kill to the end
         _until(lambda: store.get(job.id).chunks_done >= 1, "the first chunk", logs)
         assert store.lease(job.id)[0].split(":")[1] == str(a.pid)
@@ -126,35 +135,14 @@ def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
         reader.join(TIMEOUT)
         assert not reader.is_alive(), "the stream did not end with its job"
     finally:
-        for proc in (a, b, http and http[0]):
+        for proc in (a, b):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
         store.close()
-    resumed = _frames(data / "jobs" / job.id / "video.mp4")
-    assert len(resumed) == 30 * CHUNK
-    assert torch.equal(resumed, _frames(data / "jobs" / again.id / "video.mp4"))
-    assert torch.equal(_frames(streamed), resumed)  # the stream went on across the switch, every frame
-
-
-def _http_only(config: Path, data: Path, url: str, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
-    """(process, base url) of ``magi serve --no_worker`` on the shared store and folder, once it answers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "magi.serve", "--no_worker", "--config", str(config), "--data_dir", str(data),
-           "--db", url, "--port", str(port)]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            return httpx.get(base + "/openapi.json", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    _until(up, "the HTTP server", [log])
-    return proc, base
+    # the stream went on across the switch: every frame
+    assert torch.equal(_frames(streamed), _frames(data / "jobs" / job.id / "video.mp4"))
+    return job.id, again.id
 
 
 def _save_stream(base: str, job_id: str, dest: Path) -> None:
