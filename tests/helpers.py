@@ -105,6 +105,15 @@ def stop_at(n: int) -> Callable[[StepInfo], None]:
     return hook
 
 
+def decode_mp4(path: Path) -> torch.Tensor:
+    """The frames of the mp4 at ``path`` as uint8 [T, H, W, 3], decoded by ffmpeg."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    w, h = next(reader)["size"]
+    return torch.stack([torch.frombuffer(bytearray(f), dtype=torch.uint8).reshape(h, w, 3) for f in reader])
+
+
 def mp4_frames(path: Path) -> int:
     """Frames in the mp4 at `path`, counted by ffmpeg."""
     import imageio_ffmpeg

@@ -25,8 +25,8 @@ imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="decoding the vide
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip install -e '.[test]')")
 
 from magi.serve.store_pg import PgJobStore  # noqa: E402
-from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
-from tests.serve.live import running_server  # noqa: E402
+from tests.helpers import CHUNK, decode_mp4, write_tiny_config  # noqa: E402
+from tests.serve.live import LiveServer, running_server  # noqa: E402
 from tests.serve.pg import pg_bin, postgres_server  # noqa: E402
 
 TIMEOUT = 300.0  # s for one job on a loaded 2-core machine
@@ -81,21 +81,15 @@ def _ready(data: Path, proc: subprocess.Popen) -> bool:
     return status.get("pid") == proc.pid and status.get("status") == "ready"
 
 
-def _frames(path: Path) -> torch.Tensor:
-    reader = imageio_ffmpeg.read_frames(str(path))
-    w, h = next(reader)["size"]
-    return torch.stack([torch.frombuffer(bytearray(f), dtype=torch.uint8).reshape(h, w, 3) for f in reader])
-
-
-def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
+def test_a_killed_worker_s_job_resumes_on_the_other_to_the_samedecode_mp4(
     pg_url: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     # an HTTP server (--no_worker) on the shared store and folder: a player's view of the switch
     with running_server(tmp_path, tiny_checkpoint, "--db", pg_url, num_steps=4, window_size=4) as (base, data, _):
         job, again = _kill_mid_job(tmp_path / "config.json", data, pg_url, tiny_checkpoint, base, tmp_path)
-    resumed = _frames(data / "jobs" / job / "video.mp4")
+    resumed = decode_mp4(data / "jobs" / job / "video.mp4")
     assert len(resumed) == 30 * CHUNK
-    assert torch.equal(resumed, _frames(data / "jobs" / again / "video.mp4"))
+    assert torch.equal(resumed, decode_mp4(data / "jobs" / again / "video.mp4"))
 
 
 def _kill_mid_job(config: Path, data: Path, pg_url: str, ck: Path, base: str, tmp_path: Path) -> tuple[str, str]:
@@ -141,7 +135,7 @@ def _kill_mid_job(config: Path, data: Path, pg_url: str, ck: Path, base: str, tm
                 proc.wait()
         store.close()
     # the stream went on across the switch: every frame
-    assert torch.equal(_frames(streamed), _frames(data / "jobs" / job.id / "video.mp4"))
+    assert torch.equal(decode_mp4(streamed), decode_mp4(data / "jobs" / job.id / "video.mp4"))
     return job.id, again.id
 
 
@@ -175,96 +169,16 @@ def test_serve_with_an_unreachable_db_is_one_error_line(tiny_checkpoint: Path, t
 def test_serve_with_db_runs_a_job_through_http(pg_url: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
     config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
-    port, log = free_port(), tmp_path / "serve.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "magi.serve",
-        "--config",
-        str(config),
-        "--data_dir",
-        str(tmp_path / "d"),
-        "--db",
-        pg_url,
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    srv = LiveServer(config, tmp_path / "d", "--db", pg_url, "--device", "cpu", env=env, log=tmp_path / "serve.log")
     store = PgJobStore(pg_url)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-
-            def up() -> bool:
-                assert proc.poll() is None, log.read_text()[-2000:]
-                try:
-                    return client.get("/health").status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            _until(up, "the server", [log])
-            r = client.post("/v1/videos", json={"prompt": "a lake", "num_frames": 2 * CHUNK, "seed": 4})
-            assert r.status_code == 200, r.text
-            job_id = r.json()["id"]
-            assert store.get(job_id).params["prompts"] == ["a lake"]  # the row is in PostgreSQL
-            _until(lambda: client.get(f"/v1/videos/{job_id}").json()["status"] == "completed", "the job", [log])
-            assert len(_frames_of(client.get(f"/v1/videos/{job_id}/content").content, tmp_path)) == 2 * CHUNK
-            assert store.lease(job_id)[0].split(":")[1] != str(proc.pid)  # claimed by its worker process
+        r = srv.client.post("/v1/videos", json={"prompt": "a lake", "num_frames": 2 * CHUNK, "seed": 4})
+        assert r.status_code == 200, r.text
+        job_id = r.json()["id"]
+        assert store.get(job_id).params["prompts"] == ["a lake"]  # the row is in PostgreSQL
+        assert srv.wait(job_id, timeout=TIMEOUT)["status"] == "completed"
+        assert len(srv.frames(job_id, tmp_path)) == 2 * CHUNK
+        assert store.lease(job_id)[0].split(":")[1] != str(srv.proc.pid)  # claimed by its worker process
     finally:
-        proc.terminate()
-        proc.wait(60)
-        store.close()
-
-
-def _frames_of(data: bytes, tmp: Path) -> torch.Tensor:
-    path = tmp / "content.mp4"
-    path.write_bytes(data)
-    return _frames(path)
-
-
-def test_a_worker_leaves_a_job_whose_lease_it_lost_and_releases_its_job_on_sigterm(
-    pg_url: str, tiny_checkpoint: Path, tmp_path: Path
-) -> None:
-    config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
-    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
-    data, logs = tmp_path / "shared", [tmp_path / "a.log"]
-    store = PgJobStore(pg_url)
-    while store.claim("drain", 3600) is not None:  # the module's earlier jobs out of the way
-        pass
-    long = {
-        "mode": "t2v",
-        "prompts": ["long"],
-        "seed": 1,
-        "num_frames": 30 * CHUNK,
-        "size": None,
-        "image": None,
-        "prefix_video": None,
-    }
-    a = _worker(config, data, pg_url, env, logs[0])
-    try:
-        _until(lambda: _ready(data, a), "the worker to load", logs)
-        stolen = store.create(long)
-        _until(lambda: store.get(stolen.id).chunks_done >= 1, "the first chunk", logs)
-        with psycopg.connect(pg_url, autocommit=True) as db:  # another worker took it (a's lease "ran out")
-            db.execute(
-                "UPDATE jobs SET claimed_by = 'thief', lease_until = extract(epoch from clock_timestamp()) "
-                "+ 3600 WHERE id = %s",
-                (stolen.id,),
-            )
-        short = store.create({**long, "num_frames": CHUNK})
-        _until(lambda: store.get(short.id).status == "completed", "the next job", logs)
-        left = store.get(stolen.id)
-        assert left.status == "in_progress" and left.chunks_done < 30 and store.lease(stolen.id)[0] == "thief", left
-        third = store.create(long)
-        _until(lambda: store.get(third.id).chunks_done >= 1, "the third job's first chunk", logs)
-        a.terminate()  # SIGTERM: save, release, exit 0
-        assert a.wait(120) == 0
-        assert store.get(third.id).status == "in_progress" and store.lease(third.id) == (None, None)
-        assert store.claim("next", 60).id == third.id  # claimable at once, no lease to wait for
-    finally:
-        if a.poll() is None:
-            a.kill()
-            a.wait()
+        srv.stop()
         store.close()

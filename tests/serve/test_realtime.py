@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +26,8 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
 
 from magi.state import GenerationState  # noqa: E402
-from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
+from tests.helpers import CHUNK, write_tiny_config  # noqa: E402
+from tests.serve.live import LiveServer  # noqa: E402
 
 KEY = "rt-key-42"
 TIMEOUT = 300.0  # s for one job on a loaded 2-core machine
@@ -39,43 +38,11 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     root = tmp_path_factory.mktemp("realtime")
     config = write_tiny_config(root / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
-    port, data, log = free_port(), root / "data", root / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "magi.serve",
-                "--config",
-                str(config),
-                "--data_dir",
-                str(data),
-                "--port",
-                str(port),
-                "--device",
-                "cpu",
-                "--api_key",
-                KEY,
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        try:
-            if client.get("/health").json()["worker"].get("status") == "ready":
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    yield {"ws": f"ws://127.0.0.1:{port}/v1/realtime/video", "http": client, "data": data, "log": log}
-    client.close()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+    srv = LiveServer(config, root / "data", "--device", "cpu", "--api_key", KEY, env=env, key=KEY,
+                     log=root / "server.log")  # fmt: skip
+    yield {"ws": srv.url.replace("http", "ws", 1) + "/v1/realtime/video", "http": srv.client, "data": srv.data,
+           "log": srv.log_path}  # fmt: skip
+    srv.stop()
 
 
 def _open(server: dict) -> ClientConnection:

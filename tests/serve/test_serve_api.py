@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ httpx = pytest.importorskip("httpx", reason="the API tests use httpx: pip instal
 from magi.media.mp4 import split_fmp4  # noqa: E402
 from magi.serve.store import JobFiles, JobStore  # noqa: E402
 from magi.video_io import Mp4Writer  # noqa: E402
-from tests.helpers import free_port, write_tiny_config  # noqa: E402
+from tests.helpers import write_tiny_config  # noqa: E402
+from tests.serve.live import LiveServer  # noqa: E402
 
 KEY = "test-key-0123"
 MAX_FRAMES = 200
@@ -51,51 +51,15 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> S
     root = tmp_path_factory.mktemp("serve")
     ck = tiny_checkpoint
     write_tiny_config(root / "config.json", ck)
-    data, port, log = root / "data", free_port(), root / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "magi.serve",
-        "--config",
-        str(root / "config.json"),
-        "--data_dir",
-        str(data),
-        "--port",
-        str(port),
-        "--api_key",
-        KEY,
-        "--no_worker",
-        "--max_frames",
-        str(MAX_FRAMES),
-        "--max_pixels",
-        str(MAX_PIXELS),
-        "--max_queued",
-        str(MAX_QUEUED),
-        "--max_upload_mb",
-        str(MAX_UPLOAD_MB),
-    ]
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(ck / "special_tokens.npz")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=20)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if client.get("/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    store = JobStore(data / "magi.db")
-    yield Server(url, data, store, client, log)
-    client.close()
-    proc.terminate()
-    assert proc.wait(30) == 0, log.read_text()[-2000:]
-    assert "magi serve: http://127.0.0.1:" in log.read_text()
+    limits = ["--max_frames", str(MAX_FRAMES), "--max_pixels", str(MAX_PIXELS), "--max_queued", str(MAX_QUEUED),
+              "--max_upload_mb", str(MAX_UPLOAD_MB)]  # fmt: skip
+    srv = LiveServer(root / "config.json", root / "data", "--api_key", KEY, "--no_worker", *limits, env=env, cwd=root,
+                     key=KEY, wait_for="http", log=root / "server.log", timeout=60)  # fmt: skip
+    store = JobStore(srv.data / "magi.db")
+    yield Server(srv.url, srv.data, store, srv.client, srv.log_path)
+    assert srv.stop(30) == 0, srv.text_log(2000)
+    assert "magi serve: http://127.0.0.1:" in srv.text_log(10**6)
     store.close()
 
 

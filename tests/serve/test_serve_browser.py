@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -24,7 +22,8 @@ sync_api = pytest.importorskip(
 )
 
 from magi.serve.store import JobStore  # noqa: E402
-from tests.helpers import REPO_ROOT as REPO, free_port, write_tiny_config  # noqa: E402
+from tests.helpers import REPO_ROOT as REPO, write_tiny_config  # noqa: E402
+from tests.serve.live import LiveServer  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else shutil.which("chromium")
 KEY = "browser-test-key"
@@ -49,46 +48,13 @@ def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("serve_browser")
     ck = tiny_checkpoint
     write_tiny_config(root / "config.json", ck, num_steps=8, window_size=4)
-    data, port = root / "data", free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "magi.serve",
-        "--config",
-        str(root / "config.json"),
-        "--data_dir",
-        str(data),
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--api_key",
-        KEY,
-    ]
     env = {**os.environ, "SPECIAL_TOKEN_PATH": str(ck / "special_tokens.npz")}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
+    srv = LiveServer(root / "config.json", root / "data", "--device", "cpu", "--api_key", KEY, env=env, cwd=REPO,
+                     key=KEY, log=root / "server.log", timeout=60)  # fmt: skip
     try:
-        deadline = time.time() + 60
-        while True:  # up, and the worker has loaded the model
-            assert proc.poll() is None, (root / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", headers=_auth(), timeout=2).json()["worker"]["status"] == "ready":
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server not ready in 60 s:\n" + (root / "server.log").read_text()
-            time.sleep(0.2)
-        yield url, data
+        yield srv.url, srv.data
     finally:
-        proc.terminate()
-        try:
-            proc.wait(40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        srv.stop(40)
 
 
 def _auth() -> dict:
@@ -118,7 +84,7 @@ def _job(url: str, job_id: str) -> dict:
     return httpx.get(f"{url}/v1/videos/{job_id}", headers=_auth(), timeout=5).json()
 
 
-def _wait_ended(page, url: str, job_id: str, timeout: float = 90) -> dict:
+def _wait_ended(page, url: str, job_id: str, timeout: float = 300) -> dict:
     deadline = time.time() + timeout
     while (job := _job(url, job_id))["status"] not in ("completed", "failed", "cancelled"):
         assert time.time() < deadline, f"job not done in {timeout} s: {job}"

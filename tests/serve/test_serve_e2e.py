@@ -6,10 +6,6 @@ kill -9 + restart (resumes to the same frames as an uninterrupted run)."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +17,8 @@ pytest.importorskip("uvicorn", reason="magi serve needs its extra: pip install -
 
 from magi.state import GenerationState  # noqa: E402
 from magi.video_io import Mp4Writer  # noqa: E402
-from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
+from tests.helpers import CHUNK, write_tiny_config  # noqa: E402
+from tests.serve.live import LiveServer  # noqa: E402
 
 TIMEOUT = 240.0  # s for one job on a loaded 2-core machine
 
@@ -44,107 +41,19 @@ def setup(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"root": root, "config": root / "config.json", "env": env, "image": image, "video": video}
 
 
-class Server:
-    """``python -m magi.serve`` in its own process group, on a free port."""
-
-    def __init__(self, setup: dict, data_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(data_dir.parent / f"{data_dir.name}-{self.port}.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "magi.serve",
-                "--config",
-                str(setup["config"]),
-                "--data_dir",
-                str(data_dir),
-                "--port",
-                str(self.port),
-                "--device",
-                "cpu",
-            ],
-            env=setup["env"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.text_log()}"
-            try:
-                if self.client.get("/health").json()["worker"].get("status") == "ready":
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server not ready: {self.text_log()}")
-
-    def text_log(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")[-3000:]
-
-    def submit(self, **body: object) -> str:
-        r = self.client.post("/v1/videos", json=body)
-        assert r.status_code == 200, r.text
-        assert r.json()["status"] == "queued"
-        return r.json()["id"]
-
-    def job(self, job_id: str) -> dict:
-        return self.client.get(f"/v1/videos/{job_id}").json()
-
-    def wait(self, job_id: str, until=lambda j: j["status"] in ("completed", "failed", "cancelled")) -> dict:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            job = self.job(job_id)
-            if until(job):
-                return job
-            time.sleep(0.1)
-        raise AssertionError(f"job {job_id} stuck at {self.job(job_id)}; log: {self.text_log()}")
-
-    def frames(self, job_id: str, tmp: Path) -> torch.Tensor:
-        r = self.client.get(f"/v1/videos/{job_id}/content")
-        assert r.status_code == 200, r.text
-        path = tmp / f"{job_id}.mp4"
-        path.write_bytes(r.content)
-        return _decode(path)
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.client.close()
-        self.log.close()
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return
-        self.client.close()
-        self.log.close()
-
-
-def _decode(path: Path) -> torch.Tensor:
-    import imageio_ffmpeg
-
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    w, h = meta["size"]
-    return torch.stack([torch.frombuffer(bytearray(f), dtype=torch.uint8).reshape(h, w, 3) for f in reader])
+def _server(setup: dict, data_dir: Path) -> LiveServer:
+    """The real server with its worker, on the tiny config, once the worker is ready."""
+    return LiveServer(setup["config"], data_dir, "--device", "cpu", env=setup["env"])
 
 
 @pytest.fixture(scope="module")
 def server(setup: dict):
-    srv = Server(setup, setup["root"] / "data")
+    srv = _server(setup, setup["root"] / "data")
     yield srv
     srv.stop()
 
 
-def test_t2v_i2v_v2v_submit_poll_download(server: Server, setup: dict, tmp_path: Path) -> None:
+def test_t2v_i2v_v2v_submit_poll_download(server: LiveServer, setup: dict, tmp_path: Path) -> None:
     t2v = server.submit(prompt="a red fox", num_frames=2 * CHUNK, seed=7)
     with open(setup["image"], "rb") as f:
         r = server.client.post(
@@ -174,7 +83,7 @@ def test_t2v_i2v_v2v_submit_poll_download(server: Server, setup: dict, tmp_path:
         assert before["completed_at"] <= after["created_at"] or after["timings"]["queue_wait_s"] > 0
 
 
-def test_two_queued_jobs_finish_in_order_and_stream_before_the_end(server: Server, tmp_path: Path) -> None:
+def test_two_queued_jobs_finish_in_order_and_stream_before_the_end(server: LiveServer, tmp_path: Path) -> None:
     # 24 chunks: long enough that its end (at ~0.1 s a chunk here) comes well after the first
     # segment reaches the stream (polled every 0.25 s); 3 chunks sometimes ended first
     first = server.submit(prompt="one", num_frames=24 * CHUNK, seed=1)
@@ -196,7 +105,7 @@ def test_two_queued_jobs_finish_in_order_and_stream_before_the_end(server: Serve
     assert len(server.frames(second, tmp_path)) == CHUNK
 
 
-def _times(server: Server, job_id: str) -> dict:
+def _times(server: LiveServer, job_id: str) -> dict:
     from magi.serve.store import JobStore
 
     store = JobStore(Path(server.client.get("/health").json().get("data_dir") or _data_dir(server)) / "magi.db")
@@ -206,11 +115,11 @@ def _times(server: Server, job_id: str) -> dict:
         store.close()
 
 
-def _data_dir(server: Server) -> Path:
+def _data_dir(server: LiveServer) -> Path:
     return Path(server.proc.args[server.proc.args.index("--data_dir") + 1])
 
 
-def test_cancel_keeps_the_chunks_done(server: Server, tmp_path: Path) -> None:
+def test_cancel_keeps_the_chunks_done(server: LiveServer, tmp_path: Path) -> None:
     job_id = server.submit(prompt="long", num_frames=30 * CHUNK, seed=3)  # long: the cancel lands mid-job
     server.wait(job_id, until=lambda j: j["chunks_done"] >= 1)
     r = server.client.post(f"/v1/videos/{job_id}/cancel")
@@ -220,7 +129,7 @@ def test_cancel_keeps_the_chunks_done(server: Server, tmp_path: Path) -> None:
     assert len(server.frames(job_id, tmp_path)) == job["frames_done"] == job["chunks_done"] * CHUNK
 
 
-def test_steer_equals_a_run_started_with_that_timeline(server: Server, tmp_path: Path) -> None:
+def test_steer_equals_a_run_started_with_that_timeline(server: LiveServer, tmp_path: Path) -> None:
     chunks = 24  # long enough that chunk 12 has not entered the window when the edit lands
     job_id = server.submit(prompt="calm", num_frames=chunks * CHUNK, seed=11)
     server.wait(job_id, until=lambda j: j["status"] == "in_progress" and j["step"] >= 1)
@@ -237,14 +146,14 @@ def test_steer_equals_a_run_started_with_that_timeline(server: Server, tmp_path:
 
 def test_kill_9_and_restart_resumes_to_the_same_frames(setup: dict, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    srv = Server(setup, data)
+    srv = _server(setup, data)
     try:
         job_id = srv.submit(prompt="a long walk", num_frames=16 * CHUNK, seed=21)
         srv.wait(job_id, until=lambda j: j["chunks_done"] >= 1)
         assert srv.job(job_id)["status"] == "in_progress"
     finally:
         srv.kill()  # the server and (die-with-parent) its worker, mid-job
-    srv = Server(setup, data)
+    srv = _server(setup, data)
     try:
         job = srv.wait(job_id)
         assert job["status"] == "completed", job

@@ -23,8 +23,7 @@ pytest.importorskip("uvicorn", reason="magi serve needs its extra: pip install -
 
 from magi.serve.store import JobStore  # noqa: E402
 from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
-
-TIMEOUT = 240.0  # s for one job on a loaded 2-core machine
+from tests.serve.live import LiveServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,55 +51,10 @@ def _serve_cmd(setup: dict, data: Path, port: int, *extra: str) -> list[str]:
     ]
 
 
-class Server:
-    """``python -m magi.serve`` in its own process group, on a free port, until its worker is ready."""
-
-    def __init__(self, setup: dict, data: Path, *extra: str, ready: bool = True) -> None:
-        self.port, self.data = free_port(), data
-        self.log_path = data.parent / f"{data.name}-{self.port}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            _serve_cmd(setup, data, self.port, *extra),
-            env=setup["env"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.text_log()}"
-            try:
-                status = self.client.get("/health").json()["worker"].get("status")
-                if status == "ready" or not ready:
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server not ready: {self.text_log()}")
-
-    def text_log(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def job(self, job_id: str) -> dict:
-        return self.client.get(f"/v1/videos/{job_id}").json()
-
-    def wait(self, job_id: str, until=lambda j: j["status"] in ("completed", "failed", "cancelled")) -> dict:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            job = self.job(job_id)
-            if until(job):
-                return job
-            time.sleep(0.1)
-        raise AssertionError(f"job {job_id} stuck at {self.job(job_id)}; log: {self.text_log()}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.client.close()
-        self.log.close()
+def _server(setup: dict, data: Path, *extra: str, ready: bool = True) -> LiveServer:
+    """The real server on the tiny config, once its worker is ready (``ready=False``: once it answers)."""
+    return LiveServer(setup["config"], data, "--device", "cpu", *extra, env=setup["env"],
+                      wait_for="worker" if ready else "http")  # fmt: skip
 
 
 def _attempts(data: Path, job_id: str) -> int:
@@ -117,7 +71,7 @@ STOP_CHUNKS = 48  # 1152 frames, under the server's 1440
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_graceful_stop_mid_job_resumes_to_every_frame(setup: dict, tmp_path: Path, signum: int) -> None:
     data = tmp_path / "data"
-    srv = Server(setup, data)
+    srv = _server(setup, data)
     try:
         # long enough that the stop lands mid-job also on an idle machine (a tiny chunk takes ~0.1 s)
         r = srv.client.post("/v1/videos", json={"prompt": "a long walk", "num_frames": STOP_CHUNKS * CHUNK, "seed": 2})
@@ -133,9 +87,9 @@ def test_a_graceful_stop_mid_job_resumes_to_every_frame(setup: dict, tmp_path: P
         assert time.monotonic() - start < 15, srv.text_log()
         assert "killing it" not in srv.text_log()
     finally:
-        srv.close()
+        srv.kill()
     assert _attempts(data, job_id) == 0  # a stop is not a failed attempt
-    srv = Server(setup, data)
+    srv = _server(setup, data)
     try:
         job = srv.wait(job_id)
         assert job["status"] == "completed", job
@@ -143,7 +97,7 @@ def test_a_graceful_stop_mid_job_resumes_to_every_frame(setup: dict, tmp_path: P
         assert srv.client.get(f"/v1/videos/{job_id}/content").status_code == 200
         assert _attempts(data, job_id) == 1
     finally:
-        srv.close()
+        srv.kill()
 
 
 def _run_server(setup: dict, data: Path, port: int, *extra: str) -> subprocess.CompletedProcess:
@@ -179,7 +133,7 @@ def test_a_port_in_use_is_one_error_line_and_exit_2(setup: dict, tmp_path: Path)
 
 def test_an_unwritable_jobs_folder_fails_the_job_and_the_queue_goes_on_once_fixed(setup: dict, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    srv = Server(setup, data)
+    srv = _server(setup, data)
     try:
         (data / "jobs").write_text("a file where the jobs folder should be")  # unwritable even for root
         bad = srv.client.post("/v1/videos", json={"prompt": "x", "num_frames": CHUNK}).json()["id"]
@@ -195,12 +149,12 @@ def test_an_unwritable_jobs_folder_fails_the_job_and_the_queue_goes_on_once_fixe
         assert srv.wait(good)["status"] == "completed"
         assert srv.client.get("/health").status_code == 200
     finally:
-        srv.close()
+        srv.kill()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_worker_that_cannot_load_the_model_fails_the_queued_jobs(setup: dict, tmp_path: Path) -> None:
-    srv = Server(setup, tmp_path / "data", "--device", "cuda", ready=False)
+    srv = _server(setup, tmp_path / "data", "--device", "cuda", ready=False)
     try:
         job_id = srv.client.post("/v1/videos", json={"prompt": "x", "num_frames": CHUNK}).json()["id"]
         job = srv.wait(job_id)
@@ -208,12 +162,12 @@ def test_a_worker_that_cannot_load_the_model_fails_the_queued_jobs(setup: dict, 
         health = srv.client.get("/health")
         assert health.status_code == 503 and health.json()["worker"]["status"] == "failed"
     finally:
-        srv.close()
+        srv.kill()
 
 
 def test_health_shows_a_dead_worker(setup: dict, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    srv = Server(setup, data)
+    srv = _server(setup, data)
     try:
         import json
 
@@ -223,12 +177,12 @@ def test_health_shows_a_dead_worker(setup: dict, tmp_path: Path) -> None:
         health = srv.client.get("/health")
         assert health.status_code == 503 and health.json()["worker"]["status"] == "dead", health.text
     finally:
-        srv.close()
+        srv.kill()
 
 
 def test_an_upload_killed_midway_leaves_no_staging_files(setup: dict, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    srv = Server(setup, data, "--no_worker", ready=False)
+    srv = _server(setup, data, "--no_worker", ready=False)
     try:
         boundary = "b0undary"
         head = (
@@ -254,7 +208,7 @@ def test_an_upload_killed_midway_leaves_no_staging_files(setup: dict, tmp_path: 
         assert list((data / "uploads").iterdir()) == []
         assert srv.client.get("/v1/videos").json()["data"] == []
     finally:
-        srv.close()
+        srv.kill()
 
 
 class _LastStepPipe:

@@ -23,37 +23,17 @@ pytest.importorskip("fastapi", reason="magi serve needs its extra: pip install -
 pytest.importorskip("uvicorn", reason="magi serve needs its extra: pip install -e '.[serve]'")
 
 from tests.helpers import free_port, write_tiny_config  # noqa: E402
+from tests.serve.live import LiveServer  # noqa: E402
 
 KEY = "s3cret-key-from-a-file"
 
 
 def _start(root: Path, name: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "magi.serve",
-        "--config",
-        str(root / "config.json"),
-        "--data_dir",
-        str(root / name),
-        "--port",
-        str(port),
-        "--no_worker",
-        *extra,
-    ]
-    log = open(root / f"{name}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MAGI_API_KEY": ""})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (root / f"{name}.log").read_text()
-        try:
-            httpx.get(url + "/", timeout=2)
-            return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError("server did not start")
+    """(process, url) of a server without a worker and without a key from the environment."""
+    srv = LiveServer(root / "config.json", root / name, "--no_worker", *extra, env={**os.environ, "MAGI_API_KEY": ""},
+                     wait_for="http", log=root / f"{name}.log", timeout=60)  # fmt: skip
+    srv.client.close()
+    return srv.proc, srv.url
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import torch
 
 pytest.importorskip("fastapi", reason="magi serve needs the serve extra: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="the API tests use httpx: pip install -e '.[test]'")
-imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="decoding the videos needs imageio-ffmpeg")
 
 from magi.serve.protocol import prompt_timeline  # noqa: E402
 from magi.serve.store import Edit, JobStore  # noqa: E402
+from tests.helpers import decode_mp4  # noqa: E402
 from tests.serve.live import running_server  # noqa: E402
 
 
@@ -113,13 +113,6 @@ def test_the_console_has_a_line_per_job_event(tiny_checkpoint: Path, tmp_path: P
     ]
 
 
-def _frames(data: bytes, path: Path) -> torch.Tensor:
-    path.write_bytes(data)
-    reader = imageio_ffmpeg.read_frames(str(path))
-    w, h = next(reader)["size"]
-    return torch.stack([torch.frombuffer(bytearray(f), dtype=torch.uint8).reshape(h, w, 3) for f in reader])
-
-
 def test_a_late_edit_is_answered_from_the_worker_s_window_and_shown_where_it_applied(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -149,8 +142,9 @@ def test_a_late_edit_is_answered_from_the_worker_s_window_and_shown_where_it_app
         while client.get(f"/v1/videos/{twin['id']}").json()["status"] != "completed":
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        steered = _frames(client.get(f"/v1/videos/{job['id']}/content").content, tmp_path / "steered.mp4")
-        timeline = _frames(client.get(f"/v1/videos/{twin['id']}/content").content, tmp_path / "timeline.mp4")
+        (tmp_path / "steered.mp4").write_bytes(client.get(f"/v1/videos/{job['id']}/content").content)
+        (tmp_path / "timeline.mp4").write_bytes(client.get(f"/v1/videos/{twin['id']}/content").content)
+        steered, timeline = decode_mp4(tmp_path / "steered.mp4"), decode_mp4(tmp_path / "timeline.mp4")
         assert torch.equal(steered, timeline)
         client.close()
         store.close()
