@@ -189,7 +189,8 @@ class Workers:
         self.worker = _WorkerProcess(opts, device, world, env)
 
     def worker_pid(self) -> int | None:
-        """The worker process's pid (its name in the store's ``claimed_by`` is host:pid:random)."""
+        """The worker process's pid (its name in the store's ``claimed_by`` is host:pid:random); for a
+        worker group, the launcher's (``claimed_by`` names rank 0, the launcher's child)."""
         return self.worker.pid()
 
     def check_health(self) -> None:

@@ -8,6 +8,8 @@ server given the same requests.
 - SIGTERM to the server mid-job: the group stops within seconds (every rank exits 0, none is
   killed), the job stays in_progress and the next start resumes it to every frame, equal to
   the uninterrupted 1-process run.
+- ``--device cuda:N`` with a world of 2 is one error line; a dead server is seen by the ranks'
+  pid check also while it is an unreaped zombie.
 
 The frames are compared bit-exact: the 1-process server runs with one intra-op thread, as each
 rank does (torchrun's OMP_NUM_THREADS=1), and then computes the same latents as the two ranks
@@ -190,3 +192,25 @@ def test_sigterm_mid_job_stops_every_rank_and_the_restart_resumes_it(setup: dict
         assert again.job(job_id)["frames_done"] == 24 * CHUNK
     finally:
         again.close()
+
+
+def test_cuda_n_with_a_world_of_2_is_one_error_line(setup: dict) -> None:
+    cmd = [sys.executable, "-m", "magi.serve", "--config", str(setup["cp2"]), "--data_dir",
+           str(setup["root"] / "refused"), "--port", str(free_port()), "--device", "cuda:1"]  # fmt: skip
+    out = subprocess.run(cmd, env=setup["env"], capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: --device cuda:1") and "one GPU per rank" in lines[0], lines
+
+
+def test_a_dead_server_is_seen_also_as_a_zombie() -> None:
+    from magi.serve.ranks import pid_gone
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.05)
+    assert pid_gone(child.pid)  # exited, not yet reaped: os.kill(pid, 0) alone would say alive
+    child.wait()
+    assert pid_gone(child.pid) and not pid_gone(os.getpid()) and not pid_gone(None)
