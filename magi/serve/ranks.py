@@ -118,7 +118,7 @@ def launch(argv: Sequence[str]) -> int:
     args = ["--nnodes", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *argv]
     try:
         torchrun(args)
-    except SignalException as stop:  # Supervisor.stop: the ranks got the signal, saved and exited
+    except SignalException as stop:  # Supervisor.stop: torchrun passed it on and waited for the ranks (<= 30 s)
         log.info("the worker group stopped on %s", signal.Signals(stop.sigval).name)
         return 0
     except ChildFailedError:  # torchrun has logged which rank failed and why
