@@ -3,9 +3,10 @@
 Checks the flags and the config (it loads and its checkpoint paths exist) before anything starts;
 a problem is one ``error: ...`` line and exit status 2. Then it opens the store under
 ``--data_dir``, starts the one worker process (``python -m magi.serve.worker``, which loads the
-model) and supervises it (a non-zero exit restarts it after 1 s), and serves the HTTP API with
-uvicorn. SIGINT / SIGTERM stop the server; the worker then gets SIGTERM (it saves the running
-job's state; the job resumes at the next start) and up to 30 s to exit.
+model; a config with cp_size x pp_size > 1: a group of that many ranks under torchrun,
+``magi.serve.ranks``) and supervises it (a non-zero exit restarts it after 1 s), and serves the
+HTTP API with uvicorn. SIGINT / SIGTERM stop the server; the worker then gets SIGTERM (it saves
+the running job's state; the job resumes at the next start) and up to 30 s to exit.
 """
 
 from __future__ import annotations
@@ -157,9 +158,14 @@ def _check(args: argparse.Namespace) -> None:
     if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     try:
-        check_paths(load_config(args.config))
+        config = load_config(args.config)
+        check_paths(config)
     except ConfigError as err:
         raise UsageError(str(err)) from None
+    args.world = config.engine.cp_size * config.engine.pp_size
+    if args.world > 1 and args.device is not None and ":" in args.device:
+        raise UsageError(f"--device {args.device}: the config's cp_size x pp_size is {args.world}, one GPU per rank; "
+                         "use --device cuda (set CUDA_VISIBLE_DEVICES to choose the GPUs)")  # fmt: skip
     if args.ray in (None, "local"):  # joining a Ray cluster: its Serve proxy may already listen there
         _check_port(args.host, args.port)
     if args.api_key_file:
@@ -305,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd += ["--device", args.device]
         cmd += ["--lease_s", str(args.lease_s), "--keep_jobs", str(args.keep_jobs)]
         cmd += ["--keep_days", str(args.keep_days)] if args.keep_days else []
-        supervisor = Supervisor(cmd)
+        supervisor = Supervisor(cmd, world=args.world)  # world > 1: a torchrun worker group
         supervisor.start()
     try:
         _serve(app, args)

@@ -6,7 +6,9 @@
   by the job queue's length, ``queue_policy``). Each reserves one GPU group with a placement group
   of one bundle per rank of the config's cp x pp world (``{"GPU": 1, "CPU": 1}`` on CUDA,
   ``{"CPU": 1}`` on CPU), STRICT_PACK (one node), and runs the existing worker process
-  (``python -m magi.serve.worker``) as its child, supervised (restarted after a crash).
+  (``python -m magi.serve.worker``) as its child, supervised (restarted after a crash); with a
+  world W > 1 that is a worker group of W ranks under torchrun (``magi.serve.ranks``), with
+  CUDA_VISIBLE_DEVICES set to the GPUs of the W bundles (``group_gpus``).
 
 The replicas share the job store (a ``postgresql://`` URL; a SQLite file only on one node, where
 one replica works and the others wait on its lock) and the data folder. A replica that dies
@@ -16,7 +18,6 @@ which saves the running job's state and releases it at once.
 
 ``serve run magi.serve.ray_app:build config=CONFIG.json data_dir=/shared/magi db=postgresql://...
 replicas=2`` runs it on a cluster Ray already runs; ``magi serve --ray`` calls ``run_on_ray``.
-A world larger than 1 (cp x pp > 1) is refused: distributed workers are not supported yet.
 """
 
 from __future__ import annotations
@@ -101,10 +102,38 @@ def queue_policy(ctx: Any) -> tuple[int, dict]:
     return math.ceil(max(reports.values())), {}
 
 
-class _WorkerProcess:
-    """The worker replica's child process: the existing worker loop, supervised."""
+def group_gpus(world: int) -> list[str]:
+    """The GPUs of this replica's placement group, bundle by bundle (call it in the replica).
 
-    def __init__(self, options: RayServeOptions, device: str) -> None:
+    Ray sets CUDA_VISIBLE_DEVICES only to the replica's own GPU (bundle 0). The GPU of each other
+    bundle is reserved for the replica but given to no process: a probe task scheduled into that
+    bundle, asking for its one GPU, reads which one Ray assigns there (a bundle's GPU stays the
+    same for the placement group's life) and ends, leaving it reserved for the worker group.
+    """
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    own = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    group = get_current_placement_group()
+    if world == 1 or group is None:
+        return own
+    probe = ray.remote(num_cpus=0, num_gpus=1)(_bundle_gpus)
+    refs = [probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)).remote()
+            for i in range(1, world)]  # fmt: skip
+    return own + [gpu for ids in ray.get(refs, timeout=120) for gpu in ids]
+
+
+def _bundle_gpus() -> list[str]:
+    return [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+
+class _WorkerProcess:
+    """The worker replica's child process (a worker group of ``world`` ranks): the existing
+    worker loop, supervised."""
+
+    def __init__(
+        self, options: RayServeOptions, device: str, world: int = 1, env: dict[str, str] | None = None
+    ) -> None:
         from magi.serve.supervisor import Supervisor  # restarts a crashed worker, SIGTERMs it on stop
 
         self.options = options
@@ -116,7 +145,7 @@ class _WorkerProcess:
             cmd += ["--keep_days", str(options.keep_days)]
         # Popen runs in the supervisor's own thread: the child's die-with-parent signal fires when
         # that thread ends, and it lives as long as the child, unlike the replica's calling thread
-        self.supervisor = Supervisor(cmd)
+        self.supervisor = Supervisor(cmd, world=world, env=env)
         self.supervisor.start()
         self._store: Any = None
         self._store_lock = threading.Lock()
@@ -151,12 +180,17 @@ class Workers:
 
     def __init__(self, options: dict) -> None:
         opts = RayServeOptions(**options)
+        world = world_size(opts.config)
         gpu_ids = ray.get_gpu_ids()
         device = opts.device or ("cuda" if gpu_ids else "cpu")
-        self.worker = _WorkerProcess(opts, device)
+        env = None
+        if gpu_ids and device.startswith("cuda"):  # every rank's GPU, not only the replica's own
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(group_gpus(world))}
+        self.worker = _WorkerProcess(opts, device, world, env)
 
     def worker_pid(self) -> int | None:
-        """The worker process's pid (its name in the store's ``claimed_by`` is host:pid:random)."""
+        """The worker process's pid (its name in the store's ``claimed_by`` is host:pid:random); for a
+        worker group, the launcher's (``claimed_by`` names rank 0, the launcher's child)."""
         return self.worker.pid()
 
     def check_health(self) -> None:
@@ -192,11 +226,12 @@ class Ingress:
 
 
 def check(options: RayServeOptions) -> int:
-    """ValueError (one line) for what the application cannot serve; the world size otherwise."""
+    """ValueError (one line) for what the application cannot serve; the world size otherwise (the
+    ranks of each replica's worker group, one bundle each)."""
     world = world_size(options.config)
-    if world > 1:
-        raise ValueError(f"the config's cp_size x pp_size is {world}: distributed workers on Ray are not supported "
-                         "yet; serve a config with cp_size = pp_size = 1")  # fmt: skip
+    if world > 1 and options.device is not None and ":" in options.device:
+        raise ValueError(f"device {options.device}: the config's cp_size x pp_size is {world}, one GPU per rank; use "
+                         "device cuda (Ray assigns each replica's GPUs)")  # fmt: skip
     if options.replicas < 1 or (options.max_replicas is not None and options.max_replicas < options.replicas):
         raise ValueError(f"replicas must be >= 1 and max_replicas >= replicas, got {options.replicas} and "
                          f"{options.max_replicas}")  # fmt: skip

@@ -12,14 +12,17 @@ Each job runs with a generation state saved after every chunk and every chunk ke
 segment, so a server killed at any moment resumes the job from its last state at the next start,
 to the same frames as an uninterrupted run (``MagiPipeline.resume``). SIGTERM stops the job after
 the current step, saves its state and exits 0 (the job stays ``in_progress``). The worker ends
-when its parent process does.
+when its parent process does, or the server named by MAGI_SERVE_PID.
+
+Under torchrun (a config with cp_size x pp_size > 1, started by ``magi.serve.ranks``) rank 0 runs
+the ``Worker`` and every other rank a ``Follower``: rank 0 alone talks to the store and writes the
+files, and hands each job and each step's steering edits to the others (``RankGroup``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -29,13 +32,16 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from magi.serve.ranks import RankGroup, die_with_parent, pid_gone, server_pid
+
 if TYPE_CHECKING:
     from magi.generation import Control
-    from magi.serve.store import Job, JobFiles, JobStore
+    from magi.serve.store import Edit, Job, JobFiles, JobStore
+    from magi.state import GenerationState
 
 MAX_ATTEMPTS = 3  # runs of one job the worker starts before it calls the job failed
 LEASE_S = 30.0  # a shared (PostgreSQL) store: a dead worker's job is claimable again this long after
@@ -50,13 +56,6 @@ class _Shutdown:
 
     def __call__(self, signum: int, frame: object) -> None:
         self.requested = True
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def one_line(err: BaseException) -> str:
@@ -83,10 +82,13 @@ class Worker:
 
     def __init__(self, pipe: object, store: JobStore, data_dir: Path, *, parent: int | None = None,
                  poll_s: float = 0.2, lease_s: float | None = None, model: str | None = None,
-                 keep_jobs: int = KEEP_JOBS, keep_days: float | None = None) -> None:
-        """``lease_s``: claim jobs with leases of that many s (a store with ``claim``: PostgreSQL)."""
+                 keep_jobs: int = KEEP_JOBS, keep_days: float | None = None, ranks: RankGroup | None = None) -> None:
+        """``lease_s``: claim jobs with leases of that many s (a store with ``claim``: PostgreSQL).
+        ``ranks``: rank 0 of a worker group (each job and its edits go to the other ranks)."""
         self.pipe, self.store, self.data_dir = pipe, store, Path(data_dir)
         self.parent, self.poll_s, self.lease_s = parent, poll_s, lease_s
+        self.ranks, self.server = ranks, server_pid()
+        self.task_sent = False  # (a worker group) this poll's job went to the other ranks
         self.shutdown = _Shutdown()
         self.name = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.lost = threading.Event()  # the running job's lease was lost: stop it, it is another's now
@@ -96,21 +98,29 @@ class Worker:
         self.backoff_s = 0.0
 
     def _orphaned(self) -> bool:
-        return self.parent is not None and os.getppid() != self.parent
+        return orphaned(self.parent, self.server)
+
+    def _stopping(self) -> bool:
+        """SIGTERM / SIGINT here (or, in a worker group, on any rank: the group stops together)."""
+        return self.shutdown.requested if self.ranks is None else self.ranks.any(self.shutdown.requested)
 
     def serve_forever(self) -> int:
         """Take jobs until SIGTERM / SIGINT or the parent's death; returns the exit status."""
         signal.signal(signal.SIGTERM, self.shutdown)
         signal.signal(signal.SIGINT, self.shutdown)
         self.prune()
-        while not self.shutdown.requested:
+        while not self._stopping():
             if self._orphaned():
                 return 1
             job = self.store.claim(self.name, self.lease_s) if self.lease_s else self.store.next_job()
+            self.task_sent = False
+            if job is not None:
+                self.run_job(job)
+            if self.ranks is not None and not self.task_sent:
+                self.ranks.share(None)  # no generation this time: the other ranks poll again
             if job is None:
                 time.sleep(self.poll_s)
                 continue
-            self.run_job(job)
             with contextlib.suppress(OSError):
                 self.prune()
         return 0
@@ -157,6 +167,8 @@ class Worker:
             with self._heartbeat(job_id), self._cancel_watch(job_id, control, why):
                 stopped = self._generate(job, files, control, why)
         except Exception as err:  # a bad request, a full disk, ...: this job fails, the server goes on
+            if self.task_sent:  # the other ranks may wait in a collective: the group ends (and restarts)
+                raise
             print(f"magi serve: job {job_id} failed: {one_line(err)}", file=sys.stderr, flush=True)
             return self._fail(job_id, one_line(err))
         if stopped == "lost":
@@ -171,19 +183,21 @@ class Worker:
     def _generate(self, job: Job, files: JobFiles, control: Control, why: list[str]) -> str | None:
         """Run (or resume) the job into its segments and state under ``control`` (``why``: the
         reasons it was stopped for); how it stopped, None if it finished."""
-        from magi.serve.store import JobFiles
         from magi.state import GenerationState
 
-        job_id, params = job.id, job.params
-        pipe = self._pipe_for(params)
-        edits_seen = [0]
+        job_id = job.id
         state = GenerationState.load(files.state) if files.state.is_file() else None
         done = [0 if state is None else state.meta["chunks_done"]]
         frames = [0 if state is None else state.meta["frames_done"]]
         if state is not None and state.meta.get("finished"):
             return None  # killed after the last chunk, before the job was marked done
-        last_write = [0.0]
+        last_write, edits_seen = [0.0], [0]
         steer_from: list[int | None] = [None]
+
+        def new_edits() -> list[Edit]:
+            edits = self.store.edits(job_id, after=edits_seen[0])
+            edits_seen[0] = edits[-1].id if edits else edits_seen[0]
+            return edits
 
         def callback(info: object) -> None:
             if self._orphaned():
@@ -204,12 +218,12 @@ class Worker:
             if self.lost.is_set():
                 why.append("lost")
                 control.stop()
-            for edit in self.store.edits(job_id, after=edits_seen[0]):
-                edits_seen[0] = edit.id
-                with contextlib.suppress(ValueError):  # checked by the HTTP layer; a stale one is dropped
-                    control.set_prompt(edit.from_chunk, edit.prompt, generated=True)
-                    if opened is not None and edit.from_chunk < opened:  # the window moved on since
-                        self.store.move_edit(edit.id, opened)
+            edits = new_edits()
+            pairs = [(edit.from_chunk, edit.prompt) for edit in edits]
+            steer(control, pairs if self.ranks is None else self.ranks.share(pairs))  # every rank, this step
+            for edit in edits:
+                if opened is not None and edit.from_chunk < opened:  # the window moved on since it was accepted
+                    self.store.move_edit(edit.id, opened)
 
         def on_chunk(chunk: object) -> None:
             done[0] += 1
@@ -222,28 +236,16 @@ class Worker:
 
         # Edits made while the job waited (or before a restart) apply from the first step;
         # re-applying those a saved state already holds changes nothing.
-        for edit in self.store.edits(job_id):
-            edits_seen[0] = edit.id
-            with contextlib.suppress(ValueError):
-                control.set_prompt(edit.from_chunk, edit.prompt, generated=True)
+        waiting = [(edit.from_chunk, edit.prompt) for edit in new_edits()]
+        steer(control, waiting)
         if control.stopping or getattr(self.store.get(job_id), "cancel_requested", False):
             return "cancel"  # cancelled while the job was set up: no model work at all
+        if self.ranks is not None:
+            self.ranks.share((job, waiting))  # the other ranks start the same run
+            self.task_sent = True
         common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
                       control=control, on_chunk=on_chunk, progress=False)  # jobs report their own progress
-        if state is not None and not state.meta.get("finished"):
-            result = pipe.resume(state, None, **common)
-        elif params["mode"] == "extend":
-            parent = JobFiles(self.data_dir, job.parent_id)
-            result = pipe.extend(parent.state, params["prompts"], params["num_frames"], None,
-                                 seed=params.get("seed"), **common)
-        else:
-            inputs = {}
-            if params.get("image"):
-                inputs["image_path"] = files.dir / params["image"]
-            if params.get("prefix_video"):
-                inputs["prefix_video_path"] = files.dir / params["prefix_video"]
-            result = pipe.generate(params["mode"], params["prompts"], seed=params.get("seed"),
-                                   num_frames=params["num_frames"], **inputs, **common)
+        result = run_request(self.pipe, self.data_dir, job, state, common)
         self.store.update(job_id, chunks_total=result.chunks_total)
         if result.interrupted:
             return why[0] if why else "shutdown"
@@ -302,14 +304,6 @@ class Worker:
             done.set()
             thread.join()
 
-    def _pipe_for(self, params: dict) -> object:
-        """The loaded pipeline, or one sharing its models at the request's size."""
-        rt = self.pipe.config.runtime
-        width, height = params.get("size") or (rt.video_size_w, rt.video_size_h)
-        if (width, height) == (rt.video_size_w, rt.video_size_h):
-            return self.pipe
-        return self.pipe.resized(width, height)  # shares the models and the prompt encodings
-
     def _end(self, job: Job, files: JobFiles, status: str) -> None:
         """Join the segments into video.mp4 (an extension: after its parent's video); mark ``status``."""
         from magi.serve.store import JobFiles
@@ -359,6 +353,93 @@ class Worker:
             time.sleep(min(self.poll_s, self.backoff_s))
 
 
+def steer(control: Control, edits: list[tuple[int, str]]) -> None:
+    """Queue steering edits (generated chunk from, prompt) on ``control``; a stale one is dropped
+    (the HTTP layer checked them; the same on every rank, so the ranks stay in step)."""
+    for from_chunk, prompt in edits:
+        with contextlib.suppress(ValueError):
+            control.set_prompt(from_chunk, prompt, generated=True)
+
+
+def pipe_for(pipe: object, params: dict) -> object:
+    """``pipe``, or one sharing its models at the request's size."""
+    rt = pipe.config.runtime
+    width, height = params.get("size") or (rt.video_size_w, rt.video_size_h)
+    if (width, height) == (rt.video_size_w, rt.video_size_h):
+        return pipe
+    return pipe.resized(width, height)  # shares the models and the prompt encodings
+
+
+def run_request(pipe: object, data_dir: Path, job: Job, state: GenerationState | None, common: dict) -> object:
+    """The job's pipeline call: resume its (unfinished) saved ``state``, extend its parent, or
+    generate. Every rank of a worker group makes this same call (``common``: its keywords)."""
+    from magi.serve.store import JobFiles
+
+    params, files = job.params, JobFiles(data_dir, job.id)
+    pipe = pipe_for(pipe, params)
+    if state is not None:
+        return pipe.resume(state, None, **common)
+    if params["mode"] == "extend":
+        parent = JobFiles(data_dir, job.parent_id)
+        return pipe.extend(parent.state, params["prompts"], params["num_frames"], None, seed=params.get("seed"),
+                           **common)  # fmt: skip
+    inputs = {}
+    if params.get("image"):
+        inputs["image_path"] = files.dir / params["image"]
+    if params.get("prefix_video"):
+        inputs["prefix_video_path"] = files.dir / params["prefix_video"]
+    return pipe.generate(params["mode"], params["prompts"], seed=params.get("seed"), num_frames=params["num_frames"],
+                         **inputs, **common)  # fmt: skip
+
+
+def orphaned(parent: int | None, server: int | None) -> bool:
+    """The process that started this one (``parent``) or the server (``server``) is gone."""
+    return (parent is not None and os.getppid() != parent) or pid_gone(server)
+
+
+class Follower:
+    """A rank > 0 of a worker group: runs the generations rank 0 hands it, with the edits it
+    hands it each step; never touches the store nor writes a file."""
+
+    def __init__(self, pipe: object, ranks: RankGroup, data_dir: Path, parent: int | None) -> None:
+        self.pipe, self.ranks, self.data_dir = pipe, ranks, Path(data_dir)
+        self.parent, self.server = parent, server_pid()
+        self.shutdown = _Shutdown()
+
+    def serve_forever(self) -> int:
+        """Follow rank 0 until the group stops (SIGTERM / SIGINT on any rank); the exit status."""
+        signal.signal(signal.SIGTERM, self.shutdown)
+        signal.signal(signal.SIGINT, self.shutdown)
+        while not self.ranks.any(self.shutdown.requested):
+            if orphaned(self.parent, self.server):
+                return 1
+            task = self.ranks.share()
+            if task is not None:
+                self.run(*task)
+        return 0
+
+    def run(self, job: Job, edits: list[tuple[int, str]]) -> None:
+        from magi.generation import Control
+        from magi.serve.store import JobFiles
+        from magi.state import GenerationState
+
+        files = JobFiles(self.data_dir, job.id)
+        state = GenerationState.load(files.state) if files.state.is_file() else None  # rank 0 read it too
+        control = Control()
+        steer(control, edits)
+
+        def callback(info: object) -> None:
+            if orphaned(self.parent, self.server):
+                os._exit(1)
+            if self.shutdown.requested:
+                control.stop()  # (taken by every rank at the same step)
+            steer(control, self.ranks.share())
+
+        common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
+                      control=control, on_chunk=None, progress=False)  # fmt: skip
+        run_request(self.pipe, self.data_dir, job, state, common)
+
+
 def _event(line: str) -> None:
     """One line per job event on the server's console (the worker shares its stderr)."""
     print(f"magi serve: {line}", file=sys.stderr, flush=True)
@@ -380,8 +461,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     parent = os.getppid()
+    if os.environ.get("RANK", "0") not in ("", "0"):  # a worker group's rank > 0: no store, no files
+        return _follow(args, parent)
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     shared = bool(args.db) and args.db.startswith(("postgresql://", "postgres://"))
@@ -408,12 +491,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                                f"{message}")
         finally:
             store.close()
+    ranks = RankGroup(pipe.mesh) if pipe.mesh is not None and pipe.mesh.is_distributed else None
     write_status(data_dir, status="ready", error=None, model=Path(args.config).stem)
     try:
-        return Worker(pipe, store, data_dir, parent=parent, lease_s=args.lease_s if shared else None,
-                      model=Path(args.config).stem, keep_jobs=args.keep_jobs, keep_days=args.keep_days).serve_forever()
+        worker = Worker(pipe, store, data_dir, parent=parent, lease_s=args.lease_s if shared else None,
+                        model=Path(args.config).stem, keep_jobs=args.keep_jobs, keep_days=args.keep_days, ranks=ranks)
+        return worker.serve_forever() if ranks is None else _in_group(worker.serve_forever)
     finally:
         store.close()
+
+
+def _follow(args: argparse.Namespace, parent: int) -> int:
+    """Rank > 0 of a worker group: load the same pipeline and follow rank 0."""
+    from magi.pipeline import MagiPipeline
+
+    pipe = MagiPipeline.from_config(args.config, device=args.device)  # an error ends the whole group
+    return _in_group(Follower(pipe, RankGroup(pipe.mesh), Path(args.data_dir), parent).serve_forever)
+
+
+def _in_group(serve: Callable[[], int]) -> int:
+    """Run a rank's loop so that an error on any rank ends every rank (torchrun then exits non-zero
+    and the Supervisor restarts the group); after a clean stop the ranks leave the group together."""
+    from magi.distributed import fail_fast, shutdown
+
+    with fail_fast(exit_on_error=True):
+        status = serve()
+    if status == 0:
+        shutdown()
+    return status
 
 
 if __name__ == "__main__":

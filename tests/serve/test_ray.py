@@ -8,7 +8,9 @@ shared data folder, with 2 worker replicas on the tiny checkpoint and a 2 s leas
   lease ran out, resumes it, and the video equals an uninterrupted run of the same request;
 - a history of every job's ``claimed_by`` / attempts, polled all along, shows one claimant per
   attempt and no claim before the previous claimant's lease ran out;
-- deleting the application (Serve stops the replicas) saves the running job and releases it.
+- deleting the application (Serve stops the replicas) saves the running job and releases it;
+- a cp_size=2 config deploys one replica whose placement group has 2 bundles and whose worker is
+  a group of 2 ranks under torchrun (gloo): its job gives the frames of the 1-process replicas.
 """
 
 from __future__ import annotations
@@ -163,13 +165,13 @@ def test_two_jobs_at_once_run_on_the_two_replicas(deployed: SimpleNamespace) -> 
     assert all(list(g["bundles"].values()) == [{"CPU": 1.0}] for g in groups), groups
     long = _submit(d.client, prompt="a long walk", num_frames=LONG * CHUNK, seed=21)
     _until(lambda: d.store.get(long).chunks_done >= 1, "the long job's first chunk")
-    short = _submit(d.client, prompt="a short hop", num_frames=CHUNK, seed=3)
+    short = _submit(d.client, prompt="a short hop", num_frames=2 * CHUNK, seed=3)
     _until(lambda: d.store.get(short).status == "completed", "the short job")
     assert d.store.get(long).status == "in_progress", "the long job ended before the short one: lengthen it"
     first, second = d.store.lease(long)[0], d.store.lease(short)[0]
     assert first.split(":")[1] != second.split(":")[1], (first, second)  # two worker processes ...
     assert _ppid(int(first.split(":")[1])) != _ppid(int(second.split(":")[1]))  # ... of two replicas
-    d.jobs.update(long=long, first=first, second=second)
+    d.jobs.update(long=long, first=first, second=second, short=short)
 
 
 def test_a_killed_replica_s_job_resumes_on_the_other_to_the_same_frames(deployed: SimpleNamespace) -> None:
@@ -234,11 +236,18 @@ def test_placement_and_the_world_size_check(tiny_checkpoint: Path, tmp_path: Pat
         check(RayServeOptions(config=str(tmp_path / "gone.json"), data_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="replicas"):
         check(RayServeOptions(config=str(config), data_dir=str(tmp_path), replicas=2, max_replicas=1))
+    cp2 = _cp2_config(config, tmp_path / "cp2.json")
+    assert check(RayServeOptions(config=str(cp2), data_dir=str(tmp_path))) == 2  # one bundle per rank
+    assert placement(2, gpu=False)["placement_group_bundles"] == [{"CPU": 1}] * 2
+    with pytest.raises(ValueError, match="one GPU per rank"):
+        check(RayServeOptions(config=str(cp2), data_dir=str(tmp_path), device="cuda:1"))
+
+
+def _cp2_config(config: Path, path: Path) -> Path:
     raw = json.loads(config.read_text())
-    raw["engine_config"].update(cp_size=2, cp_strategy="cp_ulysses")
-    (tmp_path / "cp2.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=r"cp_size x pp_size is 2: distributed workers on Ray are not supported yet"):
-        check(RayServeOptions(config=str(tmp_path / "cp2.json"), data_dir=str(tmp_path)))
+    raw["engine_config"].update(cp_size=2, cp_strategy="cp_ulysses", distributed_backend="gloo")
+    path.write_text(json.dumps(raw))
+    return path
 
 
 def test_magi_serve_ray_joins_the_cluster_resumes_the_saved_job_and_stops_on_sigint(
@@ -295,3 +304,29 @@ def test_autoscaling_adds_a_replica_for_a_second_waiting_job(deployed: SimpleNam
     assert _ppid(int(first.split(":")[1])) != _ppid(int(second.split(":")[1])), (first, second)
     assert serve.status().applications[APP_NAME].deployments["Workers"].replica_states == {"RUNNING": 2}
     serve.delete(APP_NAME)
+
+
+def test_a_cp2_replica_runs_its_worker_group_in_its_two_bundles(deployed: SimpleNamespace, pg_url: str) -> None:
+    d = deployed
+    if "short" not in d.jobs:
+        pytest.skip("needs the short job of test_two_jobs_at_once_run_on_the_two_replicas")
+    assert APP_NAME not in serve.status().applications, "needs the application of the tests above deleted"
+    config = _cp2_config(d.data.parent / "config.json", d.data.parent / "cp2.json")
+    opts = RayServeOptions(config=str(config), data_dir=str(d.data), db=pg_url, replicas=1, lease_s=LEASE_S,
+                           device="cpu")  # fmt: skip
+    serve.run(application(opts), name=APP_NAME, route_prefix="/")
+    try:
+        groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+        assert len(groups) == 1 and list(groups[0]["bundles"].values()) == [{"CPU": 1.0}] * 2, groups
+        job = _submit(d.client, prompt="a short hop", num_frames=2 * CHUNK, seed=3)  # the short job again
+        done = _until(lambda: (j := d.store.get(job)).ended and j, "the job on the two ranks")
+        assert done.status == "completed", done
+        rank0 = int(d.store.lease(job)[0].split(":")[1])  # the claimant: rank 0, under torchrun's launcher
+        launcher = _ppid(rank0)
+        assert b"magi.serve.ranks" in Path(f"/proc/{launcher}/cmdline").read_bytes()
+        # the Ray replicas' workers run one intra-op thread (Ray sets OMP_NUM_THREADS to the actor's
+        # 1 CPU), as each rank does: the two ranks compute the same frames, bit for bit
+        short = d.data / "jobs" / d.jobs["short"] / "video.mp4"
+        assert torch.equal(_frames(d.data / "jobs" / job / "video.mp4"), _frames(short))
+    finally:
+        serve.delete(APP_NAME)
