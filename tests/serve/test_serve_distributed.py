@@ -37,7 +37,8 @@ pytest.importorskip("fastapi", reason="magi serve needs its extra: pip install -
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="decoding the videos needs imageio-ffmpeg")
 
 from magi.serve.store import JobStore  # noqa: E402
-from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
+from tests.helpers import CHUNK, decode_mp4, free_port, write_tiny_config  # noqa: E402
+from tests.serve.live import LiveServer  # noqa: E402
 
 TIMEOUT = 240.0  # s for one job on a loaded 2-core machine
 PLAIN = {"prompt": "a fox in the snow", "num_frames": 3 * CHUNK, "seed": 7}
@@ -59,63 +60,15 @@ def setup(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"root": root, "cp1": one, "cp2": root / "cp2.json", "env": env}
 
 
-class Server:
-    """``python -m magi.serve`` in its own process group on a free port, until its worker is ready."""
+def _server(setup: dict, config: Path, data: Path) -> LiveServer:
+    """The real server on ``config``, once its worker (group) is ready."""
+    return LiveServer(config, data, "--device", "cpu", env=setup["env"], timeout=180)
 
-    def __init__(self, setup: dict, config: Path, data: Path) -> None:
-        self.port, self.data = free_port(), data
-        self.log_path = data.parent / f"{data.name}-{self.port}.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115
-        cmd = [sys.executable, "-m", "magi.serve", "--config", str(config), "--data_dir", str(data),
-               "--port", str(self.port), "--device", "cpu"]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, env=setup["env"], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.text_log()}"
-            try:
-                if self.client.get("/health").json()["worker"].get("status") == "ready":
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server not ready: {self.text_log()}")
 
-    def text_log(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def submit(self, body: dict) -> str:
-        r = self.client.post("/v1/videos", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()["id"]
-
-    def job(self, job_id: str) -> dict:
-        return self.client.get(f"/v1/videos/{job_id}").json()
-
-    def wait(self, job_id: str, until=lambda j: j["status"] in ("completed", "failed", "cancelled")) -> dict:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            job = self.job(job_id)
-            if until(job):
-                return job
-            time.sleep(0.05)
-        raise AssertionError(f"job {job_id} stuck at {self.job(job_id)}; log: {self.text_log()}")
-
-    def frames(self, job_id: str) -> torch.Tensor:
-        assert self.wait(job_id)["status"] == "completed", self.job(job_id)
-        reader = imageio_ffmpeg.read_frames(str(self.data / "jobs" / job_id / "video.mp4"))
-        w, h = next(reader)["size"]
-        return torch.stack([torch.frombuffer(bytearray(f), dtype=torch.uint8).reshape(h, w, 3) for f in reader])
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the ranks (torchrun's own sessions) die with it
-            self.proc.wait()
-        self.client.close()
-        self.log.close()
+def _frames(srv: LiveServer, job_id: str) -> torch.Tensor:
+    """The finished job's video, from the server's data folder."""
+    assert srv.wait(job_id)["status"] == "completed", srv.job(job_id)
+    return decode_mp4(srv.data / "jobs" / job_id / "video.mp4")
 
 
 def _assert_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -127,26 +80,26 @@ def _assert_equal(got: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def reference(setup: dict) -> dict[str, torch.Tensor]:
     """The frames of each request run by a 1-process server."""
-    srv = Server(setup, setup["cp1"], setup["root"] / "one")
+    srv = _server(setup, setup["cp1"], setup["root"] / "one")
     try:
-        jobs = {name: srv.submit(body) for name, body in [("plain", PLAIN), ("timeline", TIMELINE), ("long", LONG)]}
-        return {name: srv.frames(job_id) for name, job_id in jobs.items()}
+        jobs = {name: srv.submit(**body) for name, body in [("plain", PLAIN), ("timeline", TIMELINE), ("long", LONG)]}
+        return {name: _frames(srv, job_id) for name, job_id in jobs.items()}
     finally:
-        srv.close()
+        srv.kill()
 
 
 @pytest.fixture(scope="module")
-def cp2(setup: dict) -> Iterator[Server]:
-    srv = Server(setup, setup["cp2"], setup["root"] / "two")
+def cp2(setup: dict) -> Iterator[LiveServer]:
+    srv = _server(setup, setup["cp2"], setup["root"] / "two")
     try:
         yield srv
     finally:
-        srv.close()
+        srv.kill()
 
 
-def test_a_job_on_two_ranks_equals_the_one_process_run(cp2: Server, reference: dict) -> None:
-    job_id = cp2.submit(PLAIN)
-    _assert_equal(cp2.frames(job_id), reference["plain"])
+def test_a_job_on_two_ranks_equals_the_one_process_run(cp2: LiveServer, reference: dict) -> None:
+    job_id = cp2.submit(**PLAIN)
+    _assert_equal(_frames(cp2, job_id), reference["plain"])
     assert cp2.job(job_id)["frames_done"] == 3 * CHUNK
     assert sorted(p.name for p in (cp2.data / "jobs" / job_id).iterdir() if not p.name.startswith(".")) == [
         "chunks",
@@ -158,24 +111,26 @@ def test_a_job_on_two_ranks_equals_the_one_process_run(cp2: Server, reference: d
     assert b"magi.serve.ranks" in Path(f"/proc/{launcher}/cmdline").read_bytes()
 
 
-def test_a_steering_edit_applies_on_every_rank(cp2: Server, reference: dict) -> None:
-    job_id = cp2.submit(STEERED)
+def test_a_steering_edit_applies_on_every_rank(cp2: LiveServer, reference: dict) -> None:
+    job_id = cp2.submit(**STEERED)
     cp2.wait(job_id, until=lambda j: j["status"] != "queued" and (j["step"] or 0) >= 1)
     r = cp2.client.post(f"/v1/videos/{job_id}/prompt", json={"from_chunk": EDIT_FROM, "prompt": EDIT_TEXT})
     assert r.status_code == 200, r.text
     assert r.json()["applies_from"] == EDIT_FROM, f"the job ran past chunk {EDIT_FROM} first: {r.text}"
     # without the edit on rank 1, half of every chunk's tokens would keep the old prompt
-    _assert_equal(cp2.frames(job_id), reference["timeline"])
+    _assert_equal(_frames(cp2, job_id), reference["timeline"])
 
 
-def test_sigterm_mid_job_stops_every_rank_and_the_restart_resumes_it(setup: dict, cp2: Server, reference: dict) -> None:
-    job_id = cp2.submit(LONG)
+def test_sigterm_mid_job_stops_every_rank_and_the_restart_resumes_it(
+    setup: dict, cp2: LiveServer, reference: dict
+) -> None:
+    job_id = cp2.submit(**LONG)
     cp2.wait(job_id, until=lambda j: j["chunks_done"] >= 1)
     start = time.monotonic()
     cp2.proc.send_signal(signal.SIGTERM)  # the server stops its supervisor: SIGTERM to torchrun
     assert cp2.proc.wait(30) == 0, cp2.text_log()
     took = time.monotonic() - start
-    log = cp2.text_log()
+    log = cp2.text_log(10**6)  # the whole console
     assert took < 15, f"{took:.1f} s: {log}"
     assert "the worker group stopped on SIGTERM" in log, log
     assert "exitcode" not in log and "killing it" not in log and "Traceback" not in log, log  # every rank exited 0
@@ -186,12 +141,12 @@ def test_sigterm_mid_job_stops_every_rank_and_the_restart_resumes_it(setup: dict
         store.close()
     assert row.status == "in_progress" and 1 <= row.chunks_done < 24 and row.attempts == 0, row  # not a failed attempt
     assert (cp2.data / "jobs" / job_id / "state.safetensors").is_file()
-    again = Server(setup, setup["cp2"], cp2.data)
+    again = _server(setup, setup["cp2"], cp2.data)
     try:
-        _assert_equal(again.frames(job_id), reference["long"])
+        _assert_equal(_frames(again, job_id), reference["long"])
         assert again.job(job_id)["frames_done"] == 24 * CHUNK
     finally:
-        again.close()
+        again.kill()
 
 
 def test_cuda_n_with_a_world_of_2_is_one_error_line(setup: dict) -> None:
