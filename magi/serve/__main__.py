@@ -147,6 +147,9 @@ def _check(args: argparse.Namespace) -> None:
                          f"{args.max_replicas}")  # fmt: skip
     if not args.lease_s > 0:
         raise UsageError(f"--lease_s must be > 0, got {args.lease_s}")
+    if args.ray is not None and (args.max_connections != MAX_CONNECTIONS or args.header_timeout != HEADER_TIMEOUT_S):
+        raise UsageError("--max_connections / --header_timeout limit magi serve's own HTTP server; on --ray, Serve's "
+                         "proxy takes the connections: set such limits in a reverse proxy (docs/SCALE.md)")  # fmt: skip
     if args.keep_jobs < 0:
         raise UsageError(f"--keep_jobs must be >= 0, got {args.keep_jobs}")
     if not args.header_timeout > 0:
