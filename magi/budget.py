@@ -26,7 +26,7 @@ from magi.request import shown_path
 
 TEMPORAL_FACTOR = 4  # VAE temporal compression
 OFFICIAL_PREFIX_FRAMES = 32  # the official v2v reads exactly this many frames from the start
-SPILL_BYTES = 64 * 2**20  # initial noise above this lives in a temporary file (~21 chunks at 720x720)
+SPILL_BYTES = 4 * 2**20  # initial noise above this lives in a temporary file (over 1 chunk at 720x720)
 
 GIB = 2**30
 FLOAT32 = 4  # bytes

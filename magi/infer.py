@@ -477,13 +477,14 @@ def _extended(result: object, args: argparse.Namespace) -> str:
 
 
 def _generate(cfg: MagiConfig, request: Request, args: argparse.Namespace) -> int:
-    from magi.cli import show_log, stop_on_signals
+    from magi.cli import return_freed_memory, show_log, stop_on_signals
     from magi.distributed import fail_fast, shutdown
     from magi.generation import Control
 
     MagiPipeline = _pipeline().MagiPipeline
     vae_offload = {"auto": None, "on": True, "off": False}[args.vae_offload]
     show_log()
+    return_freed_memory()  # a long run's resident set then follows its live tensors (cli.py)
     control, steer = Control(), contextlib.nullcontext()
     if args.steer is not None:
         from magi.steer_file import SteerFile

@@ -29,7 +29,8 @@ example/tiny/config.json with distill true, cfg_number 1, num_steps 4 and the vi
 ``--steer`` (a steer file that changes the prompt at 1/4, 1/2 and 3/4 of the video) and
 ``--save_tensors`` add those flags with paths in a temporary folder; arguments after ``--`` go to
 the CLI unchanged. Printed per length: frames, chunks, peak tree RSS, ratio to the shortest, wall
-time. The check: every ratio is at most ``--max-ratio`` (1.05; exit status 1 otherwise).
+time; then the sampled peaks of python alone and of its children (ffmpeg), and the tree's peak in
+each quarter of the run (flat when the later quarters do not climb above the earlier ones). The check: every ratio is at most ``--max-ratio`` (1.05; exit status 1 otherwise).
 ``--config FILE`` measures that config (and its checkpoints) as it is instead.
 
     python scripts/bench_memory.py --cli --frames 96 960
@@ -209,8 +210,8 @@ CLI_PROMPT = "a quiet street"
 STEER_PROMPTS = ("a street in the rain", "a street at night", "a street in the snow")
 
 
-def tree_rss(root: int) -> int:
-    """Summed resident set size in bytes of process ``root`` and all its descendants (Linux /proc)."""
+def tree_rss(root: int) -> tuple[int, int]:
+    """Resident set sizes in bytes of process ``root`` and, summed, of all its descendants (/proc)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -221,11 +222,11 @@ def tree_rss(root: int) -> int:
             continue
         ppid = int(stat[stat.rindex(")") + 2 :].split()[1])  # fields after "(comm)": state, ppid
         children.setdefault(ppid, []).append(int(entry.name))
-    total, todo, page = 0, [root], os.sysconf("SC_PAGE_SIZE")
+    own, others, todo, page = 0, 0, [root], os.sysconf("SC_PAGE_SIZE")
     try:
         command = Path(f"/proc/{root}/cmdline").read_bytes()
     except OSError:
-        return 0
+        return 0, 0
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, ()))
@@ -234,30 +235,41 @@ def tree_rss(root: int) -> int:
             # parent's command and resident set: counting it would count python twice
             if pid != root and Path(f"/proc/{pid}/cmdline").read_bytes() == command:
                 continue
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
         except (OSError, ValueError, IndexError):
             continue
-    return total
+        own, others = (rss, others) if pid == root else (own, others + rss)
+    return own, others
 
 
-def run_sampled(cmd: list[str], env: dict[str, str], log: Path, every: float = 0.05) -> dict[str, float]:
-    """Run ``cmd`` to its end, sampling its process tree's RSS every ``every`` s; peak and wall time."""
+def run_sampled(cmd: list[str], env: dict[str, str], log: Path, every: float = 0.05) -> dict[str, object]:
+    """Run ``cmd`` to its end, sampling its process tree's RSS every ``every`` s: the peaks (tree,
+    python alone, its children), the tree's peak in each quarter of the run, and the wall time."""
     start = time.perf_counter()
+    samples: list[tuple[float, int, int]] = []  # (seconds, python RSS, children RSS)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        peak, status, rusage = 0, None, None
+        status, rusage = None, None
         while status is None:
-            peak = max(peak, tree_rss(proc.pid))
+            samples.append((time.perf_counter() - start, *tree_rss(proc.pid)))
             pid, code, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
                 status, rusage = os.waitstatus_to_exitcode(code), usage
             else:
                 time.sleep(every)
         proc.returncode = status
+    seconds = time.perf_counter() - start
+    quarters = [0, 0, 0, 0]
+    for t, own, others in samples:
+        q = min(3, int(4 * t / seconds))
+        quarters[q] = max(quarters[q], own + others)
     return {
         "rc": status,
-        "seconds": time.perf_counter() - start,
-        "peak_tree": peak,
+        "seconds": seconds,
+        "peak_tree": max(own + others for _, own, others in samples),
+        "peak_python": max(own for _, own, _ in samples),
+        "peak_children": max(others for _, _, others in samples),
+        "quarters": quarters,
         "python_maxrss": rusage.ru_maxrss * 1024 if rusage else 0,
     }
 
@@ -320,6 +332,13 @@ def run_cli(args: argparse.Namespace) -> int:
                 f"{frames:6d} frames {rows[-1]['chunks']:>4} chunks: peak tree RSS {r['peak_tree'] / 1e6:7.1f} MB "
                 f"(python alone {r['python_maxrss'] / 1e6:7.1f} MB), ratio {r['peak_tree'] / first:.3f}, "
                 f"wall {r['seconds']:.0f} s",
+                flush=True,
+            )
+            print(
+                f"{'':20}sampled peaks: python {r['peak_python'] / 1e6:.1f} MB, its children (ffmpeg) "
+                f"{r['peak_children'] / 1e6:.1f} MB; tree by quarter of the run "
+                + " / ".join(f"{q / 1e6:.1f}" for q in r["quarters"])
+                + " MB",
                 flush=True,
             )
     worst = max(r["peak_tree"] for r in rows) / rows[0]["peak_tree"]

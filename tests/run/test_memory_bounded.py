@@ -94,3 +94,17 @@ def test_the_measure_sees_a_chunk_kept(pipe: MagiPipeline, tmp_path: Path) -> No
     seen = _measure(pipe, tmp_path, steer=False, output_type="pt")
     frames = CHUNK * 3 * 64 * 64  # uint8 frames of a chunk
     assert seen[LAST][0] - seen[FIRST][0] == 10 * frames
+
+
+def test_a_long_videos_noise_is_not_held_in_memory() -> None:
+    """The initial noise grows with the video; only a small one is held in memory (the rest is read
+    from a temporary file chunk by chunk): 100 chunks at 192 x 192 are 22 MB, 1 chunk 0.2 MB."""
+    from magi.sampling.noise import InitialNoise
+
+    def shape(chunks: int) -> tuple[int, ...]:
+        return (1, 16, 6 * chunks, 24, 24)  # [1, C, T, H/8, W/8] latent noise of a 192 x 192 video
+
+    with InitialNoise.draw(shape(100), 0, 6) as long, InitialNoise.draw(shape(1), 0, 6) as short:
+        assert long.spilled and not short.spilled
+        with InitialNoise.draw(shape(100), 0, 6, spill_bytes=2**40) as held:  # same values either way
+            assert torch.equal(long.chunk(57), held.chunk(57))
