@@ -462,6 +462,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     die_with_parent()
+    from magi.cli import return_freed_memory
+
+    return_freed_memory()  # a long-lived worker's resident set then follows its live tensors (cli.py)
     parent = os.getppid()
     if os.environ.get("RANK", "0") not in ("", "0"):  # a worker group's rank > 0: no store, no files
         return _follow(args, parent)
