@@ -313,7 +313,11 @@ def _count_video_frames(path: Path) -> int | None:
         "-",
     ]
     try:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=600)
+        # own session, as the writer's: a signal to this process's group (Ctrl-C, torchrun stopping its
+        # ranks) must not kill the check and turn a good file into a failed write
+        done = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=600, start_new_session=True
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     counts = re.findall(rb"^frame=(\d+)", done.stdout, flags=re.M)
@@ -365,6 +369,7 @@ def join_mp4(parts: list[Path], out: Path) -> None:
             [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *source, "-c", "copy", "-f", "mp4", str(joined)],
             capture_output=True,
             text=True,
+            start_new_session=True,  # a signal to this process's group must not kill the join
         )
         if done.returncode != 0:
             why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
