@@ -1,7 +1,7 @@
 """The T5 v1.1 encoder and its SentencePiece tokenizer in plain PyTorch (no transformers import).
 
 Importing transformers costs more CPU time than the whole tiny demo's denoising (it pulls in
-torch._dynamo, torch.distributed.tensor and scipy); the encoder itself is a few dozen lines.
+torch's compiler stack, its distributed tensors and scipy); the encoder itself is a few dozen lines.
 Parameter names are the Hugging Face T5 checkpoint's (``shared.weight``,
 ``encoder.block.N.layer.0.SelfAttention.q.weight``, ...), so the official files load with no
 rename table. The arithmetic is transformers' eager T5 path op for op (same order of additions,
