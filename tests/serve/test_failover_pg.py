@@ -81,7 +81,7 @@ def _ready(data: Path, proc: subprocess.Popen) -> bool:
     return status.get("pid") == proc.pid and status.get("status") == "ready"
 
 
-def test_a_killed_worker_s_job_resumes_on_the_other_to_the_samedecode_mp4(
+def test_a_killed_worker_s_job_resumes_on_the_other_to_the_same_frames(
     pg_url: str, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     # an HTTP server (--no_worker) on the shared store and folder: a player's view of the switch
@@ -181,4 +181,50 @@ def test_serve_with_db_runs_a_job_through_http(pg_url: str, tiny_checkpoint: Pat
         assert store.lease(job_id)[0].split(":")[1] != str(srv.proc.pid)  # claimed by its worker process
     finally:
         srv.stop()
+        store.close()
+
+
+def test_a_worker_leaves_a_job_whose_lease_it_lost_and_releases_its_job_on_sigterm(
+    pg_url: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    config = write_tiny_config(tmp_path / "config.json", tiny_checkpoint, num_steps=4, window_size=4)
+    env = {**os.environ, "SPECIAL_TOKEN_PATH": str(tiny_checkpoint / "special_tokens.npz"), "PYTHONUNBUFFERED": "1"}
+    data, logs = tmp_path / "shared", [tmp_path / "a.log"]
+    store = PgJobStore(pg_url)
+    while store.claim("drain", 3600) is not None:  # the module's earlier jobs out of the way
+        pass
+    long = {
+        "mode": "t2v",
+        "prompts": ["long"],
+        "seed": 1,
+        "num_frames": 30 * CHUNK,
+        "size": None,
+        "image": None,
+        "prefix_video": None,
+    }
+    a = _worker(config, data, pg_url, env, logs[0])
+    try:
+        _until(lambda: _ready(data, a), "the worker to load", logs)
+        stolen = store.create(long)
+        _until(lambda: store.get(stolen.id).chunks_done >= 1, "the first chunk", logs)
+        with psycopg.connect(pg_url, autocommit=True) as db:  # another worker took it (a's lease "ran out")
+            db.execute(
+                "UPDATE jobs SET claimed_by = 'thief', lease_until = extract(epoch from clock_timestamp()) "
+                "+ 3600 WHERE id = %s",
+                (stolen.id,),
+            )
+        short = store.create({**long, "num_frames": CHUNK})
+        _until(lambda: store.get(short.id).status == "completed", "the next job", logs)
+        left = store.get(stolen.id)
+        assert left.status == "in_progress" and left.chunks_done < 30 and store.lease(stolen.id)[0] == "thief", left
+        third = store.create(long)
+        _until(lambda: store.get(third.id).chunks_done >= 1, "the third job's first chunk", logs)
+        a.terminate()  # SIGTERM: save, release, exit 0
+        assert a.wait(120) == 0
+        assert store.get(third.id).status == "in_progress" and store.lease(third.id) == (None, None)
+        assert store.claim("next", 60).id == third.id  # claimable at once, no lease to wait for
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait()
         store.close()
