@@ -243,9 +243,7 @@ class Worker:
         if self.ranks is not None:
             self.ranks.share((job, waiting))  # the other ranks start the same run
             self.task_sent = True
-        common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
-                      control=control, on_chunk=on_chunk, progress=False)  # jobs report their own progress
-        result = run_request(self.pipe, self.data_dir, job, state, common)
+        result = run_request(self.pipe, self.data_dir, job, state, control, callback, on_chunk)
         self.store.update(job_id, chunks_total=result.chunks_total)
         if result.interrupted:
             return why[0] if why else "shutdown"
@@ -370,12 +368,16 @@ def pipe_for(pipe: object, params: dict) -> object:
     return pipe.resized(width, height)  # shares the models and the prompt encodings
 
 
-def run_request(pipe: object, data_dir: Path, job: Job, state: GenerationState | None, common: dict) -> object:
+def run_request(pipe: object, data_dir: Path, job: Job, state: GenerationState | None, control: Control,
+                callback: Callable[[object], None], on_chunk: Callable[[object], None] | None = None) -> object:  # fmt: skip
     """The job's pipeline call: resume its (unfinished) saved ``state``, extend its parent, or
-    generate. Every rank of a worker group makes this same call (``common``: its keywords)."""
+    generate, into the job's segments and state file (saved after every chunk; jobs report their
+    own progress). Every rank of a worker group makes this same call."""
     from magi.serve.store import JobFiles
 
     params, files = job.params, JobFiles(data_dir, job.id)
+    common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks, control=control,
+                  on_chunk=on_chunk, progress=False)  # fmt: skip
     pipe = pipe_for(pipe, params)
     if state is not None:
         return pipe.resume(state, None, **common)
@@ -435,9 +437,7 @@ class Follower:
                 control.stop()  # (taken by every rank at the same step)
             steer(control, self.ranks.share())
 
-        common = dict(callback=callback, save_state=files.state, save_every=1, segments=files.chunks,
-                      control=control, on_chunk=None, progress=False)  # fmt: skip
-        run_request(self.pipe, self.data_dir, job, state, common)
+        run_request(self.pipe, self.data_dir, job, state, control, callback)
 
 
 def _event(line: str) -> None:
