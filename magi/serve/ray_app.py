@@ -113,7 +113,7 @@ def group_gpus(world: int) -> list[str]:
     from ray.util import get_current_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    own = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    own = _bundle_gpus()  # the replica sits in bundle 0
     group = get_current_placement_group()
     if world == 1 or group is None:
         return own
@@ -124,6 +124,7 @@ def group_gpus(world: int) -> list[str]:
 
 
 def _bundle_gpus() -> list[str]:
+    """The GPUs Ray assigned to the calling task or actor."""
     return [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
 
 

@@ -278,8 +278,7 @@ class PgJobStore:
 
     def move_edit(self, edit_id: int, from_chunk: int) -> None:
         """The worker applied an edit later than it was accepted for (the window moved on meanwhile)."""
-        with self._lock:
-            self._db.execute("UPDATE edits SET from_chunk = %s WHERE id = %s", (int(from_chunk), edit_id))
+        self._all("UPDATE edits SET from_chunk = %s WHERE id = %s RETURNING id", (int(from_chunk), edit_id))
 
 
 def _job(row: dict) -> Job:

@@ -37,7 +37,7 @@ httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (pip ins
 
 from magi.serve.ray_app import APP_NAME, QUEUE_METRIC, RayServeOptions, application, check, placement, queue_policy  # noqa: E402
 from magi.serve.store_pg import PgJobStore  # noqa: E402
-from tests.helpers import CHUNK, free_port, write_tiny_config  # noqa: E402
+from tests.helpers import CHUNK, decode_mp4, free_port, write_tiny_config  # noqa: E402
 from tests.serve.pg import pg_bin, postgres_server  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -149,12 +149,6 @@ def _submit(client: httpx.Client, **body: object) -> str:
     return r.json()["id"]
 
 
-def _frames(path: Path) -> torch.Tensor:
-    reader = imageio_ffmpeg.read_frames(str(path))
-    w, h = next(reader)["size"]
-    return torch.stack([torch.frombuffer(bytearray(f), dtype=torch.uint8).reshape(h, w, 3) for f in reader])
-
-
 def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -188,9 +182,9 @@ def test_a_killed_replica_s_job_resumes_on_the_other_to_the_same_frames(deployed
     assert done.status == "completed" and done.attempts == 2, done
     again = _submit(d.client, prompt="a long walk", num_frames=LONG * CHUNK, seed=21)  # uninterrupted
     assert _until(lambda: (j := d.store.get(again)).ended and j, "the same request again").status == "completed"
-    resumed = _frames(d.data / "jobs" / long / "video.mp4")
+    resumed = decode_mp4(d.data / "jobs" / long / "video.mp4")
     assert len(resumed) == LONG * CHUNK
-    assert torch.equal(resumed, _frames(d.data / "jobs" / again / "video.mp4"))
+    assert torch.equal(resumed, decode_mp4(d.data / "jobs" / again / "video.mp4"))
 
 
 def test_no_job_ever_had_two_claimants_at_once(deployed: SimpleNamespace) -> None:
@@ -328,6 +322,6 @@ def test_a_cp2_replica_runs_its_worker_group_in_its_two_bundles(deployed: Simple
         # the Ray replicas' workers run one intra-op thread (Ray sets OMP_NUM_THREADS to the actor's
         # 1 CPU), as each rank does: the two ranks compute the same frames, bit for bit
         short = d.data / "jobs" / d.jobs["short"] / "video.mp4"
-        assert torch.equal(_frames(d.data / "jobs" / job / "video.mp4"), _frames(short))
+        assert torch.equal(decode_mp4(d.data / "jobs" / job / "video.mp4"), decode_mp4(short))
     finally:
         serve.delete(APP_NAME)
